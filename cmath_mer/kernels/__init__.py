@@ -1,0 +1,48 @@
+"""The three hot ops of CMATH (shared/design/KERNELS.md), each a PyTorch reference beside a Triton kernel.
+
+    multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None)      -> (T, H, D)
+    reconstruction_loss(h, weight, bias, target)                                  -> scalar
+    variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True)          -> 5-tuple
+
+`backend` (keyword, default None = env var CMATH_BACKEND, default 'auto') picks the implementation;
+see backend.py. The Triton modules are imported only when used, so a CPU-only install needs no triton.
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention.naive import naive_multi_source_attention
+from .backend import resolve_backend
+from .reconstruction.naive import naive_reconstruction_loss
+from .variational.naive import naive_variational_fusion
+
+__all__ = ["multi_source_attention", "reconstruction_loss", "variational_fusion", "resolve_backend",
+           "naive_multi_source_attention", "naive_reconstruction_loss", "naive_variational_fusion"]
+
+
+def multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           *, window: int | None = None, scale: float | None = None,
+                           backend: str | None = None) -> torch.Tensor:
+    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32 -> (T, H, D)."""
+    if resolve_backend(backend, q.device) == "triton":
+        from .attention.fused import fused_multi_source_attention
+        return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
+    return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
+
+
+def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+                        *, backend: str | None = None) -> torch.Tensor:
+    """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
+    if resolve_backend(backend, h.device) == "triton":
+        from .reconstruction.fused import fused_reconstruction_loss
+        return fused_reconstruction_loss(h, weight, bias, target)
+    return naive_reconstruction_loss(h, weight, bias, target)
+
+
+def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
+                       detach_teacher: bool = True, backend: str | None = None):
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency)."""
+    if resolve_backend(backend, mu.device) == "triton":
+        from .variational.fused import fused_variational_fusion
+        return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+    return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)

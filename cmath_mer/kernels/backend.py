@@ -1,0 +1,40 @@
+"""Which implementation of the three ops runs: the PyTorch reference or the Triton kernels.
+
+`CMATH_BACKEND=torch|triton|auto` (or the model config's `backend` field, which wins when set).
+auto = triton when the tensors live on a CUDA device and triton imports, torch otherwise.
+`triton` on CPU tensors is only meaningful under TRITON_INTERPRET=1 (how the tests check kernels).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(requested: str | None, device: torch.device) -> str:
+    """Return 'torch' or 'triton' for tensors on `device`."""
+    name = requested if requested is not None else os.environ.get("CMATH_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)} "
+                         "(config field `backend` or env var CMATH_BACKEND)")
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton":
+        if not triton_available():
+            raise RuntimeError("backend 'triton' was requested but triton is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
+                               "cmath_mer is imported; use backend 'torch' on the CPU")
+    return name

@@ -1,0 +1,14 @@
+"""Reference reconstruction loss: the decoder's last projection, squared error and mean, in PyTorch.
+
+This one does write the (T, M) reconstruction; the Triton kernel beside it never does.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def naive_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              target: torch.Tensor) -> torch.Tensor:
+    """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> scalar sum(err**2) / (T * M)."""
+    x_hat = torch.addmm(bias, h, weight.t())                              # (T, M)
+    return (x_hat - target).pow(2).sum() / target.numel()
