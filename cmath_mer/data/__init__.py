@@ -1,0 +1,3 @@
+from .dataset import IGNORE_INDEX, SPLITS, Batch, ConversationDataset, DataError
+
+__all__ = ["IGNORE_INDEX", "SPLITS", "Batch", "ConversationDataset", "DataError"]
