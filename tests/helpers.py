@@ -1,0 +1,29 @@
+"""Shared test utilities: relative-norm error, ragged batch layouts, triton availability."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (a zero reference compares the absolute norm)."""
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten output?)"
+    err = rel_err(out, ref)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+
+
+def cu_seqlens_from(lengths: list[int], device="cpu") -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
+    return cu
