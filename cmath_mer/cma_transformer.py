@@ -1,0 +1,78 @@
+"""CMA-Transformer (CMATH.md step 3): asymmetric fusion around one central modality c.
+
+Each of L pre-LN blocks:
+    h_c += SelfAttention(LN(h_c))                                   intra-modal context (S = 1 source)
+    h_c += CrossAttention(LN(h_c); keys/values of ALL auxiliaries)  one softmax over every auxiliary's keys
+    h_c += FFN(LN(h_c))
+Auxiliary representations are read, never updated (asymmetric). F_c = LN(h_c) is the fine-grained view.
+Attention stays within each conversation (cu_seqlens), optionally within |i - j| <= window.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from .kernels import multi_source_attention
+
+
+class MultiSourceAttention(nn.Module):
+    """Queries from one stream, keys/values from S source streams (each with its own projection)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_sources: int, dropout: float,
+                 window: int | None, backend: str | None):
+        super().__init__()
+        self.n_heads, self.window, self.backend = n_heads, window, backend
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.ModuleList(nn.Linear(d_model, 2 * d_model) for _ in range(n_sources))
+        self.o = nn.Linear(d_model, d_model)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
+        # x: (T, d); sources: S tensors (T, d) -> (T, d)
+        q = rearrange(self.q(x), "t (h e) -> t h e", h=self.n_heads)                      # (T, H, D)
+        kv = torch.stack([proj(s) for proj, s in zip(self.kv, sources)])                  # (S, T, 2d)
+        k, v = rearrange(kv, "s t (two h e) -> two s t h e", two=2, h=self.n_heads)       # (S, T, H, D) each
+        o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, backend=self.backend)
+        return self.drop(self.o(rearrange(o, "t h e -> t (h e)")))
+
+
+class CMABlock(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_aux: int, ffn_mult: int, dropout: float,
+                 window: int | None, backend: str | None):
+        super().__init__()
+        self.ln_self = nn.LayerNorm(d_model)
+        self.self_attn = MultiSourceAttention(d_model, n_heads, 1, dropout, window, backend)
+        self.n_aux = n_aux
+        if n_aux:
+            self.ln_query = nn.LayerNorm(d_model)
+            self.ln_aux = nn.ModuleList(nn.LayerNorm(d_model) for _ in range(n_aux))
+            self.cross_attn = MultiSourceAttention(d_model, n_heads, n_aux, dropout, window, backend)
+        self.ln_ffn = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
+                                 nn.Linear(ffn_mult * d_model, d_model), nn.Dropout(dropout))
+
+    def forward(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
+        # h: (T, d) central stream; aux: n_aux tensors (T, d), not updated
+        x = self.ln_self(h)
+        h = h + self.self_attn(x, [x], cu_seqlens)
+        if self.n_aux:
+            h = h + self.cross_attn(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)], cu_seqlens)
+        return h + self.ffn(self.ln_ffn(h))
+
+
+class CMATransformer(nn.Module):
+    """L CMA blocks centred on one modality; returns F_c = LN(h_c), (T, d)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_layers: int, n_aux: int, ffn_mult: int,
+                 dropout: float, window: int | None, backend: str | None):
+        super().__init__()
+        self.blocks = nn.ModuleList(CMABlock(d_model, n_heads, n_aux, ffn_mult, dropout, window, backend)
+                                    for _ in range(n_layers))
+        self.ln_out = nn.LayerNorm(d_model)
+
+    def forward(self, h_central: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
+        h = h_central
+        for block in self.blocks:
+            h = block(h, aux, cu_seqlens)
+        return self.ln_out(h)

@@ -1,0 +1,37 @@
+"""Weighted F1 and accuracy (sklearn) over labelled utterances, in percent, and the confusion-matrix plot."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+
+def classification_metrics(labels: np.ndarray, preds: np.ndarray, class_names: tuple[str, ...]) -> dict:
+    keep = labels >= 0                                    # IGNORE_INDEX utterances are not scored
+    y, p = labels[keep], preds[keep]
+    classes = list(range(len(class_names)))
+    per_class = f1_score(y, p, labels=classes, average=None, zero_division=0)
+    return {
+        "weighted_f1": 100.0 * f1_score(y, p, labels=classes, average="weighted", zero_division=0),
+        "accuracy": 100.0 * accuracy_score(y, p),
+        "per_class_f1": {name: 100.0 * float(f) for name, f in zip(class_names, per_class)},
+        "utterances": int(keep.sum()),
+    }
+
+
+def save_confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: tuple[str, ...],
+                          path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    keep = labels >= 0
+    cm = confusion_matrix(labels[keep], preds[keep], labels=list(range(len(class_names))))
+    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
+    ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(ax=ax, colorbar=False, cmap="Blues")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

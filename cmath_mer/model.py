@@ -1,0 +1,115 @@
+"""CMATH: the whole model in the order data flows (shared/design/CMATH.md).
+
+    x_m (T, d_m) --ModalityReconstruction--> z_m (T, d), L_rec            step 1
+    h_m = LN(z_m) + pos + speaker; dropout                                step 2
+    F_c = CMATransformer_c(h_c; auxiliaries h_a, a != c)                  step 3
+    z, mu, var, KL_prior, KD_latent = VariationalFusion({F_c})            step 4
+    coarse = head(z); fine_c = head_c(F_c)                                step 5
+    KD_logit = tau^2 sum_c KL(coarse || fine_c)                           step 6
+    loss = CE(coarse) + g_fine sum_c CE(fine_c) + g_kd (KD_logit + KD_latent) + l_rec L_rec + beta KL_prior
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .cma_transformer import CMATransformer
+from .config import CMATHConfig
+from .data.dataset import IGNORE_INDEX, Batch
+from .distillation import hierarchical_distillation
+from .packing import neighbour_masks, positions
+from .reconstruction import ModalityReconstruction
+from .variational_fusion import VariationalFusion
+
+
+def sinusoidal(pos: torch.Tensor, d: int) -> torch.Tensor:
+    """(T,) int positions -> (T, d) sinusoidal encodings (Vaswani et al.), any conversation length."""
+    freqs = torch.exp(torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    angles = pos.float()[:, None] * freqs[None, :]                                  # (T, d/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)[:, :d]
+
+
+class UtteranceEmbedding(nn.Module):
+    """h_m = LayerNorm(z_m) + sinusoidal position in the conversation + speaker embedding; dropout."""
+
+    def __init__(self, modalities: tuple[str, ...], d_model: int, num_speakers: int, dropout: float):
+        super().__init__()
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in modalities})
+        self.speaker = nn.Embedding(num_speakers, d_model)
+        self.drop = nn.Dropout(dropout)
+        self.d_model = d_model
+
+    def forward(self, codes: dict[str, torch.Tensor], speakers: torch.Tensor, pos: torch.Tensor):
+        shared = sinusoidal(pos, self.d_model) + self.speaker(speakers)              # (T, d)
+        return {m: self.drop(self.norms[m](z) + shared) for m, z in codes.items()}
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean CE over labelled utterances (weighted as torch does); 0 when a batch has no labels at all."""
+    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    labelled = labels != IGNORE_INDEX
+    w = weight[labels[labelled]] if weight is not None else labelled.float()
+    return nll / w.sum().clamp_min(1e-12)
+
+
+@dataclass
+class CMATHOutput:
+    logits: torch.Tensor                                  # (T, n_classes) coarse head: the prediction
+    fine_logits: dict[str, torch.Tensor]                  # c -> (T, n_classes)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
+
+
+class CMATH(nn.Module):
+    def __init__(self, config: CMATHConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.reconstruction = nn.ModuleDict({
+            m: ModalityReconstruction(cfg.input_dims[m], cfg.d_hidden, cfg.d_model, cfg.backend)
+            for m in cfg.modalities})
+        self.embedding = UtteranceEmbedding(cfg.modalities, cfg.d_model, cfg.num_speakers, cfg.dropout)
+        self.cma = nn.ModuleDict({
+            c: CMATransformer(cfg.d_model, cfg.n_heads, cfg.n_layers, len(cfg.modalities) - 1, cfg.ffn_mult,
+                              cfg.dropout, cfg.window, cfg.backend)
+            for c in cfg.centrals})
+        self.fusion = VariationalFusion(cfg.centrals, cfg.d_model, cfg.latent, cfg.detach_teacher, cfg.backend)
+        self.coarse_head = nn.Linear(cfg.latent, cfg.num_classes)
+        self.fine_heads = nn.ModuleDict({c: nn.Linear(cfg.d_model, cfg.num_classes) for c in cfg.centrals})
+        self.register_buffer("class_weight", torch.ones(cfg.num_classes), persistent=True)
+
+    def forward(self, batch: Batch, *, seed: int = 0, with_loss: bool = True) -> CMATHOutput:
+        cfg = self.config
+        T = batch.num_utterances
+        cu = batch.cu_seqlens
+        has_prev, has_next = neighbour_masks(cu, T)                                   # (T, 1) each
+        codes, rec = {}, {}
+        for m in cfg.modalities:                                                       # step 1
+            codes[m], rec[m] = self.reconstruction[m](batch.features[m], has_prev, has_next, with_loss)
+        h = self.embedding(codes, batch.speakers, positions(cu, T))                    # step 2: m -> (T, d)
+        fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
+                for c in cfg.centrals}
+        z, mu_f, logvar_f, kl_prior, kd_latent = self.fusion(fine, seed=seed, sample=self.training)  # step 4
+        coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
+        fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
+        out = CMATHOutput(coarse, fine_logits)
+        if not with_loss:
+            return out
+        weight = self.class_weight if cfg.class_weights else None                      # step 7
+        kd_logit, kd_latent = hierarchical_distillation(coarse, list(fine_logits.values()), kd_latent,
+                                                        cfg.tau, cfg.detach_teacher)   # step 6
+        out.losses = {
+            "ce": weighted_cross_entropy(coarse, batch.labels, weight),
+            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight) for f in fine_logits.values()),
+            "kd_logit": kd_logit,
+            "kd_latent": kd_latent,
+            "rec": sum(rec.values()),
+            "kl_prior": kl_prior,
+        }
+        L = out.losses
+        out.loss = (L["ce"] + cfg.g_fine * L["ce_fine"] + cfg.g_kd * (L["kd_logit"] + L["kd_latent"])
+                    + cfg.l_rec * L["rec"] + cfg.beta * L["kl_prior"])
+        return out

@@ -1,0 +1,20 @@
+"""Helpers for the packed layout: positions within a conversation and conversation boundaries."""
+from __future__ import annotations
+
+import torch
+
+
+def positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(T,) int64: index of each packed row within its own conversation."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), lengths, output_size=total)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+def neighbour_masks(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, 1) float masks: has_prev[t] = 1 unless t starts a conversation; has_next likewise for ends."""
+    has_prev = torch.ones(total, 1, device=cu_seqlens.device)
+    has_next = torch.ones(total, 1, device=cu_seqlens.device)
+    has_prev[cu_seqlens[:-1].long()] = 0.0
+    has_next[cu_seqlens[1:].long() - 1] = 0.0
+    return has_prev, has_next
