@@ -1,0 +1,151 @@
+"""`cmath-mer` command line: train, evaluate, predict, convert, synth, bench."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+from .config import PRESETS, TrainConfig
+
+
+def _load(data: str, preset_name: str, seed: int):
+    from .data import load_dataset, make_synthetic
+    if data == "synthetic":
+        return make_synthetic(preset=preset_name, seed=seed)
+    return load_dataset(data)
+
+
+def cmd_train(args) -> int:
+    from .train import build_config, train
+    data = _load(args.data, args.preset, args.seed)
+    overrides = json.loads(args.set) if args.set else {}
+    if args.backend:
+        overrides["backend"] = args.backend
+    config = build_config(data, args.preset, tuple(args.modalities.split(",")) if args.modalities else None,
+                          **overrides)
+    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device,
+                       **({"lr": args.lr} if args.lr else {}))
+    metrics = train(data, config, tcfg, args.out, resume=args.resume, progress=not args.no_progress)
+    sel, best = metrics["selected_by_validation"], metrics["best_test_epoch"]
+    print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
+          f"(epoch {sel['epoch']}, selected on validation)")
+    if best:
+        print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
+              f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
+    print(f"wrote {args.out}/config.json, best.safetensors, metrics.json, confusion_matrix.png")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .data import check_compatible
+    from .metrics import classification_metrics
+    from .train import evaluation_conversations, load_trained, predict_conversations
+    model = load_trained(args.checkpoint, args.device)
+    data = _load(args.data, "iemocap", 0) if args.data != "synthetic" else None
+    if data is None:
+        raise SystemExit("evaluate: give a data file (--data PATH)")
+    check_compatible(data, model.config)
+    y, p, _ = predict_conversations(model, data, evaluation_conversations(data), 4096, args.device)
+    metrics = classification_metrics(y, p, data.class_names)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .data import check_compatible
+    from .train import load_trained, predict_conversations
+    model = load_trained(args.checkpoint, args.device)
+    data = _load(args.data, "iemocap", 0)
+    check_compatible(data, model.config)
+    conversations = list(range(len(data)))
+    y, p, prob = predict_conversations(model, data, conversations, 4096, args.device)
+    names = model.config.class_names
+    order = [i for group in data.bucketed_batches(conversations, 4096, shuffle=False) for i in sorted(group)]
+    with open(args.out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["conversation", "utterance", "label", "prediction", *[f"p_{n}" for n in names]])
+        row = 0
+        for conv in order:
+            for u in range(data.lengths()[conv]):
+                label = names[y[row]] if y[row] >= 0 else ""
+                w.writerow([data.conversation_ids[conv], u, label, names[p[row]],
+                            *[f"{x:.4f}" for x in prob[row]]])
+                row += 1
+    print(f"wrote {row} predictions to {args.out}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .data import convert
+    convert(args.input, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from .data import synth
+    synth(args.output, preset=args.preset, conversations=args.conversations, min_length=args.min_length,
+          max_length=args.max_length, seed=args.seed)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cmath-mer", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train CMATH and write a checkpoint folder")
+    t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic'")
+    t.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    t.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
+    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--backend", choices=["torch", "triton", "auto"])
+    t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--data", required=True)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=cmd_evaluate)
+
+    r = sub.add_parser("predict", help="write per-utterance predictions as CSV")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--data", required=True)
+    r.add_argument("--device", default="cpu")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_predict)
+
+    c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")
+    c.add_argument("input")
+    c.add_argument("output")
+    c.set_defaults(func=cmd_convert)
+
+    s = sub.add_parser("synth", help="write a synthetic conversation corpus")
+    s.add_argument("output")
+    s.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    s.add_argument("--conversations", type=int, default=151)
+    s.add_argument("--min-length", type=int, default=20)
+    s.add_argument("--max-length", type=int, default=110)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_synth)
+
+    args = p.parse_args(argv)
+    from .data import DataError
+    try:
+        return args.func(args)
+    except DataError as err:
+        print(f"cmath-mer: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

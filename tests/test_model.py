@@ -1,0 +1,138 @@
+"""CMATH on the reference path: shapes, conversation isolation, modality subsets, losses, gradients."""
+import itertools
+
+import pytest
+import torch
+
+from cmath_mer.config import CMATHConfig
+from cmath_mer.data import Batch
+from cmath_mer.distillation import logit_distillation
+from cmath_mer.model import CMATH
+from cmath_mer.packing import neighbour_masks, positions
+from cmath_mer.reconstruction import PackedConv1d
+from helpers import cu_seqlens_from
+
+DIMS = {"text": 24, "audio": 17, "visual": 9}
+
+
+def small_config(modalities=("text", "audio", "visual"), **kw) -> CMATHConfig:
+    base = dict(num_classes=4, class_names=("a", "b", "c", "d"), num_speakers=3, d_model=32, n_heads=4,
+                n_layers=2, d_hidden=24, dropout=0.0)
+    return CMATHConfig(modalities=modalities, input_dims={m: DIMS[m] for m in modalities}, **{**base, **kw})
+
+
+def random_batch(lengths, modalities=("text", "audio", "visual"), seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    labels = torch.randint(0, 4, (T,), generator=g)
+    labels[torch.rand(T, generator=g) < 0.2] = -100
+    return Batch({m: torch.randn(T, DIMS[m], generator=g) for m in modalities},
+                 torch.randint(0, 3, (T,), generator=g), labels, cu_seqlens_from(lengths))
+
+
+def test_packed_conv_equals_per_conversation_conv1d():
+    torch.manual_seed(0)
+    lengths = [1, 5, 2, 9]
+    conv = PackedConv1d(6, 4)
+    x = torch.randn(sum(lengths), 6)
+    cu = cu_seqlens_from(lengths)
+    out = conv(x, *neighbour_masks(cu, x.shape[0]))
+    # the same weights as a torch Conv1d with zero 'same' padding, applied to each conversation alone
+    w = conv.taps.weight.view(3, 4, 6).permute(1, 2, 0)                 # (out, in, tap)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        ref = torch.nn.functional.conv1d(x[a:b].t()[None], w, conv.bias, padding=1)[0].t()
+        torch.testing.assert_close(out[a:b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_positions_restart_at_each_conversation():
+    cu = cu_seqlens_from([3, 1, 4])
+    assert positions(cu, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("modalities", [m for r in (1, 2, 3) for m in itertools.combinations(("text", "audio", "visual"), r)])
+def test_every_modality_subset_trains(modalities):
+    torch.manual_seed(1)
+    model = CMATH(small_config(modalities))
+    batch = random_batch([4, 1, 11], modalities)
+    out = model(batch, seed=3)
+    T = batch.num_utterances
+    assert out.logits.shape == (T, 4)
+    assert set(out.fine_logits) == set(modalities)
+    assert all(torch.isfinite(v) for v in out.losses.values())
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if len(modalities) == 1:
+        assert not hasattr(model.cma[modalities[0]].blocks[0], "cross_attn")
+
+
+def test_conversations_do_not_leak_into_each_other():
+    torch.manual_seed(2)
+    model = CMATH(small_config()).eval()
+    lengths = [5, 7, 3]
+    batch = random_batch(lengths)
+    base = model(batch).logits
+    changed = Batch({m: x.clone() for m, x in batch.features.items()}, batch.speakers.clone(),
+                    batch.labels, batch.cu_seqlens)
+    for x in changed.features.values():
+        x[5:12] += torch.randn(7, x.shape[1]) * 3                      # only conversation 1 changes
+    new = model(changed).logits
+    torch.testing.assert_close(new[:5], base[:5], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new[12:], base[12:], rtol=1e-5, atol=1e-5)
+    assert (new[5:12] - base[5:12]).abs().max() > 1e-3
+
+
+def test_batched_equals_alone():
+    torch.manual_seed(3)
+    model = CMATH(small_config(window=2)).eval()
+    batch = random_batch([6, 1, 9], seed=5)
+    together = model(batch).logits
+    alone = []
+    for a, b in zip(batch.cu_seqlens[:-1].tolist(), batch.cu_seqlens[1:].tolist()):
+        one = Batch({m: x[a:b] for m, x in batch.features.items()}, batch.speakers[a:b], batch.labels[a:b],
+                    cu_seqlens_from([b - a]))
+        alone.append(model(one).logits)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_window_limits_context():
+    torch.manual_seed(4)
+    model = CMATH(small_config(window=1, n_layers=1)).eval()
+    batch = random_batch([12])
+    base = model(batch).logits
+    far = Batch({m: x.clone() for m, x in batch.features.items()}, batch.speakers, batch.labels, batch.cu_seqlens)
+    for x in far.features.values():
+        x[11] += 5.0
+    # one block, window 1, conv receptive field +-2 (encoder) : utterance 0..6 cannot see utterance 11
+    torch.testing.assert_close(model(far).logits[:6], base[:6], rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_only_in_training_and_seeded():
+    torch.manual_seed(5)
+    model = CMATH(small_config())
+    batch = random_batch([8, 3])
+    a, b, c = (model(batch, seed=s).losses["ce"] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    model.eval()
+    assert torch.equal(model(batch, seed=1).logits, model(batch, seed=2).logits)
+
+
+def test_logit_distillation_zero_iff_student_matches_and_teacher_detached():
+    torch.manual_seed(6)
+    coarse = torch.randn(10, 4, requires_grad=True)
+    same = logit_distillation(coarse, [coarse.detach().clone()], tau=2.0)
+    assert same.abs() < 1e-6
+    student = torch.randn(10, 4, requires_grad=True)
+    kd = logit_distillation(coarse, [student], tau=2.0)
+    assert kd > 0
+    kd.backward()
+    assert coarse.grad is None and student.grad.abs().sum() > 0
+
+
+def test_unlabelled_batch_has_zero_cross_entropy():
+    torch.manual_seed(7)
+    model = CMATH(small_config())
+    batch = random_batch([4])
+    batch.labels[:] = -100
+    out = model(batch)
+    assert out.losses["ce"] == 0 and torch.isfinite(out.loss)
