@@ -1,0 +1,436 @@
+"""Triton multi-source varlen attention, forward and backward (shared/design/KERNELS.md section 1).
+
+    fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None) -> (T, H, D)
+
+Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D); a query of
+conversation b attends in one softmax to the keys of conversation b in all S sources, or only to keys with
+|pos(query) - pos(key)| <= window (positions inside the conversation).
+
+Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
+(`prepare_block_indices`), gives each program its conversation, so the grid covers only real query blocks
+of the packed layout, never a padded B x max_len rectangle. Each program visits only the key blocks of its
+own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
+outside are skipped, not masked. The S sources are read in place from the (S, T, H, D) tensors.
+
+Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units):
+  _attn_fwd_kernel      grid (query blocks, H)            -> o, lse
+  _attn_bwd_preprocess  grid (row blocks of T*H)           -> delta = rowsum(o * do)
+  _attn_bwd_dq_kernel   grid (query blocks, H)             -> dq   (loops over sources x key blocks)
+  _attn_bwd_dkv_kernel  grid (key blocks, H, S)            -> dk, dv (loops over query blocks)
+Every program owns its outputs: no atomics, so the backward is deterministic.
+
+Cost model (per head, per real (query, key) pair; b = bytes per element, BM = query block):
+  forward : QK^T 2D + PV 2D                                    = 4D FLOP, 1 exp2
+  backward: dq kernel QK^T, dO V^T, dS K (6D); dkv kernel QK^T, dO V^T, P^T dO, dS^T Q (8D)
+            = 14D FLOP, 2 exp2 (10D is the minimum; the extra 4D buys determinism without atomics)
+  HBM bytes compulsory per token per head: q, o, lse + S (k, v)  -> (2 + 2S) D b  forward,
+            q, k, v, o, do, dq, dk, dv, lse, delta                -> about (4 + 4S) D b backward.
+  K/V re-reads: each query block reloads the keys it visits, 2 D b per pair / BM (mostly L2 hits).
+H100 SXM: 989 TFLOP/s dense fp16/bf16 tensor (494 tf32), 3.35 TB/s HBM -> ridge at ~295 FLOP/byte;
+MUFU ex2 ~ 132 SM * 16/clk * 1.83 GHz = 3.9e12/s; fp32 FMA pipes 67 TFLOP/s.
+  * Compulsory intensity forward = 4 D S n / ((2 + 2S) 2 D) = S n / (1 + S) FLOP/byte for n keys per
+    query: independent of D. CMATH conversations are short (IEMOCAP ~50-110 utterances, MELD ~10) and the
+    window is small (n = 2W+1), so at S=2 the intensity is ~2-70 FLOP/byte: the op is MEMORY (and
+    launch-latency) bound at D=32 and D=64 in the real workload; the block skipping is what keeps it at
+    its real-pair cost.
+  * Long conversations (n >~ 450 keys per query at S=2) pass the ridge; the tensor-core time per pair is
+    4D/989e12 = 0.13 ns at D=32 and 0.26 ns at D=64, while the exp2 alone costs 1/3.9e12 = 0.26 ns and the
+    ~5 fp32 ops of the online softmax ~0.15 ns: at D=32 the softmax (MUFU + FP32 pipes) bounds it, at D=64
+    softmax and tensor cores tie (why FlashAttention-3 overlaps them). Neither D is tensor-core bound.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def block_sizes(head_dim: int) -> dict[str, tuple[int, int]]:
+    """(query block, key block) per kernel. Tests monkeypatch this to exercise block boundaries."""
+    if INTERPRET:  # few, large numpy ops per program: the interpreter's cost is per op, not per element
+        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
+    if head_dim <= 64:
+        return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
+    return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
+
+
+def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
+    # autotune with several configs fails under the interpreter ("0 active drivers"): one config there
+    if INTERPRET:
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in gpu_configs]
+
+
+FWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
+BWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2)])
+PRE_CONFIGS = _configs([(4, 1)])
+AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC"]
+
+_HEURISTICS = {
+    "HAS_WINDOW": lambda a: a["W"] >= 0,
+    "ACC": lambda a: tl.float64 if a["q"].dtype == torch.float64 else tl.float32,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# host helpers
+# ----------------------------------------------------------------------------------------------------------
+def prepare_block_indices(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
+    """(n_blocks, 2) int32 table of (conversation, block within the conversation) for every block of
+    `block` rows of every conversation, in packed order (like fla's prepare_chunk_indices)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    nblk = (lens + block - 1) // block
+    total = int(nblk.sum())                                              # the one host sync: grid size
+    conv = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), nblk, output_size=total)
+    first = torch.cumsum(nblk, 0) - nblk
+    blk = torch.arange(total, device=lens.device) - torch.repeat_interleave(first, nblk, output_size=total)
+    return torch.stack([conv, blk], dim=1).to(torch.int32).contiguous()
+
+
+def _block_dim(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------------------
+@triton.heuristics(_HEURISTICS)
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "S", "W"])
+def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
+                     H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, ACC: tl.constexpr):
+    i_blk = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
+    i_m = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    N = eos - bos
+
+    q0 = i_m * BM
+    pos_q = q0 + tl.arange(0, BM)                                        # positions in the conversation
+    offs_d = tl.arange(0, BD)
+    m_q = pos_q < N
+    m_d = offs_d < D
+    row_q = (bos + pos_q).to(tl.int64) * H + i_h                          # packed (t, h) row of q / o
+    b_q = tl.load(q + row_q[:, None] * D + offs_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.)
+    qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
+
+    if HAS_WINDOW:
+        lo = tl.maximum(0, q0 - W)
+        hi = tl.minimum(N, q0 + BM + W)
+    else:
+        lo = 0
+        hi = N
+
+    b_m = tl.full([BM], float("-inf"), dtype=ACC)
+    b_l = tl.zeros([BM], dtype=ACC)
+    b_acc = tl.zeros([BM, BD], dtype=ACC)
+    src_stride = T.to(tl.int64) * H * D
+    for i_s in range(S):
+        k_s = k + i_s * src_stride
+        v_s = v + i_s * src_stride
+        for j0 in range(lo, hi, BN):
+            pos_k = j0 + tl.arange(0, BN)
+            m_k = pos_k < hi
+            row_k = (bos + pos_k).to(tl.int64) * H + i_h
+            b_k = tl.load(k_s + row_k[:, None] * D + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_s + row_k[:, None] * D + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k)).to(ACC) * qk_scale
+            valid = m_k[None, :]
+            if HAS_WINDOW:
+                dist = pos_q[:, None] - pos_k[None, :]
+                valid = valid & (dist <= W) & (dist >= -W)
+            b_s = tl.where(valid, b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_pivot = tl.where(b_m_new == float("-inf"), 0., b_m_new)   # finite: all-masked row -> p = 0
+            b_p = tl.exp2(b_s - b_pivot[:, None])
+            b_alpha = tl.exp2(b_m - b_pivot)
+            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v).to(ACC)
+            b_m = b_m_new
+
+    b_empty = b_l == 0.
+    b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
+    b_lse = tl.where(b_empty, 0., b_m + tl.log2(tl.where(b_empty, 1., b_l)))
+    tl.store(o + row_q[:, None] * D + offs_d[None, :], b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    tl.store(lse + row_q, b_lse.to(lse.dtype.element_ty), mask=m_q)
+
+
+@triton.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
+@triton.jit(do_not_specialize=["R"])
+def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """delta[r] = sum_d o[r, d] * do[r, d] over the R = T * H rows."""
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    offs_d = tl.arange(0, BD)
+    mask = (rows < R)[:, None] & (offs_d < D)[None, :]
+    b_o = tl.load(o + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.).to(delta.dtype.element_ty)
+    b_do = tl.load(do + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.).to(delta.dtype.element_ty)
+    tl.store(delta + rows, tl.sum(b_o * b_do, 1), mask=rows < R)
+
+
+@triton.heuristics(_HEURISTICS)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "S", "W"])
+def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
+                        H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                        HAS_WINDOW: tl.constexpr, ACC: tl.constexpr):
+    i_blk = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
+    i_m = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    N = eos - bos
+
+    q0 = i_m * BM
+    pos_q = q0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    m_q = pos_q < N
+    m_qd = m_q[:, None] & (offs_d < D)[None, :]
+    row_q = (bos + pos_q).to(tl.int64) * H + i_h
+    b_q = tl.load(q + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
+    b_do = tl.load(do + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
+    b_lse = tl.load(lse + row_q, mask=m_q, other=0.).to(ACC)
+    b_delta = tl.load(delta + row_q, mask=m_q, other=0.).to(ACC)
+    qk_scale = scale * 1.4426950408889634
+
+    if HAS_WINDOW:
+        lo = tl.maximum(0, q0 - W)
+        hi = tl.minimum(N, q0 + BM + W)
+    else:
+        lo = 0
+        hi = N
+
+    b_dq = tl.zeros([BM, BD], dtype=ACC)
+    src_stride = T.to(tl.int64) * H * D
+    for i_s in range(S):
+        k_s = k + i_s * src_stride
+        v_s = v + i_s * src_stride
+        for j0 in range(lo, hi, BN):
+            pos_k = j0 + tl.arange(0, BN)
+            m_k = pos_k < hi
+            m_kd = m_k[:, None] & (offs_d < D)[None, :]
+            row_k = (bos + pos_k).to(tl.int64) * H + i_h
+            b_k = tl.load(k_s + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
+            b_v = tl.load(v_s + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k)).to(ACC) * qk_scale
+            valid = m_q[:, None] & m_k[None, :]
+            if HAS_WINDOW:
+                dist = pos_q[:, None] - pos_k[None, :]
+                valid = valid & (dist <= W) & (dist >= -W)
+            b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.)
+            b_dp = tl.dot(b_do, tl.trans(b_v)).to(ACC)
+            b_ds = b_p * (b_dp - b_delta[:, None])
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k).to(ACC)
+    b_dq = b_dq * scale
+    tl.store(dq + row_q[:, None] * D + offs_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_qd)
+
+
+@triton.heuristics(_HEURISTICS)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit(do_not_specialize=["T", "S", "W"])
+def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
+                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr):
+    # BN keys of source i_s per program; loops over query blocks of BM rows of the same conversation.
+    i_blk = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
+    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
+    i_j = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    N = eos - bos
+
+    k0 = i_j * BN
+    pos_k = k0 + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    m_k = pos_k < N
+    m_kd = m_k[:, None] & (offs_d < D)[None, :]
+    src = i_s * T.to(tl.int64) * H * D
+    row_k = (bos + pos_k).to(tl.int64) * H + i_h
+    b_k = tl.load(k + src + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
+    b_v = tl.load(v + src + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
+    qk_scale = scale * 1.4426950408889634
+
+    if HAS_WINDOW:
+        lo = tl.maximum(0, k0 - W)
+        hi = tl.minimum(N, k0 + BN + W)
+    else:
+        lo = 0
+        hi = N
+
+    b_dk = tl.zeros([BN, BD], dtype=ACC)
+    b_dv = tl.zeros([BN, BD], dtype=ACC)
+    for i0 in range(lo, hi, BM):
+        pos_q = i0 + tl.arange(0, BM)
+        m_q = pos_q < hi
+        m_qd = m_q[:, None] & (offs_d < D)[None, :]
+        row_q = (bos + pos_q).to(tl.int64) * H + i_h
+        b_q = tl.load(q + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
+        b_do = tl.load(do + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
+        b_lse = tl.load(lse + row_q, mask=m_q, other=0.).to(ACC)
+        b_delta = tl.load(delta + row_q, mask=m_q, other=0.).to(ACC)
+        b_st = tl.dot(b_k, tl.trans(b_q)).to(ACC) * qk_scale              # (BN, BM): scores transposed
+        valid = m_k[:, None] & m_q[None, :]
+        if HAS_WINDOW:
+            dist = pos_q[None, :] - pos_k[:, None]
+            valid = valid & (dist <= W) & (dist >= -W)
+        b_pt = tl.where(valid, tl.exp2(b_st - b_lse[None, :]), 0.)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do).to(ACC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do)).to(ACC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q).to(ACC)
+    b_dk = b_dk * scale
+    tl.store(dk + src + row_k[:, None] * D + offs_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + src + row_k[:, None] * D + offs_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_kd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------------------
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape or k.shape[1:] != q.shape:
+        raise ValueError(f"expected q (T, H, D) and k, v (S, T, H, D); got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[0] < 1:
+        raise ValueError("need at least one key/value source (S >= 1)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError("cu_seqlens must be a (B+1,) tensor")
+
+
+def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
+    """-> (o, lse); lse (T, H) in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
+    T, H, D = q.shape
+    S = k.shape[0]
+    BM, BN = block_sizes(D)["fwd"]
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
+    table = prepare_block_indices(cu_seqlens, BM)
+    if table.shape[0] > 0:
+        _attn_fwd_kernel[(table.shape[0], H)](q, k, v, o, lse, cu_seqlens, table, scale, T, S, window,
+                                              H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN)
+    return o, lse
+
+
+def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: float):
+    T, H, D = q.shape
+    S = k.shape[0]
+    BD = _block_dim(D)
+    blocks = block_sizes(D)
+    delta = torch.empty((T, H), dtype=lse.dtype, device=q.device)
+    dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dk = torch.empty((S, T, H, D), dtype=k.dtype, device=q.device)
+    dv = torch.empty((S, T, H, D), dtype=v.dtype, device=q.device)
+    BR = 64
+    if T * H > 0:
+        _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
+    BM, BN = blocks["dq"]
+    table = prepare_block_indices(cu_seqlens, BM)
+    if table.shape[0] > 0:
+        _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
+                                                 T, S, window, H=H, D=D, BD=BD, BM=BM, BN=BN)
+    BM, BN = blocks["dkv"]
+    table = prepare_block_indices(cu_seqlens, BN)
+    if table.shape[0] > 0:
+        _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
+                                                     scale, T, S, window, H=H, D=D, BD=BD, BM=BM, BN=BN)
+    return dq, dk, dv
+
+
+class MultiSourceAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, window: int, scale: float):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+        o, lse = attention_forward(q, k, v, cu_seqlens, window, scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.window, ctx.scale = window, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        do = do.contiguous()                                    # may be stride-0 (loss.sum().backward())
+        dq, dk, dv = attention_backward(q, k, v, o, lse, do, cu_seqlens, ctx.window, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                                 *, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32. Returns (T, H, D)."""
+    _check(q, k, v, cu_seqlens)
+    if window is not None and window < 0:
+        raise ValueError(f"window must be >= 0 or None, got {window}")
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    return MultiSourceAttentionFunction.apply(q, k, v, cu_seqlens, -1 if window is None else int(window),
+                                              float(scale))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ahead-of-time compilation specs (python -m cmath_mer.kernels.aot)
+# ----------------------------------------------------------------------------------------------------------
+def _unwrap(fn):
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def aot_specs() -> list[dict]:
+    """Every (kernel, config) the launchers above can run on a GPU: each autotune config, each dtype
+    fp16/bf16/fp32, each head dim 16..128, window on/off."""
+    tl_dtype = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+    specs = []
+    for dname, ptr in tl_dtype.items():
+        for D in HEAD_DIMS:
+            BD = _block_dim(D)
+            blocks = block_sizes(D)
+            # preprocess: no window flag
+            pre = _unwrap(_attn_bwd_preprocess)
+            for cfg in _attn_bwd_preprocess.configs:
+                specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": pre,
+                              "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "R": "i32",
+                                            "D": "constexpr", "BD": "constexpr", "BR": "constexpr"},
+                              "constexprs": {"D": D, "BD": BD, "BR": 64},
+                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+            for has_window in (False, True):
+                common = {"cu_seqlens": "*i32", "block_indices": "*i32", "scale": "fp32", "T": "i32",
+                          "S": "i32", "W": "i32", "H": "i32", "D": "constexpr", "BD": "constexpr",
+                          "BM": "constexpr", "BN": "constexpr", "HAS_WINDOW": "constexpr", "ACC": "constexpr"}
+                kernels = [
+                    ("attn_fwd", _attn_fwd_kernel, "fwd",
+                     {"q": ptr, "k": ptr, "v": ptr, "o": ptr, "lse": "*fp32"}),
+                    ("attn_bwd_dq", _attn_bwd_dq_kernel, "dq",
+                     {"q": ptr, "k": ptr, "v": ptr, "do": ptr, "lse": "*fp32", "delta": "*fp32", "dq": ptr}),
+                    ("attn_bwd_dkv", _attn_bwd_dkv_kernel, "dkv",
+                     {"q": ptr, "k": ptr, "v": ptr, "do": ptr, "lse": "*fp32", "delta": "*fp32",
+                      "dk": ptr, "dv": ptr}),
+                ]
+                for name, kernel, which, ptrs in kernels:
+                    BM, BN = blocks[which]
+                    for cfg in kernel.fn.configs:                 # heuristics -> autotuner -> jit
+                        specs.append({
+                            "name": f"{name}[{dname},D={D},window={'on' if has_window else 'off'},"
+                                    f"BM={BM},BN={BN}]",
+                            "fn": _unwrap(kernel),
+                            "signature": {**ptrs, **common},
+                            "constexprs": {"D": D, "BD": BD, "BM": BM, "BN": BN,
+                                           "HAS_WINDOW": has_window, "ACC": tl.float32},
+                            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+    return specs
+
+
+__all__ = ["fused_multi_source_attention", "MultiSourceAttentionFunction", "prepare_block_indices",
+           "block_sizes", "aot_specs"]
