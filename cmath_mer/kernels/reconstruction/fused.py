@@ -1,0 +1,310 @@
+"""Fused reconstruction loss in Triton: the decoder's last projection, squared error and mean, with the
+(T, M) reconstruction never written to memory, forward or backward (KERNELS.md section 2).
+
+    loss = sum((h @ W^T + b - target)^2) / (T M)      h: (T, K), W: (M, K), b: (M,), target: (T, M)
+    r    = h @ W^T + b - target                       (only ever a BLOCK_T x BLOCK_M tile on chip)
+    dh   = (2 / (T M)) r W,   dW = (2 / (T M)) r^T h,   db = (2 / (T M)) sum_t r
+
+Design (the Liger-Kernel fused-linear-cross-entropy idea: gradients are produced during the forward):
+- `_rows_kernel`, one program per (row block of BLOCK_T rows, K chunk of BLOCK_K): loops over all M in
+  tiles of BLOCK_M; per tile proj = h_blk @ W_tile^T (tl.dot, fp32 accumulation), r = proj + b - target on
+  chip, sum(r^2) accumulated in registers, and dh_blk += r @ W_tile. It writes one fp32 loss partial per
+  program and the finished dh rows (scaled by 2/M; the 1/T and grad_output are applied in backward so that a
+  loss scale is not defeated by fp16 underflow). The row block's h stays on chip for the whole M loop when
+  K <= BLOCK_K (SINGLE_K); the W tiles are re-read by every row block but total M*K, so they live in L2.
+- `_cols_kernel`, one program per (M tile, K chunk, T split): loops over the row blocks of its split,
+  recomputes the projection tile and r, and accumulates dW_tile += r^T @ h_blk and db_tile += sum_t r in
+  registers. Each program writes its partial dW/db once into an fp32 (S, M, K) / (S, M) buffer that the host
+  sums over S: deterministic, no atomics. S is chosen so that m_tiles * S fills the GPU; the partial buffer
+  is S*M*K*4 bytes (e.g. 22 x 1582 x 256 x 4 = 36 MB at T = 64k), small beside the target.
+Why two kernels: dh needs a reduction over M and dW a reduction over T. One pass that holds dh on chip must
+spill per-row-block partials of the whole (M, K) dW (BLOCK_T x 2 x 4K bytes of read-modify-write per
+target row, 8x the target bytes at K = 256), and the converse spills dh. Two passes re-read target once.
+
+Byte floor (what any single pass must move): read target T*M*e, h T*K*e, W M*K*e, b M*e; write dh T*K*e,
+dW M*K*e, db M*e. This design moves ~2*T*M*e + 2*T*K*e (target and h read by both kernels) + dh write
++ 2*S*M*K*4 (partials) + L2-resident W re-reads. FLOP floor 6*T*M*K (three GEMMs); this design does 8*T*M*K
+(the projection is computed twice). At K = 256 the op does 6K/e = 768 flop per target byte (fp16), above the
+H100 ridge (~300 flop/byte), so it is tensor-core bound, not bandwidth bound: the 80%-of-bandwidth target
+applies only for small K (K <~ 64); at K = 256 the meaningful ceiling is tensor-core throughput.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (BLOCK_T, BLOCK_M, num_warps, num_stages). The interpreter can run one config only (KERNELS.md).
+_ROWS_CONFIGS = [(64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3)]
+_COLS_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)]
+_INTERPRET_CONFIG = (64, 64, 4, 1)
+_MIN_BLOCK_T = min(c[0] for c in _ROWS_CONFIGS + [_INTERPRET_CONFIG])
+_SPLIT_ROWS_GRANULE = 256          # rows per T split are a multiple of every BLOCK_T
+_BLOCK_K_CHOICES = (64, 128, 256)  # BLOCK_K is the smallest of these >= K, capped at 256 (K loop beyond)
+
+
+def _block_k(K: int) -> int:
+    for bk in _BLOCK_K_CHOICES:
+        if K <= bk:
+            return bk
+    return _BLOCK_K_CHOICES[-1]
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rows_kernel(H, W, B, TGT, DH, LOSS, T, M, K, dh_scale,
+                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SINGLE_K: tl.constexpr, COMPUTE_DH: tl.constexpr, ACC: tl.constexpr):
+    # One row block x one K chunk; loops over every M tile. See the module docstring for the byte floor.
+    pid_t = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    offs_k = tl.arange(0, BLOCK_K)
+    kd = pid_k * BLOCK_K + offs_k                      # this program's dh columns
+    kd_ok = kd < K
+    if SINGLE_K:                                       # h block stays on chip for the whole M loop
+        h_res = tl.load(H + rows[:, None] * K + kd[None, :], mask=row_ok[:, None] & kd_ok[None, :], other=0.0)
+    sq_acc = tl.zeros([BLOCK_T, BLOCK_M], dtype=ACC)
+    dh_acc = tl.zeros([BLOCK_T, BLOCK_K], dtype=ACC)
+    for m0 in range(0, M, BLOCK_M):
+        cols = m0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        w_d = tl.load(W + cols[:, None] * K + kd[None, :], mask=col_ok[:, None] & kd_ok[None, :], other=0.0)
+        if SINGLE_K:
+            proj = tl.dot(h_res, tl.trans(w_d), out_dtype=ACC)
+        else:
+            proj = tl.zeros([BLOCK_T, BLOCK_M], dtype=ACC)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                kk_ok = kk < K
+                hk = tl.load(H + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
+                wk = tl.load(W + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & kk_ok[None, :], other=0.0)
+                proj = tl.dot(hk, tl.trans(wk), proj, out_dtype=ACC)
+        bias = tl.load(B + cols, mask=col_ok, other=0.0).to(ACC)
+        ok = row_ok[:, None] & col_ok[None, :]
+        tgt = tl.load(TGT + rows[:, None] * M + cols[None, :], mask=ok, other=0.0).to(ACC)
+        r = tl.where(ok, proj + bias[None, :] - tgt, 0.0)
+        sq_acc += r * r
+        if COMPUTE_DH:
+            dh_acc = tl.dot(r.to(w_d.dtype), w_d, dh_acc, out_dtype=ACC)
+    tl.store(LOSS + pid_t * tl.num_programs(1) + pid_k, tl.sum(tl.sum(sq_acc, axis=1), axis=0))
+    if COMPUTE_DH:
+        tl.store(DH + rows[:, None] * K + kd[None, :], (dh_acc * dh_scale).to(DH.dtype.element_ty),
+                 mask=row_ok[:, None] & kd_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "rows_per_split"])
+def _cols_kernel(H, W, B, TGT, DWP, DBP, T, M, K, rows_per_split, scale,
+                 BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SINGLE_K: tl.constexpr, ACC: tl.constexpr):
+    # One M tile x one K chunk x one T split; loops over the split's row blocks. Writes fp32 partials.
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    cols = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    col_ok = cols < M
+    offs_k = tl.arange(0, BLOCK_K)
+    kd = pid_k * BLOCK_K + offs_k                      # this program's dW columns
+    kd_ok = kd < K
+    w_d = tl.load(W + cols[:, None] * K + kd[None, :], mask=col_ok[:, None] & kd_ok[None, :], other=0.0)
+    bias = tl.load(B + cols, mask=col_ok, other=0.0).to(ACC)
+    dw_acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
+    db_acc = tl.zeros([BLOCK_M], dtype=ACC)
+    first_row = pid_s.to(tl.int64) * rows_per_split    # rows_per_split is a multiple of BLOCK_T
+    for i in range(0, rows_per_split // BLOCK_T):
+        rows = first_row + i * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        h_d = tl.load(H + rows[:, None] * K + kd[None, :], mask=row_ok[:, None] & kd_ok[None, :], other=0.0)
+        if SINGLE_K:
+            proj = tl.dot(h_d, tl.trans(w_d), out_dtype=ACC)
+        else:
+            proj = tl.zeros([BLOCK_T, BLOCK_M], dtype=ACC)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + offs_k
+                kk_ok = kk < K
+                hk = tl.load(H + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
+                wk = tl.load(W + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & kk_ok[None, :], other=0.0)
+                proj = tl.dot(hk, tl.trans(wk), proj, out_dtype=ACC)
+        ok = row_ok[:, None] & col_ok[None, :]
+        tgt = tl.load(TGT + rows[:, None] * M + cols[None, :], mask=ok, other=0.0).to(ACC)
+        r = tl.where(ok, proj + bias[None, :] - tgt, 0.0)
+        db_acc += tl.sum(r, axis=0)
+        dw_acc = tl.dot(tl.trans(r.to(h_d.dtype)), h_d, dw_acc, out_dtype=ACC)
+    part = pid_s.to(tl.int64) * M
+    tl.store(DWP + (part + cols[:, None]) * K + kd[None, :], dw_acc * scale, mask=col_ok[:, None] & kd_ok[None, :])
+    if pid_k == 0:
+        tl.store(DBP + part + cols, db_acc * scale, mask=col_ok)
+
+
+def _configs(table):
+    return [triton.Config({"BLOCK_T": bt, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bt, bm, w, s in table]
+
+
+if _INTERPRET:
+    _rows_launch, _cols_launch = _rows_kernel, _cols_kernel
+else:  # pragma: no cover - GPU only
+    _rows_launch = triton.autotune(_configs(_ROWS_CONFIGS), key=["M", "K"])(_rows_kernel)
+    _cols_launch = triton.autotune(_configs(_COLS_CONFIGS), key=["M", "K"])(_cols_kernel)
+
+
+def _interpret_meta() -> dict:
+    bt, bm, w, s = _INTERPRET_CONFIG
+    return {"BLOCK_T": bt, "BLOCK_M": bm, "num_warps": w, "num_stages": s} if _INTERPRET else {}
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(T: int, M: int, k_chunks: int, device: torch.device) -> tuple[int, int]:
+    """(S, rows per split): enough (M tile, K chunk, split) programs to fill the GPU, few partials."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    m_tiles = triton.cdiv(M, 64)
+    want = max(1, triton.cdiv(4 * sms, m_tiles * k_chunks))
+    granules = triton.cdiv(T, _SPLIT_ROWS_GRANULE)
+    splits = max(1, min(want, granules))
+    rows_per_split = triton.cdiv(granules, splits) * _SPLIT_ROWS_GRANULE
+    return triton.cdiv(T, rows_per_split), rows_per_split
+
+
+def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
+    """Returns (loss fp32 0-dim, dh_raw = 2/M r W in h.dtype or None, dW fp32 or None, db fp32 or None)."""
+    T, K = h.shape
+    M = weight.shape[0]
+    BLOCK_K = _block_k(K)
+    k_chunks = triton.cdiv(K, BLOCK_K)
+    single_k = k_chunks == 1
+    acc = _acc_dtype(h.dtype)
+    acc_t = torch.float64 if h.dtype == torch.float64 else torch.float32
+    meta = _interpret_meta()
+    loss_part = torch.empty((triton.cdiv(T, _MIN_BLOCK_T), k_chunks), device=h.device, dtype=acc_t)
+    dh = torch.empty_like(h) if want_dh else h  # h is a dummy pointer when dh is not wanted
+    grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), k_chunks)  # noqa: E731
+    _rows_launch[grid](h, weight, bias, target, dh, loss_part, T, M, K, 2.0 / M,
+                       BLOCK_K=BLOCK_K, SINGLE_K=single_k, COMPUTE_DH=want_dh, ACC=acc, **meta)
+    if _INTERPRET:
+        n_row_blocks = triton.cdiv(T, meta["BLOCK_T"])
+    else:  # pragma: no cover - GPU only
+        n_row_blocks = triton.cdiv(T, _rows_launch.best_config.kwargs["BLOCK_T"])
+    loss = loss_part[:n_row_blocks, 0].sum() / (T * M)
+    dw = db = None
+    if want_dw:
+        S, rows_per_split = _num_splits(T, M, k_chunks, h.device)
+        dw_part = torch.empty((S, M, K), device=h.device, dtype=acc_t)
+        db_part = torch.empty((S, M), device=h.device, dtype=acc_t)
+
+        def grid2(META):
+            return (triton.cdiv(M, META["BLOCK_M"]), k_chunks, S)
+
+        _cols_launch[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
+                            BLOCK_K=BLOCK_K, SINGLE_K=single_k, ACC=acc, **meta)
+        dw, db = dw_part.sum(0), db_part.sum(0)
+    return loss, (dh if want_dh else None), dw, db
+
+
+class FusedReconstructionLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, target):
+        want_dh, want_w, want_b = ctx.needs_input_grad[:3]
+        loss, dh_raw, dw, db = _forward(h, weight, bias, target, want_dh, want_w or want_b)
+        ctx.save_for_backward(dh_raw, dw, db)
+        ctx.T = h.shape[0]
+        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+        return loss.to(h.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dh_raw, dw, db = ctx.saved_tensors
+        g = grad_out.reshape(()).to(torch.float64 if dh_raw is not None and dh_raw.dtype == torch.float64
+                                    else torch.float32)
+        dh = dW = dB = None
+        if ctx.needs_input_grad[0]:
+            dh = (dh_raw.to(g.dtype) * (g / ctx.T)).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dW = (dw * g.to(dw.dtype)).to(ctx.dtypes[1])
+        if ctx.needs_input_grad[2]:
+            dB = (db * g.to(db.dtype)).to(ctx.dtypes[2])
+        return dh, dW, dB, None
+
+
+def _check(h, weight, bias, target):
+    if h.dim() != 2 or weight.dim() != 2 or bias.dim() != 1 or target.dim() != 2:
+        raise ValueError("expected h (T, K), weight (M, K), bias (M,), target (T, M)")
+    T, K = h.shape
+    M = weight.shape[0]
+    if weight.shape[1] != K or bias.shape[0] != M or tuple(target.shape) != (T, M):
+        raise ValueError(f"shape mismatch: h {tuple(h.shape)}, weight {tuple(weight.shape)}, "
+                         f"bias {tuple(bias.shape)}, target {tuple(target.shape)}")
+    if T == 0:
+        raise ValueError("reconstruction loss of an empty batch (T = 0) is undefined")
+    if not (h.dtype == weight.dtype == bias.dtype == target.dtype):
+        raise TypeError("h, weight, bias and target must share one dtype")
+
+
+def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                              target: torch.Tensor) -> torch.Tensor:
+    """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
+    _check(h, weight, bias, target)
+    h, weight, bias, target = (x.contiguous() for x in (h, weight, bias, target))
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad):
+        return FusedReconstructionLoss.apply(h, weight, bias, target)
+    loss, _, _, _ = _forward(h, weight, bias, target, False, False)
+    return loss.to(h.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation specs (python -m cmath_mer.kernels.aot)
+
+_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _unwrap(fn):
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def aot_specs() -> list[dict]:
+    """Every (config x dtype x constexpr flag) the two kernels can launch with on a GPU."""
+    specs = []
+    for dtype, ty in _TL_NAMES.items():
+        for block_k in _BLOCK_K_CHOICES:
+            single_ks = (True, False) if block_k == _BLOCK_K_CHOICES[-1] else (True,)
+            for single_k in single_ks:
+                for bt, bm, w, s in _ROWS_CONFIGS:
+                    for compute_dh in (True, False):
+                        specs.append({
+                            "name": f"recon_rows_{ty}_t{bt}_m{bm}_k{block_k}_{'1k' if single_k else 'kloop'}"
+                                    f"_{'dh' if compute_dh else 'nodh'}_w{w}_s{s}",
+                            "fn": _unwrap(_rows_kernel),
+                            "signature": {"H": f"*{ty}", "W": f"*{ty}", "B": f"*{ty}", "TGT": f"*{ty}",
+                                          "DH": f"*{ty}", "LOSS": "*fp32", "T": "i32", "M": "i32", "K": "i32",
+                                          "dh_scale": "fp32", "BLOCK_T": "constexpr", "BLOCK_M": "constexpr",
+                                          "BLOCK_K": "constexpr", "SINGLE_K": "constexpr",
+                                          "COMPUTE_DH": "constexpr", "ACC": "constexpr"},
+                            "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
+                                           "COMPUTE_DH": compute_dh, "ACC": tl.float32},
+                            "num_warps": w, "num_stages": s})
+                for bt, bm, w, s in _COLS_CONFIGS:
+                    specs.append({
+                        "name": f"recon_cols_{ty}_t{bt}_m{bm}_k{block_k}_{'1k' if single_k else 'kloop'}_w{w}_s{s}",
+                        "fn": _unwrap(_cols_kernel),
+                        "signature": {"H": f"*{ty}", "W": f"*{ty}", "B": f"*{ty}", "TGT": f"*{ty}",
+                                      "DWP": "*fp32", "DBP": "*fp32", "T": "i32", "M": "i32", "K": "i32",
+                                      "rows_per_split": "i32", "scale": "fp32", "BLOCK_T": "constexpr",
+                                      "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "SINGLE_K": "constexpr",
+                                      "ACC": "constexpr"},
+                        "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
+                                       "ACC": tl.float32},
+                        "num_warps": w, "num_stages": s})
+    return specs
