@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from .kernels import multi_source_attention
 
@@ -65,14 +66,19 @@ class CMATransformer(nn.Module):
     """L CMA blocks centred on one modality; returns F_c = LN(h_c), (T, d)."""
 
     def __init__(self, d_model: int, n_heads: int, n_layers: int, n_aux: int, ffn_mult: int,
-                 dropout: float, window: int | None, backend: str | None):
+                 dropout: float, window: int | None, backend: str | None, recompute_from: int | None = None):
         super().__init__()
+        self.recompute_from = recompute_from
         self.blocks = nn.ModuleList(CMABlock(d_model, n_heads, n_aux, ffn_mult, dropout, window, backend)
                                     for _ in range(n_layers))
         self.ln_out = nn.LayerNorm(d_model)
 
     def forward(self, h_central: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
+        # Long batches keep only each block's input and recompute the block in the backward:
+        # activation memory per block drops from ~20 (T, d) tensors to one.
+        recompute = (self.recompute_from is not None and self.training and torch.is_grad_enabled()
+                     and h_central.shape[0] >= self.recompute_from)
         h = h_central
         for block in self.blocks:
-            h = block(h, aux, cu_seqlens)
+            h = checkpoint(block, h, aux, cu_seqlens, use_reentrant=False) if recompute else block(h, aux, cu_seqlens)
         return self.ln_out(h)

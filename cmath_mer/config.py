@@ -42,6 +42,8 @@ class CMATHConfig:
     class_weights: bool = True          # inverse training frequency weights in the cross-entropies
     # --- implementation ---
     backend: str | None = None          # torch | triton | auto; None = env var CMATH_BACKEND, else auto
+    recompute_from: int | None = 2048   # batches of at least this many utterances recompute CMA blocks in
+                                        # the backward (activation checkpointing); None = never
 
     def __post_init__(self):
         self.modalities = tuple(self.modalities)

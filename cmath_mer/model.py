@@ -74,7 +74,7 @@ class CMATH(nn.Module):
         self.embedding = UtteranceEmbedding(cfg.modalities, cfg.d_model, cfg.num_speakers, cfg.dropout)
         self.cma = nn.ModuleDict({
             c: CMATransformer(cfg.d_model, cfg.n_heads, cfg.n_layers, len(cfg.modalities) - 1, cfg.ffn_mult,
-                              cfg.dropout, cfg.window, cfg.backend)
+                              cfg.dropout, cfg.window, cfg.backend, cfg.recompute_from)
             for c in cfg.centrals})
         self.fusion = VariationalFusion(cfg.centrals, cfg.d_model, cfg.latent, cfg.detach_teacher, cfg.backend)
         self.coarse_head = nn.Linear(cfg.latent, cfg.num_classes)
