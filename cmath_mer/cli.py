@@ -92,6 +92,12 @@ def cmd_synth(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .benchmark import run_benchmarks
+    run_benchmarks(args.out, quick=args.quick, device=args.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cmath-mer", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -137,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-length", type=int, default=110)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_synth)
+
+    b = sub.add_parser("bench", help="benchmark the ops and the training step; writes results.json, table, plots")
+    b.add_argument("--quick", action="store_true", help="small sweep, a few minutes on a 2-core CPU")
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    b.add_argument("--out", required=True)
+    b.set_defaults(func=cmd_bench)
 
     args = p.parse_args(argv)
     from .data import DataError
