@@ -100,6 +100,9 @@ def _block_dim(head_dim: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
+# Addressing: a row t, head h of q / o (T, H, D) or of source s of k / v (S, T, H, D) starts at element
+# ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first row) plus a
+# loop-invariant int32 offset tile r * H * D + d, which keeps the 2-D pointer tensors out of 64-bit registers.
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY)
 @triton.jit(do_not_specialize=["T", "S", "W"])
@@ -119,8 +122,10 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     offs_d = tl.arange(0, BD)
     m_q = pos_q < N
     m_d = offs_d < D
-    row_q = (bos + pos_q).to(tl.int64) * H + i_h                          # packed (t, h) row of q / o
-    b_q = tl.load(q + row_q[:, None] * D + offs_d[None, :], mask=m_q[:, None] & m_d[None, :], other=0.)
+    tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
+    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]
+    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o
+    b_q = tl.load(q + row_q0 * D + tile_q, mask=m_q[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
 
     if HAS_WINDOW:
@@ -133,16 +138,13 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BM], dtype=ACC)
     b_acc = tl.zeros([BM, BD], dtype=ACC)
-    src_stride = T.to(tl.int64) * H * D
     for i_s in range(S):
-        k_s = k + i_s * src_stride
-        v_s = v + i_s * src_stride
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            row_k = (bos + pos_k).to(tl.int64) * H + i_h
-            b_k = tl.load(k_s + row_k[:, None] * D + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v_s + row_k[:, None] * D + offs_d[None, :], mask=m_k[:, None] & m_d[None, :], other=0.)
+            base_k = ((i_s * T.to(tl.int64) + bos + j0) * H + i_h) * D
+            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k)).to(ACC) * qk_scale
             valid = m_k[None, :]
             if HAS_WINDOW:
@@ -160,20 +162,22 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     b_empty = b_l == 0.
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
     b_lse = tl.where(b_empty, 0., b_m + tl.log2(tl.where(b_empty, 1., b_l)))
-    tl.store(o + row_q[:, None] * D + offs_d[None, :], b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    tl.store(lse + row_q, b_lse.to(lse.dtype.element_ty), mask=m_q)
+    tl.store(o + row_q0 * D + tile_q, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    tl.store(lse + row_q0 + tl.arange(0, BM) * H, b_lse.to(lse.dtype.element_ty), mask=m_q)
 
 
 @triton.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
 @triton.jit(do_not_specialize=["R"])
 def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     """delta[r] = sum_d o[r, d] * do[r, d] over the R = T * H rows."""
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+    r0 = tl.program_id(0).to(tl.int64) * BR
+    rows = tl.arange(0, BR)
     offs_d = tl.arange(0, BD)
-    mask = (rows < R)[:, None] & (offs_d < D)[None, :]
-    b_o = tl.load(o + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.).to(delta.dtype.element_ty)
-    b_do = tl.load(do + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.).to(delta.dtype.element_ty)
-    tl.store(delta + rows, tl.sum(b_o * b_do, 1), mask=rows < R)
+    mask = (r0 + rows < R)[:, None] & (offs_d < D)[None, :]
+    tile = rows[:, None] * D + offs_d[None, :]
+    b_o = tl.load(o + r0 * D + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
+    b_do = tl.load(do + r0 * D + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
+    tl.store(delta + r0 + rows, tl.sum(b_o * b_do, 1), mask=r0 + rows < R)
 
 
 @triton.heuristics(_HEURISTICS)
@@ -194,12 +198,15 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
     pos_q = q0 + tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     m_q = pos_q < N
-    m_qd = m_q[:, None] & (offs_d < D)[None, :]
-    row_q = (bos + pos_q).to(tl.int64) * H + i_h
-    b_q = tl.load(q + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
-    b_do = tl.load(do + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
-    b_lse = tl.load(lse + row_q, mask=m_q, other=0.).to(ACC)
-    b_delta = tl.load(delta + row_q, mask=m_q, other=0.).to(ACC)
+    m_d = offs_d < D
+    m_qd = m_q[:, None] & m_d[None, :]
+    tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
+    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]
+    row_q0 = (bos + q0).to(tl.int64) * H + i_h
+    b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
+    b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
+    b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
+    b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
     qk_scale = scale * 1.4426950408889634
 
     if HAS_WINDOW:
@@ -210,17 +217,13 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
         hi = N
 
     b_dq = tl.zeros([BM, BD], dtype=ACC)
-    src_stride = T.to(tl.int64) * H * D
     for i_s in range(S):
-        k_s = k + i_s * src_stride
-        v_s = v + i_s * src_stride
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            m_kd = m_k[:, None] & (offs_d < D)[None, :]
-            row_k = (bos + pos_k).to(tl.int64) * H + i_h
-            b_k = tl.load(k_s + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
-            b_v = tl.load(v_s + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
+            base_k = ((i_s * T.to(tl.int64) + bos + j0) * H + i_h) * D
+            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k)).to(ACC) * qk_scale
             valid = m_q[:, None] & m_k[None, :]
             if HAS_WINDOW:
@@ -231,7 +234,7 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k).to(ACC)
     b_dq = b_dq * scale
-    tl.store(dq + row_q[:, None] * D + offs_d[None, :], b_dq.to(dq.dtype.element_ty), mask=m_qd)
+    tl.store(dq + row_q0 * D + tile_q, b_dq.to(dq.dtype.element_ty), mask=m_qd)
 
 
 @triton.heuristics(_HEURISTICS)
@@ -254,11 +257,13 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
     pos_k = k0 + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     m_k = pos_k < N
-    m_kd = m_k[:, None] & (offs_d < D)[None, :]
-    src = i_s * T.to(tl.int64) * H * D
-    row_k = (bos + pos_k).to(tl.int64) * H + i_h
-    b_k = tl.load(k + src + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
-    b_v = tl.load(v + src + row_k[:, None] * D + offs_d[None, :], mask=m_kd, other=0.)
+    m_d = offs_d < D
+    m_kd = m_k[:, None] & m_d[None, :]
+    tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
+    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]
+    base_k = ((i_s * T.to(tl.int64) + bos + k0) * H + i_h) * D
+    b_k = tl.load(k + base_k + tile_k, mask=m_kd, other=0.)
+    b_v = tl.load(v + base_k + tile_k, mask=m_kd, other=0.)
     qk_scale = scale * 1.4426950408889634
 
     if HAS_WINDOW:
@@ -273,12 +278,12 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
     for i0 in range(lo, hi, BM):
         pos_q = i0 + tl.arange(0, BM)
         m_q = pos_q < hi
-        m_qd = m_q[:, None] & (offs_d < D)[None, :]
-        row_q = (bos + pos_q).to(tl.int64) * H + i_h
-        b_q = tl.load(q + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
-        b_do = tl.load(do + row_q[:, None] * D + offs_d[None, :], mask=m_qd, other=0.)
-        b_lse = tl.load(lse + row_q, mask=m_q, other=0.).to(ACC)
-        b_delta = tl.load(delta + row_q, mask=m_q, other=0.).to(ACC)
+        m_qd = m_q[:, None] & m_d[None, :]
+        row_q0 = (bos + i0).to(tl.int64) * H + i_h
+        b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
+        b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
+        b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
+        b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
         b_st = tl.dot(b_k, tl.trans(b_q)).to(ACC) * qk_scale              # (BN, BM): scores transposed
         valid = m_k[:, None] & m_q[None, :]
         if HAS_WINDOW:
@@ -290,8 +295,8 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q).to(ACC)
     b_dk = b_dk * scale
-    tl.store(dk + src + row_k[:, None] * D + offs_d[None, :], b_dk.to(dk.dtype.element_ty), mask=m_kd)
-    tl.store(dv + src + row_k[:, None] * D + offs_d[None, :], b_dv.to(dv.dtype.element_ty), mask=m_kd)
+    tl.store(dk + base_k + tile_k, b_dk.to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
 # ----------------------------------------------------------------------------------------------------------
