@@ -40,19 +40,28 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # (BLOCK_T, BLOCK_M, num_warps, num_stages). The interpreter can run one config only (KERNELS.md).
-_ROWS_CONFIGS = [(64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 3)]
-_COLS_CONFIGS = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)]
+# Chosen from an ahead-of-time sweep (sm_90 and sm_80, M divisible by 16 or not): these never spill.
+_ROWS_CONFIGS = [(64, 64, 8, 2), (64, 32, 8, 3)]
+_COLS_CONFIGS = [(64, 32, 8, 3), (32, 128, 8, 3)]
 _INTERPRET_CONFIG = (64, 64, 4, 1)
 _MIN_BLOCK_T = min(c[0] for c in _ROWS_CONFIGS + [_INTERPRET_CONFIG])
 _SPLIT_ROWS_GRANULE = 256          # rows per T split are a multiple of every BLOCK_T
-_BLOCK_K_CHOICES = (64, 128, 256)  # BLOCK_K is the smallest of these >= K, capped at 256 (K loop beyond)
+# K chunk widths. The rows kernel keeps the whole (BLOCK_T, K) dh accumulator on chip up to K = 256; the
+# cols kernel holds a (BLOCK_M, BLOCK_K) dW accumulator and spills at 256 on sm_80, so it uses chunks of
+# 128 (for K in (128, 256] it recomputes the projection once per chunk: 5 GEMM passes instead of 4).
+_ROWS_BLOCK_K = (64, 128, 256)
+_COLS_BLOCK_K = (64, 128)
 
 
-def _block_k(K: int) -> int:
-    for bk in _BLOCK_K_CHOICES:
+_LOOP_BLOCK_K = 128                # chunk width when K exceeds every single-chunk choice
+
+
+def _block_k(K: int, choices) -> int:
+    """The smallest choice >= K (one chunk, SINGLE_K), else _LOOP_BLOCK_K (the kernels loop over K)."""
+    for bk in choices:
         if K <= bk:
             return bk
-    return _BLOCK_K_CHOICES[-1]
+    return _LOOP_BLOCK_K
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -181,9 +190,8 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
     """Returns (loss fp32 0-dim, dh_raw = 2/M r W in h.dtype or None, dW fp32 or None, db fp32 or None)."""
     T, K = h.shape
     M = weight.shape[0]
-    BLOCK_K = _block_k(K)
+    BLOCK_K = _block_k(K, _ROWS_BLOCK_K)
     k_chunks = triton.cdiv(K, BLOCK_K)
-    single_k = k_chunks == 1
     acc = _acc_dtype(h.dtype)
     acc_t = torch.float64 if h.dtype == torch.float64 else torch.float32
     meta = _interpret_meta()
@@ -191,7 +199,7 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
     dh = torch.empty_like(h) if want_dh else h  # h is a dummy pointer when dh is not wanted
     grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), k_chunks)  # noqa: E731
     _rows_launch[grid](h, weight, bias, target, dh, loss_part, T, M, K, 2.0 / M,
-                       BLOCK_K=BLOCK_K, SINGLE_K=single_k, COMPUTE_DH=want_dh, ACC=acc, **meta)
+                       BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, COMPUTE_DH=want_dh, ACC=acc, **meta)
     if _INTERPRET:
         n_row_blocks = triton.cdiv(T, meta["BLOCK_T"])
     else:  # pragma: no cover - GPU only
@@ -199,6 +207,8 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
     loss = loss_part[:n_row_blocks, 0].sum() / (T * M)
     dw = db = None
     if want_dw:
+        BLOCK_K = _block_k(K, _COLS_BLOCK_K)
+        k_chunks = triton.cdiv(K, BLOCK_K)
         S, rows_per_split = _num_splits(T, M, k_chunks, h.device)
         dw_part = torch.empty((S, M, K), device=h.device, dtype=acc_t)
         db_part = torch.empty((S, M), device=h.device, dtype=acc_t)
@@ -207,7 +217,7 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
             return (triton.cdiv(M, META["BLOCK_M"]), k_chunks, S)
 
         _cols_launch[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
-                            BLOCK_K=BLOCK_K, SINGLE_K=single_k, ACC=acc, **meta)
+                            BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, ACC=acc, **meta)
         dw, db = dw_part.sum(0), db_part.sum(0)
     return loss, (dh if want_dh else None), dw, db
 
@@ -255,6 +265,9 @@ def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch
                               target: torch.Tensor) -> torch.Tensor:
     """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
     _check(h, weight, bias, target)
+    if h.is_cuda and (h.shape[1] % 16 != 0 or h.dtype == torch.float64):  # outside the compiled specs
+        from .naive import naive_reconstruction_loss
+        return naive_reconstruction_loss(h, weight, bias, target)
     h, weight, bias, target = (x.contiguous() for x in (h, weight, bias, target))
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad):
         return FusedReconstructionLoss.apply(h, weight, bias, target)
@@ -274,19 +287,34 @@ def _unwrap(fn):
     return fn
 
 
+def _attrs(fn, names) -> dict:
+    """tt.divisibility=16 for `names`, as the JIT specialises them at launch (ASTSource attrs format)."""
+    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+
+
 def aot_specs() -> list[dict]:
-    """Every (config x dtype x constexpr flag) the two kernels can launch with on a GPU."""
+    """Every (config x dtype x constexpr flag x M divisibility) the two kernels launch with on a GPU.
+
+    Each dict also carries "attrs": the divisibility the JIT sees at launch (tensor pointers from torch are
+    16-byte aligned; K % 16 == 0 is required on the GPU path; M may or may not be a multiple of 16, so
+    both are listed). Without attrs the loads compile unvectorised and the register counts are not the
+    ones the JIT produces; pass them as ASTSource(fn, signature, constexprs, attrs).
+    """
     specs = []
+    rows_fn, cols_fn = _unwrap(_rows_kernel), _unwrap(_cols_kernel)
+    rows_k = [(bk, True) for bk in _ROWS_BLOCK_K] + [(_LOOP_BLOCK_K, False)]
+    cols_k = [(bk, True) for bk in _COLS_BLOCK_K] + [(_LOOP_BLOCK_K, False)]
     for dtype, ty in _TL_NAMES.items():
-        for block_k in _BLOCK_K_CHOICES:
-            single_ks = (True, False) if block_k == _BLOCK_K_CHOICES[-1] else (True,)
-            for single_k in single_ks:
+        for m_div in (True, False):
+            mtag = "m16" if m_div else "modd"
+            extra = ["K", "M"] if m_div else ["K"]
+            for block_k, single_k in rows_k:
                 for bt, bm, w, s in _ROWS_CONFIGS:
                     for compute_dh in (True, False):
                         specs.append({
-                            "name": f"recon_rows_{ty}_t{bt}_m{bm}_k{block_k}_{'1k' if single_k else 'kloop'}"
+                            "name": f"recon_rows_{ty}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
                                     f"_{'dh' if compute_dh else 'nodh'}_w{w}_s{s}",
-                            "fn": _unwrap(_rows_kernel),
+                            "fn": rows_fn,
                             "signature": {"H": f"*{ty}", "W": f"*{ty}", "B": f"*{ty}", "TGT": f"*{ty}",
                                           "DH": f"*{ty}", "LOSS": "*fp32", "T": "i32", "M": "i32", "K": "i32",
                                           "dh_scale": "fp32", "BLOCK_T": "constexpr", "BLOCK_M": "constexpr",
@@ -294,11 +322,14 @@ def aot_specs() -> list[dict]:
                                           "COMPUTE_DH": "constexpr", "ACC": "constexpr"},
                             "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
                                            "COMPUTE_DH": compute_dh, "ACC": tl.float32},
+                            "attrs": _attrs(rows_fn, ["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
                             "num_warps": w, "num_stages": s})
+            for block_k, single_k in cols_k:
                 for bt, bm, w, s in _COLS_CONFIGS:
                     specs.append({
-                        "name": f"recon_cols_{ty}_t{bt}_m{bm}_k{block_k}_{'1k' if single_k else 'kloop'}_w{w}_s{s}",
-                        "fn": _unwrap(_cols_kernel),
+                        "name": f"recon_cols_{ty}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
+                                f"_w{w}_s{s}",
+                        "fn": cols_fn,
                         "signature": {"H": f"*{ty}", "W": f"*{ty}", "B": f"*{ty}", "TGT": f"*{ty}",
                                       "DWP": "*fp32", "DBP": "*fp32", "T": "i32", "M": "i32", "K": "i32",
                                       "rows_per_split": "i32", "scale": "fp32", "BLOCK_T": "constexpr",
@@ -306,5 +337,6 @@ def aot_specs() -> list[dict]:
                                       "ACC": "constexpr"},
                         "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
                                        "ACC": tl.float32},
+                        "attrs": _attrs(cols_fn, ["H", "W", "B", "TGT", "DWP", "DBP"] + extra),
                         "num_warps": w, "num_stages": s})
     return specs
