@@ -44,6 +44,7 @@ class ConversationDataset:
     class_names: tuple[str, ...]
     num_speakers: int
     source: str = "<memory>"             # the file it came from, for error messages
+    speaker_names: tuple[str, ...] | None = None   # (num_speakers,) names of speaker indices, if known
 
     @property
     def modalities(self) -> tuple[str, ...]:

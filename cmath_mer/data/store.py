@@ -1,0 +1,203 @@
+"""The project's own data format (safetensors), `load_dataset` for any input, and the CLI's `convert`/`synth`.
+
+A dataset file holds the packed tensors
+
+    features.text / features.audio / features.visual   (T, d_m)  float32 (or float16/bfloat16 if saved so)
+    speakers (T,) int64, labels (T,) int64, cu_seqlens (B+1,) int64, splits (B,) int8 (index into SPLITS)
+
+and, in the safetensors header metadata, ``format`` = "cmath-mer.dataset/1" and ``cmath_mer`` = a JSON
+object with class_names, modalities, conversation_ids, num_speakers, speaker_names, splits (the names of
+the split codes) and source (where the data came from).
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .dataset import SPLITS, ConversationDataset, DataError
+from .validate import validate_dataset
+
+FORMAT = "cmath-mer.dataset/1"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtype: str = "float32") -> Path:
+    """Write `dataset` to a .safetensors file (atomically: a temporary file renamed into place).
+
+    feature_dtype: 'float32' (default), 'float16' or 'bfloat16' for the features (loaded back as float32).
+    """
+    if feature_dtype not in _DTYPES:
+        raise ValueError(f"feature_dtype={feature_dtype!r}: choose one of {', '.join(_DTYPES)}")
+    path = Path(path)
+    tensors = {f"features.{m}": x.to(_DTYPES[feature_dtype]).contiguous() for m, x in dataset.features.items()}
+    tensors["speakers"] = dataset.speakers.to(torch.int64).contiguous()
+    tensors["labels"] = dataset.labels.to(torch.int64).contiguous()
+    tensors["cu_seqlens"] = dataset.cu_seqlens.to(torch.int64).contiguous()
+    tensors["splits"] = torch.tensor([SPLITS.index(s) for s in dataset.splits], dtype=torch.int8)
+    meta = {
+        "class_names": list(dataset.class_names),
+        "modalities": list(dataset.modalities),
+        "conversation_ids": list(dataset.conversation_ids),
+        "num_speakers": int(dataset.num_speakers),
+        "speaker_names": list(dataset.speaker_names) if dataset.speaker_names is not None else None,
+        "splits": list(SPLITS),
+        "source": dataset.source,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = None,
+                     validate: bool = True) -> ConversationDataset:
+    """Read a dataset written by save_dataset. modalities: load only these. validate: run
+    validate_dataset (including the finiteness of every feature; one pass over the data)."""
+    path = Path(path)
+    src = str(path)
+    try:
+        f = safe_open(str(path), framework="pt")
+    except FileNotFoundError:
+        raise DataError(f"{src}: no such file") from None
+    except Exception as err:
+        raise DataError(f"{src}: not a readable safetensors file ({err})") from err
+    with f:
+        header = f.metadata() or {}
+        if header.get("format") != FORMAT or "cmath_mer" not in header:
+            raise DataError(f"{src}: field 'metadata': a safetensors file but not a cmath-mer dataset "
+                            f"(format {header.get('format')!r}, expected {FORMAT!r}); a model checkpoint?")
+        try:
+            meta = json.loads(header["cmath_mer"])
+        except json.JSONDecodeError as err:
+            raise DataError(f"{src}: field 'metadata': unreadable JSON ({err})") from None
+        for key in ("class_names", "modalities", "conversation_ids", "num_speakers", "splits"):
+            if key not in meta:
+                raise DataError(f"{src}: field 'metadata.{key}' is missing")
+        names = set(f.keys())
+        mods = list(meta["modalities"])
+        if modalities is not None:
+            bad = [m for m in modalities if m not in mods]
+            if bad:
+                raise DataError(f"{src}: field 'features.{bad[0]}': modality asked for, but the file has only "
+                                f"{', '.join(mods)}")
+            mods = [m for m in mods if m in modalities]
+        for key in ["speakers", "labels", "cu_seqlens", "splits", *(f"features.{m}" for m in mods)]:
+            if key not in names:
+                raise DataError(f"{src}: field {key!r}: tensor missing from the file")
+        features = {}
+        for m in mods:
+            x = f.get_tensor(f"features.{m}")
+            features[m] = x if x.dtype == torch.float32 else x.float()
+        codes = f.get_tensor("splits").tolist()
+        legend = list(meta["splits"])
+        ids = [str(c) for c in meta["conversation_ids"]]
+        if len(codes) != len(ids):
+            raise DataError(f"{src}: field 'splits': {len(codes)} split codes for {len(ids)} conversations")
+        splits = []
+        for cid, c in zip(ids, codes):
+            if not 0 <= c < len(legend):
+                raise DataError(f"{src}: conversation {cid!r}: field 'splits': unknown split code {c}")
+            splits.append(legend[c])
+        ds = ConversationDataset(
+            features=features, speakers=f.get_tensor("speakers"), labels=f.get_tensor("labels"),
+            cu_seqlens=f.get_tensor("cu_seqlens"), splits=splits, conversation_ids=ids,
+            class_names=tuple(meta["class_names"]), num_speakers=int(meta["num_speakers"]), source=src,
+            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None)
+    return validate_dataset(ds, check_finite=True) if validate else ds
+
+
+def file_format(path: str | Path) -> str:
+    """'safetensors', 'pickle' or 'unknown', from the file's first bytes (then its suffix)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if head[:1] == b"\x80" or path.suffix.lower() in (".pkl", ".pickle", ".p", ".pk"):
+        return "pickle"
+    if head[:1] in (b"(", b"]", b"}", b"c") and path.suffix.lower() not in (".safetensors",):
+        return "pickle"                                              # protocol 0/1 pickles
+    return "unknown"
+
+
+def load_dataset(path: str | Path, **options) -> ConversationDataset:
+    """Load a dataset from a .safetensors file (save_dataset) or a peer pickle (any layout of
+    pickles.LAYOUTS), told apart by content, then suffix. `path` may also be 'synthetic' or
+    'synthetic:<preset>' (when no such file exists) for the embedded synthetic corpus.
+
+    Options for safetensors: modalities, validate. Options for pickles: text_field, class_names, modalities,
+    unassigned, extra (see load_peer_pickle). Options for synthetic: those of make_synthetic.
+    """
+    p = Path(path)
+    if not p.exists():
+        if str(path) == "synthetic" or str(path).startswith("synthetic:"):
+            from .synthetic import make_synthetic
+            name = str(path).partition(":")[2] or "iemocap"
+            return make_synthetic(preset=name, **options)
+        raise DataError(f"{path}: no such file")
+    if p.is_dir():
+        raise DataError(f"{path}: is a folder, expected a .safetensors or .pkl file")
+    kind = file_format(p)
+    if kind == "safetensors":
+        return load_safetensors(p, **options)
+    if kind == "pickle":
+        from .pickles import load_peer_pickle
+        return load_peer_pickle(p, **options)
+    raise DataError(f"{path}: unrecognised data file: neither safetensors nor a pickle (by content and suffix)")
+
+
+def convert(in_path: str | Path, out_path: str | Path, **options) -> ConversationDataset:
+    """`cmath-mer convert IN OUT`: read a peer pickle (or a dataset file) and write it as safetensors.
+
+    Options (all optional):
+      text_field: 0..3 or a field name: which text feature of a 12/13/14-tuple becomes 'text' (default 0,
+          the first: text / text0).
+      class_names: tuple of class names (default: inferred, IEMOCAP or MELD preset names).
+      modalities: subset of ('text', 'audio', 'visual') to keep (default all in the file).
+      unassigned: 'valid' (default) | 'train' | 'error': conversations named by no split list.
+      extra: 'auto' (default) | 'valid' | 'ignore': the layouts' last element as validation split.
+      feature_dtype: 'float32' (default) | 'float16' | 'bfloat16' in the written file.
+    Returns the dataset that was written. Raises DataError on bad input (nothing is written then).
+    """
+    feature_dtype = options.pop("feature_dtype", "float32")
+    dataset = load_dataset(in_path, **options)
+    save_dataset(dataset, out_path, feature_dtype=feature_dtype)
+    return dataset
+
+
+def synth(out_path: str | Path, **options) -> ConversationDataset:
+    """`cmath-mer synth OUT`: write a synthetic corpus (see synthetic.make_synthetic for the model).
+
+    The format follows the suffix of out_path: .safetensors (default for any other suffix) or .pkl (a peer
+    pickle; option layout: '9', '10', '12' (default), '13', '14', '9-novisual'; speaker_style as in
+    write_peer_pickle).
+    Options of make_synthetic (all optional): preset ('iemocap' default | 'meld' | None), conversations,
+    min_length, max_length, lengths, input_dims, modalities, num_classes, class_names, num_speakers,
+    class_prior, signal (modality -> strength; defaults text 2.0, audio 1.25, visual 0.75), inertia (0.8),
+    context_only (0.15), missing_signal (0.1), speaker_shift (0.5), turn_switch (0.7), split_fractions
+    ((0.7, 0.1, 0.2)), seed (0), world_seed (0), threads.
+    Also feature_dtype for .safetensors output. Returns the dataset that was written.
+    """
+    from .synthetic import make_synthetic
+    layout = options.pop("layout", "12")
+    speaker_style = options.pop("speaker_style", "auto")
+    feature_dtype = options.pop("feature_dtype", "float32")
+    dataset = make_synthetic(**options)
+    out = Path(out_path)
+    if out.suffix.lower() in (".pkl", ".pickle"):
+        from .pickles import write_peer_pickle
+        write_peer_pickle(dataset, out, layout, speaker_style=speaker_style)
+    else:
+        save_dataset(dataset, out, feature_dtype=feature_dtype)
+    return dataset
