@@ -4,7 +4,7 @@
 
 Each fused module (attention, reconstruction, variational) exposes `aot_specs()`: a list of dicts
     {"name": str, "fn": JITFunction, "signature": {arg: type}, "constexprs": {arg: value},
-     "num_warps": int, "num_stages": int}
+     "num_warps": int, "num_stages": int}      (optional: "maxnreg": int, "attrs": {arg: [[attr, value]]})
 one per (kernel, config) its launchers can run. Every spec is compiled with
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))` for sm_90 and sm_80 (ptxas ships in
 the triton wheel), and one row per kernel/config/arch reports registers, spills, shared memory and whether
@@ -37,16 +37,17 @@ _SPECS: list[dict] | None = None
 
 
 def _refuse_if_interpreted() -> None:
-    """Kernel modules imported earlier under TRITON_INTERPRET=1 hold interpreter-wrapped functions."""
-    already = [m for m in FUSED_MODULES if m in sys.modules]
-    import triton
-    if "triton" in sys.modules and getattr(triton.knobs.runtime, "interpret", False):
-        already.append("triton (interpret mode)")
-    for name in already:
+    """Kernel modules imported earlier in this process under TRITON_INTERPRET=1 hold interpreter functions
+    that cannot be compiled."""
+    from triton.runtime.interpreter import InterpretedFunction
+    for name in FUSED_MODULES:
         mod = sys.modules.get(name)
-        if name.startswith("triton") or getattr(mod, "INTERPRET", False):
-            sys.exit(f"aot: {name} was imported with TRITON_INTERPRET=1; run `python -m cmath_mer.kernels.aot` "
-                     "in a fresh process without TRITON_INTERPRET")
+        for value in vars(mod).values() if mod is not None else ():
+            while hasattr(value, "fn") and not isinstance(value, InterpretedFunction):
+                value = value.fn
+            if isinstance(value, InterpretedFunction):
+                sys.exit(f"aot: {name} was imported with TRITON_INTERPRET=1; run `python -m cmath_mer.kernels.aot` "
+                         "in a fresh process without TRITON_INTERPRET")
 
 
 def collect_specs(modules=FUSED_MODULES) -> list[dict]:
@@ -107,8 +108,10 @@ def compile_one(index: int, arch: int) -> dict:
             knobs.compilation.always_compile = True        # ptxas must run (and log) even on a cache hit
             knobs.nvidia.dump_ptxas_log = True
             with contextlib.redirect_stdout(log):
-                kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                                        options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+                options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+                if spec.get("maxnreg"):
+                    options["maxnreg"] = spec["maxnreg"]
+                kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         text = log.getvalue()
         regs, spill = _REGS.search(text), _SPILL.search(text)
         if regs is None or spill is None:
@@ -170,18 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(i, a) for i in chosen for a in archs]
     t0 = time.time()
     print(f"{'kernel[config]':<64} arch   cfg  {'regs':>5} {'spills':>6} {'smem':>7} {'wgmma':>5}  status")
-    if args.jobs > 1:
-        # fork: the workers inherit the collected specs (JIT functions do not pickle); pass indices
-        import multiprocessing as mp
-        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")) as pool:
-            rows = list(pool.map(compile_one, *zip(*jobs)))
-    else:
-        rows = [compile_one(i, a) for i, a in jobs]
     failed = 0
-    for row in rows:
-        print(format_row(row))
-        failed += bool(problems(row))
-    print(f"# {len(rows)} compiles ({len(chosen)} specs x {len(archs)} archs) in {time.time() - t0:.0f}s: "
+    with contextlib.ExitStack() as stack:
+        if args.jobs > 1:
+            # fork: the workers inherit the collected specs (JIT functions do not pickle); pass indices
+            import multiprocessing as mp
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")))
+            rows = pool.map(compile_one, *zip(*jobs))
+        else:
+            rows = (compile_one(i, a) for i, a in jobs)
+        for row in rows:                                   # in order, as they complete
+            print(format_row(row), flush=True)
+            failed += bool(problems(row))
+    print(f"# {len(jobs)} compiles ({len(chosen)} specs x {len(archs)} archs) in {time.time() - t0:.0f}s: "
           f"{failed} failing")
     return 1 if failed else 0
 

@@ -61,16 +61,33 @@ def block_sizes(head_dim: int) -> dict[str, tuple[int, int]]:
 
 
 def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
-    # autotune with several configs fails under the interpreter ("0 active drivers"): one config there
+    # autotune with several configs fails under the interpreter ("0 active drivers"): one config there.
+    # maxnreg=255: left alone, ptxas sometimes caps these kernels at 80 or 128 registers and spills
+    # (seen in the sm_80 AOT report); the cap lets it use the register file, one or two CTAs per SM.
     if INTERPRET:
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in gpu_configs]
+    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=255) for w, s in gpu_configs]
 
 
 FWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
 BWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2)])
 PRE_CONFIGS = _configs([(4, 1)])
 AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC"]
+
+
+def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop the configs whose registers cannot hold the tiles (they spill on sm_80, python -m
+    cmath_mer.kernels.aot): 4 warps only while a (BM, BD) fp32 accumulator tile is at most 128 x 32 per
+    warp-group... in practice BM * BD < 128 * 64."""
+    args = {**named_args, **kwargs}
+    tile = args["BM"] * args["BD"] if "BM" in args else 0
+    fp32_in = str(args["q"].dtype if hasattr(args.get("q"), "dtype") else args.get("q")).endswith("float32")
+    limit = 128 * 32 if fp32_in else 128 * 64
+    kept = [c for c in configs if c.num_warps >= 8 or tile < limit]
+    return kept or configs
+
+
+_PRUNE = {"early_config_prune": prune_configs}
 
 _HEURISTICS = {
     "HAS_WINDOW": lambda a: a["W"] >= 0,
@@ -104,7 +121,7 @@ def _block_dim(head_dim: int) -> int:
 # ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first row) plus a
 # loop-invariant int32 offset tile r * H * D + d, which keeps the 2-D pointer tensors out of 64-bit registers.
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -181,7 +198,7 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -238,7 +255,7 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -409,7 +426,7 @@ def aot_specs() -> list[dict]:
                               "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "R": "i32",
                                             "D": "constexpr", "BD": "constexpr", "BR": "constexpr"},
                               "constexprs": {"D": D, "BD": BD, "BR": 64},
-                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg})
             for has_window in (False, True):
                 common = {"cu_seqlens": "*i32", "block_indices": "*i32", "scale": "fp32", "T": "i32",
                           "S": "i32", "W": "i32", "H": "i32", "D": "constexpr", "BD": "constexpr",
@@ -433,7 +450,8 @@ def aot_specs() -> list[dict]:
                             "signature": {**ptrs, **common},
                             "constexprs": {"D": D, "BD": BD, "BM": BM, "BN": BN,
                                            "HAS_WINDOW": has_window, "ACC": tl.float32},
-                            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                            "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                            "maxnreg": cfg.maxnreg})
     return specs
 
 
