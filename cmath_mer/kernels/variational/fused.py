@@ -1,0 +1,262 @@
+"""Fused variational fusion in Triton (KERNELS.md section 3): product of Gaussian experts with a N(0, I)
+prior expert, the reparameterised sample, KL to the prior and the latent distillation KL, in one kernel
+forward and one kernel backward.
+
+Per element (t, j) of the (T, Z) latent, n = t * Z + j, with the C experts read in place from (C, T, Z):
+    p_c = exp(-logvar_c),  P = 1 + sum_c p_c,  logvar_f = -log P,  var_f = 1 / P,  mu_f = sum_c mu_c p_c / P
+    z = mu_f + sqrt(var_f) * eps,  eps = tl.randn(seed, n)   (regenerated in the backward, never stored)
+    kl_prior       = (1/T) sum 0.5 * (-logvar_f + var_f + mu_f^2 - 1)
+    kl_consistency = (1/T) sum_c 0.5 * (logvar_c - logvar_f + (var_f + (mu_f - mu_c)^2) p_c - 1)
+Backward, with G_mu / G_lv the total gradient reaching mu_f / logvar_f (from z, mu_f, logvar_f, kl_prior
+and, unless detach_teacher, kl_consistency), d = mu_f - mu_c, w_c = p_c / P, g_kc = grad_kl_consistency / T:
+    dmu_c     = G_mu w_c - g_kc d p_c
+    dlogvar_c = w_c (G_mu d + G_lv) + 0.5 g_kc (1 - (var_f + d^2) p_c)
+The C experts are one (C_PAD, BLOCK) register tile (C_PAD = next power of two >= C, masked rows never
+touch memory). The scalar KLs are per-program fp32 partials summed on the host (deterministic).
+
+Byte floor, e = element bytes, N = T * Z: forward reads mu and logvar (2 C N e) and writes z, mu_f, logvar_f
+(3 N e); backward reads mu, logvar (2 C N e) and the incoming gradients of z, mu_f, logvar_f (up to 3 N e,
+skipped when None) and writes dmu, dlogvar (2 C N e). Each kernel is one pass that moves exactly that
+(plus one fp32 partial per program), so it can reach the bandwidth roofline; Philox costs ~40 integer ops
+per element, below the ridge of an H100 for C >= 1.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+# (BLOCK, num_warps); one config under the interpreter.
+_CONFIGS = [(1024, 4), (2048, 8)]
+_INTERPRET_CONFIG = (1024, 4)
+_MIN_BLOCK = min(c[0] for c in _CONFIGS + [_INTERPRET_CONFIG])
+_MAX_C = 3
+
+
+@triton.jit(do_not_specialize=["N", "seed"])
+def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N, seed,
+                   C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+                   ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)      # n = t * Z + j, int64 for large T * Z
+    ok = offs < N
+    cs = tl.arange(0, C_PAD)
+    ok2 = (cs[:, None] < C) & ok[None, :]
+    idx = cs[:, None].to(tl.int64) * N + offs[None, :]
+    a = tl.load(MU + idx, mask=ok2, other=0.0).to(ACC)
+    lv = tl.load(LV + idx, mask=ok2, other=0.0).to(ACC)
+    p = tl.where(ok2, tl.exp(-lv), 0.0)
+    prec = 1.0 + tl.sum(p, axis=0)
+    var_f = 1.0 / prec
+    mu_f = tl.sum(a * p, axis=0) * var_f
+    lv_f = -tl.log(prec)
+    if SAMPLE:
+        eps = tl.randn(seed, offs).to(ACC)
+        z = mu_f + tl.sqrt(var_f) * eps
+    else:
+        z = mu_f
+    tl.store(ZO + offs, z.to(ZO.dtype.element_ty), mask=ok)
+    tl.store(MUF + offs, mu_f.to(MUF.dtype.element_ty), mask=ok)
+    tl.store(LVF + offs, lv_f.to(LVF.dtype.element_ty), mask=ok)
+    kl_p = tl.where(ok, 0.5 * (var_f + mu_f * mu_f - lv_f - 1.0), 0.0)
+    d = mu_f[None, :] - a
+    kl_c = tl.where(ok2, 0.5 * (lv - lv_f[None, :] + (var_f[None, :] + d * d) * p - 1.0), 0.0)
+    tl.store(KLP + pid, tl.sum(kl_p, axis=0))
+    tl.store(KLC + pid, tl.sum(tl.sum(kl_c, axis=1), axis=0))
+
+
+@triton.jit(do_not_specialize=["N", "seed", "T", "has_gz", "has_gmu", "has_glv"])
+def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N, seed, T, has_gz, has_gmu, has_glv,
+                   C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr,
+                   BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    cs = tl.arange(0, C_PAD)
+    ok2 = (cs[:, None] < C) & ok[None, :]
+    idx = cs[:, None].to(tl.int64) * N + offs[None, :]
+    a = tl.load(MU + idx, mask=ok2, other=0.0).to(ACC)
+    lv = tl.load(LV + idx, mask=ok2, other=0.0).to(ACC)
+    p = tl.where(ok2, tl.exp(-lv), 0.0)
+    prec = 1.0 + tl.sum(p, axis=0)
+    var_f = 1.0 / prec
+    mu_f = tl.sum(a * p, axis=0) * var_f
+    # Gradients of absent outputs are not read: a masked-off load moves no bytes.
+    zero = offs * 0                                            # (a block-shaped flag keeps the interpreter happy)
+    gz = tl.load(GZ + offs, mask=ok & ((zero + has_gz) != 0), other=0.0).to(ACC)
+    g_mu = tl.load(GMU + offs, mask=ok & ((zero + has_gmu) != 0), other=0.0).to(ACC) + gz
+    g_lv = tl.load(GLV + offs, mask=ok & ((zero + has_glv) != 0), other=0.0).to(ACC)
+    if SAMPLE:
+        eps = tl.randn(seed, offs).to(ACC)
+        g_lv += 0.5 * gz * tl.sqrt(var_f) * eps
+    g_kp = tl.load(GKP).to(ACC) / T
+    g_kc = tl.load(GKC).to(ACC) / T
+    g_mu += g_kp * mu_f
+    g_lv += 0.5 * g_kp * (var_f - 1.0)
+    d = mu_f[None, :] - a
+    dp = d * p
+    if not DETACH:
+        g_mu += g_kc * tl.sum(dp, axis=0)
+        g_lv += 0.5 * g_kc * tl.sum(tl.where(ok2, var_f[None, :] * p - 1.0, 0.0), axis=0)
+    w = p * var_f[None, :]
+    d_a = g_mu[None, :] * w - g_kc * dp
+    d_lv = w * (g_mu[None, :] * d + g_lv[None, :]) + 0.5 * g_kc * (1.0 - (var_f[None, :] + d * d) * p)
+    tl.store(DMU + idx, d_a.to(DMU.dtype.element_ty), mask=ok2)
+    tl.store(DLV + idx, d_lv.to(DLV.dtype.element_ty), mask=ok2)
+
+
+def _configs():
+    return [triton.Config({"BLOCK": b}, num_warps=w) for b, w in _CONFIGS]
+
+
+if _INTERPRET:
+    _fwd_launch, _bwd_launch = _vf_fwd_kernel, _vf_bwd_kernel
+else:  # pragma: no cover - GPU only. Keyed on C and dtype (autotuner adds dtypes), not on T.
+    _fwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE"])(_vf_fwd_kernel)
+    _bwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE", "DETACH"])(_vf_bwd_kernel)
+
+
+def _meta() -> dict:
+    if _INTERPRET:
+        b, w = _INTERPRET_CONFIG
+        return {"BLOCK": b, "num_warps": w}
+    return {}
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _grid(N):
+    return lambda META: (triton.cdiv(N, META["BLOCK"]),)  # noqa: E731
+
+
+def _forward(mu, logvar, seed: int, sample: bool):
+    C, T, Z = mu.shape
+    N = T * Z
+    z = torch.empty((T, Z), device=mu.device, dtype=mu.dtype)
+    mu_f = torch.empty_like(z)
+    lv_f = torch.empty_like(z)
+    part_t = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    n_part = max(1, triton.cdiv(N, _MIN_BLOCK))
+    klp = torch.zeros(n_part, device=mu.device, dtype=part_t)   # zeros: larger configs write fewer partials
+    klc = torch.zeros(n_part, device=mu.device, dtype=part_t)
+    if N > 0:
+        _fwd_launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, C=C, C_PAD=triton.next_power_of_2(C),
+                              SAMPLE=sample, ACC=_acc(mu.dtype), **_meta())
+    return z, mu_f, lv_f, (klp.sum() / T).to(mu.dtype), (klc.sum() / T).to(mu.dtype)
+
+
+class FusedVariationalFusion(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, sample, detach_teacher):
+        outs = _forward(mu, logvar, seed, sample)
+        ctx.save_for_backward(mu, logvar)
+        ctx.seed, ctx.sample, ctx.detach = seed, sample, detach_teacher
+        ctx.set_materialize_grads(False)
+        return outs
+
+    @staticmethod
+    def backward(ctx, gz, gmu, glv, gkp, gkc):
+        mu, logvar = ctx.saved_tensors
+        C, T, Z = mu.shape
+        N = T * Z
+        dmu = torch.empty_like(mu)
+        dlv = torch.empty_like(logvar)
+        if N == 0:
+            return dmu, dlv, None, None, None
+
+        def flat(g):  # incoming (T, Z) gradient: contiguous (may arrive stride-0), or a dummy pointer
+            return (g.contiguous(), 1) if g is not None else (mu, 0)
+
+        def scalar(g):
+            return g.reshape(1).to(mu.dtype).contiguous() if g is not None else torch.zeros(1, device=mu.device,
+                                                                                             dtype=mu.dtype)
+        (gz_, hz), (gmu_, hm), (glv_, hl) = flat(gz), flat(gmu), flat(glv)
+        _bwd_launch[_grid(N)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, ctx.seed,
+                              T, hz, hm, hl, C=C, C_PAD=triton.next_power_of_2(C), SAMPLE=ctx.sample,
+                              DETACH=ctx.detach, ACC=_acc(mu.dtype), **_meta())
+        return dmu, dlv, None, None, None
+
+
+def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
+                             detach_teacher: bool = True):
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency); see naive_variational_fusion."""
+    if mu.dim() != 3 or mu.shape != logvar.shape:
+        raise ValueError(f"expected mu and logvar of one shape (C, T, Z), got {tuple(mu.shape)} and "
+                         f"{tuple(logvar.shape)}")
+    if not 1 <= mu.shape[0] <= _MAX_C:
+        raise ValueError(f"C = {mu.shape[0]} experts; the kernel supports 1..{_MAX_C}")
+    if mu.dtype != logvar.dtype:
+        raise TypeError("mu and logvar must share one dtype")
+    if mu.shape[1] == 0:
+        raise ValueError("variational fusion of an empty batch (T = 0): the means over T are undefined")
+    if mu.is_cuda and mu.dtype == torch.float64:  # outside the compiled specs
+        from .naive import naive_variational_fusion
+        return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    seed, sample, detach_teacher = int(seed), bool(sample), bool(detach_teacher)
+    if torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
+        return FusedVariationalFusion.apply(mu, logvar, seed, sample, detach_teacher)
+    return _forward(mu, logvar, seed, sample)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation specs (python -m cmath_mer.kernels.aot)
+
+_TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _unwrap(fn):
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def aot_specs() -> list[dict]:
+    """Every (config x dtype x C x SAMPLE [x DETACH]) the two kernels launch with on a GPU.
+
+    "attrs" carries the pointer divisibility the JIT sees (torch allocations are 16-byte aligned); N is a
+    runtime length (do_not_specialize), so its divisibility is never assumed. Seeds must lie in
+    [0, 2**63) (a larger one would be typed u64).
+    """
+    fwd, bwd = _unwrap(_vf_fwd_kernel), _unwrap(_vf_bwd_kernel)
+    div = lambda fn, names: {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}  # noqa: E731
+    specs = []
+    # N and seed are runtime ints: the JIT types them i32 below 2**31 and i64 above; seeds are taken < 2**63.
+    for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i32", "i64"), ("i32", "i64")):
+        for C in range(1, _MAX_C + 1):
+            cp = triton.next_power_of_2(C)
+            for sample in (True, False):
+                for block, warps in _CONFIGS:
+                    specs.append({
+                        "name": f"vf_fwd_{ty}_n{n_ty}_s{s_ty}_c{C}_{'sample' if sample else 'mean'}_b{block}_w{warps}",
+                        "fn": fwd,
+                        "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "ZO": f"*{ty}", "MUF": f"*{ty}",
+                                      "LVF": f"*{ty}", "KLP": "*fp32", "KLC": "*fp32", "N": n_ty, "seed": s_ty,
+                                      "C": "constexpr", "C_PAD": "constexpr", "SAMPLE": "constexpr",
+                                      "BLOCK": "constexpr", "ACC": "constexpr"},
+                        "constexprs": {"C": C, "C_PAD": cp, "SAMPLE": sample, "BLOCK": block, "ACC": tl.float32},
+                        "attrs": div(fwd, ["MU", "LV", "ZO", "MUF", "LVF", "KLP", "KLC"]),
+                        "num_warps": warps, "num_stages": 1})
+                    for detach in (True, False):
+                        specs.append({
+                            "name": f"vf_bwd_{ty}_n{n_ty}_s{s_ty}_c{C}_{'sample' if sample else 'mean'}_"
+                                    f"{'detach' if detach else 'joint'}_b{block}_w{warps}",
+                            "fn": bwd,
+                            "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "GZ": f"*{ty}", "GMU": f"*{ty}",
+                                          "GLV": f"*{ty}", "GKP": f"*{ty}", "GKC": f"*{ty}", "DMU": f"*{ty}",
+                                          "DLV": f"*{ty}", "N": n_ty, "seed": s_ty, "T": "i32",
+                                          "has_gz": "i32", "has_gmu": "i32", "has_glv": "i32",
+                                          "C": "constexpr", "C_PAD": "constexpr", "SAMPLE": "constexpr",
+                                          "DETACH": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},
+                            "constexprs": {"C": C, "C_PAD": cp, "SAMPLE": sample, "DETACH": detach,
+                                           "BLOCK": block, "ACC": tl.float32},
+                            "attrs": div(bwd, ["MU", "LV", "GZ", "GMU", "GLV", "DMU", "DLV"]),
+                            "num_warps": warps, "num_stages": 1})
+    return specs
