@@ -315,7 +315,7 @@ def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names
             nf = _length(src, layout, field, k, el[field][k])
             if nf != n:
                 raise DataError(f"{src}: conversation {k!r}: {layout.where(field)} has {nf} utterances but "
-                                f"the labels have {n}")
+                                f"field 'labels' has {n}")
         lab_parts.append(_labels(src, layout, k, labels_d[k]))
         spk_parts.append(_speakers(src, layout, k, el["speakers"][k], names))
         for m in mods:
