@@ -1,0 +1,185 @@
+"""The fused variational fusion (KERNELS.md section 3) against the PyTorch reference and float64 under the
+Triton interpreter: all five outputs and the gradients of mu and logvar, C = 1..3, odd Z, sample and
+detach_teacher both ways, NaN-poisoned outputs, gradcheck, Philox parity with tl.randn, dispatch."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import assert_rel_close, needs_triton
+
+pytestmark = needs_triton
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
+
+
+@triton.jit
+def _randn_kernel(OUT, n, seed, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(OUT + offs, tl.randn(seed, offs), mask=offs < n)
+
+NAMES = ("z", "mu_f", "logvar_f", "kl_prior", "kl_consistency")
+TOL_F64 = {torch.float32: 1e-5, torch.float16: 5e-3}
+TOL_REF = {torch.float32: 1e-5, torch.float16: 5e-3}
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Every torch.empty / empty_like the library makes comes back full of NaN: unwritten elements show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
+
+
+def _inputs(C, T, Z, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(C, T, Z, generator=g, dtype=torch.float64)
+    logvar = torch.randn(C, T, Z, generator=g, dtype=torch.float64)   # precisions from ~0.05 to ~20
+    return mu.to(dtype), logvar.to(dtype)
+
+
+def _cotangents(T, Z, seed):
+    g = torch.Generator().manual_seed(seed + 1)
+    return [torch.randn(T, Z, generator=g, dtype=torch.float64) for _ in range(3)] + \
+           [torch.randn((), generator=g, dtype=torch.float64) for _ in range(2)]
+
+
+def _run(fn, mu, logvar, cot, **kw):
+    """Outputs and d(sum_i <out_i, cot_i>)/d(mu, logvar): every output's gradient flows back."""
+    mu, logvar = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+    outs = fn(mu, logvar, **kw)
+    total = sum((o * c.to(o.dtype)).sum() for o, c in zip(outs, cot))
+    grads = torch.autograd.grad(total, (mu, logvar))
+    return [o.detach() for o in outs], grads
+
+
+CASES = [(1, 7, 5), (2, 1, 17), (3, 130, 33), (2, 64, 16), (3, 65, 3)]
+
+
+@pytest.mark.parametrize("detach_teacher", [True, False])
+@pytest.mark.parametrize("sample", [True, False])
+@pytest.mark.parametrize("C,T,Z", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_outputs_and_grads_match_reference_and_float64(dtype, C, T, Z, sample, detach_teacher, nan_poison):
+    from cmath_mer.kernels import naive_variational_fusion
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    seed = C * 10007 + T * 101 + Z
+    mu, logvar = _inputs(C, T, Z, dtype, seed)
+    cot = _cotangents(T, Z, seed)
+    kw = dict(seed=seed, sample=sample, detach_teacher=detach_teacher)
+    outs, grads = _run(fused_variational_fusion, mu, logvar, cot, **kw)
+    t64_outs, t64_grads = _run(naive_variational_fusion, mu.double(), logvar.double(), cot, **kw)
+    ref_outs, ref_grads = _run(naive_variational_fusion, mu, logvar, cot, **kw)
+    for name, out, t64, ref in zip(NAMES + ("dmu", "dlogvar"), outs + list(grads), t64_outs + list(t64_grads),
+                                   ref_outs + list(ref_grads)):
+        assert out.dtype == dtype, name
+        assert_rel_close(f"{name} vs float64", out, t64, TOL_F64[dtype])
+        assert_rel_close(f"{name} vs reference", out, ref, TOL_REF[dtype])
+
+
+def test_detach_teacher_changes_only_the_consistency_gradient(nan_poison):
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu, logvar = _inputs(3, 40, 9, torch.float32, seed=4)
+    only_kc = [torch.zeros(40, 9, dtype=torch.float64)] * 3 + [torch.tensor(0.0, dtype=torch.float64),
+                                                                 torch.tensor(1.0, dtype=torch.float64)]
+    rest = _cotangents(40, 9, seed=4)[:4] + [torch.tensor(0.0, dtype=torch.float64)]
+    for cot, should_differ in ((only_kc, True), (rest, False)):
+        g = [_run(fused_variational_fusion, mu, logvar, cot, seed=1, sample=True, detach_teacher=d)[1]
+             for d in (True, False)]
+        for a, b in zip(g[0], g[1]):
+            assert torch.isfinite(a).all() and torch.isfinite(b).all()
+            assert (not torch.allclose(a, b, rtol=1e-4, atol=1e-6)) == should_differ
+    # the forward values do not depend on detach_teacher
+    o = [fused_variational_fusion(mu, logvar, seed=1, sample=True, detach_teacher=d) for d in (True, False)]
+    for a, b in zip(*o):
+        assert torch.equal(a, b)
+
+
+def test_unused_outputs_and_stride0_grads(nan_poison):
+    """None gradients (outputs not used) and expanded stride-0 gradients (out.sum().backward())."""
+    from cmath_mer.kernels import naive_variational_fusion
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu, logvar = _inputs(2, 30, 7, torch.float32, seed=8)
+    for pick in ((0,), (1, 4), (2, 3), (0, 1, 2, 3, 4)):
+        grads = []
+        for fn, dt in ((fused_variational_fusion, torch.float32), (naive_variational_fusion, torch.float64)):
+            m, lv = mu.to(dt).clone().requires_grad_(), logvar.to(dt).clone().requires_grad_()
+            outs = fn(m, lv, seed=5, sample=True, detach_teacher=False)
+            sum(outs[i].sum() for i in pick).backward()
+            grads.append((m.grad, lv.grad))
+        for name, a, b in zip(("dmu", "dlogvar"), *grads):
+            assert_rel_close(f"{name} {pick}", a, b, 1e-5)
+
+
+def test_same_seed_same_z_and_different_seed_different_z():
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu, logvar = _inputs(2, 50, 13, torch.float32, seed=9)
+    z1 = fused_variational_fusion(mu, logvar, seed=77, sample=True)[0]
+    z2 = fused_variational_fusion(mu, logvar, seed=77, sample=True)[0]
+    z3 = fused_variational_fusion(mu, logvar, seed=78, sample=True)[0]
+    mean = fused_variational_fusion(mu, logvar, seed=77, sample=False)[0]
+    assert torch.equal(z1, z2)
+    assert not torch.allclose(z1, z3)
+    assert not torch.allclose(z1, mean)
+
+
+def test_gradcheck_float64_triton_and_reference():
+    from cmath_mer.kernels import naive_variational_fusion
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu, logvar = _inputs(2, 3, 3, torch.float64, seed=6)
+    for fn in (fused_variational_fusion, naive_variational_fusion):
+        # with detach_teacher the consistency gradient is deliberately not the derivative of its value, so
+        # gradcheck sees kl_consistency only when the teacher is not detached
+        for sample, detach in ((True, False), (False, False), (True, True)):
+            def f(m, lv):
+                outs = fn(m, lv, seed=3, sample=sample, detach_teacher=detach)
+                return outs[:4] if detach else outs
+            assert torch.autograd.gradcheck(f, (mu.clone().requires_grad_(), logvar.clone().requires_grad_()),
+                                            eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**31 + 5, 2**32 + 7, 2**40 + 3])
+def test_philox_randn_matches_tl_randn(seed):
+    from cmath_mer.kernels.variational.philox import philox_randn
+    n = 1000
+    out = torch.full((n,), float("nan"), dtype=torch.float32)
+    _randn_kernel[(triton.cdiv(n, 256),)](out, n, seed, BLOCK=256)
+    torch.testing.assert_close(philox_randn(seed, n), out, rtol=1e-6, atol=1e-6)
+
+
+def test_public_dispatch_uses_the_kernel(monkeypatch):
+    import cmath_mer.kernels as K
+    import cmath_mer.kernels.variational.fused as fused
+    calls = []
+    real = fused.fused_variational_fusion
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(fused, "fused_variational_fusion", spy)
+    mu, logvar = _inputs(2, 9, 5, torch.float32, seed=2)
+    out = K.variational_fusion(mu, logvar, seed=4, sample=True, backend="triton")
+    assert calls == [1]
+    ref = K.naive_variational_fusion(mu, logvar, seed=4, sample=True)
+    for name, a, b in zip(NAMES, out, ref):
+        assert_rel_close(name, a, b, 1e-5)
+    K.variational_fusion(mu, logvar, seed=4, sample=True, backend="torch")
+    assert calls == [1]
+
+
+def test_bad_inputs_are_rejected():
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu, logvar = _inputs(4, 3, 2, torch.float32, seed=0)
+    with pytest.raises(ValueError):
+        fused_variational_fusion(mu, logvar, seed=0, sample=False)          # C = 4 > 3
+    with pytest.raises(ValueError):
+        fused_variational_fusion(mu[:2], logvar[:3], seed=0, sample=False)  # shape mismatch
