@@ -304,3 +304,28 @@ def test_numpy_scalar_labels_and_float64_arrays(tmp_path):
             obj[3][c] = [np.asarray(v, dtype=np.float64) for v in obj[3][c]]
     path, ds = _tampered(tmp_path, "12", edit)
     _assert_same(load_dataset(path), ds)
+
+
+def test_numpy1_module_names_and_python2_builtins_load(tmp_path):
+    """Pickles written by numpy 1 name numpy.core.multiarray (numpy 2: numpy._core); Python 2 pickles name
+    __builtin__. Both are allowed and resolve."""
+    ds = _data("12", seed=9)
+    path = write_peer_pickle(ds, tmp_path / "np1.pkl", "12", protocol=2)
+    obj = list(pickle.load(open(path, "rb")))
+    obj[10] = set(obj[10])                                     # protocol 2 spells this __builtin__.set
+    raw = pickle.dumps(tuple(obj), protocol=2)
+    assert b"__builtin__" in raw
+    path.write_bytes(raw.replace(b"numpy._core.", b"numpy.core."))
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    _assert_same(load_dataset(path), ds)
+
+
+def test_ignore_index_labels_are_kept_as_unlabelled(tmp_path):
+    def edit(obj, ds):
+        obj[2][ds.conversation_ids[0]][0] = -100
+    path, ds = _tampered(tmp_path, "9", edit)
+    assert int(load_dataset(path).labels[0]) == -100
+    def edit2(obj, ds):
+        obj[2][ds.conversation_ids[0]][0] = -1
+    path, ds = _tampered(tmp_path, "9", edit2)
+    _expect(path, repr(ds.conversation_ids[0]), "'labels'", "label -1")

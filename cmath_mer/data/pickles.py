@@ -247,6 +247,7 @@ def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names
         list) name: 'valid' (default), 'train', or 'error'.
     extra: the layouts' last "one more" element: 'auto' (a validation split when it is a collection of the
         data's conversation ids disjoint from the test ids, else ignored), 'valid' (must be one), 'ignore'.
+    Labels must be class indices; -100 (IGNORE_INDEX) is kept as "unlabelled". Features become float32.
     Raises DataError naming the file, the conversation and the field for every defect; nothing is dropped.
     """
     path = Path(path)
