@@ -76,7 +76,7 @@ def fused(monkeypatch):
 
 def use_blocks(monkeypatch, mod, blocks):
     if blocks != DEFAULT:
-        monkeypatch.setattr(mod, "block_sizes", lambda head_dim: blocks)
+        monkeypatch.setattr(mod, "block_sizes", lambda head_dim, itemsize=2: blocks)
 
 
 # lengths cover 1, odd, block multiples and block + 1 for the blocks of each case

@@ -51,13 +51,21 @@ LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def block_sizes(head_dim: int) -> dict[str, tuple[int, int]]:
-    """(query block, key block) per kernel. Tests monkeypatch this to exercise block boundaries."""
+def block_sizes(head_dim: int, itemsize: int = 2) -> dict[str, tuple[int, int]]:
+    """(query block, key block) per kernel for a head dim and an input element size in bytes. Chosen with
+    the AOT report (python -m cmath_mer.kernels.aot): fp32 inputs hold twice the bytes per tile in registers
+    and shared memory, so their blocks shrink. Tests monkeypatch this to exercise block boundaries."""
     if INTERPRET:  # few, large numpy ops per program: the interpreter's cost is per op, not per element
         return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
-    if head_dim <= 64:
+    if itemsize <= 2:
+        if head_dim <= 64:
+            return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
+        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 64)}
+    if head_dim <= 16:
         return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
-    return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
+    if head_dim <= 32:
+        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 32)}
+    return {"fwd": (64, 32), "dq": (32, 64), "dkv": (32, 32)}
 
 
 def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
@@ -75,19 +83,25 @@ PRE_CONFIGS = _configs([(4, 1)])
 AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC"]
 
 
-def prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop the configs whose registers cannot hold the tiles (they spill on sm_80, python -m
-    cmath_mer.kernels.aot): 4 warps only while a (BM, BD) fp32 accumulator tile is at most 128 x 32 per
-    warp-group... in practice BM * BD < 128 * 64."""
-    args = {**named_args, **kwargs}
-    tile = args["BM"] * args["BD"] if "BM" in args else 0
-    fp32_in = str(args["q"].dtype if hasattr(args.get("q"), "dtype") else args.get("q")).endswith("float32")
-    limit = 128 * 32 if fp32_in else 128 * 64
-    kept = [c for c in configs if c.num_warps >= 8 or tile < limit]
-    return kept or configs
+# 4 warps only while the kernel's resident tiles are small; larger tiles spill on sm_80 with 4 warps
+# (AOT report). Measured in fp16-tile elements: rows x head-dim block x bytes / 2.
+_FOUR_WARP_TILE = {"fwd": 64 * 64, "dq": 32 * 64, "dkv": 64 * 64}
 
 
-_PRUNE = {"early_config_prune": prune_configs}
+def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, itemsize: int) -> bool:
+    rows = BN if kernel == "dkv" else BM
+    return num_warps >= 8 or rows * BD * itemsize // 2 <= _FOUR_WARP_TILE[kernel]
+
+
+def _pruner(kernel: str):
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        args = {**named_args, **kwargs}
+        itemsize = args["q"].element_size()
+        kept = [c for c in configs if config_allowed(kernel, c.num_warps, args["BM"], args["BN"], args["BD"],
+                                                     itemsize)]
+        return kept or configs
+    return {"early_config_prune": prune}
+
 
 _HEURISTICS = {
     "HAS_WINDOW": lambda a: a["W"] >= 0,
@@ -121,7 +135,7 @@ def _block_dim(head_dim: int) -> int:
 # ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first row) plus a
 # loop-invariant int32 offset tile r * H * D + d, which keeps the 2-D pointer tensors out of 64-bit registers.
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -198,7 +212,7 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -255,7 +269,7 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -335,7 +349,7 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     """-> (o, lse); lse (T, H) in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
     T, H, D = q.shape
     S = k.shape[0]
-    BM, BN = block_sizes(D)["fwd"]
+    BM, BN = block_sizes(D, q.element_size())["fwd"]
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
@@ -350,7 +364,7 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     T, H, D = q.shape
     S = k.shape[0]
     BD = _block_dim(D)
-    blocks = block_sizes(D)
+    blocks = block_sizes(D, q.element_size())
     delta = torch.empty((T, H), dtype=lse.dtype, device=q.device)
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((S, T, H, D), dtype=k.dtype, device=q.device)
@@ -363,8 +377,9 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     if table.shape[0] > 0:
         _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
                                                  T, S, window, H=H, D=D, BD=BD, BM=BM, BN=BN)
-    BM, BN = blocks["dkv"]
-    table = prepare_block_indices(cu_seqlens, BN)
+    dq_block, (BM, BN) = BM, blocks["dkv"]
+    if BN != dq_block:                                           # same block size: reuse the table
+        table = prepare_block_indices(cu_seqlens, BN)
     if table.shape[0] > 0:
         _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
                                                      scale, T, S, window, H=H, D=D, BD=BD, BM=BM, BN=BN)
@@ -411,18 +426,16 @@ def _unwrap(fn):
 
 
 def aot_specs() -> list[dict]:
-    """Every (kernel, config) the launchers above can run on a GPU: each autotune config, each dtype
-    fp16/bf16/fp32, each head dim 16..128, window on/off."""
-    tl_dtype = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+    """Every (kernel, config) the launchers above can run on a GPU: each autotune config that survives the
+    pruning, each dtype fp16/bf16/fp32, each head dim 16..128, window on/off."""
+    tl_dtype = {"fp16": ("*fp16", 2), "bf16": ("*bf16", 2), "fp32": ("*fp32", 4)}
     specs = []
-    for dname, ptr in tl_dtype.items():
+    for dname, (ptr, itemsize) in tl_dtype.items():
         for D in HEAD_DIMS:
             BD = _block_dim(D)
-            blocks = block_sizes(D)
-            # preprocess: no window flag
-            pre = _unwrap(_attn_bwd_preprocess)
+            blocks = block_sizes(D, itemsize)
             for cfg in _attn_bwd_preprocess.configs:
-                specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": pre,
+                specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": _unwrap(_attn_bwd_preprocess),
                               "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "R": "i32",
                                             "D": "constexpr", "BD": "constexpr", "BR": "constexpr"},
                               "constexprs": {"D": D, "BD": BD, "BR": 64},
@@ -443,6 +456,8 @@ def aot_specs() -> list[dict]:
                 for name, kernel, which, ptrs in kernels:
                     BM, BN = blocks[which]
                     for cfg in kernel.fn.configs:                 # heuristics -> autotuner -> jit
+                        if not config_allowed(which, cfg.num_warps, BM, BN, BD, itemsize):
+                            continue
                         specs.append({
                             "name": f"{name}[{dname},D={D},window={'on' if has_window else 'off'},"
                                     f"BM={BM},BN={BN}]",
