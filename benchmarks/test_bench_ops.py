@@ -1,0 +1,77 @@
+"""Smoke benchmarks of the three ops over tiny shapes: every backend of the registry builds, runs and
+gives finite results. Timings are recorded by pytest-benchmark, never asserted."""
+import math
+
+import pytest
+import torch
+
+from cmath_mer import benchmark as B
+
+def _params(backend, batch, S):
+    slow = [pytest.mark.slow] if backend == "torch_compile" else []   # compiling costs tens of seconds
+    return pytest.param(backend, batch, S, marks=slow)
+
+
+ATTENTION = [_params(backend, batch, S) for backend in B.ATTN_BACKENDS for batch in ("equal", "ragged")
+             for S in (1, 2)]
+OPS = [pytest.param(b, marks=[pytest.mark.slow] if b == "torch_compile" else []) for b in B.OP_BACKENDS]
+
+
+def _case(device, op, backend, N, **kw):
+    return dict(B._case(op, backend, N, device=device, **kw), min_utterances=64)
+
+
+def _skip_unavailable(case):
+    try:
+        return B.build_case(case)
+    except B.Unavailable as err:
+        pytest.skip(str(err))
+
+
+def _finite(x):
+    return bool(torch.isfinite(x.detach().float()).all())
+
+
+@pytest.mark.parametrize("backend,batch,S", ATTENTION)
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_attention_case_runs_and_is_finite(bench_call, device, backend, batch, S, mode):
+    if backend == "torch_compile" and (batch != "equal" or S != 1 or mode != "fwdbwd"):
+        pytest.skip("torch.compile: one smoke shape is enough (compiling costs seconds)")
+    case = _case(device, "attention", backend, 16, batch=batch, S=S, mode=mode)
+    call, info = _skip_unavailable(case)
+    out = bench_call(call)
+    assert _finite(out)
+    assert info["utterances"] >= 16 and info["pairs"] > 0 and info["flops"] > 0
+
+
+@pytest.mark.parametrize("op", ["reconstruction", "variational"])
+@pytest.mark.parametrize("backend", OPS)
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_op_case_runs_and_is_finite(bench_call, device, op, backend, mode):
+    if backend == "torch_compile" and mode == "fwd":
+        pytest.skip("torch.compile: one smoke shape per op is enough")
+    call, info = _skip_unavailable(_case(device, op, backend, 64, batch="one", mode=mode))
+    out = bench_call(call)
+    assert _finite(out)
+    assert info["bytes"] > 0
+
+
+def test_measure_gives_finite_quantiles_and_memory(device):
+    call, _ = B.build_case(_case(device, "reconstruction", "torch", 64, batch="one"))
+    res = B.measure(call, device, reps=3, budget_s=1.0)
+    assert 0 < res["p20_s"] <= res["median_s"] <= res["p80_s"] and math.isfinite(res["median_s"])
+    assert res["peak_mem_bytes"] >= 0
+
+
+def test_registry_lists_every_op_and_lengths_are_deterministic():
+    for quick in (True, False):
+        cases = B.sweep(quick, "cpu")
+        assert {c["op"] for c in cases} == {"attention", "reconstruction", "variational", "train_step", "inference"}
+        assert not any(c["backend"] == "triton" for c in cases)          # triton only on CUDA
+    quick = B.sweep(True, "cpu")
+    trains = {(c["batch"], c["N"]) for c in quick if c["op"] == "train_step"}
+    assert {("mix16x100", 100), ("one", 2048), ("one", 4096), ("one", 8192), ("one", 10000)} <= trains
+    assert B.conversation_lengths("ragged", 512) == B.conversation_lengths("ragged", 512)
+    lengths = B.conversation_lengths("ragged", 512)
+    assert max(lengths) == 512 and min(lengths) >= 64 and sum(lengths) >= 2048
+    assert any(c["backend"] == "triton" for c in B.sweep(True, "cuda"))
