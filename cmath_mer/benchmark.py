@@ -26,8 +26,9 @@ What is measured (shared/design/KERNELS.md, "Speed targets"):
   each call after warm-up (`triton.testing.do_bench` for calls under 100 ms).
 * peak memory: CUDA: torch.cuda.max_memory_allocated after reset, minus what was allocated before the call.
   CPU: the case runs alone in a fresh process; peak = ru_maxrss after the calls minus the resident set
-  size measured after setup (inputs, model and optimizer state allocated; the training case takes one
-  tiny step first so AdamW's state exists). It counts everything the call touches (tensors, kernel
+  size measured after setup (a tiny version of the case has run, so code pages and lazy start-up are
+  resident; inputs, model and optimizer state allocated; the training case takes one tiny step first so
+  AdamW's state exists). It counts everything the call touches (tensors, kernel
   workspaces, allocator slack), like the memory a user would see. If setup itself peaked higher than
   the call, the number is an upper bound and the row says so.
 * work: FLOP and byte counts from the real (unpadded, in-conversation) pairs only, so padding shows up as
@@ -461,7 +462,7 @@ def measure(call, device: str, *, reps: int = 10, budget_s: float = 10.0, long_c
     return res
 
 
-def run_case(case: dict, *, quick: bool = True) -> dict:
+def run_case(case: dict, *, quick: bool = True, warm_tiny: bool = True) -> dict:
     """Build and measure one case in this process. Returns the row (case fields + results)."""
     row = dict(case)
     dev = case["device"]
@@ -469,6 +470,15 @@ def run_case(case: dict, *, quick: bool = True) -> dict:
         torch.set_num_threads(cpu_threads())
     row["threads"] = torch.get_num_threads()
     try:
+        if dev == "cpu" and warm_tiny:
+            # Run a tiny version of the case first: libtorch's code pages, oneDNN/OpenMP start-up and lazy
+            # module state then sit in the RSS *before* the baseline is taken, so the peak counts the
+            # call's data, not the ~300 MiB of code a first call pages in.
+            tiny_call, _ = build_case(dict(case, N=min(case["N"], 16), min_utterances=32,
+                                           backend="torch" if case["backend"] == "torch_compile"
+                                           else case["backend"]))
+            tiny_call()
+            del tiny_call
         call, info = build_case(case)
     except Unavailable as err:
         row.update(status="unavailable", reason=str(err))
