@@ -25,8 +25,8 @@ What is measured (shared/design/KERNELS.md, "Speed targets"):
   longer than `long_call_s` is timed by that one call, which is then flagged). CUDA: CUDA events around
   each call after warm-up (`triton.testing.do_bench` for calls under 100 ms).
 * peak memory: CUDA: torch.cuda.max_memory_allocated after reset, minus what was allocated before the call.
-  CPU: the case runs alone in a fresh process; peak = ru_maxrss after the calls minus the resident set
-  size measured after setup (a tiny version of the case has run, so code pages and lazy start-up are
+  CPU: the case runs alone in a fresh process; its peak RSS (VmHWM) is reset through /proc/self/clear_refs
+  after setup, and peak = VmHWM after the calls minus the resident set size measured after setup (a tiny version of the case has run, so code pages and lazy start-up are
   resident; inputs, model and optimizer state allocated; the training case takes one tiny step first so
   AdamW's state exists). It counts everything the call touches (tensors, kernel
   workspaces, allocator slack), like the memory a user would see. If setup itself peaked higher than
@@ -387,6 +387,32 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0). ru_maxrss cannot be
+    reset and, after fork + exec, starts at the *parent's* peak, so it is only the fallback."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vm_hwm() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_bytes(hwm: bool) -> int:
+    return (_vm_hwm() or 0) if hwm else _maxrss_bytes()
+
+
 def _maxrss_bytes() -> int:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
@@ -437,7 +463,8 @@ def measure(call, device: str, *, reps: int = 10, budget_s: float = 10.0, long_c
 
     gc.collect()
     base = _rss_bytes()
-    before = _maxrss_bytes()
+    hwm = _reset_peak_rss()                                  # VmHWM := current RSS, when the kernel allows
+    before = _peak_rss_bytes(hwm)
     t0 = time.perf_counter()
     call()
     first = time.perf_counter() - t0
@@ -452,10 +479,11 @@ def measure(call, device: str, *, reps: int = 10, budget_s: float = 10.0, long_c
             t0 = time.perf_counter()
             call()
             times.append(time.perf_counter() - t0)
-    after = _maxrss_bytes()
+    after = _peak_rss_bytes(hwm)
     res.update(_quantiles(times), reps=len(times), timer="wall clock (perf_counter), warm-up call first")
     res["peak_mem_bytes"] = max(0, after - base)
-    res["mem_method"] = "ru_maxrss after the calls - RSS after setup (fresh process)"
+    res["mem_method"] = ("peak RSS (VmHWM, reset after setup via /proc/self/clear_refs) - RSS after setup"
+                         if hwm else "ru_maxrss after the calls - RSS after setup (fresh process)")
     if after <= before:
         res["mem_upper_bound"] = True                        # setup peaked higher than the call did
     res["rss_after_setup_bytes"] = base
