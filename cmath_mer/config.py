@@ -38,6 +38,8 @@ class CMATHConfig:
     g_kd: float = 0.5                   # weight of the hierarchical distillation (logit + latent)
     l_rec: float = 0.1                  # weight of the reconstruction loss
     beta: float = 0.01                  # weight of KL to the prior
+    latent_kl_per_dim: bool = True      # divide the latent KL terms (KD_latent, KL_prior) by d_z, so their
+                                        # scale does not grow with the latent width and swamp the CE (ours)
     detach_teacher: bool = True         # coarse teacher is a constant in the distillation terms
     class_weights: bool = True          # inverse training frequency weights in the cross-entropies
     # --- implementation ---

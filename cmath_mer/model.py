@@ -101,13 +101,14 @@ class CMATH(nn.Module):
         weight = self.class_weight if cfg.class_weights else None                      # step 7
         kd_logit, kd_latent = hierarchical_distillation(coarse, list(fine_logits.values()), kd_latent,
                                                         cfg.tau, cfg.detach_teacher)   # step 6
+        per_dim = 1.0 / cfg.latent if cfg.latent_kl_per_dim else 1.0
         out.losses = {
             "ce": weighted_cross_entropy(coarse, batch.labels, weight),
             "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight) for f in fine_logits.values()),
             "kd_logit": kd_logit,
-            "kd_latent": kd_latent,
+            "kd_latent": kd_latent * per_dim,
             "rec": sum(rec.values()),
-            "kl_prior": kl_prior,
+            "kl_prior": kl_prior * per_dim,
         }
         L = out.losses
         out.loss = (L["ce"] + cfg.g_fine * L["ce_fine"] + cfg.g_kd * (L["kd_logit"] + L["kd_latent"])
