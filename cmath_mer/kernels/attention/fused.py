@@ -64,7 +64,7 @@ def block_sizes(head_dim: int, itemsize: int = 2) -> dict[str, tuple[int, int]]:
     if head_dim <= 16:
         return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
     if head_dim <= 32:
-        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 32)}
+        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 32)}
     return {"fwd": (64, 32), "dq": (32, 64), "dkv": (32, 32)}
 
 
