@@ -18,15 +18,20 @@ Design (the Liger-Kernel fused-linear-cross-entropy idea: gradients are produced
   sums over S: deterministic, no atomics. S is chosen so that m_tiles * S fills the GPU; the partial buffer
   is S*M*K*4 bytes (e.g. 22 x 1582 x 256 x 4 = 36 MB at T = 64k), small beside the target.
 Why two kernels: dh needs a reduction over M and dW a reduction over T. One pass that holds dh on chip must
-spill per-row-block partials of the whole (M, K) dW (BLOCK_T x 2 x 4K bytes of read-modify-write per
-target row, 8x the target bytes at K = 256), and the converse spills dh. Two passes re-read target once.
+keep per-row-block partials of the whole (M, K) dW in memory (8K/BLOCK_T bytes of fp32 read-modify-write
+per target element: 16x the fp16 target bytes at K = 256, BLOCK_T = 64), and the converse loop order does
+the same with dh. Two passes read the target twice instead, and write nothing of size T x M.
 
 Byte floor (what any single pass must move): read target T*M*e, h T*K*e, W M*K*e, b M*e; write dh T*K*e,
 dW M*K*e, db M*e. This design moves ~2*T*M*e + 2*T*K*e (target and h read by both kernels) + dh write
 + 2*S*M*K*4 (partials) + L2-resident W re-reads. FLOP floor 6*T*M*K (three GEMMs); this design does 8*T*M*K
-(the projection is computed twice). At K = 256 the op does 6K/e = 768 flop per target byte (fp16), above the
-H100 ridge (~300 flop/byte), so it is tensor-core bound, not bandwidth bound: the 80%-of-bandwidth target
-applies only for small K (K <~ 64); at K = 256 the meaningful ceiling is tensor-core throughput.
+for K <= 128 (the projection is computed twice) and 10*T*M*K for 128 < K <= 256 (the cols kernel works in
+K chunks of 128 and recomputes the projection per chunk: its 256-wide dW accumulator spills on sm_80).
+At K = 256 the op does 6K/e = 768 flop per target byte (fp16), above the H100 ridge (~300 flop/byte), so
+it is tensor-core bound, not bandwidth bound: the 80%-of-bandwidth target can only hold for small K
+(K <~ 64); at K = 256 the meaningful ceiling is tensor-core throughput. Not yet measured on a GPU.
+GPU path: K % 16 == 0 and fp16/bf16/fp32 (the AOT-compiled specs); other K and float64 fall back to the
+reference on CUDA. Under the interpreter every K and float64 run through the kernels (gradcheck).
 """
 from __future__ import annotations
 
@@ -39,12 +44,27 @@ import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK_T, BLOCK_M, num_warps, num_stages). The interpreter can run one config only (KERNELS.md).
-# Chosen from an ahead-of-time sweep (sm_90 and sm_80, M divisible by 16 or not): these never spill.
-_ROWS_CONFIGS = [(64, 64, 8, 2), (64, 32, 8, 3)]
-_COLS_CONFIGS = [(64, 32, 8, 3), (32, 128, 8, 3)]
+# (BLOCK_T, BLOCK_M, num_warps, num_stages) per kernel, dtype and K chunking: the configs that compiled
+# without a spill for sm_90 and sm_80, M divisible by 16 or not, in an ahead-of-time sweep (bf16 as fp16).
+# The interpreter can run one config only (KERNELS.md).
+def _rows_configs(dtype: torch.dtype, block_k: int, single_k: bool) -> list[tuple]:
+    if dtype == torch.float32:
+        if not single_k:
+            return [(64, 32, 8, 3)]
+        return [(32, 32, 4, 2)] if block_k == 256 else [(64, 32, 8, 3), (32, 32, 4, 2)]
+    return [(64, 32, 8, 3), (32, 32, 4, 2)] if single_k else [(64, 32, 8, 2), (32, 32, 4, 2)]
+
+
+def _cols_configs(dtype: torch.dtype, block_k: int, single_k: bool) -> list[tuple]:
+    if dtype == torch.float32:
+        if not single_k:
+            return [(64, 32, 8, 2)]
+        return [(32, 32, 4, 2)] if block_k == 128 else [(64, 32, 8, 3), (32, 32, 4, 2)]
+    return [(64, 32, 8, 3), (64, 32, 8, 2), (32, 32, 4, 2)]
+
+
 _INTERPRET_CONFIG = (64, 64, 4, 1)
-_MIN_BLOCK_T = min(c[0] for c in _ROWS_CONFIGS + [_INTERPRET_CONFIG])
+_MIN_BLOCK_T = 32                  # smallest BLOCK_T of any config above (sizes the loss partials)
 _SPLIT_ROWS_GRANULE = 256          # rows per T split are a multiple of every BLOCK_T
 # K chunk widths. The rows kernel keeps the whole (BLOCK_T, K) dh accumulator on chip up to K = 256; the
 # cols kernel holds a (BLOCK_M, BLOCK_K) dW accumulator and spills at 256 on sm_80, so it uses chunks of
@@ -158,11 +178,14 @@ def _configs(table):
     return [triton.Config({"BLOCK_T": bt, "BLOCK_M": bm}, num_warps=w, num_stages=s) for bt, bm, w, s in table]
 
 
-if _INTERPRET:
-    _rows_launch, _cols_launch = _rows_kernel, _cols_kernel
-else:  # pragma: no cover - GPU only
-    _rows_launch = triton.autotune(_configs(_ROWS_CONFIGS), key=["M", "K"])(_rows_kernel)
-    _cols_launch = triton.autotune(_configs(_COLS_CONFIGS), key=["M", "K"])(_cols_kernel)
+@functools.lru_cache(maxsize=None)
+def _launcher(kind: str, dtype: torch.dtype, block_k: int, single_k: bool):
+    """The jit function under the interpreter; on a GPU an autotuner over that variant's configs."""
+    kernel = _rows_kernel if kind == "rows" else _cols_kernel
+    if _INTERPRET:
+        return kernel
+    table = (_rows_configs if kind == "rows" else _cols_configs)(dtype, block_k, single_k)  # pragma: no cover
+    return triton.autotune(_configs(table), key=["M", "K"])(kernel)  # pragma: no cover
 
 
 def _interpret_meta() -> dict:
@@ -198,12 +221,13 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
     loss_part = torch.empty((triton.cdiv(T, _MIN_BLOCK_T), k_chunks), device=h.device, dtype=acc_t)
     dh = torch.empty_like(h) if want_dh else h  # h is a dummy pointer when dh is not wanted
     grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), k_chunks)  # noqa: E731
-    _rows_launch[grid](h, weight, bias, target, dh, loss_part, T, M, K, 2.0 / M,
+    rows_launch = _launcher("rows", h.dtype, BLOCK_K, k_chunks == 1)
+    rows_launch[grid](h, weight, bias, target, dh, loss_part, T, M, K, 2.0 / M,
                        BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, COMPUTE_DH=want_dh, ACC=acc, **meta)
     if _INTERPRET:
         n_row_blocks = triton.cdiv(T, meta["BLOCK_T"])
     else:  # pragma: no cover - GPU only
-        n_row_blocks = triton.cdiv(T, _rows_launch.best_config.kwargs["BLOCK_T"])
+        n_row_blocks = triton.cdiv(T, rows_launch.best_config.kwargs["BLOCK_T"])
     loss = loss_part[:n_row_blocks, 0].sum() / (T * M)
     dw = db = None
     if want_dw:
@@ -216,7 +240,7 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
         def grid2(META):
             return (triton.cdiv(M, META["BLOCK_M"]), k_chunks, S)
 
-        _cols_launch[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
+        _launcher("cols", h.dtype, BLOCK_K, k_chunks == 1)[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
                             BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, ACC=acc, **meta)
         dw, db = dw_part.sum(0), db_part.sum(0)
     return loss, (dh if want_dh else None), dw, db
@@ -309,7 +333,7 @@ def aot_specs() -> list[dict]:
             mtag = "m16" if m_div else "modd"
             extra = ["K", "M"] if m_div else ["K"]
             for block_k, single_k in rows_k:
-                for bt, bm, w, s in _ROWS_CONFIGS:
+                for bt, bm, w, s in _rows_configs(dtype, block_k, single_k):
                     for compute_dh in (True, False):
                         specs.append({
                             "name": f"recon_rows_{ty}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
@@ -325,7 +349,7 @@ def aot_specs() -> list[dict]:
                             "attrs": _attrs(rows_fn, ["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
                             "num_warps": w, "num_stages": s})
             for block_k, single_k in cols_k:
-                for bt, bm, w, s in _COLS_CONFIGS:
+                for bt, bm, w, s in _cols_configs(dtype, block_k, single_k):
                     specs.append({
                         "name": f"recon_cols_{ty}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
                                 f"_w{w}_s{s}",
