@@ -41,13 +41,13 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import check_compatible
     from .metrics import classification_metrics
-    from .train import evaluation_conversations, load_trained, predict_conversations
+    from .train import EVAL_BATCH_UTTERANCES, evaluation_conversations, load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
     data = _load(args.data, "iemocap", 0) if args.data != "synthetic" else None
     if data is None:
         raise SystemExit("evaluate: give a data file (--data PATH)")
     check_compatible(data, model.config)
-    y, p, _ = predict_conversations(model, data, evaluation_conversations(data), 4096, args.device)
+    y, p, _ = predict_conversations(model, data, evaluation_conversations(data), EVAL_BATCH_UTTERANCES, args.device)
     metrics = classification_metrics(y, p, data.class_names)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -55,14 +55,14 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .data import check_compatible
-    from .train import load_trained, predict_conversations
+    from .train import EVAL_BATCH_UTTERANCES, load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
     data = _load(args.data, "iemocap", 0)
     check_compatible(data, model.config)
     conversations = list(range(len(data)))
-    y, p, prob = predict_conversations(model, data, conversations, 4096, args.device)
+    y, p, prob = predict_conversations(model, data, conversations, EVAL_BATCH_UTTERANCES, args.device)
     names = model.config.class_names
-    order = [i for group in data.bucketed_batches(conversations, 4096, shuffle=False) for i in sorted(group)]
+    order = [i for group in data.bucketed_batches(conversations, EVAL_BATCH_UTTERANCES, shuffle=False) for i in sorted(group)]
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["conversation", "utterance", "label", "prediction", *[f"p_{n}" for n in names]])

@@ -76,10 +76,11 @@ class CMATHConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40
-    lr: float = 3e-4
+    epochs: int = 20
+    lr: float = 1e-3
     weight_decay: float = 1e-2
-    batch_utterances: int = 2048        # length-bucketed batches hold about this many utterances
+    batch_utterances: int = 256         # length-bucketed batches hold about this many utterances (a longer
+                                        # conversation gets a batch of its own)
     grad_clip: float = 1.0
     valid_fraction: float = 0.1         # held out of train when the data has no validation split (IEMOCAP)
     seed: int = 0

@@ -74,8 +74,11 @@ def predict_conversations(model: CMATH, data: ConversationDataset, conversations
     return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
 
 
+EVAL_BATCH_UTTERANCES = 4096   # no gradients at evaluation: larger batches
+
+
 def evaluate_split(model, data, conversations, tcfg: TrainConfig) -> tuple[dict, np.ndarray, np.ndarray]:
-    y, p, _ = predict_conversations(model, data, conversations, tcfg.batch_utterances, tcfg.device)
+    y, p, _ = predict_conversations(model, data, conversations, EVAL_BATCH_UTTERANCES, tcfg.device)
     return classification_metrics(y, p, data.class_names), y, p
 
 
@@ -148,10 +151,6 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
                "valid": valid, "test": test}
         state["history"].append(row)
         state["epoch"] = epoch
-        log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
-            + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
-            + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
-            + f"{row['utterances_per_second']:.0f} utt/s")
         score = valid["weighted_f1"] if valid else -row["train_loss"]
         if state["best_valid"] is None or score > state["best_valid"]["score"]:
             state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
@@ -164,6 +163,10 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             state["best_test"] = {"weighted_f1": test["weighted_f1"], "accuracy": test["accuracy"], "epoch": epoch}
         save_checkpoint(out / "last.safetensors", model, optimizer, state)
         _write_metrics(out, state)
+        log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
+            + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
+            + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
+            + f"{row['utterances_per_second']:.0f} utt/s")
     return json.loads((out / "metrics.json").read_text())
 
 
