@@ -634,8 +634,9 @@ def _run_in_subprocess(case: dict, quick: bool, timeout_s: float) -> dict:
         p = subprocess.run(cmd, input=json.dumps(case), capture_output=True, text=True, timeout=timeout_s,
                            env=env)
     except subprocess.TimeoutExpired:
-        return dict(case, status="skipped", reason=f"exceeded the per-case time budget of {timeout_s:.0f} s "
-                                                   "(killed)", wall_s=time.perf_counter() - t0)
+        return dict(case, status="skipped", reason=f"exceeded the per-case time budget: killed after "
+                                                   f"{timeout_s:.0f} s (the hard limit, 2.5 x budget + 60 s, "
+                                                   "covers setup and compile)", wall_s=time.perf_counter() - t0)
     wall = time.perf_counter() - t0
     for line in reversed(p.stdout.strip().splitlines()):
         if line.startswith("{"):
@@ -736,11 +737,7 @@ def run_benchmarks(out_dir, quick: bool = False, device: str = "cpu", *, cases: 
             results["machine"]["loadavg_at_end"] = f.read().split()[:3]
     except OSError:
         pass
-    _add_ratios(results["rows"])
-    results["summary"] = summarize(results)
-    _write_json(results, out / "results.json")
-    (out / "results.md").write_text(markdown_report(results))
-    plot_results(results, out)
+    write_report(results, out)
     if progress:
         print(f"wrote {out}/results.json, results.md and plots in {results['total_s']:.0f} s")
     return results
@@ -764,6 +761,35 @@ def _probe_unavailable(case: dict, probes: dict) -> str | None:
         except Exception:                                    # noqa: BLE001 - let the real case report it
             probes[key] = None
     return probes[key]
+
+
+def write_report(results: dict, out) -> None:
+    """Ratios, ceiling fractions and summary into the results; results.json, results.md and the plots."""
+    out = Path(out)
+    _add_ratios(results["rows"])
+    _add_ceiling_fractions(results)
+    results["summary"] = summarize(results)
+    _write_json(results, out / "results.json")
+    (out / "results.md").write_text(markdown_report(results))
+    plot_results(results, out)
+
+
+def _add_ceiling_fractions(results: dict) -> None:
+    """pct_of_peak_flops / pct_of_peak_bw: achieved GFLOP/s and GB/s against the ceilings measured in the
+    same run (matmul of the row's dtype; on CUDA fp32 rows are held against the TF32 matmul, the precision
+    Triton's fp32 dots use by default)."""
+    c = results.get("ceilings", {})
+    for r in results["rows"]:
+        if r.get("status") != "ok":
+            continue
+        if r["device"] == "cuda":
+            peak = c.get("matmul_tflops_bf16") if r["dtype"] in ("bf16", "fp16") else c.get("matmul_tflops_fp32_tf32")
+        else:
+            peak = c.get("matmul_tflops_fp32")
+        if r.get("gflops_per_s") and peak:
+            r["pct_of_peak_flops"] = 100 * r["gflops_per_s"] / (peak * 1e3)
+        if r.get("gbytes_per_s") and c.get("copy_gbytes_per_s"):
+            r["pct_of_peak_bw"] = 100 * r["gbytes_per_s"] / c["copy_gbytes_per_s"]
 
 
 def _write_json(results, path):
@@ -867,7 +893,7 @@ def markdown_report(results: dict) -> str:
     m = results["machine"]
     lines = [f"# cmath-mer benchmark — {results['device']}: {m['device_name']}", "",
              f"{results['timestamp']} · {'quick' if results['quick'] else 'full'} sweep · "
-             f"{m.get('cpu_cores')} CPU cores · python {m['python']} · torch {m['torch']} · "
+             f"{m.get('cpu_cores')} CPU cores, {m.get('torch_threads')} torch threads · python {m['python']} · torch {m['torch']} · "
              f"triton {m.get('triton')}" + (f" · CUDA {m['cuda']}" if m.get("cuda") else "") +
              f" · load average at start {' '.join(m.get('loadavg_at_start', []))}, "
              f"at end {' '.join(m.get('loadavg_at_end', []))} · total {results.get('total_s', 0):.0f} s", ""]
@@ -877,7 +903,8 @@ def markdown_report(results: dict) -> str:
     lines += ["Time: median (p20–p80) per call; utt/s = utterances in the batch / median; peak = peak memory "
               "of the call above what setup allocated (MiB); ×torch = torch-eager median / this median "
               "(>1 is faster), measured in this run. GFLOP/s and GB/s count real (unpadded, in-conversation) "
-              "pairs only. `1×` marks a case timed by a single call.", ""]
+              "pairs only; (%) = share of this device's ceiling measured in this run. `1×` marks a case timed by "
+              "a single call.", ""]
     if results.get("summary"):
         lines += ["## Summary", ""]
         lines += [f"- {k}: {v:,.4g}" for k, v in results["summary"].items()]
@@ -906,8 +933,9 @@ def markdown_report(results: dict) -> str:
                      f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}", f"{r['utterances_per_s']:,.0f}",
                      _fmt_mib(r.get("peak_mem_bytes")),
                      f"{r['speedup_vs_torch']:.2f}" if r.get("speedup_vs_torch") else "",
-                     f"{r['gflops_per_s']:.1f}" if r.get("gflops_per_s") else "",
-                     f"{r['gbytes_per_s']:.1f}" if r.get("gbytes_per_s") else "", ", ".join(note)]
+                     f"{r['gflops_per_s']:.1f} ({r.get('pct_of_peak_flops', 0):.0f}%)" if r.get("gflops_per_s") else "",
+                     f"{r['gbytes_per_s']:.1f} ({r.get('pct_of_peak_bw', 0):.0f}%)" if r.get("gbytes_per_s") else "",
+                     ", ".join(note)]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
@@ -972,9 +1000,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out")
     p.add_argument("--only", help="run only cases whose op matches (comma-separated)")
+    p.add_argument("--report", action="store_true", help="only re-render DIR/results.md and plots from "
+                   "DIR/results.json")
     args = p.parse_args(argv)
     if args.worker:
         _worker(args.quick)
+        return 0
+    if args.report:
+        write_report(json.loads((Path(args.out) / "results.json").read_text()), args.out)
         return 0
     if not args.out:
         p.error("--out is required")
