@@ -311,9 +311,10 @@ def _unwrap(fn):
     return fn
 
 
-def _attrs(fn, names) -> dict:
-    """tt.divisibility=16 for `names`, as the JIT specialises them at launch (ASTSource attrs format)."""
-    return {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}
+def _attrs(names) -> dict:
+    """tt.divisibility=16 for `names`, as the JIT specialises them at launch ({arg name: [[attr, value]]},
+    the format cmath_mer.kernels.aot turns into ASTSource attrs)."""
+    return {n: [["tt.divisibility", 16]] for n in names}
 
 
 def aot_specs() -> list[dict]:
@@ -346,7 +347,7 @@ def aot_specs() -> list[dict]:
                                           "COMPUTE_DH": "constexpr", "ACC": "constexpr"},
                             "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
                                            "COMPUTE_DH": compute_dh, "ACC": tl.float32},
-                            "attrs": _attrs(rows_fn, ["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
+                            "attrs": _attrs(["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
                             "num_warps": w, "num_stages": s})
             for block_k, single_k in cols_k:
                 for bt, bm, w, s in _cols_configs(dtype, block_k, single_k):
@@ -361,6 +362,6 @@ def aot_specs() -> list[dict]:
                                       "ACC": "constexpr"},
                         "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
                                        "ACC": tl.float32},
-                        "attrs": _attrs(cols_fn, ["H", "W", "B", "TGT", "DWP", "DBP"] + extra),
+                        "attrs": _attrs(["H", "W", "B", "TGT", "DWP", "DBP"] + extra),
                         "num_warps": w, "num_stages": s})
     return specs

@@ -226,7 +226,7 @@ def aot_specs() -> list[dict]:
     [0, 2**63) (a larger one would be typed u64).
     """
     fwd, bwd = _unwrap(_vf_fwd_kernel), _unwrap(_vf_bwd_kernel)
-    div = lambda fn, names: {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in names}  # noqa: E731
+    div = lambda fn, names: {n: [["tt.divisibility", 16]] for n in names}  # noqa: E731  (aot.py's format)
     specs = []
     # N and seed are runtime ints: the JIT types them i32 below 2**31 and i64 above; seeds are taken < 2**63.
     for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i32", "i64"), ("i32", "i64")):
