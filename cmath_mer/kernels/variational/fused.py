@@ -39,7 +39,7 @@ _MAX_C = 3
 
 
 @triton.jit(do_not_specialize=["N", "seed"])
-def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N, seed,
+def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, seed: tl.int64,
                    C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
                    ACC: tl.constexpr):
     pid = tl.program_id(0)
@@ -71,7 +71,8 @@ def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N, seed,
 
 
 @triton.jit(do_not_specialize=["N", "seed", "T", "has_gz", "has_gmu", "has_glv"])
-def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N, seed, T, has_gz, has_gmu, has_glv,
+def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, seed: tl.int64, T, has_gz, has_gmu,
+                   has_glv,
                    C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr,
                    BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
@@ -228,8 +229,9 @@ def aot_specs() -> list[dict]:
     fwd, bwd = _unwrap(_vf_fwd_kernel), _unwrap(_vf_bwd_kernel)
     div = lambda fn, names: {n: [["tt.divisibility", 16]] for n in names}  # noqa: E731  (aot.py's format)
     specs = []
-    # N and seed are runtime ints: the JIT types them i32 below 2**31 and i64 above; seeds are taken < 2**63.
-    for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i32", "i64"), ("i32", "i64")):
+    # N and seed are annotated tl.int64 in the kernels: one integer width whatever their values, so the JIT
+    # never builds an i32 variant (and the AOT report needs no i32/i64 product).
+    for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i64",), ("i64",)):
         for C in range(1, _MAX_C + 1):
             cp = triton.next_power_of_2(C)
             for sample in (True, False):
