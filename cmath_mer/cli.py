@@ -9,32 +9,50 @@ from pathlib import Path
 
 from .config import PRESETS, TrainConfig
 
+CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
 
-def _load(data: str, preset_name: str, seed: int):
+
+def _load(data: str, preset_name: str, seed: int, class_names: str | None = None):
     from .data import load_dataset, make_synthetic
     if data == "synthetic":
         return make_synthetic(preset=preset_name, seed=seed)
-    return load_dataset(data)
+    options = {"class_names": tuple(class_names.split(","))} if class_names else {}
+    return load_dataset(data, **options)
 
 
 def cmd_train(args) -> int:
+    from .config import load_config
     from .train import build_config, train
-    data = _load(args.data, args.preset, args.seed)
-    overrides = json.loads(args.set) if args.set else {}
-    if args.backend:
-        overrides["backend"] = args.backend
-    config = build_config(data, args.preset, tuple(args.modalities.split(",")) if args.modalities else None,
-                          **overrides)
-    tcfg = TrainConfig(epochs=args.epochs, seed=args.seed, device=args.device,
-                       **({"lr": args.lr} if args.lr else {}))
-    metrics = train(data, config, tcfg, args.out, resume=args.resume, progress=not args.no_progress)
+    out = Path(args.out)
+    if args.resume:
+        # the run's own config and training settings; --epochs may extend it
+        config = load_config(out / "config.json")
+        saved = json.loads((out / "train_config.json").read_text())
+        tcfg = TrainConfig(**{**saved, **({"epochs": args.epochs} if args.epochs else {})})
+        data = _load(args.data, args.preset, tcfg.seed, args.class_names)
+    else:
+        data = _load(args.data, args.preset, args.seed, args.class_names)
+        overrides = json.loads(args.set) if args.set else {}
+        if args.backend:
+            overrides["backend"] = args.backend
+        modalities = tuple(args.modalities.split(",")) if args.modalities else None
+        config = build_config(data, args.preset, modalities, **overrides)
+        tcfg = TrainConfig(epochs=args.epochs or TrainConfig.epochs, seed=args.seed, device=args.device,
+                           **({"lr": args.lr} if args.lr else {}))
+    try:
+        metrics = train(data, config, tcfg, out, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; the last finished epoch is saved in {out}. Continue with:\n"
+              f"  cmath-mer train --data {args.data} --out {out} --resume", file=sys.stderr)
+        return 130
     sel, best = metrics["selected_by_validation"], metrics["best_test_epoch"]
-    print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
-          f"(epoch {sel['epoch']}, selected on validation)")
+    if sel["weighted_f1"] is not None:
+        print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
+              f"(epoch {sel['epoch']}, selected on validation)")
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
-    print(f"wrote {args.out}/config.json, best.safetensors, metrics.json, confusion_matrix.png")
+    print(f"wrote {out}/config.json, best.safetensors, last.safetensors, metrics.json, confusion_matrix.png")
     return 0
 
 
@@ -43,9 +61,7 @@ def cmd_evaluate(args) -> int:
     from .metrics import classification_metrics
     from .train import EVAL_BATCH_UTTERANCES, evaluation_conversations, load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
-    data = _load(args.data, "iemocap", 0) if args.data != "synthetic" else None
-    if data is None:
-        raise SystemExit("evaluate: give a data file (--data PATH)")
+    data = _load(args.data, "iemocap", 0, args.class_names)
     check_compatible(data, model.config)
     y, p, _ = predict_conversations(model, data, evaluation_conversations(data), EVAL_BATCH_UTTERANCES, args.device)
     metrics = classification_metrics(y, p, data.class_names)
@@ -57,29 +73,32 @@ def cmd_predict(args) -> int:
     from .data import check_compatible
     from .train import EVAL_BATCH_UTTERANCES, load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
-    data = _load(args.data, "iemocap", 0)
+    data = _load(args.data, "iemocap", 0, args.class_names)
     check_compatible(data, model.config)
-    conversations = list(range(len(data)))
-    y, p, prob = predict_conversations(model, data, conversations, EVAL_BATCH_UTTERANCES, args.device)
     names = model.config.class_names
-    order = [i for group in data.bucketed_batches(conversations, EVAL_BATCH_UTTERANCES, shuffle=False) for i in sorted(group)]
+    lengths = data.lengths()
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["conversation", "utterance", "label", "prediction", *[f"p_{n}" for n in names]])
-        row = 0
-        for conv in order:
-            for u in range(data.lengths()[conv]):
-                label = names[y[row]] if y[row] >= 0 else ""
-                w.writerow([data.conversation_ids[conv], u, label, names[p[row]],
-                            *[f"{x:.4f}" for x in prob[row]]])
-                row += 1
-    print(f"wrote {row} predictions to {args.out}")
+        w.writerow(["conversation", "split", "utterance", "speaker", "label", "prediction",
+                    *[f"p_{n}" for n in names]])
+        rows = 0
+        for conv in range(len(data)):                               # file order, one conversation at a time
+            y, p, prob = predict_conversations(model, data, [conv], EVAL_BATCH_UTTERANCES, args.device)
+            start = int(data.cu_seqlens[conv])
+            for u in range(lengths[conv]):
+                speaker = int(data.speakers[start + u])
+                if data.speaker_names is not None:
+                    speaker = data.speaker_names[speaker]
+                w.writerow([data.conversation_ids[conv], data.splits[conv], u, speaker,
+                            names[y[u]] if y[u] >= 0 else "", names[p[u]], *[f"{x:.4f}" for x in prob[u]]])
+            rows += lengths[conv]
+    print(f"wrote {rows} predictions to {args.out}")
     return 0
 
 
 def cmd_convert(args) -> int:
     from .data import convert
-    convert(args.input, args.output)
+    convert(args.input, args.output, **({"class_names": tuple(args.class_names.split(","))} if args.class_names else {}))
     print(f"wrote {args.output}")
     return 0
 
@@ -106,21 +125,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic'")
     t.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
     t.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
-    t.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="cpu")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
     t.add_argument("--out", required=True, help="output folder")
-    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out with its own config (--epochs may extend it)")
     t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--device", default="cpu")
+    e.add_argument("--class-names", help=CLASS_NAMES_HELP)
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="write per-utterance predictions as CSV")
@@ -128,11 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--data", required=True)
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", required=True)
+    r.add_argument("--class-names", help=CLASS_NAMES_HELP)
     r.set_defaults(func=cmd_predict)
 
     c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")
     c.add_argument("input")
     c.add_argument("output")
+    c.add_argument("--class-names", help=CLASS_NAMES_HELP)
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("synth", help="write a synthetic conversation corpus")
@@ -154,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     try:
         return args.func(args)
-    except DataError as err:
+    except (DataError, ValueError, FileNotFoundError) as err:
         print(f"cmath-mer: error: {err}", file=sys.stderr)
         return 2
 

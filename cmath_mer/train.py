@@ -115,7 +115,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
         splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
         state["splits"] = splits
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-        (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
+    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"]))
 

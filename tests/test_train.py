@@ -103,7 +103,10 @@ def test_cli_train_evaluate_predict_on_a_peer_pickle(tmp_path, capsys):
     assert len(rows) == int(data.cu_seqlens[-1])
     assert {r["conversation"] for r in rows} == set(data.conversation_ids)
     names = load_dataset(pkl).class_names                       # a peer pickle carries no class names
-    assert set(rows[0]) == {"conversation", "utterance", "label", "prediction", *[f"p_{c}" for c in names]}
+    assert set(rows[0]) == {"conversation", "split", "utterance", "speaker", "label", "prediction",
+                            *[f"p_{c}" for c in names]}
+    assert [r["conversation"] for r in rows] == [c for c, n in zip(data.conversation_ids, data.lengths())
+                                                 for _ in range(n)]                  # file order
     probs = np.array([[float(r[f"p_{c}"]) for c in names] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)
 
@@ -119,3 +122,23 @@ def test_evaluate_refuses_data_of_other_dimensions(tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(out), "--data", str(path)]) == 2
     err = capsys.readouterr().err
     assert "other.safetensors" in err and "audio" in err and "41" in err and "40" in err
+
+
+def test_cli_resume_uses_the_runs_own_config_and_epochs(tmp_path, capsys):
+    data = small_corpus(3, conversations=8)
+    path = tmp_path / "data.safetensors"
+    save_dataset(data, path)
+    out = tmp_path / "run"
+    small = json.dumps(SMALL)
+    assert main(["train", "--data", str(path), "--modalities", "text,visual", "--epochs", "1", "--set", small,
+                 "--out", str(out), "--no-progress"]) == 0
+    # resume with no modalities, no --set, no --epochs: the run's own settings; then extend by --epochs
+    assert main(["train", "--data", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1
+    assert main(["train", "--data", str(path), "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert json.loads((out / "config.json").read_text())["modalities"] == ["text", "visual"]
+    capsys.readouterr()
+    assert main(["train", "--data", str(path), "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "nothing" in capsys.readouterr().err

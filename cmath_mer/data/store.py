@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..checkpoint import atomic_write
 from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
 
@@ -48,13 +49,7 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
         "splits": list(SPLITS),
         "source": dataset.source,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
-        tmp.replace(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)}))
     return path
 
 
