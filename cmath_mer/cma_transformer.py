@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from einops import rearrange
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .kernels import multi_source_attention
 
@@ -62,6 +62,23 @@ class CMABlock(nn.Module):
         return h + self.ffn(self.ln_ffn(h))
 
 
+# Attention kernels whose outputs a recomputed block keeps: recomputing them would cost O(N^2) again,
+# while everything else in a block (projections, norms, FFN) is linear in N and cheap to redo.
+_KEEP_IN_RECOMPUTE = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+}
+
+
+def _keep_attention(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _KEEP_IN_RECOMPUTE else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _recompute_all_but_attention():
+    return create_selective_checkpoint_contexts(_keep_attention)
+
+
 class CMATransformer(nn.Module):
     """L CMA blocks centred on one modality; returns F_c = LN(h_c), (T, d)."""
 
@@ -74,11 +91,12 @@ class CMATransformer(nn.Module):
         self.ln_out = nn.LayerNorm(d_model)
 
     def forward(self, h_central: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
-        # Long batches keep only each block's input and recompute the block in the backward:
-        # activation memory per block drops from ~20 (T, d) tensors to one.
+        # Long batches keep only each block's input and its attention outputs, and recompute the rest of
+        # the block in the backward: activation memory per block drops from ~20 (T, d) tensors to ~4.
         recompute = (self.recompute_from is not None and self.training and torch.is_grad_enabled()
                      and h_central.shape[0] >= self.recompute_from)
         h = h_central
         for block in self.blocks:
-            h = checkpoint(block, h, aux, cu_seqlens, use_reentrant=False) if recompute else block(h, aux, cu_seqlens)
+            h = (checkpoint(block, h, aux, cu_seqlens, use_reentrant=False, context_fn=_recompute_all_but_attention)
+                 if recompute else block(h, aux, cu_seqlens))
         return self.ln_out(h)

@@ -13,3 +13,19 @@ import torch  # noqa: E402
 def _deterministic_threads():
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Every torch.empty / empty_like the library makes comes back full of NaN: unwritten elements show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(fn):
+        def wrapper(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(torch, "empty", poisoned(empty))
+    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))

@@ -54,23 +54,11 @@ def grads(fn, q, k, v, do, **kw):
 
 
 @pytest.fixture
-def fused(monkeypatch):
-    """The kernel module, with every torch.empty / empty_like NaN-poisoned during the test so an output
-    element the kernels never write fails the finite check."""
+def fused(nan_poison):
+    """The kernel module, with every torch.empty / empty_like NaN-poisoned during the test (conftest) so an
+    output element the kernels never write fails the finite check."""
     pytest.importorskip("triton")
     from cmath_mer.kernels.attention import fused as mod
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poisoned(fn):
-        def wrapper(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            if out.is_floating_point():
-                out.fill_(float("nan"))
-            return out
-        return wrapper
-
-    monkeypatch.setattr(torch, "empty", poisoned(empty))
-    monkeypatch.setattr(torch, "empty_like", poisoned(empty_like))
     return mod
 
 

@@ -136,3 +136,19 @@ def test_unlabelled_batch_has_zero_cross_entropy():
     batch.labels[:] = -100
     out = model(batch)
     assert out.losses["ce"] == 0 and torch.isfinite(out.loss)
+
+
+def test_recomputed_blocks_give_the_same_gradients():
+    torch.manual_seed(8)
+    plain = CMATH(small_config(dropout=0.1, recompute_from=None))
+    recomputed = CMATH(small_config(dropout=0.1, recompute_from=1))        # every batch recomputes
+    recomputed.load_state_dict(plain.state_dict())
+    batch = random_batch([6, 13], seed=int(torch.randint(0, 2**30, ())))
+    grads = []
+    for model in (plain, recomputed):
+        torch.manual_seed(99)                                              # the same dropout masks
+        out = model(batch, seed=4)
+        out.loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
