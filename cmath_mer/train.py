@@ -119,7 +119,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"]))
 
-    n_train = sum(data.lengths()[i] for i in splits["train"])
+    lengths = data.lengths()
+    n_train = sum(lengths[i] for i in splits["train"])
     log(f"data {data.source}: {len(data)} conversations ({len(splits['train'])} train, {len(splits['valid'])} "
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
