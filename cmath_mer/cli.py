@@ -12,12 +12,15 @@ from .config import PRESETS, TrainConfig
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
 
 
+def _loader_options(class_names: str | None) -> dict:
+    return {"class_names": tuple(class_names.split(","))} if class_names else {}
+
+
 def _load(data: str, preset_name: str, seed: int, class_names: str | None = None):
     from .data import load_dataset, make_synthetic
     if data == "synthetic":
         return make_synthetic(preset=preset_name, seed=seed)
-    options = {"class_names": tuple(class_names.split(","))} if class_names else {}
-    return load_dataset(data, **options)
+    return load_dataset(data, **_loader_options(class_names))
 
 
 def cmd_train(args) -> int:
@@ -59,11 +62,11 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .data import check_compatible
     from .metrics import classification_metrics
-    from .train import EVAL_BATCH_UTTERANCES, evaluation_conversations, load_trained, predict_conversations
+    from .train import evaluation_conversations, load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
     data = _load(args.data, "iemocap", 0, args.class_names)
     check_compatible(data, model.config)
-    y, p, _ = predict_conversations(model, data, evaluation_conversations(data), EVAL_BATCH_UTTERANCES, args.device)
+    y, p, _ = predict_conversations(model, data, evaluation_conversations(data))
     metrics = classification_metrics(y, p, data.class_names)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -71,34 +74,32 @@ def cmd_evaluate(args) -> int:
 
 def cmd_predict(args) -> int:
     from .data import check_compatible
-    from .train import EVAL_BATCH_UTTERANCES, load_trained, predict_conversations
+    from .train import load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
     data = _load(args.data, "iemocap", 0, args.class_names)
     check_compatible(data, model.config)
     names = model.config.class_names
-    lengths = data.lengths()
+    y, p, prob = predict_conversations(model, data, list(range(len(data))))      # file order
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["conversation", "split", "utterance", "speaker", "label", "prediction",
                     *[f"p_{n}" for n in names]])
-        rows = 0
-        for conv in range(len(data)):                               # file order, one conversation at a time
-            y, p, prob = predict_conversations(model, data, [conv], EVAL_BATCH_UTTERANCES, args.device)
-            start = int(data.cu_seqlens[conv])
-            for u in range(lengths[conv]):
-                speaker = int(data.speakers[start + u])
+        bounds = data.cu_seqlens.tolist()
+        for conv, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+            for row in range(start, end):
+                speaker = int(data.speakers[row])
                 if data.speaker_names is not None:
                     speaker = data.speaker_names[speaker]
-                w.writerow([data.conversation_ids[conv], data.splits[conv], u, speaker,
-                            names[y[u]] if y[u] >= 0 else "", names[p[u]], *[f"{x:.4f}" for x in prob[u]]])
-            rows += lengths[conv]
+                w.writerow([data.conversation_ids[conv], data.splits[conv], row - start, speaker,
+                            names[y[row]] if y[row] >= 0 else "", names[p[row]], *[f"{x:.4f}" for x in prob[row]]])
+    rows = bounds[-1]
     print(f"wrote {rows} predictions to {args.out}")
     return 0
 
 
 def cmd_convert(args) -> int:
     from .data import convert
-    convert(args.input, args.output, **({"class_names": tuple(args.class_names.split(","))} if args.class_names else {}))
+    convert(args.input, args.output, **_loader_options(args.class_names))
     print(f"wrote {args.output}")
     return 0
 

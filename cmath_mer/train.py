@@ -57,28 +57,32 @@ def inverse_frequency_weights(data: ConversationDataset, conversations: list[int
     return torch.where(counts > 0, weights, torch.zeros_like(weights))
 
 
-@torch.no_grad()
-def predict_conversations(model: CMATH, data: ConversationDataset, conversations: list[int],
-                          batch_utterances: int, device: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, predictions, probabilities) for the given conversations, in their packed order."""
-    model.eval()
-    labels, preds, probs = [], [], []
-    for group in data.bucketed_batches(sorted(conversations), batch_utterances, shuffle=False):
-        group = sorted(group)
-        batch = data.batch(group, model.config.modalities).to(device)
-        out = model(batch, with_loss=False)
-        p = out.logits.float().softmax(-1)
-        labels.append(batch.labels.cpu()), preds.append(p.argmax(-1).cpu()), probs.append(p.cpu())
-    if not labels:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, model.config.num_classes))
-    return torch.cat(labels).numpy(), torch.cat(preds).numpy(), torch.cat(probs).numpy()
-
-
 EVAL_BATCH_UTTERANCES = 4096   # no gradients at evaluation: larger batches
 
 
-def evaluate_split(model, data, conversations, tcfg: TrainConfig) -> tuple[dict, np.ndarray, np.ndarray]:
-    y, p, _ = predict_conversations(model, data, conversations, EVAL_BATCH_UTTERANCES, tcfg.device)
+@torch.no_grad()
+def predict_conversations(model: CMATH, data: ConversationDataset, conversations: list[int],
+                          batch_utterances: int = EVAL_BATCH_UTTERANCES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, predictions, probabilities) of every utterance of the given conversations, in the order the
+    conversations are given; batches are length-bucketed internally."""
+    model.eval()
+    device = next(model.parameters()).device
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}          # conversation -> (labels, probs)
+    for group in data.bucketed_batches(list(conversations), batch_utterances, shuffle=False):
+        batch = data.batch(group, model.config.modalities).to(device)
+        probs = model(batch, with_loss=False).logits.float().softmax(-1).cpu()
+        cu = batch.cu_seqlens.tolist()
+        for i, conv in enumerate(group):
+            rows[conv] = batch.labels[cu[i]:cu[i + 1]].cpu(), probs[cu[i]:cu[i + 1]]
+    if not conversations:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, model.config.num_classes))
+    labels = torch.cat([rows[c][0] for c in conversations])
+    probs = torch.cat([rows[c][1] for c in conversations])
+    return labels.numpy(), probs.argmax(-1).numpy(), probs.numpy()
+
+
+def evaluate_split(model, data, conversations) -> tuple[dict, np.ndarray, np.ndarray]:
+    y, p, _ = predict_conversations(model, data, conversations)
     return classification_metrics(y, p, data.class_names), y, p
 
 
@@ -146,8 +150,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             count += batch.num_utterances
             bar.set_postfix(loss=f"{loss:.3f}")
         train_seconds = time.perf_counter() - t0
-        valid, _, _ = evaluate_split(model, data, splits["valid"], tcfg) if splits["valid"] else (None, None, None)
-        test, y_test, p_test = evaluate_split(model, data, splits["test"], tcfg) if splits["test"] else (None, None, None)
+        valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
+        test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
                "valid": valid, "test": test}
         state["history"].append(row)
