@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from .packing import cu_seqlens_from
+
 ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa_math", "triton")
 OP_BACKENDS = ("torch", "torch_compile", "triton")
 H_HEADS = 8                     # attention heads in the op benchmarks (the iemocap model: 8 x 32)
@@ -86,12 +88,6 @@ def conversation_lengths(batch: str, N: int, seed: int = 0, min_utterances: int 
 
 def _lengths(case: dict) -> list[int]:
     return conversation_lengths(case["batch"], case["N"], min_utterances=case.get("min_utterances", 2048))
-
-
-def _cu(lengths: list[int], device) -> torch.Tensor:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
-    return cu.to(device)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -281,7 +277,7 @@ def _build_attention(case, dev):
             raise Unavailable(f"{backend}: {str(err).strip().splitlines()[0][:300]}") from None
         return call, info
 
-    cu = _cu(lengths, dev)
+    cu = cu_seqlens_from(lengths, device=dev)
     q = torch.randn(T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     k = torch.randn(S, T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     v = torch.randn(S, T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
@@ -339,7 +335,7 @@ def _model_batch(cfg, lengths, dev, seed=0):
     feats = {m: torch.randn(T, cfg.input_dims[m], generator=g).to(dev) for m in cfg.modalities}
     speakers = torch.randint(0, cfg.num_speakers, (T,), generator=g).to(dev)
     labels = torch.randint(0, cfg.num_classes, (T,), generator=g).to(dev)
-    return Batch(feats, speakers, labels, _cu(lengths, dev))
+    return Batch(feats, speakers, labels, cu_seqlens_from(lengths, device=dev))
 
 
 def _build_model(case, dev):

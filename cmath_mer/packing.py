@@ -4,6 +4,14 @@ from __future__ import annotations
 import torch
 
 
+def cu_seqlens_from(lengths, dtype: torch.dtype = torch.int32, device=None) -> torch.Tensor:
+    """(B+1,) cumulative offsets [0, n_0, n_0 + n_1, ...] of conversations with the given lengths."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(lengths, 0)
+    return cu.to(device=device, dtype=dtype)
+
+
 def positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(T,) int64: index of each packed row within its own conversation."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

@@ -6,6 +6,8 @@ import importlib.util
 import pytest
 import torch
 
+from cmath_mer.packing import cu_seqlens_from  # noqa: F401  (re-exported for the tests)
+
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 
@@ -23,7 +25,3 @@ def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
 
 
-def cu_seqlens_from(lengths: list[int], device="cpu") -> torch.Tensor:
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=device)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, device=device), 0)
-    return cu

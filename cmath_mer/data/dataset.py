@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..packing import cu_seqlens_from
+
 SPLITS = ("train", "valid", "test")
 IGNORE_INDEX = -100
 
@@ -71,9 +73,7 @@ class ConversationDataset:
         """Pack the given conversations (indices) into one Batch."""
         bounds = self.cu_seqlens.tolist()
         rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
-        lengths = torch.tensor([bounds[i + 1] - bounds[i] for i in conversations])
-        cu = torch.zeros(len(conversations) + 1, dtype=torch.int32)
-        cu[1:] = torch.cumsum(lengths, 0)
+        cu = cu_seqlens_from([bounds[i + 1] - bounds[i] for i in conversations])
         mods = self.modalities if modalities is None else modalities
         return Batch({m: self.features[m][rows] for m in mods}, self.speakers[rows], self.labels[rows], cu,
                      [self.conversation_ids[i] for i in conversations])

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..config import MODALITIES, PRESETS
+from ..packing import cu_seqlens_from
 from .dataset import IGNORE_INDEX, ConversationDataset, DataError
 from .validate import validate_dataset
 
@@ -340,8 +341,7 @@ def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names
         raise DataError(f"{src}: conversation {keys[conv]!r}: {layout.where('labels')} has label "
                         f"{int(labels[row])} at utterance {row - (sum(lengths[:conv]))}, outside 0..{C - 1} "
                         f"({', '.join(class_names)}); pass class_names=... if the data has other classes")
-    cu = torch.zeros(len(keys) + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    cu = cu_seqlens_from(lengths, torch.int64)
     dataset = ConversationDataset(
         features={m: torch.from_numpy(np.concatenate(feats[m])) if feats[m] else torch.zeros(0, 0)
                   for m in mods},

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..config import MODALITIES, PRESETS
+from ..packing import cu_seqlens_from
 from .dataset import SPLITS, ConversationDataset
 
 # Class frequencies of the real corpora (training sets), used as the presets' default class priors.
@@ -101,8 +102,7 @@ def make_synthetic(preset: str | None = "iemocap", *, conversations: int | None 
         lens = torch.randint(lo, hi + 1, (n,), generator=g).tolist()
     B, C, S = len(lens), spec["num_classes"], spec["num_speakers"]
     lengths_t = torch.tensor(lens, dtype=torch.int64)
-    cu = torch.zeros(B + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(lengths_t, 0)
+    cu = cu_seqlens_from(lengths_t, torch.int64)
     T = int(cu[-1])
     conv = torch.repeat_interleave(torch.arange(B), lengths_t)           # (T,) conversation of each row
     start = torch.zeros(T, dtype=torch.bool)
