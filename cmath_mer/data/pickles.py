@@ -340,7 +340,8 @@ def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names
         conv = int(np.searchsorted(np.cumsum(lengths), row, side="right"))
         raise DataError(f"{src}: conversation {keys[conv]!r}: {layout.where('labels')} has label "
                         f"{int(labels[row])} at utterance {row - (sum(lengths[:conv]))}, outside 0..{C - 1} "
-                        f"({', '.join(class_names)}); pass class_names=... if the data has other classes")
+                        f"({', '.join(class_names)}); if the data has other classes, name them with "
+                        f"--class-names a,b,... (CLI) or class_names=(...)")
     cu = cu_seqlens_from(lengths, torch.int64)
     dataset = ConversationDataset(
         features={m: torch.from_numpy(np.concatenate(feats[m])) if feats[m] else torch.zeros(0, 0)

@@ -240,8 +240,9 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
         def grid2(META):
             return (triton.cdiv(M, META["BLOCK_M"]), k_chunks, S)
 
-        _launcher("cols", h.dtype, BLOCK_K, k_chunks == 1)[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
-                            BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, ACC=acc, **meta)
+        cols_launch = _launcher("cols", h.dtype, BLOCK_K, k_chunks == 1)
+        cols_launch[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
+                           BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, ACC=acc, **meta)
         dw, db = dw_part.sum(0), db_part.sum(0)
     return loss, (dh if want_dh else None), dw, db
 
