@@ -13,8 +13,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .config import CMATHConfig, TrainConfig, load_config, preset
+from . import run_folder
+from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
+from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
+from .errors import CheckpointError, ConfigError
 from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
 from .metrics import classification_metrics, save_confusion_matrix
 from .model import CMATH
@@ -81,8 +83,11 @@ def predict_conversations(model: CMATH, data: ConversationDataset, conversations
     return labels.numpy(), probs.argmax(-1).numpy(), probs.numpy()
 
 
-def evaluate_split(model, data, conversations) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_split(model, data, conversations) -> tuple[dict | None, np.ndarray, np.ndarray]:
+    """Metrics of the conversations (None when none of their utterances is labelled), labels, predictions."""
     y, p, _ = predict_conversations(model, data, conversations)
+    if not (y >= 0).any():
+        return None, y, p
     return classification_metrics(y, p, data.class_names), y, p
 
 
@@ -91,35 +96,69 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
-          *, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train CMATH, select the epoch on validation, write config.json, best.safetensors, last.safetensors,
-    metrics.json and confusion_matrix.png into out_dir. Returns the metrics dict."""
+          *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
+          run_info: dict | None = None) -> dict:
+    """Train CMATH, select the epoch on validation, write best.safetensors, last.safetensors, config.json,
+    train_config.json, metrics.json and confusion_matrix.png into out_dir. Returns the metrics dict.
+
+    out_dir must be new or empty, or hold a run: then `resume` continues it (same config, training settings
+    and data, or RunFolderError) and `overwrite` replaces it. One process at a time writes into a folder
+    (a lock). Every check runs before anything is written. run_info (e.g. the CLI's preset) is kept in the
+    checkpoints' state as "run"."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = tcfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise ConfigError(f"--device {device}: torch sees no CUDA device")
     check_compatible(data, config)
+    fingerprint = run_folder.data_fingerprint(data, config.modalities)
+    if resume:
+        saved = run_folder.saved_run(out)
+        run_folder.check_resume(saved, config, tcfg, fingerprint)
+    else:
+        run_folder.check_new_run_folder(out, overwrite=overwrite)
+        splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
+        if not _labelled(data, splits["train"]):
+            raise DataError(f"{data.source}: field 'labels': no training utterance is labelled (all are "
+                            f"{IGNORE_INDEX}, unlabelled)")
+    with run_folder.RunLock(out):
+        if resume:              # again under the lock: another process may have written meanwhile
+            saved = run_folder.saved_run(out)
+            run_folder.check_resume(saved, config, tcfg, fingerprint)
+        else:
+            run_folder.check_new_run_folder(out, overwrite=overwrite)
+            if overwrite:
+                run_folder.clear_run(out)
+        run_folder.clean_temporaries(out)
+        return _train(data, config, tcfg, out, saved.checkpoint if resume else None,
+                      None if resume else splits, fingerprint, progress, log, run_info)
+
+
+def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
+    cu = data.cu_seqlens.tolist()
+    return any(bool((data.labels[cu[i]:cu[i + 1]] != IGNORE_INDEX).any()) for i in conversations)
+
+
+def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fingerprint, progress, log,
+           run_info=None) -> dict:
+    device = tcfg.device
     torch.manual_seed(tcfg.seed)
     model = CMATH(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None}
-    if resume:
-        ckpt = out / "last.safetensors"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: {ckpt} does not exist (nothing to resume)")
-        saved = load_config(out / "config.json")
-        if saved != config:
-            raise ValueError(f"--resume: {out / 'config.json'} differs from this run's config; "
-                             "resume with the same preset, modalities and options")
-        state = load_checkpoint(ckpt, model, optimizer, device)
+    state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
+             "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
+    saved_config = config_to_dict(config)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, device)
+        state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
+        state.setdefault("data", fingerprint)
         splits = state["splits"]
-        log(f"resumed from {ckpt} after epoch {state['epoch']}")
+        log(f"resumed from {resume_from} after epoch {state['epoch']}")
+        # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them
+        _write_run_files(out, saved_config, tcfg)
+        _write_metrics(out, state)
+        _redo_confusion_matrix(out, data, config, splits, state, device)
     else:
-        splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
         state["splits"] = splits
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"]))
 
@@ -150,6 +189,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             count += batch.num_utterances
             bar.set_postfix(loss=f"{loss:.3f}")
         train_seconds = time.perf_counter() - t0
+        _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
         valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
         test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
@@ -157,16 +197,19 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
         state["history"].append(row)
         state["epoch"] = epoch
         score = valid["weighted_f1"] if valid else -row["train_loss"]
-        if state["best_valid"] is None or score > state["best_valid"]["score"]:
-            state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
-            save_checkpoint(out / "best.safetensors", model, optimizer, state)
-            if test is not None:
-                save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
-                                      f"test, epoch {epoch} (selected on validation)")
         if test is not None and (state["best_test"] is None
                                  or test["weighted_f1"] > state["best_test"]["weighted_f1"]):
             state["best_test"] = {"weighted_f1": test["weighted_f1"], "accuracy": test["accuracy"], "epoch": epoch}
-        save_checkpoint(out / "last.safetensors", model, optimizer, state)
+        # best first, then last: both hold the whole state of this epoch, so --resume can continue from
+        # either (a kill between the two leaves best one epoch ahead of last)
+        if state["best_valid"] is None or score > state["best_valid"]["score"]:
+            state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
+            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config)
+            if test is not None:
+                save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
+                                      f"test, epoch {epoch} (selected on validation)")
+        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config)
+        _write_run_files(out, saved_config, tcfg)          # with the first checkpoint, never before it
         _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
@@ -175,8 +218,37 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     return json.loads((out / "metrics.json").read_text())
 
 
+def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> None:
+    """Stop before a checkpoint is written when an update made the weights NaN/inf (the loss is checked
+    before the optimizer step, so it cannot see this)."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise FloatingPointError(
+                f"training stopped: the weights became non-finite (NaN/inf, first in {name}) in epoch {epoch} "
+                f"(step {step}, lr {tcfg.lr}); nothing of this epoch was saved, the checkpoints in {out} keep "
+                f"the last good epoch; try a smaller --lr")
+
+
+def _write_run_files(out: Path, config: dict, tcfg: TrainConfig) -> None:
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
+
+
+def _redo_confusion_matrix(out: Path, data, config, splits, state, device) -> None:
+    best = state.get("best_valid")
+    if not best or best.get("test") is None or not splits["test"] or not (out / "best.safetensors").exists():
+        return
+    model = CMATH(config).to(device)
+    load_checkpoint(out / "best.safetensors", model, None, device)
+    _, y, p = evaluate_split(model, data, splits["test"])
+    save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
+                          f"test, epoch {best['epoch']} (selected on validation)")
+
+
 def _write_metrics(out: Path, state: dict) -> None:
     best = state["best_valid"]
+    if best is None:
+        return
     test = best["test"] or {}
     metrics = {
         "selected_by_validation": {"weighted_f1": test.get("weighted_f1"), "accuracy": test.get("accuracy"),
@@ -190,10 +262,36 @@ def _write_metrics(out: Path, state: dict) -> None:
 
 
 def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
-    ckpt = Path(checkpoint_dir)
-    config = load_config(ckpt / "config.json")
+    """The model of a run folder's best.safetensors, built from the config the checkpoint carries; a
+    config.json beside it must say the same (an edited config would silently change predictions)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"--checkpoint {folder}: not a run folder" + (" (no such folder)" if not folder.exists() else ""))
+    path = folder / "best.safetensors"
+    meta = read_metadata(path)
+    if meta["config"] is not None:
+        try:
+            config = config_from_dict(meta["config"], f"{path} (metadata 'config')")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+        if (folder / "config.json").exists():
+            try:
+                beside = config_to_dict(load_config(folder / "config.json"))
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from None
+            if beside != meta["config"]:
+                trained = meta["config"]
+                diff = ", ".join(f"{k}: {beside.get(k)!r} there, {trained[k]!r} trained"
+                                 for k in trained if beside.get(k) != trained[k])
+                raise CheckpointError(f"{folder / 'config.json'}: does not match the config {path.name} was "
+                                      f"trained with ({diff}); restore it or retrain")
+    else:                                                           # a checkpoint from before configs were embedded
+        try:
+            config = load_config(folder / "config.json")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
     model = CMATH(config).to(device)
-    load_checkpoint(ckpt / "best.safetensors", model, None, device)
+    load_checkpoint(path, model, None, device)
     model.eval()
     return model
 
