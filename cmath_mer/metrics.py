@@ -33,5 +33,8 @@ def save_confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: tu
     ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .checkpoint import atomic_write
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))   # a kill leaves no torn file
+    finally:
+        plt.close(fig)
