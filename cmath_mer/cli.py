@@ -162,13 +162,14 @@ def _resume_settings(args):
         raise UsageError(f"--resume continues the run in {args.out} with its own settings; these options "
                          f"contradict it: {'; '.join(clashes)}. Drop them, or start a new run (--overwrite or "
                          f"another --out)")
+    notes = []
     if args.epochs is not None and args.epochs != tsaved["epochs"]:
-        print(f"--resume: training to {args.epochs} epochs (the run was set to {tsaved['epochs']})", file=sys.stderr)
+        notes.append(f"--resume: training to {args.epochs} epochs (the run was set to {tsaved['epochs']})")
         tsaved["epochs"] = args.epochs
     if args.device is not None and args.device != tsaved.get("device"):
-        print(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})", file=sys.stderr)
+        notes.append(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})")
         tsaved["device"] = args.device
-    return config, TrainConfig(**tsaved), run.get("preset") or args.preset or "iemocap"
+    return saved, config, TrainConfig(**tsaved), run.get("preset") or args.preset or "iemocap", notes
 
 
 def cmd_train(args) -> int:
@@ -177,8 +178,14 @@ def cmd_train(args) -> int:
     _train_options(args)
     out = Path(args.out)
     if args.resume:
-        config, tcfg, preset_name = _resume_settings(args)
+        from .data import check_compatible
+        from .run_folder import check_resume, data_fingerprint
+        saved, config, tcfg, preset_name, notes = _resume_settings(args)
         data = _load(args.data, preset_name, tcfg.seed, args.class_names)
+        check_compatible(data, config)
+        check_resume(saved, config, tcfg, data_fingerprint(data, config.modalities))    # before saying anything
+        for note in notes:
+            print(note, file=sys.stderr)
     else:
         check_new_run_folder(out, overwrite=args.overwrite)            # before the data is read
         preset_name = args.preset or "iemocap"

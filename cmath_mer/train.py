@@ -149,14 +149,15 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     saved_config = config_to_dict(config)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, device)
-        state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
-        state.setdefault("data", fingerprint)
         splits = state["splits"]
         log(f"resumed from {resume_from} after epoch {state['epoch']}")
-        # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them
-        _write_run_files(out, saved_config, tcfg)
+        # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them as
+        # the checkpoint has them (the new settings are written with the next checkpoint)
+        _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
         _write_metrics(out, state)
         _redo_confusion_matrix(out, data, config, splits, state, device)
+        state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
+        state.setdefault("data", fingerprint)
     else:
         state["splits"] = splits
     if config.class_weights:
@@ -209,7 +210,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
                                       f"test, epoch {epoch} (selected on validation)")
         save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config)
-        _write_run_files(out, saved_config, tcfg)          # with the first checkpoint, never before it
+        _write_run_files(out, saved_config, dataclasses.asdict(tcfg))   # with the first checkpoint, never before
         _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
@@ -229,9 +230,14 @@ def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig
                 f"the last good epoch; try a smaller --lr")
 
 
-def _write_run_files(out: Path, config: dict, tcfg: TrainConfig) -> None:
-    atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(out / "train_config.json", json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
+def _write_run_files(out: Path, config: dict, tcfg: dict) -> None:
+    """config.json and train_config.json, readable copies of what the checkpoints carry; a file that
+    already says the same is left alone."""
+    for name, obj in (("config.json", config), ("train_config.json", tcfg)):
+        text = json.dumps(obj, indent=2) + "\n"
+        path = out / name
+        if not path.exists() or path.read_text() != text:
+            atomic_write_text(path, text)
 
 
 def _redo_confusion_matrix(out: Path, data, config, splits, state, device) -> None:
