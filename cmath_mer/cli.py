@@ -193,6 +193,7 @@ def cmd_train(args) -> int:
         overrides = _overrides(args.set)
         if args.backend is not None:
             overrides["backend"] = args.backend
+        _check_device(args.device or "cpu", overrides.get("backend"))
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         data = _load(args.data, preset_name, seed, args.class_names)
         config = build_config(data, preset_name, modalities, **overrides)

@@ -408,6 +408,8 @@ MISUSE = [
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--device", "cuda"], 2, ["--device"]),
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--device", "foo"], 2, ["--device", "foo"]),
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--backend", "triton"], 2, ["--backend triton"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"backend": "triton"}'], 2, ["triton"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"backend": "cuda"}'], 2, ["backend"]),
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--class-names", "a,b,c,d"], 2,
      ["--class-names", "safetensors"]),
     (["train", "--data", "{data}", "--out", "{data}"], 2, ["--out", "file"]),

@@ -326,6 +326,9 @@ def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names
         raise ValueError(f"unassigned={unassigned!r}: choose 'valid', 'train' or 'error'")
     if extra not in ("auto", "valid", "ignore"):
         raise ValueError(f"extra={extra!r}: choose 'auto', 'valid' or 'ignore'")
+    if class_names is not None and (isinstance(class_names, (str, bytes)) or not all(
+            isinstance(c, str) and c for c in class_names) or len(set(class_names)) != len(tuple(class_names))):
+        raise ValueError(f"class_names={class_names!r}: expected a tuple of distinct, non-empty names")
     obj = safe_load_pickle(path)
     layout = detect_layout(obj, src)
     el = dict(zip(layout.fields, obj))
