@@ -185,7 +185,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             state["global_step"] += 1
             loss = out_b.loss.item()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at epoch {epoch}, step {state['global_step']}")
+                raise FloatingPointError(f"training stopped: the loss became {loss} in epoch {epoch} (step "
+                                         f"{state['global_step']}, lr {tcfg.lr}); nothing of this epoch was saved, "
+                                         f"the checkpoints in {out} keep the last good epoch; try a smaller --lr")
             total += loss * batch.num_utterances
             count += batch.num_utterances
             bar.set_postfix(loss=f"{loss:.3f}")
