@@ -7,7 +7,14 @@ A dataset file holds the packed tensors
 
 and, in the safetensors header metadata, ``format`` = "cmath-mer.dataset/1" and ``cmath_mer`` = a JSON
 object with class_names, modalities, conversation_ids, num_speakers, speaker_names, splits (the names of
-the split codes) and source (where the data came from).
+the split codes) and source (where the data came from), plus the dataset's `metadata` entries at the top
+level of that object (files written before `metadata` existed load with an empty one). `featurize` writes
+
+    encoders     modality -> {name, version, dim, ...}: what made the features (train copies it into the
+                 model config, so predict on raw conversations can featurize the same way)
+    inputs       [{path, sha256, split, layout, rows}]: the conversation tables it read
+    speaker_map  per conversation, the speaker names of indices 0, 1, ... (order of appearance)
+    transcript   {"utterance_ids": [...], "texts": [...]}: per utterance (packed order), for predict's output
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
 
 FORMAT = "cmath-mer.dataset/1"
+_CORE_KEYS = ("class_names", "modalities", "conversation_ids", "num_speakers", "speaker_names", "splits", "source")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,6 +57,10 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
         "splits": list(SPLITS),
         "source": dataset.source,
     }
+    clash = [k for k in dataset.metadata if k in _CORE_KEYS]
+    if clash:
+        raise ValueError(f"dataset metadata key {clash[0]!r} would overwrite a field of the format")
+    meta.update(dataset.metadata)
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)}))
     return path
 
@@ -106,7 +118,8 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
             features=features, speakers=f.get_tensor("speakers"), labels=f.get_tensor("labels"),
             cu_seqlens=f.get_tensor("cu_seqlens"), splits=splits, conversation_ids=ids,
             class_names=tuple(meta["class_names"]), num_speakers=int(meta["num_speakers"]), source=src,
-            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None)
+            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None,
+            metadata={k: v for k, v in meta.items() if k not in _CORE_KEYS})
     return validate_dataset(ds, check_finite=True) if validate else ds
 
 
