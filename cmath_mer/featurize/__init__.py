@@ -180,6 +180,8 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
                          media_root=media_root)
     modalities = _modalities(corpus, None)
     audio_encoder = AudioEncoder(audio_features) if "audio" in modalities else None
+    if not progress:
+        _quiet_model_loading()
     if not isinstance(text_encoder, TextEncoder):
         text_encoder = load_text_encoder(text_encoder, device)
     text_encoder.batch_size = batch_size
@@ -191,6 +193,15 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
         save_dataset(dataset, out)
         dataset.source = str(out)
     return dataset
+
+
+def _quiet_model_loading() -> None:
+    """--no-progress: transformers' own 'Loading weights' bar too."""
+    try:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def _same_encoder(modality: str, recorded: dict, actual: dict, checkpoint: str) -> None:
@@ -218,6 +229,8 @@ def featurize_for_model(table: str, config, *, checkpoint: str = "the checkpoint
     corpus = read_tables([table], class_names=tuple(config.class_names), **table_options)
     modalities = _modalities(corpus, tuple(config.modalities))
     text = audio = None
+    if not progress:
+        _quiet_model_loading()
     if "text" in modalities:
         rec = encoders["text"]
         if not isinstance(text_encoder, TextEncoder):
