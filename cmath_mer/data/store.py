@@ -61,8 +61,27 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
     if clash:
         raise ValueError(f"dataset metadata key {clash[0]!r} would overwrite a field of the format")
     meta.update(dataset.metadata)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)}))
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
+        _sort_header_metadata(tmp)
+    atomic_write(path, write)
     return path
+
+
+def _sort_header_metadata(path) -> None:
+    """safetensors writes its metadata map in hash order, which changes from process to process; put the
+    keys in sorted order (in place: the header keeps its length) so the same dataset gives the same bytes."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= n:                  # it is the same length; safetensors pads with spaces
+            f.seek(8)
+            f.write(canonical.ljust(n, b" "))
 
 
 def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = None,

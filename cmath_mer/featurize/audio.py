@@ -85,7 +85,7 @@ class AudioEncoder:
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")              # "segment too short": the NaN check below says it
-            values = self.smile.process_signal(samples, rate).to_numpy(dtype=np.float32).reshape(-1)
+            values = self.smile.process_signal(samples, rate).to_numpy(dtype=np.float32).reshape(-1).copy()
         if not np.isfinite(values).all():
             raise AudioError(f"too short or degenerate for openSMILE ({samples.shape[0]} samples at {rate} Hz "
                              f"gave non-finite functionals)")
