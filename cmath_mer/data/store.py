@@ -175,6 +175,9 @@ def load_dataset(path: str | Path, **options) -> ConversationDataset:
         raise DataError(f"{path}: no such file")
     if p.is_dir():
         raise DataError(f"{path}: is a folder, expected a .safetensors or .pkl file")
+    if p.suffix.lower() in (".csv", ".jsonl", ".ndjson"):     # a CSV starting with 'c' looks like a pickle
+        raise DataError(f"{path}: a conversation table, not features; make a dataset file from it with "
+                        f"`cmath-mer featurize {path} --out DATA.safetensors` (predict takes tables directly)")
     kind = file_format(p)
     if kind == "safetensors":
         return load_safetensors(p, **options)
