@@ -223,6 +223,28 @@ def test_bad_audio_is_an_error_naming_row_and_path_unless_zero(tmp_path, wavs):
     assert len(messages) == 1 and messages[0].startswith("featurize: 1 of 6 utterances have no usable audio")
 
 
+def test_predict_featurizes_a_table_like_the_training_data(tmp_path, wavs):
+    pytest.importorskip("opensmile")
+    pytest.importorskip("soundfile")
+    from cmath_mer.featurize import featurize_for_model
+    from cmath_mer.train import build_config
+    table = audio_table(tmp_path, ["tone", "noise", "silence", "stereo", "8k", "tone"])
+    enc = fake_encoder()
+    ds = featurize([str(table)], None, text_encoder=enc, progress=False)
+    config = build_config(ds, "iemocap")
+    assert config.encoders == ds.metadata["encoders"] and set(config.encoders) == {"text", "audio"}
+    again, corpus = featurize_for_model(str(table), config, text_encoder=enc, progress=False)
+    for m in ("text", "audio"):
+        assert torch.equal(again.features[m], ds.features[m]), m
+    assert [u.position for u in corpus.utterances] == [0, 4, 3, 2, 1, 5]
+    text_only = build_config(ds, "iemocap", ("text",))
+    assert set(text_only.encoders) == {"text"}
+    plain = write_csv(tmp_path / "plain.csv", HEADER, ROWS)
+    with pytest.raises(DataError, match=r"plain.csv: line 1: field 'audio': the model needs audio"):
+        featurize_for_model(str(plain), config, text_encoder=enc, progress=False)
+    assert featurize_for_model(str(plain), text_only, text_encoder=enc, progress=False)[0].modalities == ("text",)
+
+
 # ---------------------------------------------------------------- the embedded MiniLM (needs the extra)
 
 @pytest.fixture(scope="module")
@@ -301,6 +323,9 @@ def test_featurize_train_predict_on_a_csv(tmp_path, minilm, capsys):
     for r in out:
         assert abs(sum(float(r[f"p_{n}"]) for n in ("anger", "joy", "neutral")) - 1) < 1e-3
         assert r["prediction"] in ("anger", "joy", "neutral") and r["label"] == ""
+
+    assert main(["evaluate", "--checkpoint", str(run), "--data", str(data)]) == 0
+    assert "weighted_f1" in capsys.readouterr().out
 
     # predict on the featurized file echoes the transcript it keeps
     assert main(["predict", "--checkpoint", str(run), "--data", str(data), "--out", str(preds), "--no-progress"]) == 0

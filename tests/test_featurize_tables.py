@@ -56,8 +56,8 @@ def test_meld_layout_is_read_as_it_is(tmp_path):
     assert corpus.tables[0].layout == "meld"
     assert corpus.class_names == PRESETS["meld"]["class_names"]
     assert [c[0].conversation for c in corpus.conversations] == ["3", "1"]      # order of first appearance
-    assert [u.text for u in corpus.conversations[0]] == [
-        "That I did. That I did.", "You must’ve had your hands full.", "So let’s talk a little bit about your duties."]
+    assert [u.text for u in corpus.conversations[0]] == ["That I did. That I did.", "You must’ve had your hands full.",
+                                                         "So let’s talk a little bit about your duties."]
     assert [u.line for u in corpus.conversations[0]] == [3, 2, 4]
     assert {u.split for u in corpus.utterances} == {"test"}
     assert label_indices(corpus)[3:] == [1, 2, 6]          # surprise, fear, anger in the preset order

@@ -122,12 +122,13 @@ def _modalities(corpus: Corpus, wanted: tuple[str, ...] | None) -> tuple[str, ..
 
 def _build(corpus: Corpus, modalities: tuple[str, ...], text_encoder: TextEncoder | None,
            audio_encoder: AudioEncoder | None, *, cache: FeatureCache, missing_audio: str, progress: bool,
-           source: str, log) -> ConversationDataset:
-    fresh: dict[str, dict] = {}                   # encoder key -> vectors computed in this run
+           source: str, log) -> tuple[ConversationDataset, dict[str, dict]]:
+    """The dataset, and the vectors computed in this run per encoder key (for the cache)."""
+    fresh: dict[str, dict] = {}
     features, encoders = {}, {}
     if "text" in modalities:
-        features["text"], encoders["text"] = _text_features(corpus, text_encoder, cache, progress, fresh), \
-            dict(text_encoder.record)
+        features["text"] = _text_features(corpus, text_encoder, cache, progress, fresh)
+        encoders["text"] = dict(text_encoder.record)
     if "audio" in modalities:
         features["audio"] = _audio_features(corpus, audio_encoder, cache, missing_audio, progress, fresh, log)
         encoders["audio"] = dict(audio_encoder.record)
@@ -155,10 +156,7 @@ def _build(corpus: Corpus, modalities: tuple[str, ...], text_encoder: TextEncode
             "transcript": {"utterance_ids": [u.utterance_id for u in utterances],
                            "texts": [u.text for u in utterances]},
         })
-    validate_dataset(dataset)
-    for key, entries in fresh.items():            # the cache learns only from a run that succeeded
-        cache.save(key, entries)
-    return dataset
+    return validate_dataset(dataset), fresh
 
 
 def featurize(tables: list[str], out: str | Path | None = None, *, layout: str = "auto",
@@ -187,11 +185,14 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
     text_encoder.batch_size = batch_size
     folder = (cache_folder(out) if out is not None else None) if cache is True else (cache or None)
     source = ", ".join(t.name + (f":{t.split}" if t.split else "") for t in corpus.tables)
-    dataset = _build(corpus, modalities, text_encoder, audio_encoder, cache=FeatureCache(folder),
-                     missing_audio=missing_audio, progress=progress, source=source, log=log)
+    cache = FeatureCache(folder)
+    dataset, fresh = _build(corpus, modalities, text_encoder, audio_encoder, cache=cache,
+                            missing_audio=missing_audio, progress=progress, source=source, log=log)
     if out is not None:
         save_dataset(dataset, out)
         dataset.source = str(out)
+    for key, entries in fresh.items():            # the cache learns only from a run that succeeded
+        cache.save(key, entries)
     return dataset
 
 
@@ -245,6 +246,6 @@ def featurize_for_model(table: str, config, *, checkpoint: str = "the checkpoint
     if "audio" in modalities:
         audio = AudioEncoder(encoders["audio"].get("feature_set", "eGeMAPSv02"))
         _same_encoder("audio", encoders["audio"], audio.record, checkpoint)
-    dataset = _build(corpus, modalities, text, audio, cache=FeatureCache(None),
-                     missing_audio=missing_audio, progress=progress, source=corpus.tables[0].name, log=log)
+    dataset, _ = _build(corpus, modalities, text, audio, cache=FeatureCache(None),
+                        missing_audio=missing_audio, progress=progress, source=corpus.tables[0].name, log=log)
     return dataset, corpus
