@@ -63,7 +63,10 @@ def _audio_features(corpus: Corpus, encoder: AudioEncoder, cache: FeatureCache, 
                 raise AudioError("no audio file given (empty cell or no audio column in this table)")
             if not u.audio.is_file():
                 raise AudioError("no such file")
-            key = content_key(encoder.key, u.audio.read_bytes())
+            try:
+                key = content_key(encoder.key, u.audio.read_bytes())
+            except OSError as err:
+                raise AudioError(f"cannot read ({err.strerror})") from None
             if key not in known:
                 known[key] = new[key] = torch.from_numpy(encoder.encode_file(u.audio))
             out[i] = known[key]

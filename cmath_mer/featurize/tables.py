@@ -191,6 +191,8 @@ def read_table(spec: str, *, layout: str = "auto", columns: dict[str, str] | Non
     """Read one table. spec: 'PATH' or 'PATH:split'. split: the split of rows with no split column (an
     explicit ':split' wins over both). Conversation ids are the table's own (read_tables makes them unique)."""
     name, spec_split = parse_spec(spec)
+    if split is not None and split not in SPLIT_NAMES:
+        raise ValueError(f"split {split!r}: choose one of {', '.join(SPLIT_NAMES)}")
     path = Path(name)
     header, rows = _read_rows(path, name)
     layout_name = detect_layout(header) if layout == "auto" else layout
