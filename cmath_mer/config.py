@@ -21,6 +21,8 @@ class CMATHConfig:
     num_classes: int = 6
     class_names: tuple[str, ...] = ("hap", "sad", "neu", "ang", "exc", "fru")
     num_speakers: int = 2
+    encoders: dict | None = None        # modality -> what made its features (name, version, dim), copied
+                                        # from featurized data, so predict can featurize raw conversations alike
     # --- widths ---
     d_model: int = 256                  # d: hidden width (ours)
     n_heads: int = 8                    # H (ours)

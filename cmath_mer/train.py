@@ -28,9 +28,12 @@ def build_config(data: ConversationDataset, preset_name: str, modalities: tuple[
     if missing:
         raise DataError(f"{data.source}: modality {missing[0]!r} was asked for but the data has only "
                         f"{', '.join(data.modalities)} (field features)")
+    encoders = data.metadata.get("encoders")
+    if encoders is not None:
+        encoders = {m: encoders[m] for m in mods if m in encoders}
     return preset(preset_name, modalities=mods, input_dims={m: data.input_dims[m] for m in mods},
                   num_classes=data.num_classes, class_names=data.class_names,
-                  num_speakers=max(1, data.num_speakers), **overrides)
+                  num_speakers=max(1, data.num_speakers), encoders=encoders, **overrides)
 
 
 def make_splits(data: ConversationDataset, valid_fraction: float, seed: int) -> dict[str, list[int]]:
