@@ -20,7 +20,8 @@ MAX_SPEAKERS = 65_536                      # speaker embeddings; data with more 
 DERIVED_FIELDS = {"modalities": "--modalities", "input_dims": "the data's feature widths",
                   "num_classes": "the data's classes (--class-names for a pickle)",
                   "class_names": "the data's classes (--class-names for a pickle)",
-                  "num_speakers": "the data's speakers"}
+                  "num_speakers": "the data's speakers",
+                  "encoders": "the featurized data's metadata"}
 
 
 def _names(field_name: str, value) -> tuple[str, ...]:
@@ -64,6 +65,8 @@ class CMATHConfig:
     num_classes: int = 6
     class_names: tuple[str, ...] = ("hap", "sad", "neu", "ang", "exc", "fru")
     num_speakers: int = 2
+    encoders: dict | None = None        # modality -> what made its features (name, version, dim), copied
+                                        # from featurized data, so predict can featurize raw conversations alike
     # --- widths ---
     d_model: int = 256                  # d: hidden width (ours)
     n_heads: int = 8                    # H (ours)
@@ -85,6 +88,8 @@ class CMATHConfig:
                                         # scale does not grow with the latent width and swamp the CE (ours)
     detach_teacher: bool = True         # coarse teacher is a constant in the distillation terms
     class_weights: bool = True          # inverse training frequency weights in the cross-entropies
+    class_weight_power: float = 1.0     # w_k = (N / (K n_k)) ** power: 1 = inverse frequency, 0.5 tempered (ours)
+    label_smoothing: float = 0.0        # in every cross-entropy (ours)
     # --- implementation ---
     backend: str | None = None          # torch | triton | auto; None = env var CMATH_BACKEND, else auto
     recompute_from: int | None = 2048   # batches of at least this many utterances recompute CMA blocks in
@@ -125,8 +130,12 @@ class CMATHConfig:
             _int("recompute_from", self.recompute_from, 1)
         _float("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _float("tau", self.tau, 0.0, low_open=True)
-        for name in ("g_fine", "g_kd", "l_rec", "beta"):
+        for name in ("g_fine", "g_kd", "l_rec", "beta", "class_weight_power"):
             _float(name, getattr(self, name), 0.0)
+        _float("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        if self.encoders is not None and not isinstance(self.encoders, dict):
+            raise ConfigError(f"config: `encoders` must be an object modality -> encoder or null, got "
+                              f"{self.encoders!r:.80}")
         for name in ("latent_kl_per_dim", "detach_teacher", "class_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config: `{name}` must be true or false, got {getattr(self, name)!r}")
@@ -157,8 +166,16 @@ class TrainConfig:
     valid_fraction: float = 0.1         # held out of train when the data has no validation split (IEMOCAP)
     seed: int = 0
     device: str = "cpu"
+    warmup_epochs: float = 0.0          # linear learning-rate warmup over this many epochs' steps
+    lr_schedule: str = "constant"       # constant | cosine (decays to 0 at the last epoch of `epochs`)
+    patience: int | None = None         # stop after this many epochs without a better validation wF1
 
     def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"train config: lr_schedule={self.lr_schedule!r}: choose constant or cosine")
+        _float("warmup_epochs", self.warmup_epochs, 0.0)
+        if self.patience is not None:
+            _int("patience", self.patience, 1)
         _int("epochs", self.epochs, 1)
         _float("lr", self.lr, 0.0, low_open=True)
         _float("weight_decay", self.weight_decay, 0.0)

@@ -8,7 +8,15 @@ A dataset file holds the packed tensors
 and, in the safetensors header metadata, ``format`` = "cmath-mer.dataset/1" and ``cmath_mer`` = a JSON
 object with class_names, modalities, conversation_ids, num_speakers, speaker_names, splits (the names of
 the split codes), source (where the data came from) and sha256 (tensor name -> SHA-256 of its bytes,
-checked on load: a flipped bit is an error, not a moved conversation boundary).
+checked on load: a flipped bit is an error, not a moved conversation boundary), plus the dataset's
+`metadata` entries at the top level of that object (files written before `metadata` existed load with an
+empty one). `featurize` writes
+
+    encoders     modality -> {name, version, dim, ...}: what made the features (train copies it into the
+                 model config, so predict on raw conversations can featurize the same way)
+    inputs       [{path, sha256, split, layout, rows}]: the conversation tables it read
+    speaker_map  per conversation, the speaker names of indices 0, 1, ... (order of appearance)
+    transcript   {"utterance_ids": [...], "texts": [...]}: per utterance (packed order), for predict's output
 
 Loading copies the tensors into memory (corpora are small): a file that another process rewrites while a
 training reads it cannot change the data under it or crash it.
@@ -30,6 +38,8 @@ from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
 
 FORMAT = "cmath-mer.dataset/1"
+_CORE_KEYS = ("class_names", "modalities", "conversation_ids", "num_speakers", "speaker_names", "splits", "source",
+              "sha256")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -56,7 +66,15 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
         "splits": list(SPLITS),
         "source": dataset.source,
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)}))
+    clash = [k for k in dataset.metadata if k in _CORE_KEYS]
+    if clash:
+        raise ValueError(f"dataset metadata key {clash[0]!r} would overwrite a field of the format")
+    meta.update(dataset.metadata)
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
+        _sort_header_metadata(tmp)
+    atomic_write(path, write)
     return path
 
 
@@ -72,6 +90,21 @@ def _name_list(src: str, key: str, value, *, allow_none: bool = False):
     if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
         raise DataError(f"{src}: field 'metadata.{key}': expected a list of names, got {value!r:.80}")
     return value
+
+
+def _sort_header_metadata(path) -> None:
+    """safetensors writes its metadata map in hash order, which changes from process to process; put the
+    keys in sorted order (in place: the header keeps its length) so the same dataset gives the same bytes."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= n:                  # it is the same length; safetensors pads with spaces
+            f.seek(8)
+            f.write(canonical.ljust(n, b" "))
 
 
 def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = None,
@@ -156,7 +189,8 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
             features=features, speakers=get("speakers"), labels=get("labels"),
             cu_seqlens=get("cu_seqlens"), splits=splits, conversation_ids=ids,
             class_names=tuple(str(c) for c in meta["class_names"]), num_speakers=num_speakers, source=src,
-            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None)
+            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None,
+            metadata={k: v for k, v in meta.items() if k not in _CORE_KEYS})
     return validate_dataset(ds, check_finite=True) if validate else ds
 
 
@@ -193,6 +227,9 @@ def load_dataset(path: str | Path, **options) -> ConversationDataset:
         raise DataError(f"{path}: no such file")
     if p.is_dir():
         raise DataError(f"{path}: is a folder, expected a .safetensors or .pkl file")
+    if p.suffix.lower() in (".csv", ".jsonl", ".ndjson"):     # a CSV starting with 'c' looks like a pickle
+        raise DataError(f"{path}: a conversation table, not features; make a dataset file from it with "
+                        f"`cmath-mer featurize {path} --out DATA.safetensors` (predict takes tables directly)")
     kind = file_format(p)
     if kind == "safetensors":
         return load_safetensors(p, **options)
