@@ -330,8 +330,15 @@ def cmd_predict(args) -> int:
 
 def cmd_featurize(args) -> int:
     from .featurize import featurize
+    tables = [Path(t) for t in args.tables] + [Path(t.rsplit(":", 1)[0]) for t in args.tables if ":" in t]
+    _output_file("--out", args.out, tables)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.device is not None:
+        _check_device(args.device)
     data = featurize(args.tables, args.out, split=args.split, **_table_options(args),
-                     class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+                     class_names=None if args.class_names is None else _names_option("--class-names",
+                                                                                     args.class_names),
                      text_encoder=args.text_encoder, audio_features=args.audio_features,
                      missing_audio=args.missing_audio, cache=not args.no_cache, device=args.device,
                      batch_size=args.batch_size, progress=not args.no_progress)

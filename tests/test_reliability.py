@@ -331,6 +331,15 @@ def test_pickle_bombs_are_refused_before_any_work(tmp_path):
         assert time.perf_counter() - t0 < 2.0
 
 
+def test_pickled_calls_cannot_ask_for_huge_allocations(tmp_path):
+    for payload in (b"\x80\x04cbuiltins\nbytes\nJ\x00\x00\x00\x7f\x85R.",                 # bytes(2**31 - ...)
+                    b"\x80\x04cbuiltins\nlist\ncbuiltins\nrange\nJ\x00\x00\x00\x7f\x85R\x85R."):
+        path = tmp_path / "big.pkl"
+        path.write_bytes(payload)
+        with pytest.raises(DataError, match="refused"):
+            load_dataset(path)
+
+
 def test_bad_data_values_are_errors(tmp_path):
     data = tiny_corpus(conversations=3)
     # integer features in a pickle
@@ -428,6 +437,8 @@ MISUSE = [
     (["convert", "{pkl}", "{tmp}"], 2, ["output", "folder"]),
     (["convert", "{data}", "{tmp}/c.safetensors", "--class-names", "a,b"], 2, ["--class-names"]),
     (["synth", "{tmp}/s.safetensors", "--conversations", "0"], 2, ["--conversations"]),
+    (["featurize", "{tmp}/t.csv", "--out", "{tmp}/t.csv"], 2, ["--out", "input"]),
+    (["featurize", "{tmp}/t.csv", "--out", "{tmp}/f.safetensors", "--class-names", ""], 2, ["--class-names"]),
 ]
 
 

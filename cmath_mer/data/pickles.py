@@ -67,6 +67,28 @@ class UnsafePickleError(DataError):
     """A pickle asked for a global outside ALLOWED_GLOBALS; nothing from it was run."""
 
 
+_SIZED_BUILTINS = {("builtins", "bytes"), ("builtins", "bytearray"), ("builtins", "range")}
+MAX_BUILT_SIZE = 1 << 28          # bytes(n), bytearray(n), range(...): a 10-byte pickle could ask for terabytes
+
+
+def _bounded(source: str, name: str):
+    """bytes / bytearray / range as a pickle calls them, refusing sizes no feature file needs."""
+    import builtins
+    real = getattr(builtins, name)
+
+    def call(*args):
+        size = None
+        if name == "range":
+            size = len(range(*args))
+        elif args and isinstance(args[0], int):
+            size = args[0]
+        if size is not None and size > MAX_BUILT_SIZE:
+            raise UnsafePickleError(f"{source}: refused: the pickle asks for {name}() of {size} elements "
+                                    f"(at most {MAX_BUILT_SIZE})")
+        return real(*args)
+    return call
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Unpickles only numpy arrays, numpy scalars and builtin containers; any other global is refused
     before it is imported, so a hostile pickle cannot run code (os.system, eval, ...) while it loads."""
@@ -89,6 +111,8 @@ class SafeUnpickler(pickle.Unpickler):
                 f"Nothing from the file was executed. If you trust the file, convert it in a trusted "
                 f"environment to numpy arrays/dicts first")
         mod, attr = key
+        if key in _SIZED_BUILTINS:
+            return _bounded(self.source, attr)
         if mod in _NUMPY_RENAMES:
             try:
                 import importlib
