@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig
+from .config import PRESETS, TrainConfig, train_preset
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
 
@@ -40,9 +40,16 @@ def cmd_train(args) -> int:
             overrides["backend"] = args.backend
         modalities = tuple(args.modalities.split(",")) if args.modalities else None
         config = build_config(data, args.preset, modalities, **overrides)
-        tcfg = TrainConfig(epochs=args.epochs or TrainConfig.epochs, seed=args.seed, device=args.device,
-                           **({"lr": args.lr} if args.lr else {}))
+        given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience}
+        tcfg = train_preset(args.preset, seed=args.seed, device=args.device,
+                            **{k: v for k, v in given.items() if v is not None})
     try:
+        if args.seeds is not None:
+            from .seeds import train_seeds
+            train_seeds(data, config, tcfg, out, _seed_list(args.seeds), resume=args.resume,
+                        progress=not args.no_progress)
+            print(f"wrote {out}/seed-*/ (one run folder per seed) and {out}/summary.json")
+            return 0
         metrics = train(data, config, tcfg, out, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last finished epoch is saved in {out}. Continue with:\n"
@@ -52,10 +59,34 @@ def cmd_train(args) -> int:
     if sel["weighted_f1"] is not None:
         print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
               f"(epoch {sel['epoch']}, selected on validation)")
+    base = metrics.get("baseline_context_free")
+    if base and base.get("test"):
+        print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "
+              f"{base['test']['weighted_f1']:.2f}  accuracy {base['test']['accuracy']:.2f}")
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
     print(f"wrote {out}/config.json, best.safetensors, last.safetensors, metrics.json, confusion_matrix.png")
+    return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2,3,4") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def cmd_baseline(args) -> int:
+    from .baseline import context_free_baseline
+    from .train import make_splits
+    data = _load(args.data, args.preset, args.seed, args.class_names)
+    modalities = tuple(args.modalities.split(",")) if args.modalities else None
+    result = context_free_baseline(data, make_splits(data, TrainConfig.valid_fraction, args.seed), modalities)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -202,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
     t.add_argument("--lr", type=float)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3,4: one run each in OUT/seed-N, "
+                                   "mean and std in OUT/summary.json")
+    t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation F1")
     t.add_argument("--device", default="cpu")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
@@ -211,6 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
+
+    bl = sub.add_parser("baseline", help="the context-free baseline alone: logistic regression on each "
+                                         "utterance's features, C chosen on validation")
+    bl.add_argument("--data", required=True)
+    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of the validation split (when the data has none)")
+    bl.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    bl.set_defaults(func=cmd_baseline)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
     e.add_argument("--checkpoint", required=True)

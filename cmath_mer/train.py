@@ -13,10 +13,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .baseline import context_free_baseline
 from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from .config import CMATHConfig, TrainConfig, load_config, preset
 from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
-from .metrics import classification_metrics, save_confusion_matrix
+from .metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from .model import CMATH
 
 
@@ -133,6 +134,9 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     else:
         splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
         state["splits"] = splits
+        if tcfg.baseline:
+            state["baseline"] = context_free_baseline(data, splits, config.modalities)
+            log(_baseline_line(state["baseline"]))
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
     if config.class_weights:
@@ -144,6 +148,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+        if _stop_early(state, tcfg):
+            break
         torch.manual_seed(tcfg.seed * 10_007 + epoch)        # dropout stream: same run whether resumed or not
         model.train()
         batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
@@ -189,11 +195,23 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
             + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
             + f"{row['utterances_per_second']:.0f} utt/s")
-        if tcfg.patience is not None and valid and epoch - state["best_valid"]["epoch"] >= tcfg.patience:
+        if _stop_early(state, tcfg):
             log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
                 f"(best epoch {state['best_valid']['epoch']})")
-            break
     return json.loads((out / "metrics.json").read_text())
+
+
+def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
+    """Patience ran out: `patience` epochs since the validation-selected one (a resumed run stops too)."""
+    best = state["best_valid"]
+    return (tcfg.patience is not None and best is not None and best["valid"] is not None
+            and state["epoch"] - best["epoch"] >= tcfg.patience)
+
+
+def _baseline_line(b: dict) -> str:
+    where = f"valid wF1 {b['valid']['weighted_f1']:5.2f}  " if b["valid"] else ""
+    test = f"test wF1 {b['test']['weighted_f1']:5.2f} acc {b['test']['accuracy']:5.2f}" if b["test"] else ""
+    return f"context-free baseline (logistic regression, C={b['C']:g}): {where}{test}"
 
 
 def _write_metrics(out: Path, state: dict) -> None:
@@ -204,10 +222,12 @@ def _write_metrics(out: Path, state: dict) -> None:
                                    "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
                                    "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
         "best_test_epoch": state["best_test"],
+        "baseline_context_free": state.get("baseline"),
         "history": state["history"],
     }
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
 
 
 def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
