@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import MODALITIES, PRESETS, TrainConfig, check_overrides
+from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
 from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
@@ -106,6 +106,8 @@ def _train_options(args) -> None:
     """Check every training option that was given, before anything is read or written."""
     if args.out == "":
         raise UsageError("--out: empty path; name the run folder")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError(f"--patience {args.patience}: must be at least 1")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs {args.epochs}: must be at least 1")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
@@ -134,14 +136,14 @@ def _overrides(text: str | None) -> dict:
         raise UsageError(str(err)) from None
 
 
-def _resume_settings(args):
+def _resume_settings(args, folder: Path):
     """The run's own config and TrainConfig for --resume; an option that contradicts the run is refused,
     --epochs (extend) and --device are applied and said."""
     from .config import config_to_dict
     from .run_folder import saved_run
-    saved = saved_run(args.out)
+    saved = saved_run(folder)
     config = saved.config
-    tsaved = dict(saved.train_config or json.loads((Path(args.out) / "train_config.json").read_text()))
+    tsaved = dict(saved.train_config or json.loads((folder / "train_config.json").read_text()))
     run = saved.state.get("run") or {}
     have = config_to_dict(config)
     clashes = []
@@ -154,6 +156,8 @@ def _resume_settings(args):
         clashes.append(f"--backend {args.backend} (the run has {config.backend})")
     if args.lr is not None and args.lr != tsaved.get("lr"):
         clashes.append(f"--lr {args.lr} (the run has {tsaved.get('lr')})")
+    if args.patience is not None and args.patience != tsaved.get("patience"):
+        clashes.append(f"--patience {args.patience} (the run has {tsaved.get('patience')})")
     if args.seed is not None and args.seed != tsaved.get("seed"):
         clashes.append(f"--seed {args.seed} (the run has {tsaved.get('seed')})")
     if args.preset is not None and run.get("preset") is not None and args.preset != run["preset"]:
@@ -177,17 +181,24 @@ def cmd_train(args) -> int:
     from .train import build_config, train
     _train_options(args)
     out = Path(args.out)
+    seeds = None if args.seeds is None else _seed_list(args.seeds)
+    if seeds is not None and args.seed is not None:
+        raise UsageError("--seed and --seeds contradict each other: give one")
     if args.resume:
         from .data import check_compatible
-        from .run_folder import check_resume, data_fingerprint
-        saved, config, tcfg, preset_name, notes = _resume_settings(args)
+        from .run_folder import check_resume, data_fingerprint, run_files
+        folder = out
+        if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
+            folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
+        saved, config, tcfg, preset_name, notes = _resume_settings(args, folder)
         data = _load(args.data, preset_name, tcfg.seed, args.class_names)
         check_compatible(data, config)
         check_resume(saved, config, tcfg, data_fingerprint(data, config.modalities))    # before saying anything
         for note in notes:
             print(note, file=sys.stderr)
     else:
-        check_new_run_folder(out, overwrite=args.overwrite)            # before the data is read
+        for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
+            check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
         preset_name = args.preset or "iemocap"
         seed = 0 if args.seed is None else args.seed
         overrides = _overrides(args.set)
@@ -197,11 +208,19 @@ def cmd_train(args) -> int:
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         data = _load(args.data, preset_name, seed, args.class_names)
         config = build_config(data, preset_name, modalities, **overrides)
-        tcfg = TrainConfig(epochs=TrainConfig.epochs if args.epochs is None else args.epochs, seed=seed,
-                           device=args.device or "cpu", **({} if args.lr is None else {"lr": args.lr}))
+        given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience}
+        tcfg = train_preset(preset_name, seed=seed, device=args.device or "cpu",
+                            **{k: v for k, v in given.items() if v is not None})
+    run_info = {"preset": preset_name, "data": args.data}
     try:
+        if seeds is not None:
+            from .seeds import train_seeds
+            train_seeds(data, config, tcfg, out, seeds, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress, run_info=run_info)
+            print(f"wrote {out}/seed-*/ (one run folder per seed) and {out}/summary.json")
+            return 0
         metrics = train(data, config, tcfg, out, resume=args.resume, overwrite=args.overwrite,
-                        progress=not args.no_progress, run_info={"preset": preset_name, "data": args.data})
+                        progress=not args.no_progress, run_info=run_info)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last finished epoch is saved in {out}. Continue with:\n"
               f"  cmath-mer train --data {args.data} --out {out} --resume", file=sys.stderr)
@@ -210,13 +229,38 @@ def cmd_train(args) -> int:
     if sel["weighted_f1"] is not None:
         print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
               f"(epoch {sel['epoch']}, selected on validation)")
+    base = metrics.get("baseline_context_free")
+    if base and base.get("test"):
+        print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "
+              f"{base['test']['weighted_f1']:.2f}  accuracy {base['test']['accuracy']:.2f}")
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
     written = ["config.json", "train_config.json", "best.safetensors", "last.safetensors", "metrics.json"]
-    if (out / "confusion_matrix.png").exists():
-        written.append("confusion_matrix.png")
+    written += [f for f in ("confusion_matrix.png", "training_curves.png") if (out / f).exists()]
     print(f"wrote {out}/{', '.join(written)}")
+    return 0
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2,3,4") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: a seed is repeated")
+    if any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds {text!r}: seeds must be >= 0")
+    return seeds
+
+
+def cmd_baseline(args) -> int:
+    from .baseline import context_free_baseline
+    from .train import make_splits
+    data = _load(args.data, args.preset, args.seed, args.class_names)
+    modalities = tuple(args.modalities.split(",")) if args.modalities else None
+    result = context_free_baseline(data, make_splits(data, TrainConfig.valid_fraction, args.seed), modalities)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -401,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
     t.add_argument("--lr", type=float, help=f"default {TrainConfig.lr}")
     t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3,4: one run each in OUT/seed-N, "
+                                   "mean and std in OUT/summary.json")
+    t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation F1")
     t.add_argument("--device", help="cpu (default) or cuda")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
@@ -411,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
+
+    bl = sub.add_parser("baseline", help="the context-free baseline alone: logistic regression on each "
+                                         "utterance's features, C chosen on validation")
+    bl.add_argument("--data", required=True)
+    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of the validation split (when the data has none)")
+    bl.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    bl.set_defaults(func=cmd_baseline)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
     e.add_argument("--checkpoint", required=True)

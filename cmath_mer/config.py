@@ -86,6 +86,7 @@ class CMATHConfig:
     beta: float = 0.01                  # weight of KL to the prior
     latent_kl_per_dim: bool = True      # divide the latent KL terms (KD_latent, KL_prior) by d_z, so their
                                         # scale does not grow with the latent width and swamp the CE (ours)
+    variational_sample: bool = True     # train on z ~ N(mu, var); False: on mu (the ablation without sampling)
     detach_teacher: bool = True         # coarse teacher is a constant in the distillation terms
     class_weights: bool = True          # inverse training frequency weights in the cross-entropies
     class_weight_power: float = 1.0     # w_k = (N / (K n_k)) ** power: 1 = inverse frequency, 0.5 tempered (ours)
@@ -136,7 +137,7 @@ class CMATHConfig:
         if self.encoders is not None and not isinstance(self.encoders, dict):
             raise ConfigError(f"config: `encoders` must be an object modality -> encoder or null, got "
                               f"{self.encoders!r:.80}")
-        for name in ("latent_kl_per_dim", "detach_teacher", "class_weights"):
+        for name in ("latent_kl_per_dim", "detach_teacher", "class_weights", "variational_sample"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config: `{name}` must be true or false, got {getattr(self, name)!r}")
         if self.backend is not None and self.backend not in BACKENDS:
@@ -169,6 +170,7 @@ class TrainConfig:
     warmup_epochs: float = 0.0          # linear learning-rate warmup over this many epochs' steps
     lr_schedule: str = "constant"       # constant | cosine (decays to 0 at the last epoch of `epochs`)
     patience: int | None = None         # stop after this many epochs without a better validation wF1
+    baseline: bool = True               # also fit the context-free logistic regression (baseline.py)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -183,6 +185,8 @@ class TrainConfig:
         _float("grad_clip", self.grad_clip, 0.0, low_open=True)
         _float("valid_fraction", self.valid_fraction, 0.0, 1.0, high_open=True)
         _int("seed", self.seed, 0)
+        if not isinstance(self.baseline, bool):
+            raise ConfigError(f"train config: `baseline` must be true or false, got {self.baseline!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(f"config: `device` must be a device name such as cpu or cuda, got {self.device!r}")
 
@@ -193,6 +197,20 @@ PRESETS: dict[str, dict] = {
     "meld": dict(num_classes=7, class_names=("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"),
                  num_speakers=9, input_dims={"text": 1024, "audio": 300, "visual": 342}),
 }
+
+
+# The training recipe of each preset (TrainConfig fields); the MELD one was chosen by the sweep in
+# docs/RECIPE.md on real MELD conversations.
+TRAIN_PRESETS: dict[str, dict] = {
+    "iemocap": dict(),
+    "meld": dict(),
+}
+
+
+def train_preset(name: str, **overrides) -> TrainConfig:
+    if name not in TRAIN_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(TRAIN_PRESETS)}")
+    return TrainConfig(**{**TRAIN_PRESETS[name], **overrides})
 
 
 def preset(name: str, **overrides) -> CMATHConfig:

@@ -94,7 +94,8 @@ class CMATH(nn.Module):
         h = self.embedding(codes, batch.speakers, positions(cu, T))                    # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}
-        z, mu_f, logvar_f, kl_prior, kd_latent = self.fusion(fine, seed=seed, sample=self.training)  # step 4
+        z, mu_f, logvar_f, kl_prior, kd_latent = self.fusion(fine, seed=seed,
+                                                                sample=self.training and cfg.variational_sample)  # step 4
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)

@@ -23,7 +23,7 @@ from .config import config_from_dict, config_to_dict
 from .errors import CheckpointError, RunFolderError
 
 RUN_FILES = ("best.safetensors", "last.safetensors", "config.json", "train_config.json", "metrics.json",
-             "confusion_matrix.png")
+             "confusion_matrix.png", "training_curves.png")
 CHECKPOINTS = ("last.safetensors", "best.safetensors")
 LOCK_NAME = ".cmath-mer.lock"
 # TrainConfig fields a resumed run may change: more epochs, another device

@@ -14,11 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import run_folder
+from .baseline import context_free_baseline
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
 from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from .errors import CheckpointError, ConfigError
 from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
-from .metrics import classification_metrics, save_confusion_matrix
+from .metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from .model import CMATH
 
 
@@ -175,6 +176,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         state.setdefault("data", fingerprint)
     else:
         state["splits"] = splits
+        if tcfg.baseline:
+            state["baseline"] = context_free_baseline(data, splits, config.modalities)
+            log(_baseline_line(state["baseline"]))
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"], config.class_weight_power))
 
@@ -183,7 +187,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     log(f"data {data.source}: {len(data)} conversations ({len(splits['train'])} train, {len(splits['valid'])} "
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
-    for epoch in range(state["epoch"] + 1, tcfg.epochs + 1 if not _stopped_early(state, tcfg) else 0):
+    for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+        if _stop_early(state, tcfg):
+            break
         torch.manual_seed(tcfg.seed * 10_007 + epoch)        # dropout stream: same run whether resumed or not
         model.train()
         batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
@@ -235,18 +241,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
             + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
             + f"{row['utterances_per_second']:.0f} utt/s")
-        if tcfg.patience is not None and valid and epoch - state["best_valid"]["epoch"] >= tcfg.patience:
+        if _stop_early(state, tcfg):
             log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
                 f"(best epoch {state['best_valid']['epoch']})")
-            break
     return json.loads((out / "metrics.json").read_text())
-
-
-def _stopped_early(state: dict, tcfg: TrainConfig) -> bool:
-    """A resumed run that had already stopped early (killed before it exited) trains no further epoch."""
-    best, history = state.get("best_valid"), state.get("history") or []
-    return bool(tcfg.patience is not None and best and history and history[-1].get("valid")
-                and state["epoch"] - best["epoch"] >= tcfg.patience)
 
 
 def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> None:
@@ -281,6 +279,19 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device) -> No
                           f"test, epoch {best['epoch']} (selected on validation)")
 
 
+def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
+    """Patience ran out: `patience` epochs since the validation-selected one (a resumed run stops too)."""
+    best = state["best_valid"]
+    return (tcfg.patience is not None and best is not None and best["valid"] is not None
+            and state["epoch"] - best["epoch"] >= tcfg.patience)
+
+
+def _baseline_line(b: dict) -> str:
+    where = f"valid wF1 {b['valid']['weighted_f1']:5.2f}  " if b["valid"] else ""
+    test = f"test wF1 {b['test']['weighted_f1']:5.2f} acc {b['test']['accuracy']:5.2f}" if b["test"] else ""
+    return f"context-free baseline (logistic regression, C={b['C']:g}): {where}{test}"
+
+
 def _write_metrics(out: Path, state: dict) -> None:
     best = state["best_valid"]
     if best is None:
@@ -291,10 +302,12 @@ def _write_metrics(out: Path, state: dict) -> None:
                                    "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
                                    "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
         "best_test_epoch": state["best_test"],
+        "baseline_context_free": state.get("baseline"),
         "history": state["history"],
     }
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
 
 
 def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
