@@ -130,9 +130,8 @@ def test_nothing_but_the_checkpoint_makes_a_run_and_config_json_comes_with_it(tm
     finally:
         train_module.save_checkpoint = save
     assert seen[0] == [LOCK_NAME]                    # nothing before the first checkpoint
-    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, "best.safetensors", "last.safetensors",
-                                                            "config.json", "train_config.json", "metrics.json",
-                                                            "confusion_matrix.png"])
+    from cmath_mer.run_folder import RUN_FILES
+    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, *RUN_FILES])
     for name in ("config.json", "train_config.json", "last.safetensors", "metrics.json"):
         (out / name).unlink()                       # as if killed right after best.safetensors was renamed
     model = load_trained(out)
@@ -425,6 +424,9 @@ MISUSE = [
     (["train", "--data", "{tmp}/missing.safetensors", "--out", "{tmp}/o"], 1, ["missing.safetensors"]),
     (["train", "--data", "{unlabelled}", "--out", "{tmp}/o", "--epochs", "1"], 1, ["unlabelled", "labels"]),
     (["train", "--data", "{data}", "--out", "{tmp}/nothing", "--resume"], 2, ["nothing to resume"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "1,1"], 2, ["--seeds"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "0,1", "--seed", "3"], 2, ["--seeds"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--patience", "0"], 2, ["--patience"]),
     (["train", "--data", "{data}", "--out", "{data}/run", "--epochs", "1"], 1, ["--out", "Not a directory"]),
     (["evaluate", "--checkpoint", "{tmp}/norun", "--data", "{data}"], 1, ["norun"]),
     (["evaluate", "--checkpoint", "{empty_ckpt}", "--data", "{data}"], 1, ["best.safetensors"]),
