@@ -504,3 +504,17 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp_path, capsy
     refused(capsys, ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
                      "--no-progress"], 1, "no space left")
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def test_seed_runs_are_run_folders_too(tmp_path, capsys, corpus):
+    out = tmp_path / "seeds"
+    argv = ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out), "--seeds", "0,1",
+            "--no-progress"]
+    assert main(argv) == 0
+    before = snapshot(out)
+    refused(capsys, argv, 2, "seed-0", "--resume")
+    assert snapshot(out) == before
+    argv[argv.index("--epochs") + 1] = "2"
+    assert main(argv + ["--resume"]) == 0
+    for s in (0, 1):
+        assert [r["epoch"] for r in json.loads((out / f"seed-{s}" / "metrics.json").read_text())["history"]] == [1, 2]
