@@ -257,8 +257,10 @@ def _seed_list(text: str) -> list[int]:
 def cmd_baseline(args) -> int:
     from .baseline import context_free_baseline
     from .train import make_splits
+    modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be >= 0")
     data = _load(args.data, args.preset, args.seed, args.class_names)
-    modalities = tuple(args.modalities.split(",")) if args.modalities else None
     result = context_free_baseline(data, make_splits(data, TrainConfig.valid_fraction, args.seed), modalities)
     print(json.dumps(result, indent=2))
     return 0

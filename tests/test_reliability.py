@@ -439,6 +439,7 @@ MISUSE = [
     (["convert", "{pkl}", "{tmp}"], 2, ["output", "folder"]),
     (["convert", "{data}", "{tmp}/c.safetensors", "--class-names", "a,b"], 2, ["--class-names"]),
     (["synth", "{tmp}/s.safetensors", "--conversations", "0"], 2, ["--conversations"]),
+    (["baseline", "--data", "{data}", "--modalities", ""], 2, ["--modalities"]),
     (["featurize", "{tmp}/t.csv", "--out", "{tmp}/t.csv"], 2, ["--out", "input"]),
     (["featurize", "{tmp}/t.csv", "--out", "{tmp}/f.safetensors", "--class-names", ""], 2, ["--class-names"]),
 ]
