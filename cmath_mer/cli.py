@@ -254,6 +254,16 @@ def _seed_list(text: str) -> list[int]:
     return seeds
 
 
+def cmd_sweep(args) -> int:
+    from .sweep import load_grid, run_sweep
+    grid = load_grid(args.grid)
+    data = _load(args.data, args.preset, 0, args.class_names)
+    modalities = tuple(args.modalities.split(",")) if args.modalities else None
+    run_sweep(data, args.preset, modalities, grid, _seed_list(args.seeds), args.out, progress=not args.no_progress)
+    print(f"wrote {args.out}/sweep.md and sweep.json (one folder per recipe and seed)")
+    return 0
+
+
 def cmd_baseline(args) -> int:
     from .baseline import context_free_baseline
     from .train import make_splits
@@ -469,6 +479,17 @@ def main(argv: list[str] | None = None) -> int:
     bl.add_argument("--seed", type=int, default=0, help="seed of the validation split (when the data has none)")
     bl.add_argument("--class-names", help=CLASS_NAMES_HELP)
     bl.set_defaults(func=cmd_baseline)
+
+    sw = sub.add_parser("sweep", help="several recipes x several seeds; a table sorted by validation F1")
+    sw.add_argument("--data", required=True)
+    sw.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    sw.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
+    sw.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
+    sw.add_argument("--seeds", default="0,1,2,3,4")
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
     e.add_argument("--checkpoint", required=True)

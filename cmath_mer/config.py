@@ -78,6 +78,8 @@ class CMATHConfig:
     central_modalities: tuple[str, ...] | None = None   # which modalities get a CMA-Transformer; None = all (paper: asymmetric central/auxiliary)
     window: int | None = None           # attention only within |i - j| <= window; None = whole conversation (ours)
     dropout: float = 0.1
+    input_dropout: float = 0.0          # dropout on the input features; the reconstruction still targets the
+                                        # clean features, so step 1 becomes a denoising autoencoder (ours)
     # --- loss (CMATH.md step 7) ---
     tau: float = 2.0                    # distillation temperature
     g_fine: float = 0.5                 # weight of the fine-grained heads' cross-entropy

@@ -90,7 +90,8 @@ class CMATH(nn.Module):
         has_prev, has_next = neighbour_masks(cu, T)                                   # (T, 1) each
         codes, rec = {}, {}
         for m in cfg.modalities:                                                       # step 1
-            codes[m], rec[m] = self.reconstruction[m](batch.features[m], has_prev, has_next, with_loss)
+            codes[m], rec[m] = self.reconstruction[m](batch.features[m], has_prev, has_next, with_loss,
+                                                            cfg.input_dropout)
         h = self.embedding(codes, batch.speakers, positions(cu, T))                    # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}

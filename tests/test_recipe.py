@@ -161,3 +161,28 @@ def test_without_the_variational_sample_training_forward_does_not_depend_on_the_
         model = CMATH(build_config(data, "iemocap", **{**SMALL, "dropout": 0.0}, variational_sample=sample)).train()
         a, b = model(batch, seed=1).logits, model(batch, seed=2).logits
         assert torch.equal(a, b) == same
+
+
+def test_sweep_runs_every_recipe_and_seed_and_sorts_the_table_by_validation(tmp_path, capsys):
+    seed = int(torch.randint(0, 10_000, ()))
+    path = tmp_path / "data.safetensors"
+    save_dataset(corpus(seed, conversations=16), path)
+    grid = {"tiny": {"model": SMALL, "train": {"epochs": 1}},
+            "tiny_nocw": {"model": {**SMALL, "class_weights": False}, "train": {"epochs": 1, "lr": 3e-3}}}
+    (tmp_path / "grid.json").write_text(json.dumps(grid))
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--data", str(path), "--grid", str(tmp_path / "grid.json"), "--seeds", "1,2",
+                 "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert set(result["results"]) == set(grid)
+    for name in grid:
+        for s in (1, 2):
+            assert (out / name / f"seed-{s}" / "metrics.json").exists()
+        assert result["results"][name]["seeds"] == [1, 2]
+    table = [line for line in (out / "sweep.md").read_text().splitlines() if line.startswith("| tiny")]
+    order = [line.split("|")[1].strip() for line in table]
+    valid = {n: result["results"][n]["valid_weighted_f1"]["mean"] for n in grid}
+    assert order == sorted(grid, key=lambda n: -valid[n])
+    (tmp_path / "bad.json").write_text(json.dumps({"x": {"model": {"n_head": 2}}}))
+    assert main(["sweep", "--data", str(path), "--grid", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
+    assert "n_head" in capsys.readouterr().err
