@@ -132,6 +132,7 @@ class CMATHConfig:
         if self.recompute_from is not None:
             _int("recompute_from", self.recompute_from, 1)
         _float("dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _float("input_dropout", self.input_dropout, 0.0, 1.0, high_open=True)
         _float("tau", self.tau, 0.0, low_open=True)
         for name in ("g_fine", "g_kd", "l_rec", "beta", "class_weight_power"):
             _float(name, getattr(self, name), 0.0)
