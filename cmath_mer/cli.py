@@ -34,10 +34,12 @@ def _names_option(option: str, value: str, known: tuple[str, ...] | None = None)
 
 def _check_device(device: str, backend: str | None = None) -> str:
     import torch
+    from .engine import resolve_device
+    device = resolve_device(device)                 # auto: cuda when torch sees one, else cpu
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r}: not a device; use cpu or cuda (cuda:N)") from None
+        raise UsageError(f"--device {device!r}: not a device; use auto, cpu or cuda (cuda:N)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); use cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -118,7 +120,12 @@ def _train_options(args) -> None:
         _names_option("--modalities", args.modalities, MODALITIES)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
-    _check_device(args.device if args.device is not None else "cpu", args.backend)
+    device = _check_device(args.device if args.device is not None else "auto", args.backend)
+    if args.precision is not None:
+        from .engine import check_precision
+        check_precision(args.precision, device)
+    if args.accumulate is not None and args.accumulate < 1:
+        raise UsageError(f"--accumulate {args.accumulate}: must be at least 1")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
 
@@ -162,6 +169,11 @@ def _resume_settings(args, folder: Path):
         clashes.append(f"--seed {args.seed} (the run has {tsaved.get('seed')})")
     if args.preset is not None and run.get("preset") is not None and args.preset != run["preset"]:
         clashes.append(f"--preset {args.preset} (the run has {run['preset']})")
+    tsaved.setdefault("precision", "fp32")          # runs from before --precision trained in fp32
+    if args.precision is not None and args.precision != tsaved["precision"]:
+        clashes.append(f"--precision {args.precision} (the run has {tsaved['precision']})")
+    if args.accumulate is not None and args.accumulate != tsaved.get("accumulate", 1):
+        clashes.append(f"--accumulate {args.accumulate} (the run has {tsaved.get('accumulate', 1)})")
     if clashes:
         raise UsageError(f"--resume continues the run in {args.out} with its own settings; these options "
                          f"contradict it: {'; '.join(clashes)}. Drop them, or start a new run (--overwrite or "
@@ -173,6 +185,13 @@ def _resume_settings(args, folder: Path):
     if args.device is not None and args.device != tsaved.get("device"):
         notes.append(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})")
         tsaved["device"] = args.device
+    for option, key in (("--compile", "compile"), ("--deterministic", "deterministic"),
+                        ("--data-on-device", "data_on_device")):
+        given = getattr(args, key)
+        if given is not None and given != tsaved.get(key, False):
+            notes.append(f"--resume: {option} {'on' if given else 'off'} from here on (the run had it "
+                         f"{'on' if tsaved.get(key, False) else 'off'})")
+            tsaved[key] = given
     return saved, config, TrainConfig(**tsaved), run.get("preset") or args.preset or "iemocap", notes
 
 
@@ -204,12 +223,14 @@ def cmd_train(args) -> int:
         overrides = _overrides(args.set)
         if args.backend is not None:
             overrides["backend"] = args.backend
-        _check_device(args.device or "cpu", overrides.get("backend"))
+        _check_device(args.device if args.device is not None else "auto", overrides.get("backend"))
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         data = _load(args.data, preset_name, seed, args.class_names)
         config = build_config(data, preset_name, modalities, **overrides)
-        given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience}
-        tcfg = train_preset(preset_name, seed=seed, device=args.device or "cpu",
+        given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
+                 "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
+                 "data_on_device": args.data_on_device}
+        tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
     run_info = {"preset": preset_name, "data": args.data}
     try:
@@ -460,7 +481,18 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3,4: one run each in OUT/seed-N, "
                                    "mean and std in OUT/summary.json")
     t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation F1")
-    t.add_argument("--device", help="cpu (default) or cuda")
+    t.add_argument("--device", help="auto (default: cuda when torch sees one, else cpu), cpu, cuda or cuda:N")
+    t.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast of the forward, fp32 master weights (default: bf16 on CUDA cards that support "
+                        "it, fp32 on the CPU; fp16 scales the loss); with --resume, the run's own")
+    t.add_argument("--accumulate", type=int, help="split each batch into N micro-batches, gradients accumulated "
+                                                  "(same effective batch, less memory); default 1")
+    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (the compile time is reported once)")
+    t.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                   help="bitwise-reproducible run on the same machine (torch.use_deterministic_algorithms)")
+    t.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the whole corpus on the GPU (no effect on the CPU)")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
     t.add_argument("--out", required=True, help="output folder")
@@ -494,14 +526,14 @@ def main(argv: list[str] | None = None) -> int:
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
     e.add_argument("--class-names", help=CLASS_NAMES_HELP)
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="write per-utterance predictions as CSV")
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--data", required=True)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
     r.add_argument("--out", required=True)
     r.add_argument("--class-names", help=CLASS_NAMES_HELP)
     r.add_argument("--no-progress", action="store_true")

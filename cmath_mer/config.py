@@ -15,6 +15,7 @@ from .errors import ConfigError
 
 MODALITIES = ("text", "audio", "visual")   # the order peers' pickles store them in (T, A, V)
 BACKENDS = ("torch", "triton", "auto")
+PRECISIONS = ("bf16", "fp16", "fp32")     # engine.py: autocast dtypes of the training forward
 MAX_SPEAKERS = 65_536                      # speaker embeddings; data with more distinct speakers is refused
 # fields that come from the data (build_config), not from --set: the message says which option sets them
 DERIVED_FIELDS = {"modalities": "--modalities", "input_dims": "the data's feature widths",
@@ -169,11 +170,19 @@ class TrainConfig:
     grad_clip: float = 1.0
     valid_fraction: float = 0.1         # held out of train when the data has no validation split (IEMOCAP)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                # auto = cuda when torch sees one, else cpu; cpu, cuda, cuda:N
     warmup_epochs: float = 0.0          # linear learning-rate warmup over this many epochs' steps
     lr_schedule: str = "constant"       # constant | cosine (decays to 0 at the last epoch of `epochs`)
     patience: int | None = None         # stop after this many epochs without a better validation wF1
     baseline: bool = True               # also fit the context-free logistic regression (baseline.py)
+    precision: str | None = None        # bf16 | fp16 | fp32 autocast of the forward (fp32 master weights);
+                                        # None = bf16 on CUDA cards that support it, else fp32 (train.py
+                                        # stores the choice, so a resumed run keeps it)
+    accumulate: int = 1                 # micro-batches per optimizer step: each batch is split in this many
+                                        # (same effective batch, less memory)
+    compile: bool = False               # torch.compile the model for training
+    deterministic: bool = False         # torch.use_deterministic_algorithms: bitwise-reproducible runs
+    data_on_device: bool = False        # keep the whole corpus on the GPU (batches gathered there)
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -192,6 +201,12 @@ class TrainConfig:
             raise ConfigError(f"train config: `baseline` must be true or false, got {self.baseline!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(f"config: `device` must be a device name such as cpu or cuda, got {self.device!r}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ConfigError(f"train config: `precision` {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
+        _int("accumulate", self.accumulate, 1)
+        for name in ("compile", "deterministic", "data_on_device"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"train config: `{name}` must be true or false, got {getattr(self, name)!r}")
 
 
 PRESETS: dict[str, dict] = {

@@ -103,6 +103,9 @@ class CMATH(nn.Module):
         if not with_loss:
             return out
         weight = self.class_weight if cfg.class_weights else None                      # step 7
+        # losses are reduced in fp32 whatever the autocast dtype of the forward (no-ops in fp32)
+        coarse, fine_logits = coarse.float(), {c: f.float() for c, f in fine_logits.items()}
+        kd_latent, kl_prior = kd_latent.float(), kl_prior.float()
         kd_logit, kd_latent = hierarchical_distillation(coarse, list(fine_logits.values()), kd_latent,
                                                         cfg.tau, cfg.detach_teacher)   # step 6
         per_dim = 1.0 / cfg.latent if cfg.latent_kl_per_dim else 1.0
@@ -112,7 +115,7 @@ class CMATH(nn.Module):
                            for f in fine_logits.values()),
             "kd_logit": kd_logit,
             "kd_latent": kd_latent * per_dim,
-            "rec": sum(rec.values()),
+            "rec": sum(r.float() for r in rec.values()),
             "kl_prior": kl_prior * per_dim,
         }
         L = out.losses

@@ -26,8 +26,10 @@ RUN_FILES = ("best.safetensors", "last.safetensors", "config.json", "train_confi
              "confusion_matrix.png", "training_curves.png")
 CHECKPOINTS = ("last.safetensors", "best.safetensors")
 LOCK_NAME = ".cmath-mer.lock"
-# TrainConfig fields a resumed run may change: more epochs, another device
-RESUMABLE_CHANGES = ("epochs", "device")
+# TrainConfig fields a resumed run may change: more epochs, another device, and how the device runs it
+# (compiled or not, deterministic algorithms or not, the corpus on the device or not); never the precision
+# or the accumulation, which are part of the run's numbers
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device")
 
 
 # --------------------------------------------------------------------------------------- data fingerprint

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import run_folder
+from . import engine, run_folder
 from .baseline import context_free_baseline
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
 from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
@@ -67,12 +67,17 @@ def inverse_frequency_weights(data: ConversationDataset, conversations: list[int
 EVAL_BATCH_UTTERANCES = 4096   # no gradients at evaluation: larger batches
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_conversations(model: CMATH, data: ConversationDataset, conversations: list[int],
-                          batch_utterances: int = EVAL_BATCH_UTTERANCES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          batch_utterances: int = EVAL_BATCH_UTTERANCES, precision: str | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, predictions, probabilities) of every utterance of the given conversations, in the order the
-    conversations are given; batches are length-bucketed internally."""
+    conversations are given; batches are length-bucketed internally. `precision` (bf16, fp16, fp32): the
+    autocast of the forward; None runs under whatever autocast the caller set (training sets its own)."""
     model.eval()
+    if precision is not None:
+        with engine.Precision(precision, next(model.parameters()).device).autocast():
+            return predict_conversations(model, data, conversations, batch_utterances)
     device = next(model.parameters()).device
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}          # conversation -> (labels, probs)
     for group in data.bucketed_batches(list(conversations), batch_utterances, shuffle=False):
@@ -108,7 +113,18 @@ def learning_rate(tcfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def _step_seed(seed: int, step: int) -> int:
-    return (seed * 1_000_003 + step) % (2**31 - 1)   # eps of the variational sample: new for every step
+    return engine.step_seed(seed, step)    # eps of the variational sample: new for every step
+
+
+def resolve_train_config(tcfg: TrainConfig) -> TrainConfig:
+    """The settings a run stores: device `auto` made concrete (cuda when torch sees one, else cpu) and the
+    precision chosen for it when none was given (bf16 on CUDA cards that support it, fp32 elsewhere); a
+    device or precision that cannot run here is a ConfigError."""
+    device = str(engine.check_device(tcfg.device)) if tcfg.device == "auto" else tcfg.device
+    engine.check_device(device)
+    precision = tcfg.precision if tcfg.precision is not None else engine.default_precision(device)
+    engine.check_precision(precision, device)
+    return dataclasses.replace(tcfg, device=device, precision=precision)
 
 
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
@@ -122,9 +138,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     (a lock). Every check runs before anything is written. run_info (e.g. the CLI's preset) is kept in the
     checkpoints' state as "run"."""
     out = Path(out_dir)
-    device = tcfg.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: torch sees no CUDA device")
+    tcfg = resolve_train_config(tcfg)
     check_compatible(data, config)
     fingerprint = run_folder.data_fingerprint(data, config.modalities)
     if resume:
@@ -145,8 +159,9 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             if overwrite:
                 run_folder.clear_run(out)
         run_folder.clean_temporaries(out)
-        return _train(data, config, tcfg, out, saved.checkpoint if resume else None,
-                      None if resume else splits, fingerprint, progress, log, run_info)
+        with engine.deterministic_mode(tcfg.deterministic, torch.device(tcfg.device)):
+            return _train(data, config, tcfg, out, saved.checkpoint if resume else None,
+                          None if resume else splits, fingerprint, progress, log, run_info)
 
 
 def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
@@ -157,21 +172,24 @@ def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
 def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fingerprint, progress, log,
            run_info=None) -> dict:
     device = tcfg.device
+    dev = torch.device(device)
     torch.manual_seed(tcfg.seed)
     model = CMATH(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    optimizer = engine.make_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.precision)
+    precision = engine.Precision(tcfg.precision, dev)
     state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
              "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
     saved_config = config_to_dict(config)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, device)
+        precision.load_state_dict(state.get("scaler"))
         splits = state["splits"]
         log(f"resumed from {resume_from} after epoch {state['epoch']}")
         # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them as
         # the checkpoint has them (the new settings are written with the next checkpoint)
         _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
         _write_metrics(out, state)
-        _redo_confusion_matrix(out, data, config, splits, state, device)
+        _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
         state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
         state.setdefault("data", fingerprint)
     else:
@@ -186,7 +204,15 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     n_train = sum(lengths[i] for i in splits["train"])
     log(f"data {data.source}: {len(data)} conversations ({len(splits['train'])} train, {len(splits['valid'])} "
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+        f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
+        + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else ""))
+    on_device = engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda" else None
+    compiled = engine.compile_model(model) if tcfg.compile else None
+    meter = engine.StepMeter(dev)
+    stepper = engine.Stepper(model, compiled if compiled is not None else model, optimizer, precision,
+                             tcfg.grad_clip, meter)
+    compile_said = False
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         if _stop_early(state, tcfg):
             break
@@ -194,30 +220,32 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         model.train()
         batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
                                         seed=tcfg.seed * 10_007 + epoch)
+        plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
         total, count, t0 = 0.0, 0, time.perf_counter()
-        bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
-        for group in bar:
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+        for i, micro in enumerate(engine.Prefetcher(data, plan, config.modalities, dev, on_device)):
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(tcfg, state["global_step"], len(batches))
-            batch = data.batch(group, config.modalities).to(device)
-            out_b = model(batch, seed=_step_seed(tcfg.seed, state["global_step"]))
-            optimizer.zero_grad(set_to_none=True)
-            out_b.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
+            stepper(micro, tcfg.seed, state["global_step"])
             state["global_step"] += 1
-            loss = out_b.loss.item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training stopped: the loss became {loss} in epoch {epoch} (step "
-                                         f"{state['global_step']}, lr {tcfg.lr}); nothing of this epoch was saved, "
-                                         f"the checkpoints in {out} keep the last good epoch; try a smaller --lr")
-            total += loss * batch.num_utterances
-            count += batch.num_utterances
-            bar.set_postfix(loss=f"{loss:.3f}")
+            bar.update(1)
+            if compiled is not None and i == 0 and not compile_said:
+                log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
+                compile_said = True
+            if (i + 1) % engine.LOG_EVERY == 0 or i + 1 == len(batches):     # the logging points
+                seen = _read_meter(meter, epoch, state["global_step"], tcfg, out)
+                total += seen["loss_sum"]
+                count += seen["utterances"]
+                if seen["utterances"]:
+                    bar.set_postfix(loss=f"{seen['loss_sum'] / seen['utterances']:.3f}")
+        bar.close()
         train_seconds = time.perf_counter() - t0
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
-        valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
-        test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        with precision.autocast():                          # evaluation in the training precision
+            valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
+            test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        if precision.state_dict() is not None:
+            state["scaler"] = precision.state_dict()          # fp16: the loss scale, so resume continues it
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
                "valid": valid, "test": test}
         state["history"].append(row)
@@ -247,6 +275,22 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     return json.loads((out / "metrics.json").read_text())
 
 
+def _read_meter(meter: engine.StepMeter, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> dict:
+    """A logging point: the device-side sums since the last one, and the non-finite check of those steps
+    (the weights of this epoch are never saved when it fails: checkpoints are written after the epoch)."""
+    seen = meter.read()
+    where = f"in epoch {epoch} (steps {seen['first_step']}-{step}, lr {tcfg.lr}, precision {tcfg.precision})"
+    if seen["bad_loss"]:
+        raise FloatingPointError(f"training stopped: the loss became non-finite (NaN/inf) {where}, in "
+                                 f"{seen['bad_loss']} of {seen['steps']} step(s); nothing of this epoch was "
+                                 f"saved, the checkpoints in {out} keep the last good epoch; try a smaller --lr")
+    if seen["bad_grad"] and tcfg.precision != "fp16":        # fp16: the scaler skipped those steps
+        raise FloatingPointError(f"training stopped: the gradients became non-finite (NaN/inf) {where}; "
+                                 f"nothing of this epoch was saved, the checkpoints in {out} keep the last good "
+                                 f"epoch; try a smaller --lr")
+    return seen
+
+
 def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> None:
     """Stop before a checkpoint is written when an update made the weights NaN/inf (the loss is checked
     before the optimizer step, so it cannot see this)."""
@@ -268,13 +312,14 @@ def _write_run_files(out: Path, config: dict, tcfg: dict) -> None:
             atomic_write_text(path, text)
 
 
-def _redo_confusion_matrix(out: Path, data, config, splits, state, device) -> None:
+def _redo_confusion_matrix(out: Path, data, config, splits, state, device, precision: str = "fp32") -> None:
     best = state.get("best_valid")
     if not best or best.get("test") is None or not splits["test"] or not (out / "best.safetensors").exists():
         return
     model = CMATH(config).to(device)
     load_checkpoint(out / "best.safetensors", model, None, device)
-    _, y, p = evaluate_split(model, data, splits["test"])
+    with engine.Precision(precision, torch.device(device)).autocast():
+        _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
                           f"test, epoch {best['epoch']} (selected on validation)")
 
