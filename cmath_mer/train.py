@@ -3,6 +3,7 @@ atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `eval
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 import json
 import math
 import random
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import run_folder
 from .baseline import context_free_baseline
+from .ema import WeightAverage
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
 from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from .errors import CheckpointError, ConfigError
@@ -163,8 +165,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
              "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
     saved_config = config_to_dict(config)
+    ema = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, device)
+        state = load_checkpoint(resume_from, model, optimizer, device, average_into=ema)
         splits = state["splits"]
         log(f"resumed from {resume_from} after epoch {state['epoch']}")
         # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them as
@@ -205,6 +208,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             out_b.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             state["global_step"] += 1
             loss = out_b.loss.item()
             if not math.isfinite(loss):
@@ -216,8 +221,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             bar.set_postfix(loss=f"{loss:.3f}")
         train_seconds = time.perf_counter() - t0
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
-        valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
-        test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        with ema.applied(model) if ema is not None else nullcontext():      # evaluated as selected
+            valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
+            test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        average = ema.average if ema is not None else None
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
                "valid": valid, "test": test}
         state["history"].append(row)
@@ -230,11 +237,11 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         # either (a kill between the two leaves best one epoch ahead of last)
         if state["best_valid"] is None or score > state["best_valid"]["score"]:
             state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
-            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config)
+            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
             if test is not None:
                 save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
                                       f"test, epoch {epoch} (selected on validation)")
-        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config)
+        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
         _write_run_files(out, saved_config, dataclasses.asdict(tcfg))   # with the first checkpoint, never before
         _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
@@ -273,7 +280,7 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device) -> No
     if not best or best.get("test") is None or not splits["test"] or not (out / "best.safetensors").exists():
         return
     model = CMATH(config).to(device)
-    load_checkpoint(out / "best.safetensors", model, None, device)
+    load_checkpoint(out / "best.safetensors", model, None, device, averaged=True)
     _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
                           f"test, epoch {best['epoch']} (selected on validation)")
@@ -340,7 +347,7 @@ def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
         except ConfigError as err:
             raise CheckpointError(str(err)) from None
     model = CMATH(config).to(device)
-    load_checkpoint(path, model, None, device)
+    load_checkpoint(path, model, None, device, averaged=True)
     model.eval()
     return model
 
