@@ -50,10 +50,12 @@ def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict, config: dict | None = None) -> None:
-    """Write model (+ optimizer) tensors and metadata atomically. Refuses (CheckpointError) to write a model
-    with non-finite weights, so a good checkpoint is never replaced by a NaN one."""
+                    state: dict, config: dict | None = None, average: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model (+ optimizer, + the weight average of ema.py) tensors and metadata atomically. Refuses
+    (CheckpointError) to write a model with non-finite weights, so a good checkpoint is never replaced by a
+    NaN one."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in (average or {}).items()})
     bad = non_finite_tensors(tensors)
     if bad:
         raise CheckpointError(f"{path}: not written: the model has non-finite weights ({bad[0][6:]})")
@@ -89,9 +91,12 @@ def read_metadata(path: Path) -> dict:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    device: str | torch.device = "cpu") -> dict:
+                    device: str | torch.device = "cpu", *, averaged: bool = False,
+                    average_into=None) -> dict:
     """Load weights (and optimizer state) into model (and optimizer); return the training state. Raises
-    CheckpointError for an unreadable file, weights that do not fit the model, or non-finite weights."""
+    CheckpointError for an unreadable file, weights that do not fit the model, or non-finite weights.
+    averaged: load the weight average (ema.py) where the checkpoint has one: what evaluation uses.
+    average_into: a WeightAverage that receives the checkpoint's average (to resume training)."""
     path = Path(path)
     meta = read_metadata(path)
     try:
@@ -99,6 +104,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    average = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
+    if averaged:
+        weights.update(average)
     bad = non_finite_tensors(weights)
     if bad:
         raise CheckpointError(f"{path}: the checkpoint holds non-finite weights ({bad[0]}); it cannot be used")
@@ -108,6 +116,8 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         first = str(err).strip().splitlines()
         raise CheckpointError(f"{path}: the weights do not fit the model of its config "
                               f"({first[-1].strip() if first else err})") from None
+    if average_into is not None and average:
+        average_into.load(average)
     if optimizer is not None and meta["param_groups"] is not None:
         state: dict[int, dict] = {}
         for key, value in tensors.items():

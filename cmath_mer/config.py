@@ -175,6 +175,7 @@ class TrainConfig:
     lr_schedule: str = "constant"       # constant | cosine (decays to 0 at the last epoch of `epochs`)
     patience: int | None = None         # stop after this many epochs without a better validation wF1
     baseline: bool = True               # also fit the context-free logistic regression (baseline.py)
+    ema_decay: float | None = None      # evaluate, select and save an average of the weights (ema.py)
     precision: str | None = None        # bf16 | fp16 | fp32 autocast of the forward (fp32 master weights);
                                         # None = bf16 on CUDA cards that support it, else fp32 (train.py
                                         # stores the choice, so a resumed run keeps it)
@@ -197,6 +198,8 @@ class TrainConfig:
         _float("grad_clip", self.grad_clip, 0.0, low_open=True)
         _float("valid_fraction", self.valid_fraction, 0.0, 1.0, high_open=True)
         _int("seed", self.seed, 0)
+        if self.ema_decay is not None:
+            _float("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
         if not isinstance(self.baseline, bool):
             raise ConfigError(f"train config: `baseline` must be true or false, got {self.baseline!r}")
         if not isinstance(self.device, str) or not self.device:

@@ -3,6 +3,7 @@ atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `eval
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 import json
 import math
 import random
@@ -15,6 +16,7 @@ from tqdm.auto import tqdm
 
 from . import engine, run_folder
 from .baseline import context_free_baseline
+from .ema import WeightAverage
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
 from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from .errors import CheckpointError, ConfigError
@@ -180,8 +182,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
              "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
     saved_config = config_to_dict(config)
+    ema = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, device)
+        state = load_checkpoint(resume_from, model, optimizer, device, average_into=ema)
         precision.load_state_dict(state.get("scaler"))
         splits = state["splits"]
         log(f"resumed from {resume_from} after epoch {state['epoch']}")
@@ -227,6 +230,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             for g in optimizer.param_groups:
                 g["lr"] = learning_rate(tcfg, state["global_step"], len(batches))
             stepper(micro, tcfg.seed, state["global_step"])
+            if ema is not None:
+                ema.update(model)
             state["global_step"] += 1
             bar.update(1)
             if compiled is not None and i == 0 and not compile_said:
@@ -241,9 +246,11 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         bar.close()
         train_seconds = time.perf_counter() - t0
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
-        with precision.autocast():                          # evaluation in the training precision
+        # evaluated as selected (the weight average, if any), in the training precision
+        with ema.applied(model) if ema is not None else nullcontext(), precision.autocast():
             valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
             test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        average = ema.average if ema is not None else None
         if precision.state_dict() is not None:
             state["scaler"] = precision.state_dict()          # fp16: the loss scale, so resume continues it
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
@@ -258,11 +265,11 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         # either (a kill between the two leaves best one epoch ahead of last)
         if state["best_valid"] is None or score > state["best_valid"]["score"]:
             state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
-            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config)
+            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
             if test is not None:
                 save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
                                       f"test, epoch {epoch} (selected on validation)")
-        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config)
+        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
         _write_run_files(out, saved_config, dataclasses.asdict(tcfg))   # with the first checkpoint, never before
         _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
@@ -317,7 +324,7 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device, preci
     if not best or best.get("test") is None or not splits["test"] or not (out / "best.safetensors").exists():
         return
     model = CMATH(config).to(device)
-    load_checkpoint(out / "best.safetensors", model, None, device)
+    load_checkpoint(out / "best.safetensors", model, None, device, averaged=True)
     with engine.Precision(precision, torch.device(device)).autocast():
         _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
@@ -385,7 +392,7 @@ def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
         except ConfigError as err:
             raise CheckpointError(str(err)) from None
     model = CMATH(config).to(device)
-    load_checkpoint(path, model, None, device)
+    load_checkpoint(path, model, None, device, averaged=True)
     model.eval()
     return model
 

@@ -186,3 +186,54 @@ def test_sweep_runs_every_recipe_and_seed_and_sorts_the_table_by_validation(tmp_
     (tmp_path / "bad.json").write_text(json.dumps({"x": {"model": {"n_head": 2}}}))
     assert main(["sweep", "--data", str(path), "--grid", str(tmp_path / "bad.json"), "--out", str(out)]) == 2
     assert "n_head" in capsys.readouterr().err
+
+
+def test_weight_average_follows_the_ema_formula_and_applied_restores_the_weights():
+    from cmath_mer.ema import WeightAverage
+    model = torch.nn.Linear(5, 3)
+    decay = float(torch.empty(()).uniform_(0.5, 0.99))
+    expected = {n: p.detach().clone() for n, p in model.named_parameters()}
+    avg = WeightAverage(model, decay)
+    for _ in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        avg.update(model)
+        for n, p in model.named_parameters():
+            expected[n] = decay * expected[n] + (1 - decay) * p.detach()
+    raw = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with avg.applied(model):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[n])
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), raw[n])
+
+
+def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_uninterrupted_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from cmath_mer.train import load_trained
+    seed = int(torch.randint(0, 10_000, ()))
+    data = corpus(seed, conversations=16)
+    config = build_config(data, "iemocap", **SMALL)
+    tc = TrainConfig(epochs=3, batch_utterances=96, seed=seed, ema_decay=0.9, baseline=False)
+    full = train(data, config, tc, tmp_path / "full", **quiet)
+    tensors = load_file(str(tmp_path / "full" / "best.safetensors"))
+    model = load_trained(tmp_path / "full")
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), tensors[f"average.{name}"]), name
+    assert any(not torch.equal(tensors[f"average.{n}"], tensors[f"model.{n}"]) for n, _ in model.named_parameters())
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(line):
+        if line.startswith("epoch   1/"):
+            raise Stop
+    with pytest.raises(Stop):
+        train(data, config, tc, tmp_path / "cut", progress=False, log=stop_after_first)
+    resumed = train(data, config, tc, tmp_path / "cut", resume=True, **quiet)
+    strip = lambda h: [{k: v for k, v in r.items() if k != "utterances_per_second"} for r in h]
+    assert strip(resumed["history"]) == strip(full["history"])
+    a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
