@@ -22,6 +22,16 @@ def test_model_step_runs_and_is_finite(bench_call, device, op, mode, backend):
     assert info["utterances"] >= 48
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_engine_step_case_runs_and_is_finite(bench_call, device, dtype):
+    case = dict(B._case("engine_step", "torch", 12, mode="train", batch="ragged", dtype=dtype, device=device),
+                min_utterances=48)
+    call, info = B.build_case(case)
+    out = bench_call(call, rounds=1)
+    assert torch.isfinite(out.detach().float()).all() and float(out) > 0
+    assert info["utterances"] >= 48
+
+
 def test_bench_pipeline_writes_json_table_and_plots(tmp_path, device):
     cases = [dict(B._case("attention", b, N, S=2, device=device), min_utterances=64)
              for b in ("torch", "sdpa_flash", "sdpa_efficient") for N in (16, 32) if b == "torch" or N == 16]

@@ -66,7 +66,8 @@ def test_measure_gives_finite_quantiles_and_memory(device):
 def test_registry_lists_every_op_and_lengths_are_deterministic():
     for quick in (True, False):
         cases = B.sweep(quick, "cpu")
-        assert {c["op"] for c in cases} == {"attention", "reconstruction", "variational", "train_step", "inference"}
+        assert {c["op"] for c in cases} == {"attention", "reconstruction", "variational", "train_step", "inference",
+                                            "engine_step"}
         assert not any(c["backend"] == "triton" for c in cases)          # triton only on CUDA
     quick = B.sweep(True, "cpu")
     trains = {(c["batch"], c["N"]) for c in quick if c["op"] == "train_step"}
@@ -75,3 +76,6 @@ def test_registry_lists_every_op_and_lengths_are_deterministic():
     lengths = B.conversation_lengths("ragged", 512)
     assert max(lengths) == 512 and min(lengths) >= 64 and sum(lengths) >= 2048
     assert any(c["backend"] == "triton" for c in B.sweep(True, "cuda"))
+    steps = {(c["backend"], c["dtype"], c["batch"], c["N"]) for c in quick if c["op"] == "engine_step"}
+    assert {(b, d, batch, N) for b in ("torch", "torch_compile") for d in ("fp32", "bf16")
+            for batch, N in (("mix16x100", 100), ("one", 4096))} == steps

@@ -176,6 +176,14 @@ def sweep(quick: bool, device: str) -> list[dict]:
         cases.append(_case("train_step", backend, N, mode="train", batch=batch, D=32, device=device))
     for batch, N, backend in infer:
         cases.append(_case("inference", backend, N, mode="infer", batch=batch, D=32, device=device))
+    # the whole training step as train.py runs it (engine.Stepper: autocast, loss scaling where fp16, clip,
+    # AdamW, device-side meters), eager and compiled, fp32 and bf16 (issue 10); triton on CUDA
+    step_backends = ("torch", "torch_compile", "triton", "triton_compile") if cuda else ("torch", "torch_compile")
+    for batch, N in (("mix16x100", 100), ("one", 4096)):
+        for backend in step_backends:
+            for dtype in ("fp32", "bf16"):
+                cases.append(_case("engine_step", backend, N, mode="train", batch=batch, D=32, dtype=dtype,
+                                   device=device))
     return cases
 
 
@@ -189,7 +197,7 @@ class Unavailable(RuntimeError):
 def build_case(case: dict):
     """Inputs for `case` and the call to time. Returns (fn, info); info holds utterances, flops, bytes."""
     dev = torch.device(case["device"])
-    if case["backend"] == "triton" and dev.type != "cuda":
+    if case["backend"].startswith("triton") and dev.type != "cuda":
         raise Unavailable("triton is benchmarked on CUDA only (the CPU interpreter measures nothing)")
     op = case["op"]
     if op == "attention":
@@ -200,6 +208,8 @@ def build_case(case: dict):
         return _build_variational(case, dev)
     if op in ("train_step", "inference"):
         return _build_model(case, dev)
+    if op == "engine_step":
+        return _build_engine_step(case, dev)
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -371,6 +381,34 @@ def _build_model(case, dev):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss
+    return call, info
+
+
+def _build_engine_step(case, dev):
+    """One optimizer step of train.py's engine on a fixed batch: `torch`/`triton` = the ops' backend,
+    `*_compile` = engine.compile_model; dtype = the autocast precision (weights stay fp32)."""
+    from . import engine
+    from .config import preset
+    from .model import CMATH
+    backend = case["backend"]
+    cfg = preset("iemocap", backend="triton" if backend.startswith("triton") else "torch")
+    torch.manual_seed(0)
+    model = CMATH(cfg).to(dev).train()
+    lengths = _lengths(case)
+    batch = _model_batch(cfg, lengths, dev)
+    info = dict(utterances=sum(lengths), conversations=len(lengths), flops=0, bytes=0,
+                recompute_from=cfg.recompute_from)
+    forward = engine.compile_model(model) if backend.endswith("_compile") else model
+    meter = engine.StepMeter(dev)
+    step = engine.Stepper(model, forward, engine.make_optimizer(model, 1e-4, 0.01, case["dtype"]),
+                          engine.Precision(case["dtype"], dev), 1.0, meter)
+    step([_model_batch(cfg, [8, 8], dev, seed=1)], 0, 0)    # AdamW state exists before the memory baseline
+    counter = [1]
+
+    def call():
+        step([batch], 0, counter[0])                          # a new variational seed each step, as in training
+        counter[0] += 1
+        return meter.sums[engine.StepMeter.LOSS]
     return call, info
 
 
@@ -664,7 +702,7 @@ def _available_bytes(device: str) -> int:
 def _growth(case: dict) -> tuple[float, float]:
     """(time exponent, memory exponent) in N for extrapolating the next case of a series."""
     op = case["op"]
-    if op in ("attention", "train_step", "inference"):
+    if op in ("attention", "train_step", "inference", "engine_step"):
         return 2.0, (2.0 if case["backend"] == "sdpa_math" else 1.0)
     return 1.0, 1.0
 
@@ -684,7 +722,7 @@ def _predicted_skip(case: dict, last: dict | None, time_budget: float, mem_budge
         return None
     ratio = case["N"] / last["N"]
     pt, pm = _growth(case)
-    calls = 1 + (1 if case["backend"] == "torch_compile" else 0)
+    calls = 1 + (1 if case["backend"].endswith("_compile") else 0)
     t_pred = last.get("first_call_s", last["median_s"]) * ratio ** pt * calls
     if t_pred > time_budget:
         return (f"predicted {t_pred:.0f} s (extrapolated from {last['median_s']:.3g} s at N={last['N']}) "
@@ -819,6 +857,13 @@ def _add_ratios(rows: list[dict]) -> None:
             r["speedup_vs_torch"] = t["median_s"] / r["median_s"]
             if t.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
                 r["mem_vs_torch"] = r["peak_mem_bytes"] / t["peak_mem_bytes"]
+    # the whole step: against the eager fp32 reference step of the same batch (the issue's baseline)
+    eager32 = {(r["batch"], r["N"]): r for r in rows if r.get("status") == "ok" and r["op"] == "engine_step"
+               and r["backend"] == "torch" and r["dtype"] == "fp32"}
+    for r in rows:
+        t = eager32.get((r["batch"], r["N"])) if r["op"] == "engine_step" else None
+        if r.get("status") == "ok" and t:
+            r["speedup_vs_eager_fp32"] = t["median_s"] / r["median_s"]
 
 
 def _shape_key(r) -> tuple:
@@ -847,6 +892,10 @@ def summarize(results: dict) -> dict:
         r = find(op="inference", backend=b, batch="one", N=10000)
         if r:
             s[f"inference_{b}_N10000_utt_per_s"] = r["utterances_per_s"]
+    for r in rows:
+        if r["op"] == "engine_step":
+            shape = "16x100" if r["batch"] == "mix16x100" else f"N{r['N']}"
+            s[f"engine_step_{r['backend']}_{r['dtype']}_{shape}_utt_per_s"] = r["utterances_per_s"]
     a, c = find(op="train_step", backend="torch", batch="one", N=2048), \
         find(op="train_step", backend="torch", batch="one", N=8192)
     if a and c and a.get("peak_mem_bytes"):
@@ -888,6 +937,8 @@ def _group_title(op, mode, batch, D, S, dtype) -> str:
         return f"variational_fusion C={VAR_C} Z={VAR_Z}, {mode}, {dtype}"
     if op == "train_step":
         return f"CMATH training step (fwd + bwd + AdamW), iemocap preset, {batch} batch"
+    if op == "engine_step":
+        return f"train.py's whole step (engine.Stepper: autocast, clip, AdamW, meters), iemocap preset, {batch} batch, {dtype}"
     return f"CMATH inference (eval forward), iemocap preset, {batch} batch"
 
 

@@ -310,12 +310,29 @@ def _load_for_model(args):
     return model, data
 
 
+def _eval_precision(args, device: str) -> str:
+    """--precision when given (refused where the device cannot run it); else the run's own training
+    precision (fp32 for runs from before --precision, and where this device has no bf16)."""
+    from .checkpoint import read_metadata
+    from .engine import check_precision
+    from .errors import ConfigError
+    if args.precision is not None:
+        return check_precision(args.precision, device)
+    state = read_metadata(Path(args.checkpoint) / "best.safetensors")["state"]
+    run = (state.get("train_config") or {}).get("precision") or "fp32"
+    try:
+        return check_precision(run, device)
+    except ConfigError:
+        return "fp32"
+
+
 def cmd_evaluate(args) -> int:
     from .data import DataError
     from .metrics import classification_metrics
     from .train import evaluation_conversations, predict_conversations
     model, data = _load_for_model(args)
-    y, p, _ = predict_conversations(model, data, evaluation_conversations(data))
+    precision = _eval_precision(args, str(next(model.parameters()).device))
+    y, p, _ = predict_conversations(model, data, evaluation_conversations(data), precision=precision)
     if not (y >= 0).any():
         raise DataError(f"{data.source}: field 'labels': no utterance to evaluate is labelled (all are "
                         f"unlabelled, -100)")
@@ -364,7 +381,8 @@ def cmd_predict(args) -> int:
     else:
         data = _load(args.data, "iemocap", 0, args.class_names)
     check_compatible(data, model.config)
-    y, p, prob = predict_conversations(model, data, list(range(len(data))))      # file order
+    precision = _eval_precision(args, device)
+    y, p, prob = predict_conversations(model, data, list(range(len(data))), precision=precision)   # file order
     bounds = data.cu_seqlens.tolist()
     speaker_map = data.metadata.get("speaker_map")
     transcript = data.metadata.get("transcript")
@@ -527,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--data", required=True)
     e.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
+    e.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast of the forward (default: the run's training precision)")
     e.add_argument("--class-names", help=CLASS_NAMES_HELP)
     e.set_defaults(func=cmd_evaluate)
 
@@ -534,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--data", required=True)
     r.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
+    r.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
+                   help="autocast of the forward (default: the run's training precision)")
     r.add_argument("--out", required=True)
     r.add_argument("--class-names", help=CLASS_NAMES_HELP)
     r.add_argument("--no-progress", action="store_true")

@@ -215,6 +215,8 @@ def test_resume_refuses_contradicting_options_and_other_data_writing_nothing(tmp
     refused(capsys, base + ["--seed", "7"], 2, "--seed")
     refused(capsys, base + ["--preset", "meld"], 2, "--preset")
     refused(capsys, base + ["--backend", "torch"], 2, "--backend")
+    refused(capsys, base + ["--precision", "bf16"], 2, "--precision bf16")
+    refused(capsys, base + ["--accumulate", "3"], 2, "--accumulate 3")
     refused(capsys, base + ["--overwrite"], 2, "--overwrite")
     for i, other in enumerate([tiny_corpus(seed=5), tiny_corpus(conversations=6)]):     # other / smaller data
         path = tmp_path / f"other{i}.safetensors"
@@ -427,6 +429,8 @@ MISUSE = [
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "1,1"], 2, ["--seeds"]),
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "0,1", "--seed", "3"], 2, ["--seeds"]),
     (["train", "--data", "{data}", "--out", "{tmp}/o", "--patience", "0"], 2, ["--patience"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--accumulate", "0"], 2, ["--accumulate"]),
+    (["train", "--data", "{data}", "--out", "{tmp}/o", "--device", "cuda:1", "--precision", "bf16"], 2, ["--device"]),
     (["train", "--data", "{data}", "--out", "{data}/run", "--epochs", "1"], 1, ["--out", "Not a directory"]),
     (["evaluate", "--checkpoint", "{tmp}/norun", "--data", "{data}"], 1, ["norun"]),
     (["evaluate", "--checkpoint", "{empty_ckpt}", "--data", "{data}"], 1, ["best.safetensors"]),
