@@ -296,6 +296,12 @@ class Prefetcher:
         finally:
             self.close()
 
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self.stop.set()
         if self.thread is not None:
@@ -308,6 +314,17 @@ class Prefetcher:
 
 
 # ----------------------------------------------------------------------------------- deterministic mode
+
+@contextlib.contextmanager
+def on_device(device: torch.device):
+    """cuda:N is the current CUDA device while training (pin_memory, kernel launches and anything else that
+    uses the current device then agree with the model's); nothing on the CPU."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
 
 @contextlib.contextmanager
 def deterministic_mode(enabled: bool, device: torch.device):
@@ -372,9 +389,10 @@ class Stepper:
             scaler.step(self.optimizer)
             scaler.update()
             self.meter.add_step(norm, step + 1)
-        if t0 is not None:
-            if self.model.parameters().__next__().device.type == "cuda":
-                torch.cuda.synchronize()
+        if t0 is not None:                    # once per run: the first step's time, compiling included
+            device = next(self.model.parameters()).device
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             self.first_step_seconds = time.perf_counter() - t0
         return total
 

@@ -161,7 +161,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             if overwrite:
                 run_folder.clear_run(out)
         run_folder.clean_temporaries(out)
-        with engine.deterministic_mode(tcfg.deterministic, torch.device(tcfg.device)):
+        dev = torch.device(tcfg.device)
+        with engine.on_device(dev), engine.deterministic_mode(tcfg.deterministic, dev):
             return _train(data, config, tcfg, out, saved.checkpoint if resume else None,
                           None if resume else splits, fingerprint, progress, log, run_info)
 
@@ -210,7 +211,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
         f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else ""))
-    on_device = engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda" else None
+    corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
+                        else None)
     compiled = engine.compile_model(model) if tcfg.compile else None
     meter = engine.StepMeter(dev)
     stepper = engine.Stepper(model, compiled if compiled is not None else model, optimizer, precision,
@@ -226,23 +228,25 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
         total, count, t0 = 0.0, 0, time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
-        for i, micro in enumerate(engine.Prefetcher(data, plan, config.modalities, dev, on_device)):
-            for g in optimizer.param_groups:
-                g["lr"] = learning_rate(tcfg, state["global_step"], len(batches))
-            stepper(micro, tcfg.seed, state["global_step"])
-            if ema is not None:
-                ema.update(model)
-            state["global_step"] += 1
-            bar.update(1)
-            if compiled is not None and i == 0 and not compile_said:
-                log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
-                compile_said = True
-            if (i + 1) % engine.LOG_EVERY == 0 or i + 1 == len(batches):     # the logging points
-                seen = _read_meter(meter, epoch, state["global_step"], tcfg, out)
-                total += seen["loss_sum"]
-                count += seen["utterances"]
-                if seen["utterances"]:
-                    bar.set_postfix(loss=f"{seen['loss_sum'] / seen['utterances']:.3f}")
+        feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
+        with feed:                                   # its thread stops however the loop ends
+            for i, micro in enumerate(feed):
+                for g in optimizer.param_groups:
+                    g["lr"] = learning_rate(tcfg, state["global_step"], len(batches))
+                stepper(micro, tcfg.seed, state["global_step"])
+                if ema is not None:
+                    ema.update(model)
+                state["global_step"] += 1
+                bar.update(1)
+                if compiled is not None and i == 0 and not compile_said:
+                    log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
+                    compile_said = True
+                if (i + 1) % engine.LOG_EVERY == 0 or i + 1 == len(batches):     # the logging points
+                    seen = _read_meter(meter, epoch, state["global_step"], tcfg, out)
+                    total += seen["loss_sum"]
+                    count += seen["utterances"]
+                    if seen["utterances"]:
+                        bar.set_postfix(loss=f"{seen['loss_sum'] / seen['utterances']:.3f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)

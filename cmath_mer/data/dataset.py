@@ -29,9 +29,10 @@ class Batch:
         return self.labels.shape[0]
 
     def to(self, device) -> "Batch":
+        """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins)."""
         return Batch({m: x.to(device, non_blocking=True) for m, x in self.features.items()},
-                     self.speakers.to(device), self.labels.to(device), self.cu_seqlens.to(device),
-                     self.conversation_ids)
+                     self.speakers.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
+                     self.cu_seqlens.to(device, non_blocking=True), self.conversation_ids)
 
 
 @dataclass
