@@ -376,7 +376,7 @@ def cmd_predict(args) -> int:
         from .featurize import featurize_for_model
         data, corpus = featurize_for_model(args.data, model.config, checkpoint=args.checkpoint,
                                            text_encoder=args.text_encoder, missing_audio=args.missing_audio,
-                                           device=args.device, progress=not args.no_progress,
+                                           device=device, progress=not args.no_progress,
                                            **_table_options(args))
     else:
         data = _load(args.data, "iemocap", 0, args.class_names)
