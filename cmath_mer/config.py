@@ -79,6 +79,8 @@ class CMATHConfig:
     central_modalities: tuple[str, ...] | None = None   # which modalities get a CMA-Transformer; None = all (paper: asymmetric central/auxiliary)
     window: int | None = None           # attention only within |i - j| <= window; None = whole conversation (ours)
     dropout: float = 0.1
+    standardize_inputs: bool = False    # features -> (x - mean) / std, statistics of the training utterances
+                                        # (kept in the model's buffers); step 1 then reads unit-scale inputs
     input_dropout: float = 0.0          # dropout on the input features; the reconstruction still targets the
                                         # clean features, so step 1 becomes a denoising autoencoder (ours)
     # --- loss (CMATH.md step 7) ---
@@ -134,6 +136,8 @@ class CMATHConfig:
             _int("recompute_from", self.recompute_from, 1)
         _float("dropout", self.dropout, 0.0, 1.0, high_open=True)
         _float("input_dropout", self.input_dropout, 0.0, 1.0, high_open=True)
+        if not isinstance(self.standardize_inputs, bool):
+            raise ConfigError(f"config: `standardize_inputs` must be true or false, got {self.standardize_inputs!r}")
         _float("tau", self.tau, 0.0, low_open=True)
         for name in ("g_fine", "g_kd", "l_rec", "beta", "class_weight_power"):
             _float(name, getattr(self, name), 0.0)
