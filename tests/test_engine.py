@@ -242,3 +242,19 @@ def test_cli_stores_the_engine_settings_and_resume_keeps_them(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "o"), "--accumulate", "0"]) == 2
     assert "--accumulate" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager_training(tmp_path):
+    """--compile (fullgraph, dynamic shapes): the same losses as eager within float tolerance (no dropout:
+    inductor draws its own dropout masks; the variational eps is the same Philox stream), and the compile
+    time is logged once. Minutes of compiling on a CPU: `-m slow`."""
+    data = corpus(conversations=8)
+    config = build_config(data, "iemocap", **{**SMALL, "dropout": 0.0})
+    lines, loss = [], {}
+    for compiled in (False, True):
+        tc = TrainConfig(epochs=1, batch_utterances=64, compile=compiled, baseline=False)
+        metrics = train(data, config, tc, tmp_path / str(compiled), progress=False, log=lines.append)
+        loss[compiled] = metrics["history"][0]["train_loss"]
+    assert sum("torch.compile: the first step took" in line for line in lines) == 1
+    assert loss[True] == pytest.approx(loss[False], rel=1e-3), loss
