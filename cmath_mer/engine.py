@@ -15,13 +15,12 @@ import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import torch
 
+from .config import PRECISIONS
 from .errors import ConfigError
 
-from .config import PRECISIONS  # noqa: E402  (one list, config.py)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOG_EVERY = 25            # optimizer steps between two reads of the device-side meters
 PREFETCH_DEPTH = 2        # batches built ahead of the one the model is working on
@@ -354,11 +353,6 @@ def step_seed(seed: int, step: int, micro: int = 0) -> int:
     step, micro) alone, so resumed and accumulated runs draw the same numbers. micro 0 is the seed of a
     run without accumulation."""
     return (seed * 1_000_003 + step + micro * 1_000_000_007) % (2**31 - 1)
-
-
-@dataclass
-class StepResult:
-    utterances: int
 
 
 class Stepper:
