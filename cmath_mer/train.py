@@ -240,7 +240,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
                                         seed=tcfg.seed * 10_007 + epoch)
         plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
-        total, count, t0 = 0.0, 0, time.perf_counter()
+        total, count, norms, steps, skipped, t0 = 0.0, 0, 0.0, 0, 0, time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
         feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
         with feed:                                   # its thread stops however the loop ends
@@ -259,8 +259,12 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                     seen = _read_meter(meter, epoch, state["global_step"], tcfg, out)
                     total += seen["loss_sum"]
                     count += seen["utterances"]
+                    norms += seen["grad_norm_sum"]
+                    steps += seen["steps"]
+                    skipped += seen["bad_grad"]                  # fp16 only: steps the scaler skipped
                     if seen["utterances"]:
-                        bar.set_postfix(loss=f"{seen['loss_sum'] / seen['utterances']:.3f}")
+                        bar.set_postfix(loss=f"{seen['loss_sum'] / seen['utterances']:.3f}",
+                                        grad_norm=f"{seen['grad_norm_sum'] / max(seen['steps'], 1):.2f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
@@ -272,7 +276,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         if precision.state_dict() is not None:
             state["scaler"] = precision.state_dict()          # fp16: the loss scale, so resume continues it
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
-               "valid": valid, "test": test}
+               "valid": valid, "test": test, "grad_norm": norms / max(steps - skipped, 1)}
+        if tcfg.precision == "fp16":
+            row["skipped_steps"] = skipped
         state["history"].append(row)
         state["epoch"] = epoch
         score = valid["weighted_f1"] if valid else -row["train_loss"]
