@@ -217,6 +217,47 @@ def test_accumulated_micro_batches_give_the_gradients_of_the_whole_batch():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+# ------------------------------------------------------------------------------------------ input pipeline
+
+def _same_batch(a, b):
+    assert a.features.keys() == b.features.keys()
+    for m in a.features:
+        assert torch.equal(a.features[m], b.features[m]), m
+    assert torch.equal(a.speakers, b.speakers) and torch.equal(a.labels, b.labels)
+    assert torch.equal(a.cu_seqlens, b.cu_seqlens) and a.conversation_ids == b.conversation_ids
+
+
+def test_prefetcher_and_device_corpus_give_the_batches_of_the_plan_and_pass_errors_on(monkeypatch):
+    data = corpus(conversations=12)
+    mods = data.modalities
+    groups = data.bucketed_batches(list(range(len(data))), 40, shuffle=True, seed=1)
+    plan = [engine.micro_batches(g, data.lengths(), 2) for g in groups]
+    cpu = torch.device("cpu")
+    on_device = engine.DeviceCorpus(data, mods, cpu)       # the --data-on-device gather, here on the CPU
+    for source in (None, on_device):
+        with engine.Prefetcher(data, plan, mods, cpu, source) as feed:
+            got = list(feed)
+        assert len(got) == len(plan)
+        for step, micro in zip(plan, got):
+            assert len(step) == len(micro)
+            for g, b in zip(step, micro):
+                _same_batch(b, data.batch(g, mods))
+    real = type(data).batch
+    calls = {"n": 0}
+
+    def failing(self, group, modalities=None):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("broken batch")
+        return real(self, group, modalities)
+    monkeypatch.setattr(type(data), "batch", failing)
+    feed = engine.Prefetcher(data, plan, mods, cpu)
+    with pytest.raises(RuntimeError, match="broken batch"), feed:
+        for _ in feed:
+            pass
+    assert feed.thread is None                              # the thread was stopped and joined
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 def test_cli_stores_the_engine_settings_and_resume_keeps_them(tmp_path, capsys):
