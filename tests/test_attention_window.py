@@ -5,43 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from cmath_mer.bench_long import blocked_reference_before
 from cmath_mer.kernels.attention import naive
 from cmath_mer.kernels.attention.naive import banded_attention, key_range, naive_multi_source_attention
 
 from helpers import assert_rel_close, cu_seqlens_from, rel_err
 from test_attention import dense_attention, grads, make_inputs
-
-
-def blocked_reference_before(q, k, v, cu_seqlens, *, window=None, scale=None, query_block=256):
-    """The windowed reference as it was before the banded one (kept here as a second definition):
-    per conversation, queries in blocks of 256, SDPA over each block's key range with a band mask."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    S, _, H, D = k.shape
-
-    def attend(q, k, v, mask=None):
-        m = k.shape[1]
-        kh = k.permute(2, 0, 1, 3).reshape(1, H, S * m, D)
-        vh = v.permute(2, 0, 1, 3).reshape(1, H, S * m, D)
-        mask = None if mask is None else mask.repeat(1, S)
-        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), kh, vh, attn_mask=mask, scale=scale)
-        return o.squeeze(0).transpose(0, 1)
-
-    bounds = cu_seqlens.tolist()
-    out = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        n = end - start
-        if window is None or window >= n - 1:
-            out.append(attend(q[start:end], k[:, start:end], v[:, start:end]))
-            continue
-        for i0 in range(0, n, query_block):
-            i1 = min(n, i0 + query_block)
-            j0, j1 = max(0, i0 - window), min(n, i1 + window)
-            mask = (torch.arange(i0, i1)[:, None] - torch.arange(j0, j1)[None, :]).abs() <= window
-            out.append(attend(q[start + i0:start + i1], k[:, start + j0:start + j1], v[:, start + j0:start + j1],
-                              mask))
-    return torch.cat(out, dim=0)
 
 
 def check_all(got, want, tol, names=("o", "dq", "dk", "dv")):
