@@ -1048,7 +1048,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out")
-    p.add_argument("--only", help="run only cases whose op matches (comma-separated)")
+    p.add_argument("--only", help="run only these ops and/or backends (comma-separated, e.g. "
+                   "attention_window,torch)")
     p.add_argument("--long", action="store_true", help="the long-conversation cases (bench_long.py): windowed "
                    "attention and training step at 65,536 to 1,048,576 utterances")
     p.add_argument("--note", help="a line for the report, e.g. what else the machine was running")
@@ -1069,9 +1070,10 @@ def main(argv=None) -> int:
     if not args.out:
         p.error("--out is required")
     cases = sweep(args.quick, args.device, long=args.long)
-    if args.only:
-        ops = set(args.only.split(","))
-        cases = [c for c in cases if c["op"] in ops or c["backend"] in ops]
+    if args.only:                                # ops and/or backends: a case matches every kind named
+        names = set(args.only.split(","))
+        ops, backends = names & {c["op"] for c in cases}, names & {c["backend"] for c in cases}
+        cases = [c for c in cases if (not ops or c["op"] in ops) and (not backends or c["backend"] in backends)]
     if args.max_n:
         cases = [c for c in cases if c["N"] <= args.max_n]
     if args.min_n:
