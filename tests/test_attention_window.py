@@ -130,3 +130,22 @@ def test_banded_backward_touches_each_key_block_a_bounded_number_of_times(monkey
     o.backward(do)
     block = naive.query_block(8)
     assert sizes and max(sizes) <= (1 + 2 * -(-8 // block)) * block * 4   # one chunk's band of rows x H x D
+
+
+def test_windowed_model_recomputes_to_the_same_gradients():
+    """CMATH with a window on the long-batch path (every branch, reconstruction and fusion recomputed in
+    the backward) gives the gradients of the plain path; the banded attention is part of what is redone."""
+    from cmath_mer.model import CMATH
+    from test_model import random_batch, small_config
+    torch.manual_seed(8)
+    plain = CMATH(small_config(dropout=0.1, recompute_from=None, window=3))
+    recomputed = CMATH(small_config(dropout=0.1, recompute_from=1, window=3))
+    recomputed.load_state_dict(plain.state_dict())
+    batch = random_batch([6, 13, 40], seed=5)
+    grads = []
+    for model in (plain, recomputed):
+        torch.manual_seed(99)                                              # the same dropout masks
+        model(batch, seed=4).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
