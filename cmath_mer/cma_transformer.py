@@ -102,7 +102,7 @@ class CMATransformer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_layers: int, n_aux: int, ffn_mult: int,
                  dropout: float, window: int | None, backend: str | None, recompute_from: int | None = None):
         super().__init__()
-        self.recompute_from = recompute_from
+        self.recompute_from, self.window = recompute_from, window
         self.blocks = nn.ModuleList(CMABlock(d_model, n_heads, n_aux, ffn_mult, dropout, window, backend)
                                     for _ in range(n_layers))
         self.ln_out = nn.LayerNorm(d_model)
@@ -111,10 +111,16 @@ class CMATransformer(nn.Module):
         # Long batches keep only each residual branch's input and its whole-conversation attention output,
         # and recompute the rest of the branch in the backward: a block keeps ~4 (T, d) tensors instead of
         # ~36, and the backward rebuilds one branch at a time (at most ~16 (T, d) tensors, the cross branch).
-        # Windowed attention is recomputed too (it is linear in T, like everything else in a branch).
+        # With a window everything in the transformer is linear in T, so the whole transformer is recomputed
+        # in the backward as well (keeping only its input); the residual branches inside it are recomputed
+        # one at a time during that second pass.
         recompute = (self.recompute_from is not None and self.training and torch.is_grad_enabled()
                      and h_central.shape[0] >= self.recompute_from)
-        h = h_central
+        if recompute and self.window is not None:
+            return checkpoint(self._layers, h_central, aux, cu_seqlens, True, use_reentrant=False)
+        return self._layers(h_central, aux, cu_seqlens, recompute)
+
+    def _layers(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor, recompute: bool):
         for block in self.blocks:
             h = block(h, aux, cu_seqlens, recompute)
         return self.ln_out(h)

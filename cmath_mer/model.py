@@ -96,7 +96,7 @@ class CMATH(nn.Module):
         codes, rec = {}, {}
         for m in cfg.modalities:                                                       # step 1
             codes[m], rec[m] = run(self.reconstruction[m], batch.features[m], has_prev, has_next, with_loss)
-        h = self.embedding(codes, batch.speakers, positions(cu, T))                    # step 2: m -> (T, d)
+        h = run(self.embedding, codes, batch.speakers, positions(cu, T))               # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}
         z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed, sample=self.training)  # step 4
