@@ -49,9 +49,11 @@ class UtteranceEmbedding(nn.Module):
         return {m: self.drop(self.norms[m](z) + shared) for m, z in codes.items()}
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean CE over labelled utterances (weighted as torch does); 0 when a batch has no labels at all."""
-    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
+                          label_smoothing=label_smoothing)
     labelled = labels != IGNORE_INDEX
     w = weight[labels[labelled]] if weight is not None else labelled.float()
     return nll / w.sum().clamp_min(1e-12)
@@ -87,19 +89,21 @@ class CMATH(nn.Module):
         T = batch.num_utterances
         cu = batch.cu_seqlens
         has_prev, has_next = neighbour_masks(cu, T)                                   # (T, 1) each
-        # Long batches (recompute_from) keep only the inputs of reconstruction and fusion for the backward
-        # and redo them there, one modality at a time: memory linear in T with a small constant.
+        # Long batches (recompute_from) keep only the inputs of reconstruction, embedding and fusion for the
+        # backward and redo them there (one modality at a time): memory linear in T with a small constant.
         recompute = (cfg.recompute_from is not None and self.training and torch.is_grad_enabled()
                      and T >= cfg.recompute_from)
         run = (lambda fn, *a, **kw: checkpoint(fn, *a, use_reentrant=False, **kw)) if recompute else \
             (lambda fn, *a, **kw: fn(*a, **kw))
         codes, rec = {}, {}
         for m in cfg.modalities:                                                       # step 1
-            codes[m], rec[m] = run(self.reconstruction[m], batch.features[m], has_prev, has_next, with_loss)
+            codes[m], rec[m] = run(self.reconstruction[m], batch.features[m], has_prev, has_next, with_loss,
+                                   cfg.input_dropout)
         h = run(self.embedding, codes, batch.speakers, positions(cu, T))               # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}
-        z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed, sample=self.training)  # step 4
+        z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed,
+                                                     sample=self.training and cfg.variational_sample)  # step 4
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)
@@ -110,8 +114,9 @@ class CMATH(nn.Module):
                                                         cfg.tau, cfg.detach_teacher)   # step 6
         per_dim = 1.0 / cfg.latent if cfg.latent_kl_per_dim else 1.0
         out.losses = {
-            "ce": weighted_cross_entropy(coarse, batch.labels, weight),
-            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight) for f in fine_logits.values()),
+            "ce": weighted_cross_entropy(coarse, batch.labels, weight, cfg.label_smoothing),
+            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight, cfg.label_smoothing)
+                           for f in fine_logits.values()),
             "kd_logit": kd_logit,
             "kd_latent": kd_latent * per_dim,
             "rec": sum(rec.values()),
