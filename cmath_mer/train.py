@@ -98,6 +98,18 @@ def evaluate_split(model, data, conversations) -> tuple[dict | None, np.ndarray,
     return classification_metrics(y, p, data.class_names), y, p
 
 
+@torch.no_grad()
+def set_input_statistics(model: CMATH, data: ConversationDataset, conversations: list[int]) -> None:
+    """Per-feature mean and standard deviation of the training utterances, into the model's buffers."""
+    cu = data.cu_seqlens.tolist()
+    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in conversations])
+    for m in model.config.modalities:
+        x = data.features[m][rows].double()
+        getattr(model, f"input_mean_{m}").copy_(x.mean(0))
+        std = x.std(0, unbiased=False)
+        getattr(model, f"input_std_{m}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant: 1
+
+
 def learning_rate(tcfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Linear warmup over `warmup_epochs`, then constant or cosine decay to 0 at the end of `epochs`.
     A function of the global step alone, so a resumed run follows the same schedule."""
@@ -184,6 +196,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             log(_baseline_line(state["baseline"]))
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"], config.class_weight_power))
+    if config.standardize_inputs:
+        set_input_statistics(model, data, splits["train"])
 
     lengths = data.lengths()
     n_train = sum(lengths[i] for i in splits["train"])

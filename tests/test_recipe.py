@@ -237,3 +237,38 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
     assert strip(resumed["history"]) == strip(full["history"])
     a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_standardized_inputs_use_training_statistics_and_travel_with_the_checkpoint(tmp_path):
+    from cmath_mer.model import CMATH
+    from cmath_mer.train import load_trained, set_input_statistics
+    seed = int(torch.randint(0, 10_000, ()))
+    data = corpus(seed, conversations=12)
+    for m in data.modalities:                                   # features far from unit scale
+        data.features[m] = data.features[m] * 40.0 + 7.0
+    data.features["text"][:, 3] = 2.5                           # a constant feature is centred, not blown up
+    config = build_config(data, "iemocap", **{**SMALL, "dropout": 0.0}, standardize_inputs=True)
+    torch.manual_seed(seed)
+    model = CMATH(config).eval()
+    train_convs = data.indices("train")
+    set_input_statistics(model, data, train_convs)
+    cu = data.cu_seqlens.tolist()
+    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in train_convs])
+    for m in data.modalities:
+        x = data.features[m][rows].double()
+        std = x.std(0, unbiased=False)
+        torch.testing.assert_close(model.input_mean_text if m == "text" else model.input_mean_audio,
+                                   x.mean(0).float())
+        expected_std = torch.where(std > 1e-6, std, torch.ones_like(std)).float()
+        torch.testing.assert_close(getattr(model, f"input_std_{m}"), expected_std)
+    # the same weights without standardisation, fed standardised features, give the same logits
+    plain = CMATH(build_config(data, "iemocap", **{**SMALL, "dropout": 0.0})).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("input_")})
+    batch = data.batch(list(range(len(data))))
+    pre = type(batch)({m: model.standardized(m, x) for m, x in batch.features.items()}, batch.speakers,
+                      batch.labels, batch.cu_seqlens)
+    assert torch.isfinite(pre.features["text"]).all() and pre.features["text"][:, 3].abs().max() < 1e-5
+    torch.testing.assert_close(model(batch, with_loss=False).logits, plain(pre, with_loss=False).logits)
+    train(data, config, TrainConfig(epochs=1, seed=seed, baseline=False), tmp_path / "run", **quiet)
+    loaded = load_trained(tmp_path / "run")
+    torch.testing.assert_close(loaded.input_std_audio, model.input_std_audio)
