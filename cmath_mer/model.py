@@ -52,7 +52,8 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: t
     """Mean CE over labelled utterances (weighted as torch does); 0 when a batch has no labels at all."""
     nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     labelled = labels != IGNORE_INDEX
-    w = weight[labels[labelled]] if weight is not None else labelled.float()
+    # no boolean indexing: its data-dependent shape would break a torch.compile(fullgraph=True) graph
+    w = torch.where(labelled, weight[labels.clamp_min(0)], 0.0) if weight is not None else labelled.float()
     return nll / w.sum().clamp_min(1e-12)
 
 
