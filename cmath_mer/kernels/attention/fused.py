@@ -519,9 +519,9 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if scale is None:
         scale = q.shape[-1] ** -0.5
     run_dtype = torch.get_autocast_dtype(q.device.type) if autocast else q.dtype
-    if not gpu_dots_ok(run_dtype, q.device):
-        from .naive import naive_multi_source_attention
-        return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
+    if not gpu_dots_ok(run_dtype, q.device):       # fp32 without TF32 allowed, float64: the exact reference
+        from .. import multi_source_attention
+        return multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, backend="torch")
     window = -1 if window is None else int(window)
     return attention_op(q, k, v, cu_seqlens, window, float(scale))[0]
 

@@ -336,8 +336,8 @@ def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch
     # outside the compiled specs (K % 16, float64), or fp32 without TF32 allowed (no spill-free exact-fp32 dot)
     if h.is_cuda and (h.shape[1] % 16 != 0 or not gpu_dots_ok(h.dtype if not autocast else
                                                                torch.get_autocast_dtype("cuda"), h.device)):
-        from .naive import naive_reconstruction_loss
-        return naive_reconstruction_loss(h, weight, bias, target)
+        from .. import reconstruction_loss
+        return reconstruction_loss(h, weight, bias, target, backend="torch")
     grad = torch.is_grad_enabled()
     want_dh = grad and h.requires_grad
     want_dw = grad and (weight.requires_grad or bias.requires_grad)

@@ -276,8 +276,9 @@ def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: in
         raise TypeError(f"mu and logvar must share one dtype (got {mu.dtype} and {logvar.dtype}); mixed dtypes "
                         "are accepted in an autocast region")
     if mu.is_cuda and mu.dtype == torch.float64:  # outside the compiled specs
-        from .naive import naive_variational_fusion
-        return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+        from .. import variational_fusion
+        return variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
+                                  backend="torch")
     z, mu_f, lv_f, klp, klc = variational_fusion_op(mu, logvar, int(seed), bool(sample), bool(detach_teacher))
     if not autocast:
         klp, klc = klp.to(z.dtype), klc.to(z.dtype)
