@@ -7,8 +7,9 @@ conversation b attends in one softmax to the keys of conversation b in all S sou
 |pos(query) - pos(key)| <= window (positions inside the conversation).
 
 Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
-(`prepare_block_indices`), gives each program its conversation, so the grid covers only real query blocks
-of the packed layout, never a padded B x max_len rectangle. Each program visits only the key blocks of its
+(`prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
+the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
+bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
 outside are skipped, not masked. The S sources are read in place from the (S, T, H, D) tensors.
 
@@ -161,9 +162,11 @@ def _block_of(block_indices, cu_seqlens, i_blk):
     return i_n, i_m, bos, tl.where(real, eos - bos, 0)
 
 
-# Addressing: a row t, head h of q / o (T, H, D) or of source s of k / v (S, T, H, D) starts at element
-# ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first row) plus a
-# loop-invariant int32 offset tile r * H * D + d, which keeps the 2-D pointer tensors out of 64-bit registers.
+# Addressing: q, k, v are read in place through their strides (sq_t, sq_h; sk_s, sk_t, sk_h; sv_*; the last
+# dim contiguous), so k and v may be views of one kv projection; o, lse, do, dq, dk, dv are contiguous, row t
+# head h of source s at ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first
+# row) plus a loop-invariant int32 offset tile r * stride + d, which keeps the 2-D pointer tensors out of
+# 64-bit registers.
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
