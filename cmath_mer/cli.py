@@ -1,4 +1,4 @@
-"""`cmath-mer` command line: train, evaluate, predict, convert, synth, bench."""
+"""`cmath-mer` command line: train, evaluate, predict, featurize, convert, synth, bench."""
 from __future__ import annotations
 
 import argparse
@@ -72,28 +72,89 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")      # conversation tables: predict featurizes them first
+
+
+def _columns(text: str | None) -> dict[str, str]:
+    """'text=transcript,conversation=Season+Episode' -> {'text': 'transcript', ...}"""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        role, sep, column = item.partition("=")
+        if not sep or not role.strip() or not column.strip():
+            raise ValueError(f"--columns {text!r}: expected role=COLUMN,... (e.g. text=transcript)")
+        out[role.strip()] = column.strip()
+    return out
+
+
+def _table_options(args) -> dict:
+    return {"layout": args.layout, "columns": _columns(args.columns), "media_root": args.media_root}
+
+
 def cmd_predict(args) -> int:
     from .data import check_compatible
     from .train import load_trained, predict_conversations
     model = load_trained(args.checkpoint, args.device)
-    data = _load(args.data, "iemocap", 0, args.class_names)
-    check_compatible(data, model.config)
     names = model.config.class_names
+    corpus = None
+    if Path(args.data).suffix.lower() in TABLE_SUFFIXES:
+        from .featurize import featurize_for_model
+        data, corpus = featurize_for_model(args.data, model.config, checkpoint=args.checkpoint,
+                                           text_encoder=args.text_encoder, missing_audio=args.missing_audio,
+                                           device=args.device, progress=not args.no_progress,
+                                           **_table_options(args))
+    else:
+        data = _load(args.data, "iemocap", 0, args.class_names)
+    check_compatible(data, model.config)
     y, p, prob = predict_conversations(model, data, list(range(len(data))))      # file order
+    bounds = data.cu_seqlens.tolist()
+    speaker_map = data.metadata.get("speaker_map")
+    transcript = data.metadata.get("transcript")
+    rows = []                                      # (position in the input, cells)
+    for conv, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for row in range(start, end):
+            speaker = int(data.speakers[row])
+            if speaker_map is not None:
+                speaker = speaker_map[conv][speaker]
+            elif data.speaker_names is not None:
+                speaker = data.speaker_names[speaker]
+            label = names[y[row]] if y[row] >= 0 else ""
+            probs = [f"{x:.4f}" for x in prob[row]]
+            if corpus is not None:                 # a table: its own ids and text, in its row order
+                u = corpus.utterances[row]
+                rows.append((u.position, [u.source_conversation, u.utterance_id, speaker, u.text, label,
+                                          names[p[row]], *probs]))
+            elif transcript is not None:           # a featurized file: the ids and text it keeps
+                rows.append((row, [data.conversation_ids[conv], data.splits[conv], transcript["utterance_ids"][row],
+                                   speaker, transcript["texts"][row], label, names[p[row]], *probs]))
+            else:
+                rows.append((row, [data.conversation_ids[conv], data.splits[conv], row - start, speaker, label,
+                                   names[p[row]], *probs]))
+    if corpus is not None:
+        header = ["conversation", "utterance", "speaker", "text", "label", "prediction"]
+    elif transcript is not None:
+        header = ["conversation", "split", "utterance", "speaker", "text", "label", "prediction"]
+    else:
+        header = ["conversation", "split", "utterance", "speaker", "label", "prediction"]
     with open(args.out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["conversation", "split", "utterance", "speaker", "label", "prediction",
-                    *[f"p_{n}" for n in names]])
-        bounds = data.cu_seqlens.tolist()
-        for conv, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-            for row in range(start, end):
-                speaker = int(data.speakers[row])
-                if data.speaker_names is not None:
-                    speaker = data.speaker_names[speaker]
-                w.writerow([data.conversation_ids[conv], data.splits[conv], row - start, speaker,
-                            names[y[row]] if y[row] >= 0 else "", names[p[row]], *[f"{x:.4f}" for x in prob[row]]])
-    rows = bounds[-1]
-    print(f"wrote {rows} predictions to {args.out}")
+        w.writerow([*header, *[f"p_{n}" for n in names]])
+        w.writerows(cells for _, cells in sorted(rows, key=lambda r: r[0]))
+    print(f"wrote {len(rows)} predictions to {args.out}")
+    return 0
+
+
+def cmd_featurize(args) -> int:
+    from .featurize import featurize
+    data = featurize(args.tables, args.out, split=args.split, **_table_options(args),
+                     class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+                     text_encoder=args.text_encoder, audio_features=args.audio_features,
+                     missing_audio=args.missing_audio, cache=not args.no_cache, device=args.device,
+                     batch_size=args.batch_size, progress=not args.no_progress)
+    splits = {s: len(data.indices(s)) for s in ("train", "valid", "test") if data.indices(s)}
+    print(f"wrote {args.out}: {len(data)} conversations ({', '.join(f'{n} {s}' for s, n in splits.items())}), "
+          f"{int(data.cu_seqlens[-1])} utterances, "
+          + ", ".join(f"{m} {d}" for m, d in data.input_dims.items()) + " dims, "
+          f"{data.num_classes} classes, up to {data.num_speakers} speakers per conversation")
     return 0
 
 
@@ -116,6 +177,18 @@ def cmd_bench(args) -> int:
     from .benchmark import run_benchmarks
     run_benchmarks(args.out, quick=args.quick, device=args.device)
     return 0
+
+
+def _add_table_options(p, text_help: str) -> None:
+    p.add_argument("--layout", default="auto", choices=["auto", "meld", "emorynlp", "generic"],
+                   help="table layout (default: detected from the header)")
+    p.add_argument("--columns", help="role=COLUMN,... for other layouts; roles: conversation, utterance, "
+                                     "speaker, text, label, split, audio, visual (A+B: several columns)")
+    p.add_argument("--media-root", help="folder that audio/visual paths are relative to and must stay in "
+                                        "(default: the table's folder)")
+    p.add_argument("--missing-audio", default="error", choices=["error", "zero"],
+                   help="a missing or unreadable audio file: stop (default) or use a zero vector (counted)")
+    p.add_argument("--text-encoder", help=text_help)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +225,26 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--device", default="cpu")
     r.add_argument("--out", required=True)
     r.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    r.add_argument("--no-progress", action="store_true")
+    _add_table_options(r, text_help="with a table: the local folder of the checkpoint's text encoder, if it "
+                                    "was a folder not on this machine (default: the one recorded)")
     r.set_defaults(func=cmd_predict)
+
+    z = sub.add_parser("featurize", help="conversation tables (CSV/JSONL transcripts, audio) -> a dataset file")
+    z.add_argument("tables", nargs="+", metavar="TABLE[:SPLIT]",
+                   help="CSV or JSONL, one row per utterance; ':train', ':valid' or ':test' gives its split")
+    z.add_argument("--out", required=True, help="the .safetensors to write (cache beside it: OUT.cache/)")
+    z.add_argument("--split", choices=["train", "valid", "test", "dev"],
+                   help="split of rows with neither a ':SPLIT' nor a split column (default train)")
+    z.add_argument("--class-names", help="comma-separated classes (default: the layout's, else the sorted labels)")
+    z.add_argument("--audio-features", default="eGeMAPSv02", choices=["eGeMAPSv02", "ComParE_2016"])
+    z.add_argument("--no-cache", action="store_true", help="neither read nor write OUT.cache/")
+    z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch")
+    z.add_argument("--device", help="default: cuda when present, else cpu")
+    z.add_argument("--no-progress", action="store_true")
+    _add_table_options(z, text_help="a local sentence-transformers / Hugging Face model folder "
+                                    "(default: the embedded all-MiniLM-L6-v2)")
+    z.set_defaults(func=cmd_featurize)
 
     c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")
     c.add_argument("input")
@@ -177,9 +269,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = p.parse_args(argv)
     from .data import DataError
+    from .featurize.extra import MissingExtraError
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (DataError, ValueError, FileNotFoundError, MissingExtraError) as err:
         print(f"cmath-mer: error: {err}", file=sys.stderr)
         return 2
 

@@ -21,6 +21,8 @@ class CMATHConfig:
     num_classes: int = 6
     class_names: tuple[str, ...] = ("hap", "sad", "neu", "ang", "exc", "fru")
     num_speakers: int = 2
+    encoders: dict | None = None        # modality -> what made its features (name, version, dim), copied
+                                        # from featurized data, so predict can featurize raw conversations alike
     # --- widths ---
     d_model: int = 256                  # d: hidden width (ours)
     n_heads: int = 8                    # H (ours)
@@ -42,6 +44,8 @@ class CMATHConfig:
                                         # scale does not grow with the latent width and swamp the CE (ours)
     detach_teacher: bool = True         # coarse teacher is a constant in the distillation terms
     class_weights: bool = True          # inverse training frequency weights in the cross-entropies
+    class_weight_power: float = 1.0     # w_k = (N / (K n_k)) ** power: 1 = inverse frequency, 0.5 tempered (ours)
+    label_smoothing: float = 0.0        # in every cross-entropy (ours)
     # --- implementation ---
     backend: str | None = None          # torch | triton | auto; None = env var CMATH_BACKEND, else auto
     recompute_from: int | None = 2048   # batches of at least this many utterances recompute CMA blocks in
@@ -85,6 +89,13 @@ class TrainConfig:
     valid_fraction: float = 0.1         # held out of train when the data has no validation split (IEMOCAP)
     seed: int = 0
     device: str = "cpu"
+    warmup_epochs: float = 0.0          # linear learning-rate warmup over this many epochs' steps
+    lr_schedule: str = "constant"       # constant | cosine (decays to 0 at the last epoch of `epochs`)
+    patience: int | None = None         # stop after this many epochs without a better validation wF1
+
+    def __post_init__(self):
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"train config: lr_schedule={self.lr_schedule!r}: choose constant or cosine")
 
 
 PRESETS: dict[str, dict] = {

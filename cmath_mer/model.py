@@ -48,9 +48,11 @@ class UtteranceEmbedding(nn.Module):
         return {m: self.drop(self.norms[m](z) + shared) for m, z in codes.items()}
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
+                           label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean CE over labelled utterances (weighted as torch does); 0 when a batch has no labels at all."""
-    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
+                          label_smoothing=label_smoothing)
     labelled = labels != IGNORE_INDEX
     # no boolean indexing: its data-dependent shape would break a torch.compile(fullgraph=True) graph
     w = torch.where(labelled, weight[labels.clamp_min(0)], 0.0) if weight is not None else labelled.float()
@@ -104,8 +106,9 @@ class CMATH(nn.Module):
                                                         cfg.tau, cfg.detach_teacher)   # step 6
         per_dim = 1.0 / cfg.latent if cfg.latent_kl_per_dim else 1.0
         out.losses = {
-            "ce": weighted_cross_entropy(coarse, batch.labels, weight),
-            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight) for f in fine_logits.values()),
+            "ce": weighted_cross_entropy(coarse, batch.labels, weight, cfg.label_smoothing),
+            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight, cfg.label_smoothing)
+                           for f in fine_logits.values()),
             "kd_logit": kd_logit,
             "kd_latent": kd_latent * per_dim,
             "rec": sum(rec.values()),

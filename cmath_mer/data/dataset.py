@@ -47,6 +47,9 @@ class ConversationDataset:
     num_speakers: int
     source: str = "<memory>"             # the file it came from, for error messages
     speaker_names: tuple[str, ...] | None = None   # (num_speakers,) names of speaker indices, if known
+    # what the data came from beyond the tensors, kept in the file's header: featurize writes `encoders`
+    # (name, version, width per modality), `inputs`, `speaker_map` and `transcript` (store.py lists them)
+    metadata: dict = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -7,7 +7,14 @@ A dataset file holds the packed tensors
 
 and, in the safetensors header metadata, ``format`` = "cmath-mer.dataset/1" and ``cmath_mer`` = a JSON
 object with class_names, modalities, conversation_ids, num_speakers, speaker_names, splits (the names of
-the split codes) and source (where the data came from).
+the split codes) and source (where the data came from), plus the dataset's `metadata` entries at the top
+level of that object (files written before `metadata` existed load with an empty one). `featurize` writes
+
+    encoders     modality -> {name, version, dim, ...}: what made the features (train copies it into the
+                 model config, so predict on raw conversations can featurize the same way)
+    inputs       [{path, sha256, split, layout, rows}]: the conversation tables it read
+    speaker_map  per conversation, the speaker names of indices 0, 1, ... (order of appearance)
+    transcript   {"utterance_ids": [...], "texts": [...]}: per utterance (packed order), for predict's output
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
 
 FORMAT = "cmath-mer.dataset/1"
+_CORE_KEYS = ("class_names", "modalities", "conversation_ids", "num_speakers", "speaker_names", "splits", "source")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,8 +57,31 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
         "splits": list(SPLITS),
         "source": dataset.source,
     }
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)}))
+    clash = [k for k in dataset.metadata if k in _CORE_KEYS]
+    if clash:
+        raise ValueError(f"dataset metadata key {clash[0]!r} would overwrite a field of the format")
+    meta.update(dataset.metadata)
+
+    def write(tmp):
+        save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
+        _sort_header_metadata(tmp)
+    atomic_write(path, write)
     return path
+
+
+def _sort_header_metadata(path) -> None:
+    """safetensors writes its metadata map in hash order, which changes from process to process; put the
+    keys in sorted order (in place: the header keeps its length) so the same dataset gives the same bytes."""
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= n:                  # it is the same length; safetensors pads with spaces
+            f.seek(8)
+            f.write(canonical.ljust(n, b" "))
 
 
 def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = None,
@@ -106,7 +137,8 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
             features=features, speakers=f.get_tensor("speakers"), labels=f.get_tensor("labels"),
             cu_seqlens=f.get_tensor("cu_seqlens"), splits=splits, conversation_ids=ids,
             class_names=tuple(meta["class_names"]), num_speakers=int(meta["num_speakers"]), source=src,
-            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None)
+            speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None,
+            metadata={k: v for k, v in meta.items() if k not in _CORE_KEYS})
     return validate_dataset(ds, check_finite=True) if validate else ds
 
 
@@ -143,6 +175,9 @@ def load_dataset(path: str | Path, **options) -> ConversationDataset:
         raise DataError(f"{path}: no such file")
     if p.is_dir():
         raise DataError(f"{path}: is a folder, expected a .safetensors or .pkl file")
+    if p.suffix.lower() in (".csv", ".jsonl", ".ndjson"):     # a CSV starting with 'c' looks like a pickle
+        raise DataError(f"{path}: a conversation table, not features; make a dataset file from it with "
+                        f"`cmath-mer featurize {path} --out DATA.safetensors` (predict takes tables directly)")
     kind = file_format(p)
     if kind == "safetensors":
         return load_safetensors(p, **options)

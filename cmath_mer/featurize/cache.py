@@ -1,0 +1,52 @@
+"""Feature cache beside the output (`<out>.cache/`): one safetensors file per encoder, each vector keyed
+by sha256(encoder key, content) (the text, or the audio file's bytes). A re-run encodes only rows that
+are new or changed; a vector read back is the very one computed before, so the output bytes repeat.
+Delete the folder to drop the cache; nothing else refers to it."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..checkpoint import atomic_write
+
+
+def content_key(encoder_key: str, content: bytes) -> bytes:
+    return hashlib.sha256(encoder_key.encode() + b"\0" + content).digest()
+
+
+class FeatureCache:
+    """folder None: a cache that holds nothing and writes nothing."""
+
+    def __init__(self, folder: str | Path | None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def _file(self, encoder_key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(encoder_key.encode()).hexdigest()[:16]}.safetensors"
+
+    def load(self, encoder_key: str) -> dict[bytes, torch.Tensor]:
+        if self.folder is None or not self._file(encoder_key).exists():
+            return {}
+        try:
+            with safe_open(str(self._file(encoder_key)), framework="pt") as f:
+                if (f.metadata() or {}).get("encoder") != encoder_key:
+                    return {}
+                keys, vectors = f.get_tensor("keys"), f.get_tensor("vectors")
+        except Exception:                       # a damaged cache is only a slower run, never an error
+            return {}
+        return {bytes(k.tolist()): v for k, v in zip(keys, vectors)}
+
+    def save(self, encoder_key: str, entries: dict[bytes, torch.Tensor]) -> None:
+        """Merge `entries` into the encoder's file (written atomically)."""
+        if self.folder is None or not entries:
+            return
+        merged = {**self.load(encoder_key), **entries}
+        order = sorted(merged)
+        keys = torch.tensor([list(k) for k in order], dtype=torch.uint8)
+        vectors = torch.stack([merged[k].float() for k in order]).contiguous()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(self._file(encoder_key),
+                     lambda tmp: save_file({"keys": keys, "vectors": vectors}, tmp, metadata={"encoder": encoder_key}))
