@@ -65,8 +65,8 @@ def block_sizes(head_dim: int, itemsize: int = 2) -> dict[str, tuple[int, int]]:
         if head_dim <= 64:
             return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
         return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 64)}
-    if head_dim <= 16:
-        return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
+    if head_dim <= 16:   # a (128, 64) forward tile spilled at 4 warps on sm_90 once k, v became strided
+        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
     if head_dim <= 32:
         return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 32)}
     return {"fwd": (64, 32), "dq": (32, 64), "dkv": (32, 32)}
@@ -162,16 +162,16 @@ def _block_of(block_indices, cu_seqlens, i_blk):
     return i_n, i_m, bos, tl.where(real, eos - bos, 0)
 
 
-# Addressing: q, k, v are read in place through their strides (sq_t, sq_h; sk_s, sk_t, sk_h; sv_*; the last
-# dim contiguous), so k and v may be views of one kv projection; o, lse, do, dq, dk, dv are contiguous, row t
+# Addressing: k and v are read in place through one set of strides (sk_s, sk_t, sk_h; the last dim
+# contiguous), so they may be views of one kv projection; q, o, lse, do, dq, dk, dv are contiguous, row t
 # head h of source s at ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first
 # row) plus a loop-invariant int32 offset tile r * stride + d, which keeps the 2-D pointer tensors out of
 # 64-bit registers.
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
-@triton.jit(do_not_specialize=["T", "S", "W"])
+@triton.jit(do_not_specialize=["T", "S", "W", "sk_s"])
 def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
-                     sq_t, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h,
+                     sk_s, sk_t, sk_h,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
@@ -183,13 +183,10 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     offs_d = tl.arange(0, BD)
     m_q = pos_q < N
     m_d = offs_d < D
-    tile_q = tl.arange(0, BM)[:, None] * sq_t + offs_d[None, :]
-    tile_o = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
+    tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
-    tile_v = tl.arange(0, BN)[:, None] * sv_t + offs_d[None, :]
-    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of o / lse
-    b_q = tl.load(q + (bos + q0).to(tl.int64) * sq_t + i_h * sq_h + tile_q, mask=m_q[:, None] & m_d[None, :],
-                  other=0.)
+    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o / lse
+    b_q = tl.load(q + row_q0 * D + tile_q, mask=m_q[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
 
     if HAS_WINDOW:
@@ -206,11 +203,9 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            row_k = (bos + j0).to(tl.int64)
-            b_k = tl.load(k + i_s * sk_s + row_k * sk_t + i_h * sk_h + tile_k, mask=m_k[:, None] & m_d[None, :],
-                          other=0.)
-            b_v = tl.load(v + i_s * sv_s + row_k * sv_t + i_h * sv_h + tile_v, mask=m_k[:, None] & m_d[None, :],
-                          other=0.)
+            base_k = sk_s.to(tl.int64) * i_s + (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
+            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
             valid = m_k[None, :]
             if HAS_WINDOW:
@@ -228,7 +223,7 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     b_empty = b_l == 0.
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
     b_lse = tl.where(b_empty, 0., b_m + tl.log2(tl.where(b_empty, 1., b_l)))
-    tl.store(o + row_q0 * D + tile_o, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
+    tl.store(o + row_q0 * D + tile_q, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
     tl.store(lse + row_q0 + tl.arange(0, BM) * H, b_lse.to(lse.dtype.element_ty), mask=m_q)
 
 
@@ -248,9 +243,9 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
-@triton.jit(do_not_specialize=["T", "S", "W"])
+@triton.jit(do_not_specialize=["T", "S", "W", "sk_s"])
 def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
-                        sq_t, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h,
+                        sk_s, sk_t, sk_h,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
@@ -263,13 +258,11 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
     m_q = pos_q < N
     m_d = offs_d < D
     m_qd = m_q[:, None] & m_d[None, :]
-    tile_q = tl.arange(0, BM)[:, None] * sq_t + offs_d[None, :]
-    tile_o = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
+    tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
-    tile_v = tl.arange(0, BN)[:, None] * sv_t + offs_d[None, :]
     row_q0 = (bos + q0).to(tl.int64) * H + i_h
-    b_q = tl.load(q + (bos + q0).to(tl.int64) * sq_t + i_h * sq_h + tile_q, mask=m_qd, other=0.)
-    b_do = tl.load(do + row_q0 * D + tile_o, mask=m_qd, other=0.)
+    b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
+    b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
     b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
     b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
     qk_scale = scale * 1.4426950408889634
@@ -286,11 +279,9 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            row_k = (bos + j0).to(tl.int64)
-            b_k = tl.load(k + i_s * sk_s + row_k * sk_t + i_h * sk_h + tile_k, mask=m_k[:, None] & m_d[None, :],
-                          other=0.)
-            b_v = tl.load(v + i_s * sv_s + row_k * sv_t + i_h * sv_h + tile_v, mask=m_k[:, None] & m_d[None, :],
-                          other=0.)
+            base_k = sk_s.to(tl.int64) * i_s + (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
+            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
             valid = m_q[:, None] & m_k[None, :]
             if HAS_WINDOW:
@@ -301,14 +292,14 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
     b_dq = b_dq * scale
-    tl.store(dq + row_q0 * D + tile_o, b_dq.to(dq.dtype.element_ty), mask=m_qd)
+    tl.store(dq + row_q0 * D + tile_q, b_dq.to(dq.dtype.element_ty), mask=m_qd)
 
 
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
-@triton.jit(do_not_specialize=["T", "S", "W"])
+@triton.jit(do_not_specialize=["T", "S", "W", "sk_s"])
 def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
-                         sq_t, sq_h, sk_s, sk_t, sk_h, sv_s, sv_t, sv_h,
+                         sk_s, sk_t, sk_h,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     # BN keys of source i_s per program; loops over query blocks of BM rows of the same conversation.
@@ -323,15 +314,13 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
     m_k = pos_k < N
     m_d = offs_d < D
     m_kd = m_k[:, None] & m_d[None, :]
-    tile_q = tl.arange(0, BM)[:, None] * sq_t + offs_d[None, :]
-    tile_o = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
-    tile_kv = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]                # dk, dv: contiguous
+    tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
+    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]                 # dk, dv: contiguous
     row_k = (bos + k0).to(tl.int64)
     base_k = ((i_s * T.to(tl.int64) + row_k) * H + i_h) * D
-    b_k = tl.load(k + i_s * sk_s + row_k * sk_t + i_h * sk_h + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :],
-                  mask=m_kd, other=0.)
-    b_v = tl.load(v + i_s * sv_s + row_k * sv_t + i_h * sv_h + tl.arange(0, BN)[:, None] * sv_t + offs_d[None, :],
-                  mask=m_kd, other=0.)
+    src_k = i_s * sk_s + row_k * sk_t + i_h * sk_h                                 # k, v: strided, in place
+    b_k = tl.load(k + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
+    b_v = tl.load(v + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
     qk_scale = scale * 1.4426950408889634
 
     if HAS_WINDOW:
@@ -348,8 +337,8 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
         m_q = pos_q < hi
         m_qd = m_q[:, None] & m_d[None, :]
         row_q0 = (bos + i0).to(tl.int64) * H + i_h
-        b_q = tl.load(q + (bos + i0).to(tl.int64) * sq_t + i_h * sq_h + tile_q, mask=m_qd, other=0.)
-        b_do = tl.load(do + row_q0 * D + tile_o, mask=m_qd, other=0.)
+        b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
+        b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
         b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
         b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(ACC) * qk_scale              # (BN, BM): scores transposed
@@ -363,8 +352,8 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC).to(ACC)
     b_dk = b_dk * scale
-    tl.store(dk + base_k + tile_kv, b_dk.to(dk.dtype.element_ty), mask=m_kd)
-    tl.store(dv + base_k + tile_kv, b_dv.to(dv.dtype.element_ty), mask=m_kd)
+    tl.store(dk + base_k + tile_k, b_dk.to(dk.dtype.element_ty), mask=m_kd)
+    tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -386,14 +375,19 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
     check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
 
 
-def _strides(q, k, v) -> tuple[int, ...]:
-    """Element strides (q: t, h; k: s, t, h; v: s, t, h). The last dim must be contiguous; everything else
-    is read in place (k and v are usually views of one kv projection)."""
-    return (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2))
+def _strides(k) -> tuple[int, int, int]:
+    """Element strides (s, t, h) of k, which v shares."""
+    return k.stride(0), k.stride(1), k.stride(2)
 
 
-def _inner_contiguous(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+def _layout(q, k, v):
+    """q contiguous (a projection's output already is: no copy); k and v read in place through one set of
+    strides, as the views of one kv projection are (the last dim contiguous). Other layouts are copied once:
+    one stride set keeps the kernels' offset tiles, and so their registers, as few as with contiguous inputs."""
+    q = q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
 
 
 def _window(window: int, T: int) -> int:
@@ -414,7 +408,7 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     table = prepare_block_indices(cu_seqlens, BM, T)
     if T > 0:
         _attn_fwd_kernel[(table.shape[0], H)](q, k, v, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
-                                              *_strides(q, k, v), H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
+                                              *_strides(k), H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
                                               DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
@@ -438,13 +432,13 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     BM, BN = blocks["dq"]
     table = prepare_block_indices(cu_seqlens, BM, T)
     _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
-                                             T, S, window, *_strides(q, k, v), H=H, D=D, BD=BD, BM=BM, BN=BN,
+                                             T, S, window, *_strides(k), H=H, D=D, BD=BD, BM=BM, BN=BN,
                                              DOT_PREC=prec)
     dq_block, (BM, BN) = BM, blocks["dkv"]
     if BN != dq_block:                                           # same block size: reuse the table
         table = prepare_block_indices(cu_seqlens, BN, T)
     _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
-                                                 scale, T, S, window, *_strides(q, k, v), H=H, D=D, BD=BD,
+                                                 scale, T, S, window, *_strides(k), H=H, D=D, BD=BD,
                                                  BM=BM, BN=BN, DOT_PREC=prec)
     return dq, dk, dv
 
@@ -461,7 +455,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int,
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o (T, H, D), lse (T, H) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
-    q, k, v = (_inner_contiguous(x) for x in (q, k, v))
+    q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
 
 
@@ -475,7 +469,7 @@ def _(q, k, v, cu_seqlens, window, scale):
 def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
                           do: torch.Tensor, cu_seqlens: torch.Tensor, window: int, scale: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = (_inner_contiguous(x) for x in (q, k, v))
+    q, k, v = _layout(q, k, v)
     return attention_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(),
                               cu_seqlens.to(torch.int32), window, scale)
 
@@ -538,7 +532,7 @@ def _unwrap(fn):
     return fn
 
 
-_STRIDE_ARGS = ("sq_t", "sq_h", "sk_s", "sk_t", "sk_h", "sv_s", "sv_t", "sv_h")
+_STRIDE_ARGS = ("sk_s", "sk_t", "sk_h")
 
 
 def aot_specs() -> list[dict]:
