@@ -92,8 +92,11 @@ AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC"]
 _FOUR_WARP_TILE = {"fwd": 64 * 64, "dq": 32 * 64, "dkv": 64 * 64}
 
 
-def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, itemsize: int) -> bool:
+def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, itemsize: int,
+                   num_stages: int = 2) -> bool:
     rows = BN if kernel == "dkv" else BM
+    if kernel == "fwd" and itemsize == 4 and BD >= 128 and num_stages > 2:
+        return False            # fp32 D=128 forward spills on sm_90 with 3 stages (AOT report, strided k/v)
     return num_warps >= 8 or rows * BD * itemsize // 2 <= _FOUR_WARP_TILE[kernel]
 
 
@@ -102,7 +105,7 @@ def _pruner(kernel: str):
         args = {**named_args, **kwargs}
         itemsize = args["q"].element_size()
         kept = [c for c in configs if config_allowed(kernel, c.num_warps, args["BM"], args["BN"], args["BD"],
-                                                     itemsize)]
+                                                     itemsize, c.num_stages)]
         return kept or configs
     return {"early_config_prune": prune}
 
@@ -169,7 +172,7 @@ def _block_of(block_indices, cu_seqlens, i_blk):
 # 64-bit registers.
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
-@triton.jit(do_not_specialize=["T", "S", "W", "sk_s"])
+@triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      sk_s, sk_t, sk_h,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -199,13 +202,15 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BM], dtype=ACC)
     b_acc = tl.zeros([BM, BD], dtype=ACC)
+    k_src = k                                            # source i_s starts at k + i_s * sk_s: a 64-bit pointer
+    v_src = v                                            # stepped per source, never an int32 product
     for i_s in range(S):
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            base_k = sk_s.to(tl.int64) * i_s + (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
-            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            base_k = (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
             valid = m_k[None, :]
             if HAS_WINDOW:
@@ -219,6 +224,8 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC).to(ACC)
             b_m = b_m_new
+        k_src += sk_s
+        v_src += sk_s
 
     b_empty = b_l == 0.
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
@@ -243,7 +250,7 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
-@triton.jit(do_not_specialize=["T", "S", "W", "sk_s"])
+@triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
                         sk_s, sk_t, sk_h,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -275,13 +282,15 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
         hi = N
 
     b_dq = tl.zeros([BM, BD], dtype=ACC)
+    k_src = k
+    v_src = v
     for i_s in range(S):
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            base_k = sk_s.to(tl.int64) * i_s + (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
-            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            base_k = (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
             valid = m_q[:, None] & m_k[None, :]
             if HAS_WINDOW:
@@ -291,13 +300,15 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC).to(ACC)
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
+        k_src += sk_s
+        v_src += sk_s
     b_dq = b_dq * scale
     tl.store(dq + row_q0 * D + tile_q, b_dq.to(dq.dtype.element_ty), mask=m_qd)
 
 
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
-@triton.jit(do_not_specialize=["T", "S", "W", "sk_s"])
+@triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
                          sk_s, sk_t, sk_h,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -567,9 +578,13 @@ def aot_specs() -> list[dict]:
                 for name, kernel, which, ptrs in kernels:
                     BM, BN = blocks[which]
                     for cfg in kernel.fn.configs:                 # heuristics -> autotuner -> jit
-                        if not config_allowed(which, cfg.num_warps, BM, BN, BD, itemsize):
+                        if not config_allowed(which, cfg.num_warps, BM, BN, BD, itemsize, cfg.num_stages):
                             continue
                         specs.append({
+                            # the JIT specialises the k/v strides (multiples of 16 for D = 16..128 and
+                            # the kv views) and the pointers as divisible by 16
+                            "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", "block_indices",
+                                                                              "sk_s", "sk_t", "sk_h")},
                             "name": f"{name}[{dname},D={D},window={'on' if has_window else 'off'},"
                                     f"BM={BM},BN={BN}]",
                             "fn": _unwrap(kernel),
