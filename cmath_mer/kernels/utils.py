@@ -11,7 +11,12 @@ import os
 
 import torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreting() -> bool:
+    """Read at call time: `python -m cmath_mer.kernels.aot` unsets TRITON_INTERPRET after this package is
+    imported (the package __init__ imports this module) and before the kernel modules are."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,7 +97,7 @@ def tf32_allowed() -> bool:
 def dot_precision(dtype: torch.dtype) -> str:
     """input_precision of the fp32 tl.dots: "tf32" on a GPU launch (only made when TF32 is allowed), "ieee"
     otherwise (the interpreter; float64). No effect on 16-bit operands."""
-    if INTERPRET or dtype == torch.float64:
+    if interpreting() or dtype == torch.float64:
         return "ieee"
     return "tf32"
 
@@ -148,7 +153,9 @@ def register_autocast_to_region_dtype(qualname: str, cast: tuple[int, ...], post
 # teaches an old interpreter the same conversion. Interpreter only; a no-op on Triton versions that squeeze.
 # ----------------------------------------------------------------------------------------------------------
 def patch_old_interpreter() -> None:
-    if not INTERPRET:
+    """Called by each fused module when it is imported (never at this module's import, which may precede
+    the AOT tool's unsetting of TRITON_INTERPRET)."""
+    if not interpreting():
         return
     try:
         from triton.runtime import interpreter
@@ -165,5 +172,3 @@ def patch_old_interpreter() -> None:
     patched._cmath_patched = True
     interpreter._patch_lang_tensor = patched
 
-
-patch_old_interpreter()

@@ -48,7 +48,9 @@ import triton
 import triton.language as tl
 
 from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
-                     register_autocast_to_region_dtype)
+                     patch_old_interpreter, register_autocast_to_region_dtype)
+
+patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634

@@ -30,7 +30,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import check_same_device, input_guard, once_differentiable, register_autocast_to_region_dtype
+from ..utils import (check_same_device, input_guard, once_differentiable, patch_old_interpreter,
+                     register_autocast_to_region_dtype)
+
+patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
