@@ -4,46 +4,223 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
+import traceback
 from pathlib import Path
 
-from .config import PRESETS, TrainConfig
+from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
+from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
 
 
-def _loader_options(class_names: str | None) -> dict:
-    return {"class_names": tuple(class_names.split(","))} if class_names else {}
+# ------------------------------------------------------------------------------------------ option checks
+# A value that was given is used or refused, never replaced by a default (`is None`, never `if args.x`).
+
+def _names_option(option: str, value: str, known: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in value.split(","))
+    if not value.strip() or any(not n for n in names):
+        raise UsageError(f"{option} {value!r}: expected comma-separated names, none of them empty")
+    dup = [n for i, n in enumerate(names) if n in names[:i]]
+    if dup:
+        raise UsageError(f"{option} {value!r}: {dup[0]!r} is named twice")
+    if known is not None:
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise UsageError(f"{option}: unknown name {bad[0]!r}; choose from {', '.join(known)}")
+    return names
+
+
+def _check_device(device: str, backend: str | None = None) -> str:
+    import torch
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r}: not a device; use cpu or cuda (cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); use cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: only cpu and cuda are supported")
+    if backend == "triton":
+        from .kernels.backend import triton_available
+        if not triton_available():
+            raise UsageError("--backend triton: triton is not installed; use --backend torch")
+        if dev.type != "cuda":
+            raise UsageError(f"--backend triton needs a CUDA device (--device {device}); use --backend torch "
+                             "on the CPU")
+    return device
+
+
+def _input_file(option: str, path: str) -> Path:
+    if not path:
+        raise UsageError(f"{option}: empty path")
+    return Path(path)
+
+
+def _output_file(option: str, path: str, inputs: list[Path] = ()) -> Path:
+    """An output file: not empty, not a folder, in an existing folder, and not one of the inputs."""
+    if not path:
+        raise UsageError(f"{option}: empty path")
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{option} {out}: is a folder; name a file")
+    if not out.parent.is_dir():
+        raise UsageError(f"{option} {out}: the folder {out.parent} does not exist")
+    for src in inputs:
+        try:
+            same = src.exists() and out.exists() and out.samefile(src)
+        except OSError:
+            same = False
+        if same or out.resolve() == src.resolve():
+            raise UsageError(f"{option} {out}: is an input of this command ({src}); writing it would destroy "
+                             "the input; name another file")
+    return out
+
+
+def _loader_options(class_names: str | None, data: str | None = None) -> dict:
+    if class_names is None:
+        return {}
+    names = _names_option("--class-names", class_names)
+    if data is not None:
+        from .data import file_format
+        if data == "synthetic" or data.startswith("synthetic:") and not Path(data).exists():
+            raise UsageError("--class-names applies to peer pickles; the synthetic corpus has its preset's classes")
+        if Path(data).is_file() and file_format(data) == "safetensors":
+            raise UsageError(f"--class-names applies to peer pickles; {data} is a safetensors dataset, which "
+                             "carries its own class names")
+    return {"class_names": names}
 
 
 def _load(data: str, preset_name: str, seed: int, class_names: str | None = None):
     from .data import load_dataset, make_synthetic
+    options = _loader_options(class_names, data)
     if data == "synthetic":
         return make_synthetic(preset=preset_name, seed=seed)
-    return load_dataset(data, **_loader_options(class_names))
+    return load_dataset(_input_file("--data", data), **options)
+
+
+def _train_options(args) -> None:
+    """Check every training option that was given, before anything is read or written."""
+    if args.out == "":
+        raise UsageError("--out: empty path; name the run folder")
+    if args.patience is not None and args.patience < 1:
+        raise UsageError(f"--patience {args.patience}: must be at least 1")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs {args.epochs}: must be at least 1")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr {args.lr}: must be a finite number > 0")
+    if args.seed is not None and args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be >= 0")
+    if args.modalities is not None:
+        _names_option("--modalities", args.modalities, MODALITIES)
+    if args.class_names is not None:
+        _names_option("--class-names", args.class_names)
+    _check_device(args.device if args.device is not None else "cpu", args.backend)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
+
+
+def _overrides(text: str | None) -> dict:
+    if text is None:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"--set: not valid JSON ({err}); e.g. --set '{{\"window\": 32}}'") from None
+    try:
+        return check_overrides(overrides, "--set")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+
+
+def _resume_settings(args, folder: Path):
+    """The run's own config and TrainConfig for --resume; an option that contradicts the run is refused,
+    --epochs (extend) and --device are applied and said."""
+    from .config import config_to_dict
+    from .run_folder import saved_run
+    saved = saved_run(folder)
+    config = saved.config
+    tsaved = dict(saved.train_config or json.loads((folder / "train_config.json").read_text()))
+    run = saved.state.get("run") or {}
+    have = config_to_dict(config)
+    clashes = []
+    for key, value in _overrides(args.set).items():
+        if json.loads(json.dumps(value)) != have.get(key):
+            clashes.append(f"--set {key}={json.dumps(value)} (the run has {json.dumps(have.get(key))})")
+    if args.modalities is not None and _names_option("--modalities", args.modalities) != config.modalities:
+        clashes.append(f"--modalities {args.modalities} (the run has {','.join(config.modalities)})")
+    if args.backend is not None and args.backend != config.backend:
+        clashes.append(f"--backend {args.backend} (the run has {config.backend})")
+    if args.lr is not None and args.lr != tsaved.get("lr"):
+        clashes.append(f"--lr {args.lr} (the run has {tsaved.get('lr')})")
+    if args.patience is not None and args.patience != tsaved.get("patience"):
+        clashes.append(f"--patience {args.patience} (the run has {tsaved.get('patience')})")
+    if args.seed is not None and args.seed != tsaved.get("seed"):
+        clashes.append(f"--seed {args.seed} (the run has {tsaved.get('seed')})")
+    if args.preset is not None and run.get("preset") is not None and args.preset != run["preset"]:
+        clashes.append(f"--preset {args.preset} (the run has {run['preset']})")
+    if clashes:
+        raise UsageError(f"--resume continues the run in {args.out} with its own settings; these options "
+                         f"contradict it: {'; '.join(clashes)}. Drop them, or start a new run (--overwrite or "
+                         f"another --out)")
+    notes = []
+    if args.epochs is not None and args.epochs != tsaved["epochs"]:
+        notes.append(f"--resume: training to {args.epochs} epochs (the run was set to {tsaved['epochs']})")
+        tsaved["epochs"] = args.epochs
+    if args.device is not None and args.device != tsaved.get("device"):
+        notes.append(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})")
+        tsaved["device"] = args.device
+    return saved, config, TrainConfig(**tsaved), run.get("preset") or args.preset or "iemocap", notes
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .run_folder import check_new_run_folder
     from .train import build_config, train
+    _train_options(args)
     out = Path(args.out)
+    seeds = None if args.seeds is None else _seed_list(args.seeds)
+    if seeds is not None and args.seed is not None:
+        raise UsageError("--seed and --seeds contradict each other: give one")
     if args.resume:
-        # the run's own config and training settings; --epochs may extend it
-        config = load_config(out / "config.json")
-        saved = json.loads((out / "train_config.json").read_text())
-        tcfg = TrainConfig(**{**saved, **({"epochs": args.epochs} if args.epochs else {})})
-        data = _load(args.data, args.preset, tcfg.seed, args.class_names)
+        from .data import check_compatible
+        from .run_folder import check_resume, data_fingerprint, run_files
+        folder = out
+        if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
+            folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
+        saved, config, tcfg, preset_name, notes = _resume_settings(args, folder)
+        data = _load(args.data, preset_name, tcfg.seed, args.class_names)
+        check_compatible(data, config)
+        check_resume(saved, config, tcfg, data_fingerprint(data, config.modalities))    # before saying anything
+        for note in notes:
+            print(note, file=sys.stderr)
     else:
-        data = _load(args.data, args.preset, args.seed, args.class_names)
-        overrides = json.loads(args.set) if args.set else {}
-        if args.backend:
+        for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
+            check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
+        preset_name = args.preset or "iemocap"
+        seed = 0 if args.seed is None else args.seed
+        overrides = _overrides(args.set)
+        if args.backend is not None:
             overrides["backend"] = args.backend
-        modalities = tuple(args.modalities.split(",")) if args.modalities else None
-        config = build_config(data, args.preset, modalities, **overrides)
-        tcfg = TrainConfig(epochs=args.epochs or TrainConfig.epochs, seed=args.seed, device=args.device,
-                           **({"lr": args.lr} if args.lr else {}))
+        _check_device(args.device or "cpu", overrides.get("backend"))
+        modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
+        data = _load(args.data, preset_name, seed, args.class_names)
+        config = build_config(data, preset_name, modalities, **overrides)
+        given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience}
+        tcfg = train_preset(preset_name, seed=seed, device=args.device or "cpu",
+                            **{k: v for k, v in given.items() if v is not None})
+    run_info = {"preset": preset_name, "data": args.data}
     try:
-        metrics = train(data, config, tcfg, out, resume=args.resume, progress=not args.no_progress)
+        if seeds is not None:
+            from .seeds import train_seeds
+            train_seeds(data, config, tcfg, out, seeds, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress, run_info=run_info)
+            print(f"wrote {out}/seed-*/ (one run folder per seed) and {out}/summary.json")
+            return 0
+        metrics = train(data, config, tcfg, out, resume=args.resume, overwrite=args.overwrite,
+                        progress=not args.no_progress, run_info=run_info)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last finished epoch is saved in {out}. Continue with:\n"
               f"  cmath-mer train --data {args.data} --out {out} --resume", file=sys.stderr)
@@ -52,21 +229,75 @@ def cmd_train(args) -> int:
     if sel["weighted_f1"] is not None:
         print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
               f"(epoch {sel['epoch']}, selected on validation)")
+    base = metrics.get("baseline_context_free")
+    if base and base.get("test"):
+        print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "
+              f"{base['test']['weighted_f1']:.2f}  accuracy {base['test']['accuracy']:.2f}")
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
-    print(f"wrote {out}/config.json, best.safetensors, last.safetensors, metrics.json, confusion_matrix.png")
+    written = ["config.json", "train_config.json", "best.safetensors", "last.safetensors", "metrics.json"]
+    written += [f for f in ("confusion_matrix.png", "training_curves.png") if (out / f).exists()]
+    print(f"wrote {out}/{', '.join(written)}")
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2,3,4") from None
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds {text!r}: a seed is repeated")
+    if any(s < 0 for s in seeds):
+        raise UsageError(f"--seeds {text!r}: seeds must be >= 0")
+    return seeds
+
+
+def cmd_sweep(args) -> int:
+    from .sweep import load_grid, run_sweep
+    grid = load_grid(args.grid)
+    data = _load(args.data, args.preset, 0, args.class_names)
+    modalities = tuple(args.modalities.split(",")) if args.modalities else None
+    run_sweep(data, args.preset, modalities, grid, _seed_list(args.seeds), args.out, progress=not args.no_progress)
+    print(f"wrote {args.out}/sweep.md and sweep.json (one folder per recipe and seed)")
+    return 0
+
+
+def cmd_baseline(args) -> int:
+    from .baseline import context_free_baseline
+    from .train import make_splits
+    modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
+    if args.seed < 0:
+        raise UsageError(f"--seed {args.seed}: must be >= 0")
+    data = _load(args.data, args.preset, args.seed, args.class_names)
+    result = context_free_baseline(data, make_splits(data, TrainConfig.valid_fraction, args.seed), modalities)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _load_for_model(args):
     from .data import check_compatible
-    from .metrics import classification_metrics
-    from .train import evaluation_conversations, load_trained, predict_conversations
-    model = load_trained(args.checkpoint, args.device)
+    from .train import load_trained
+    device = _check_device(args.device)
+    if args.class_names is not None:
+        _names_option("--class-names", args.class_names)
+    _input_file("--data", args.data)
+    model = load_trained(_input_file("--checkpoint", args.checkpoint), device)
     data = _load(args.data, "iemocap", 0, args.class_names)
     check_compatible(data, model.config)
+    return model, data
+
+
+def cmd_evaluate(args) -> int:
+    from .data import DataError
+    from .metrics import classification_metrics
+    from .train import evaluation_conversations, predict_conversations
+    model, data = _load_for_model(args)
     y, p, _ = predict_conversations(model, data, evaluation_conversations(data))
+    if not (y >= 0).any():
+        raise DataError(f"{data.source}: field 'labels': no utterance to evaluate is labelled (all are "
+                        f"unlabelled, -100)")
     metrics = classification_metrics(y, p, data.class_names)
     print(json.dumps(metrics, indent=2))
     return 0
@@ -91,9 +322,16 @@ def _table_options(args) -> dict:
 
 
 def cmd_predict(args) -> int:
+    from .checkpoint import atomic_write
     from .data import check_compatible
     from .train import load_trained, predict_conversations
-    model = load_trained(args.checkpoint, args.device)
+    ckpt = _input_file("--checkpoint", args.checkpoint)
+    out = _output_file("--out", args.out, [_input_file("--data", args.data), ckpt / "best.safetensors",
+                                            ckpt / "config.json", ckpt])
+    device = _check_device(args.device)
+    if args.class_names is not None:
+        _names_option("--class-names", args.class_names)
+    model = load_trained(ckpt, device)
     names = model.config.class_names
     corpus = None
     if Path(args.data).suffix.lower() in TABLE_SUFFIXES:
@@ -135,18 +373,28 @@ def cmd_predict(args) -> int:
         header = ["conversation", "split", "utterance", "speaker", "text", "label", "prediction"]
     else:
         header = ["conversation", "split", "utterance", "speaker", "label", "prediction"]
-    with open(args.out, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*header, *[f"p_{n}" for n in names]])
-        w.writerows(cells for _, cells in sorted(rows, key=lambda r: r[0]))
-    print(f"wrote {len(rows)} predictions to {args.out}")
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow([*header, *[f"p_{n}" for n in names]])
+            w.writerows(cells for _, cells in sorted(rows, key=lambda r: r[0]))
+    atomic_write(out, write)                       # the input is never open for writing, even on a crash
+    print(f"wrote {len(rows)} predictions to {out}")
     return 0
 
 
 def cmd_featurize(args) -> int:
     from .featurize import featurize
+    tables = [Path(t) for t in args.tables] + [Path(t.rsplit(":", 1)[0]) for t in args.tables if ":" in t]
+    _output_file("--out", args.out, tables)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.device is not None:
+        _check_device(args.device)
     data = featurize(args.tables, args.out, split=args.split, **_table_options(args),
-                     class_names=tuple(args.class_names.split(",")) if args.class_names else None,
+                     class_names=None if args.class_names is None else _names_option("--class-names",
+                                                                                     args.class_names),
                      text_encoder=args.text_encoder, audio_features=args.audio_features,
                      missing_audio=args.missing_audio, cache=not args.no_cache, device=args.device,
                      batch_size=args.batch_size, progress=not args.no_progress)
@@ -160,14 +408,21 @@ def cmd_featurize(args) -> int:
 
 def cmd_convert(args) -> int:
     from .data import convert
-    convert(args.input, args.output, **_loader_options(args.class_names))
+    src = _input_file("input", args.input)
+    out = _output_file("output", args.output, [src])
+    convert(src, out, **_loader_options(args.class_names, args.input))
     print(f"wrote {args.output}")
     return 0
 
 
 def cmd_synth(args) -> int:
     from .data import synth
-    synth(args.output, preset=args.preset, conversations=args.conversations, min_length=args.min_length,
+    if args.conversations < 1:
+        raise UsageError(f"--conversations {args.conversations}: must be at least 1")
+    if not 1 <= args.min_length <= args.max_length:
+        raise UsageError(f"--min-length {args.min_length} / --max-length {args.max_length}: need "
+                         "1 <= min <= max")
+    synth(_output_file("output", args.output), preset=args.preset, conversations=args.conversations, min_length=args.min_length,
           max_length=args.max_length, seed=args.seed)
     print(f"wrote {args.output}")
     return 0
@@ -197,20 +452,44 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train CMATH and write a checkpoint folder")
     t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic'")
-    t.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    t.add_argument("--preset", choices=sorted(PRESETS), help="default iemocap; with --resume, the run's own")
     t.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
     t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--lr", type=float, help=f"default {TrainConfig.lr}")
+    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3,4: one run each in OUT/seed-N, "
+                                   "mean and std in OUT/summary.json")
+    t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation F1")
+    t.add_argument("--device", help="cpu (default) or cuda")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out with its own config (--epochs may extend it)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are removed)")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
+
+    bl = sub.add_parser("baseline", help="the context-free baseline alone: logistic regression on each "
+                                         "utterance's features, C chosen on validation")
+    bl.add_argument("--data", required=True)
+    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
+    bl.add_argument("--seed", type=int, default=0, help="seed of the validation split (when the data has none)")
+    bl.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    bl.set_defaults(func=cmd_baseline)
+
+    sw = sub.add_parser("sweep", help="several recipes x several seeds; a table sorted by validation F1")
+    sw.add_argument("--data", required=True)
+    sw.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    sw.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
+    sw.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
+    sw.add_argument("--seeds", default="0,1,2,3,4")
+    sw.add_argument("--out", required=True)
+    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
     e.add_argument("--checkpoint", required=True)
@@ -267,14 +546,31 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", required=True)
     b.set_defaults(func=cmd_bench)
 
+    for sp in sub.choices.values():
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of an error")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     from .data import DataError
     from .featurize.extra import MissingExtraError
     try:
         return args.func(args)
-    except (DataError, ValueError, FileNotFoundError, MissingExtraError) as err:
-        print(f"cmath-mer: error: {err}", file=sys.stderr)
-        return 2
+    except (UsageError, RunFolderError, DataError, CheckpointError, FloatingPointError, OSError,
+            ValueError, MissingExtraError) as err:
+        if args.debug:
+            traceback.print_exc()
+        usage = isinstance(err, (UsageError, MissingExtraError)) or isinstance(err, RunFolderError) and err.usage or (
+            isinstance(err, ValueError) and not isinstance(err, DataError))
+        print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
+        return 2 if usage else 1
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, OSError) and err.filename is not None:
+        what = {28: "no space left on the device"}.get(err.errno, err.strerror or str(err))
+        return f"{err.filename}: {what}"
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
 
 
 if __name__ == "__main__":

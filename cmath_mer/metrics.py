@@ -33,5 +33,35 @@ def save_confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: tu
     ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from .checkpoint import atomic_write
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))   # a kill leaves no torn file
+    finally:
+        plt.close(fig)
+
+
+def save_training_curves(history: list[dict], path: Path, baseline: dict | None = None) -> None:
+    """Training loss, validation and test weighted F1 per epoch (and the baseline's as lines), one PNG,
+    written atomically."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_write
+
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for split, colour in (("valid", "tab:blue"), ("test", "tab:orange")):
+        scores = [(r["epoch"], r[split]["weighted_f1"]) for r in history if r.get(split)]
+        if scores:
+            ax_f1.plot(*zip(*scores), marker="o", color=colour, label=f"CMATH {split}")
+        if baseline and baseline.get(split):
+            ax_f1.axhline(baseline[split]["weighted_f1"], color=colour, linestyle="--",
+                          label=f"context-free baseline {split}")
+    ax_f1.set(xlabel="epoch", ylabel="weighted F1 (%)", title="weighted F1")
+    ax_f1.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

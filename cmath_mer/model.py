@@ -83,6 +83,15 @@ class CMATH(nn.Module):
         self.coarse_head = nn.Linear(cfg.latent, cfg.num_classes)
         self.fine_heads = nn.ModuleDict({c: nn.Linear(cfg.d_model, cfg.num_classes) for c in cfg.centrals})
         self.register_buffer("class_weight", torch.ones(cfg.num_classes), persistent=True)
+        if cfg.standardize_inputs:                           # set from the training utterances by train.py
+            for m in cfg.modalities:
+                self.register_buffer(f"input_mean_{m}", torch.zeros(cfg.input_dims[m]), persistent=True)
+                self.register_buffer(f"input_std_{m}", torch.ones(cfg.input_dims[m]), persistent=True)
+
+    def standardized(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        if not self.config.standardize_inputs:
+            return x
+        return (x - getattr(self, f"input_mean_{m}")) / getattr(self, f"input_std_{m}")
 
     def forward(self, batch: Batch, *, seed: int = 0, with_loss: bool = True) -> CMATHOutput:
         cfg = self.config
@@ -91,11 +100,13 @@ class CMATH(nn.Module):
         has_prev, has_next = neighbour_masks(cu, T)                                   # (T, 1) each
         codes, rec = {}, {}
         for m in cfg.modalities:                                                       # step 1
-            codes[m], rec[m] = self.reconstruction[m](batch.features[m], has_prev, has_next, with_loss)
+            codes[m], rec[m] = self.reconstruction[m](self.standardized(m, batch.features[m]), has_prev, has_next, with_loss,
+                                                            cfg.input_dropout)
         h = self.embedding(codes, batch.speakers, positions(cu, T))                    # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}
-        z, mu_f, logvar_f, kl_prior, kd_latent = self.fusion(fine, seed=seed, sample=self.training)  # step 4
+        z, mu_f, logvar_f, kl_prior, kd_latent = self.fusion(fine, seed=seed,
+                                                                sample=self.training and cfg.variational_sample)  # step 4
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)

@@ -44,9 +44,11 @@ class ModalityReconstruction(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, has_prev: torch.Tensor, has_next: torch.Tensor,
-                with_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # x: (T, d_m) -> z: (T, d), L_rec: scalar
-        a1 = F.gelu(self.enc1(x, has_prev, has_next))                    # (T, d_h)
+                with_loss: bool = True, input_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # x: (T, d_m) -> z: (T, d), L_rec: scalar. The encoder reads x with input_dropout (training only);
+        # the loss reconstructs the clean x.
+        x_in = F.dropout(x, input_dropout, self.training) if input_dropout else x
+        a1 = F.gelu(self.enc1(x_in, has_prev, has_next))                 # (T, d_h)
         z = self.enc2(a1, has_prev, has_next)                            # (T, d)
         if not with_loss:
             return z, None

@@ -3,6 +3,7 @@ atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `eval
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 import json
 import math
 import random
@@ -13,10 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
-from .config import CMATHConfig, TrainConfig, load_config, preset
+from . import run_folder
+from .baseline import context_free_baseline
+from .ema import WeightAverage
+from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
+from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
+from .errors import CheckpointError, ConfigError
 from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
-from .metrics import classification_metrics, save_confusion_matrix
+from .metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from .model import CMATH
 
 
@@ -85,9 +90,24 @@ def predict_conversations(model: CMATH, data: ConversationDataset, conversations
     return labels.numpy(), probs.argmax(-1).numpy(), probs.numpy()
 
 
-def evaluate_split(model, data, conversations) -> tuple[dict, np.ndarray, np.ndarray]:
+def evaluate_split(model, data, conversations) -> tuple[dict | None, np.ndarray, np.ndarray]:
+    """Metrics of the conversations (None when none of their utterances is labelled), labels, predictions."""
     y, p, _ = predict_conversations(model, data, conversations)
+    if not (y >= 0).any():
+        return None, y, p
     return classification_metrics(y, p, data.class_names), y, p
+
+
+@torch.no_grad()
+def set_input_statistics(model: CMATH, data: ConversationDataset, conversations: list[int]) -> None:
+    """Per-feature mean and standard deviation of the training utterances, into the model's buffers."""
+    cu = data.cu_seqlens.tolist()
+    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in conversations])
+    for m in model.config.modalities:
+        x = data.features[m][rows].double()
+        getattr(model, f"input_mean_{m}").copy_(x.mean(0))
+        std = x.std(0, unbiased=False)
+        getattr(model, f"input_std_{m}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant: 1
 
 
 def learning_rate(tcfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -106,37 +126,78 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
-          *, resume: bool = False, progress: bool = True, log=print) -> dict:
-    """Train CMATH, select the epoch on validation, write config.json, best.safetensors, last.safetensors,
-    metrics.json and confusion_matrix.png into out_dir. Returns the metrics dict."""
+          *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
+          run_info: dict | None = None) -> dict:
+    """Train CMATH, select the epoch on validation, write best.safetensors, last.safetensors, config.json,
+    train_config.json, metrics.json and confusion_matrix.png into out_dir. Returns the metrics dict.
+
+    out_dir must be new or empty, or hold a run: then `resume` continues it (same config, training settings
+    and data, or RunFolderError) and `overwrite` replaces it. One process at a time writes into a folder
+    (a lock). Every check runs before anything is written. run_info (e.g. the CLI's preset) is kept in the
+    checkpoints' state as "run"."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     device = tcfg.device
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA device")
+        raise ConfigError(f"--device {device}: torch sees no CUDA device")
     check_compatible(data, config)
+    fingerprint = run_folder.data_fingerprint(data, config.modalities)
+    if resume:
+        saved = run_folder.saved_run(out)
+        run_folder.check_resume(saved, config, tcfg, fingerprint)
+    else:
+        run_folder.check_new_run_folder(out, overwrite=overwrite)
+        splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
+        if not _labelled(data, splits["train"]):
+            raise DataError(f"{data.source}: field 'labels': no training utterance is labelled (all are "
+                            f"{IGNORE_INDEX}, unlabelled)")
+    with run_folder.RunLock(out):
+        if resume:              # again under the lock: another process may have written meanwhile
+            saved = run_folder.saved_run(out)
+            run_folder.check_resume(saved, config, tcfg, fingerprint)
+        else:
+            run_folder.check_new_run_folder(out, overwrite=overwrite)
+            if overwrite:
+                run_folder.clear_run(out)
+        run_folder.clean_temporaries(out)
+        return _train(data, config, tcfg, out, saved.checkpoint if resume else None,
+                      None if resume else splits, fingerprint, progress, log, run_info)
+
+
+def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
+    cu = data.cu_seqlens.tolist()
+    return any(bool((data.labels[cu[i]:cu[i + 1]] != IGNORE_INDEX).any()) for i in conversations)
+
+
+def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fingerprint, progress, log,
+           run_info=None) -> dict:
+    device = tcfg.device
     torch.manual_seed(tcfg.seed)
     model = CMATH(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None}
-    if resume:
-        ckpt = out / "last.safetensors"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: {ckpt} does not exist (nothing to resume)")
-        saved = load_config(out / "config.json")
-        if saved != config:
-            raise ValueError(f"--resume: {out / 'config.json'} differs from this run's config; "
-                             "resume with the same preset, modalities and options")
-        state = load_checkpoint(ckpt, model, optimizer, device)
+    state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
+             "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
+    saved_config = config_to_dict(config)
+    ema = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, device, average_into=ema)
         splits = state["splits"]
-        log(f"resumed from {ckpt} after epoch {state['epoch']}")
+        log(f"resumed from {resume_from} after epoch {state['epoch']}")
+        # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them as
+        # the checkpoint has them (the new settings are written with the next checkpoint)
+        _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
+        _write_metrics(out, state)
+        _redo_confusion_matrix(out, data, config, splits, state, device)
+        state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
+        state.setdefault("data", fingerprint)
     else:
-        splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
         state["splits"] = splits
-        (out / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    (out / "train_config.json").write_text(json.dumps(dataclasses.asdict(tcfg), indent=2) + "\n")
+        if tcfg.baseline:
+            state["baseline"] = context_free_baseline(data, splits, config.modalities)
+            log(_baseline_line(state["baseline"]))
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"], config.class_weight_power))
+    if config.standardize_inputs:
+        set_input_statistics(model, data, splits["train"])
 
     lengths = data.lengths()
     n_train = sum(lengths[i] for i in splits["train"])
@@ -144,6 +205,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}")
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+        if _stop_early(state, tcfg):
+            break
         torch.manual_seed(tcfg.seed * 10_007 + epoch)        # dropout stream: same run whether resumed or not
         model.train()
         batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
@@ -159,62 +222,146 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             out_b.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
+            if ema is not None:
+                ema.update(model)
             state["global_step"] += 1
             loss = out_b.loss.item()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at epoch {epoch}, step {state['global_step']}")
+                raise FloatingPointError(f"training stopped: the loss became {loss} in epoch {epoch} (step "
+                                         f"{state['global_step']}, lr {tcfg.lr}); nothing of this epoch was saved, "
+                                         f"the checkpoints in {out} keep the last good epoch; try a smaller --lr")
             total += loss * batch.num_utterances
             count += batch.num_utterances
             bar.set_postfix(loss=f"{loss:.3f}")
         train_seconds = time.perf_counter() - t0
-        valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
-        test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
+        with ema.applied(model) if ema is not None else nullcontext():      # evaluated as selected
+            valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
+            test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+        average = ema.average if ema is not None else None
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
                "valid": valid, "test": test}
         state["history"].append(row)
         state["epoch"] = epoch
         score = valid["weighted_f1"] if valid else -row["train_loss"]
-        if state["best_valid"] is None or score > state["best_valid"]["score"]:
-            state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
-            save_checkpoint(out / "best.safetensors", model, optimizer, state)
-            if test is not None:
-                save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
-                                      f"test, epoch {epoch} (selected on validation)")
         if test is not None and (state["best_test"] is None
                                  or test["weighted_f1"] > state["best_test"]["weighted_f1"]):
             state["best_test"] = {"weighted_f1": test["weighted_f1"], "accuracy": test["accuracy"], "epoch": epoch}
-        save_checkpoint(out / "last.safetensors", model, optimizer, state)
+        # best first, then last: both hold the whole state of this epoch, so --resume can continue from
+        # either (a kill between the two leaves best one epoch ahead of last)
+        if state["best_valid"] is None or score > state["best_valid"]["score"]:
+            state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
+            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
+            if test is not None:
+                save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
+                                      f"test, epoch {epoch} (selected on validation)")
+        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
+        _write_run_files(out, saved_config, dataclasses.asdict(tcfg))   # with the first checkpoint, never before
         _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
             + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
             + f"{row['utterances_per_second']:.0f} utt/s")
-        if tcfg.patience is not None and valid and epoch - state["best_valid"]["epoch"] >= tcfg.patience:
+        if _stop_early(state, tcfg):
             log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
                 f"(best epoch {state['best_valid']['epoch']})")
-            break
     return json.loads((out / "metrics.json").read_text())
+
+
+def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> None:
+    """Stop before a checkpoint is written when an update made the weights NaN/inf (the loss is checked
+    before the optimizer step, so it cannot see this)."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise FloatingPointError(
+                f"training stopped: the weights became non-finite (NaN/inf, first in {name}) in epoch {epoch} "
+                f"(step {step}, lr {tcfg.lr}); nothing of this epoch was saved, the checkpoints in {out} keep "
+                f"the last good epoch; try a smaller --lr")
+
+
+def _write_run_files(out: Path, config: dict, tcfg: dict) -> None:
+    """config.json and train_config.json, readable copies of what the checkpoints carry; a file that
+    already says the same is left alone."""
+    for name, obj in (("config.json", config), ("train_config.json", tcfg)):
+        text = json.dumps(obj, indent=2) + "\n"
+        path = out / name
+        if not path.exists() or path.read_text() != text:
+            atomic_write_text(path, text)
+
+
+def _redo_confusion_matrix(out: Path, data, config, splits, state, device) -> None:
+    best = state.get("best_valid")
+    if not best or best.get("test") is None or not splits["test"] or not (out / "best.safetensors").exists():
+        return
+    model = CMATH(config).to(device)
+    load_checkpoint(out / "best.safetensors", model, None, device, averaged=True)
+    _, y, p = evaluate_split(model, data, splits["test"])
+    save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
+                          f"test, epoch {best['epoch']} (selected on validation)")
+
+
+def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
+    """Patience ran out: `patience` epochs since the validation-selected one (a resumed run stops too)."""
+    best = state["best_valid"]
+    return (tcfg.patience is not None and best is not None and best["valid"] is not None
+            and state["epoch"] - best["epoch"] >= tcfg.patience)
+
+
+def _baseline_line(b: dict) -> str:
+    where = f"valid wF1 {b['valid']['weighted_f1']:5.2f}  " if b["valid"] else ""
+    test = f"test wF1 {b['test']['weighted_f1']:5.2f} acc {b['test']['accuracy']:5.2f}" if b["test"] else ""
+    return f"context-free baseline (logistic regression, C={b['C']:g}): {where}{test}"
 
 
 def _write_metrics(out: Path, state: dict) -> None:
     best = state["best_valid"]
+    if best is None:
+        return
     test = best["test"] or {}
     metrics = {
         "selected_by_validation": {"weighted_f1": test.get("weighted_f1"), "accuracy": test.get("accuracy"),
                                    "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
                                    "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
         "best_test_epoch": state["best_test"],
+        "baseline_context_free": state.get("baseline"),
         "history": state["history"],
     }
     text = json.dumps(metrics, indent=2) + "\n"
     atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
 
 
 def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
-    ckpt = Path(checkpoint_dir)
-    config = load_config(ckpt / "config.json")
+    """The model of a run folder's best.safetensors, built from the config the checkpoint carries; a
+    config.json beside it must say the same (an edited config would silently change predictions)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"--checkpoint {folder}: not a run folder" + (" (no such folder)" if not folder.exists() else ""))
+    path = folder / "best.safetensors"
+    meta = read_metadata(path)
+    if meta["config"] is not None:
+        try:
+            config = config_from_dict(meta["config"], f"{path} (metadata 'config')")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+        if (folder / "config.json").exists():
+            try:
+                beside = config_to_dict(load_config(folder / "config.json"))
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from None
+            if beside != meta["config"]:
+                trained = meta["config"]
+                diff = ", ".join(f"{k}: {beside.get(k)!r} there, {trained[k]!r} trained"
+                                 for k in trained if beside.get(k) != trained[k])
+                raise CheckpointError(f"{folder / 'config.json'}: does not match the config {path.name} was "
+                                      f"trained with ({diff}); restore it or retrain")
+    else:                                                           # a checkpoint from before configs were embedded
+        try:
+            config = load_config(folder / "config.json")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
     model = CMATH(config).to(device)
-    load_checkpoint(ckpt / "best.safetensors", model, None, device)
+    load_checkpoint(path, model, None, device, averaged=True)
     model.eval()
     return model
 

@@ -336,8 +336,14 @@ def test_featurize_train_predict_on_a_csv(tmp_path, minilm, capsys):
     # a model trained on other text features refuses to predict from these
     config["encoders"]["text"].update(fingerprint="feedfacefeedface", name="another-model")
     (run / "config.json").write_text(json.dumps(config))
+    from safetensors import safe_open            # the checkpoint carries its config: edit both alike
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(run / "best.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(run / "best.safetensors")), str(run / "best.safetensors"),
+              metadata={**meta, "config": json.dumps(config)})
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(preds), "--no-progress"]) == 2
+    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(preds), "--no-progress"]) == 1   # a data error (exit 1)
     assert "encoder mismatch for text" in capsys.readouterr().err
 
 
@@ -350,5 +356,5 @@ def test_predict_on_a_csv_needs_recorded_encoders(tmp_path, capsys):
                  "--no-progress", "--set", small]) == 0
     ask = write_csv(tmp_path / "ask.csv", HEADER[:4], [r[:4] for r in ROWS])
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(tmp_path / "p.csv")]) == 2
+    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(tmp_path / "p.csv")]) == 1   # a data error (exit 1)
     assert "records no encoder for text" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import MODALITIES, PRESETS
+from ..config import MAX_SPEAKERS, MODALITIES, PRESETS
 from ..packing import cu_seqlens_from
 from .dataset import IGNORE_INDEX, ConversationDataset, DataError
 from .validate import validate_dataset
@@ -67,6 +67,28 @@ class UnsafePickleError(DataError):
     """A pickle asked for a global outside ALLOWED_GLOBALS; nothing from it was run."""
 
 
+_SIZED_BUILTINS = {("builtins", "bytes"), ("builtins", "bytearray"), ("builtins", "range")}
+MAX_BUILT_SIZE = 1 << 28          # bytes(n), bytearray(n), range(...): a 10-byte pickle could ask for terabytes
+
+
+def _bounded(source: str, name: str):
+    """bytes / bytearray / range as a pickle calls them, refusing sizes no feature file needs."""
+    import builtins
+    real = getattr(builtins, name)
+
+    def call(*args):
+        size = None
+        if name == "range":
+            size = len(range(*args))
+        elif args and isinstance(args[0], int):
+            size = args[0]
+        if size is not None and size > MAX_BUILT_SIZE:
+            raise UnsafePickleError(f"{source}: refused: the pickle asks for {name}() of {size} elements "
+                                    f"(at most {MAX_BUILT_SIZE})")
+        return real(*args)
+    return call
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Unpickles only numpy arrays, numpy scalars and builtin containers; any other global is refused
     before it is imported, so a hostile pickle cannot run code (os.system, eval, ...) while it loads."""
@@ -89,6 +111,8 @@ class SafeUnpickler(pickle.Unpickler):
                 f"Nothing from the file was executed. If you trust the file, convert it in a trusted "
                 f"environment to numpy arrays/dicts first")
         mod, attr = key
+        if key in _SIZED_BUILTINS:
+            return _bounded(self.source, attr)
         if mod in _NUMPY_RENAMES:
             try:
                 import importlib
@@ -101,13 +125,82 @@ class SafeUnpickler(pickle.Unpickler):
         raise UnsafePickleError(f"{self.source}: refused persistent id {pid!r} in the pickle")
 
 
+# Bounds on the structure of an unpickled object, checked before any work on it. Pickle memoizes objects, so
+# a few KB can describe a list that holds itself, or nested lists whose every level holds the one below
+# twice (2^depth elements once walked); peer files are tuples of dicts of lists of arrays.
+MAX_DEPTH = 32
+MAX_ELEMENTS_PER_BYTE = 4           # elements reached when walking, per byte of the file (plus a constant)
+
+
+def check_structure(obj, source: str, file_size: int) -> None:
+    """Refuse (DataError) self-referencing containers, nesting deeper than MAX_DEPTH, and a walk over more
+    elements than the file could hold without sharing (exponential memo tricks). Linear in the objects."""
+    limit = MAX_ELEMENTS_PER_BYTE * file_size + 1_000_000
+    sizes: dict[int, int] = {}           # id -> elements reached from it (its subtree, walked)
+    depths: dict[int, int] = {}
+    active: set[int] = set()
+    keep = []                            # keep ids valid during the walk
+
+    def children(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield k
+                yield v
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            yield from x
+
+    stack = [(obj, False)]
+    while stack:
+        x, done = stack.pop()
+        if not isinstance(x, (dict, list, tuple, set, frozenset)):
+            continue
+        i = id(x)
+        if done:
+            size, depth = 1, 1
+            for c in children(x):
+                if isinstance(c, (dict, list, tuple, set, frozenset)):
+                    size += sizes[id(c)]
+                    depth = max(depth, depths[id(c)] + 1)
+                else:
+                    size += 1
+            active.discard(i)
+            sizes[i], depths[i] = size, depth
+            if depth > MAX_DEPTH:
+                raise DataError(f"{source}: refused: containers nested {depth} deep (peer feature files nest a "
+                                f"few levels; at most {MAX_DEPTH} are read)")
+            if size > limit:
+                raise DataError(f"{source}: refused: the pickle's containers reach {size} elements through shared "
+                                f"references, far more than a {file_size}-byte file holds (a decompression bomb?)")
+            continue
+        if i in sizes:
+            continue
+        if i in active:
+            raise DataError(f"{source}: refused: a container in the pickle holds itself (a self-referencing "
+                            f"structure is not feature data)")
+        if len(active) > MAX_DEPTH:
+            raise DataError(f"{source}: refused: containers nested more than {MAX_DEPTH} deep")
+        active.add(i)
+        keep.append(x)
+        stack.append((x, True))
+        for c in children(x):
+            if isinstance(c, (dict, list, tuple, set, frozenset)):
+                if id(c) in active:
+                    raise DataError(f"{source}: refused: a container in the pickle holds itself (a "
+                                    f"self-referencing structure is not feature data)")
+                if id(c) not in sizes:
+                    stack.append((c, False))
+
+
 def safe_load_pickle(path: str | Path):
-    """Load a pickle with SafeUnpickler (encoding latin1). Raises DataError (UnsafePickleError for a refused
-    global) naming the file."""
+    """Load a pickle with SafeUnpickler (encoding latin1) and check_structure. Raises DataError
+    (UnsafePickleError for a refused global) naming the file."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            return SafeUnpickler(f, source=str(path)).load()
+            obj = SafeUnpickler(f, source=str(path)).load()
+            size = f.tell()
+        check_structure(obj, str(path), size)
+        return obj
     except DataError:
         raise
     except FileNotFoundError:
@@ -257,6 +350,9 @@ def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names
         raise ValueError(f"unassigned={unassigned!r}: choose 'valid', 'train' or 'error'")
     if extra not in ("auto", "valid", "ignore"):
         raise ValueError(f"extra={extra!r}: choose 'auto', 'valid' or 'ignore'")
+    if class_names is not None and (isinstance(class_names, (str, bytes)) or not all(
+            isinstance(c, str) and c for c in class_names) or len(set(class_names)) != len(tuple(class_names))):
+        raise ValueError(f"class_names={class_names!r}: expected a tuple of distinct, non-empty names")
     obj = safe_load_pickle(path)
     layout = detect_layout(obj, src)
     el = dict(zip(layout.fields, obj))
@@ -365,7 +461,7 @@ def _labels(src, layout, k, value) -> np.ndarray:
         a = np.asarray(value)
     except Exception:
         a = np.asarray(value, dtype=object)
-    if a.ndim != 1 or a.dtype.kind not in "biuf":
+    if a.ndim != 1 or a.dtype.kind not in "iuf":
         raise DataError(f"{src}: conversation {k!r}: {layout.where('labels')} holds "
                         f"{a.dtype if a.dtype != object else 'non-numeric values'} of shape {a.shape}, expected "
                         f"one integer class index per utterance")
@@ -380,7 +476,11 @@ def _labels(src, layout, k, value) -> np.ndarray:
 
 def _features(src, layout, field, k, value, n) -> np.ndarray:
     try:
-        x = np.asarray(value, dtype=np.float32)
+        x = np.asarray(value)
+        if x.dtype.kind in "biu":
+            raise DataError(f"{src}: conversation {k!r}: {layout.where(field)} holds {x.dtype} values, "
+                            f"expected floating-point features (integers or booleans are not features)")
+        x = x.astype(np.float32, copy=False)
     except (ValueError, TypeError) as err:
         raise DataError(f"{src}: conversation {k!r}: {layout.where(field)} is not a list of equal-length "
                         f"numeric vectors ({err})") from None
@@ -424,19 +524,30 @@ def _speaker_names(src, layout, speakers: dict, keys) -> dict:
                 if not isinstance(s, (str, bytes)):
                     raise DataError(f"{src}: conversation {k!r}: {where} mixes names with {type(s).__name__}")
                 seen.add(s.decode("latin1") if isinstance(s, bytes) else s)
+        if len(seen) > MAX_SPEAKERS:
+            raise DataError(f"{src}: {where}: {len(seen)} distinct speaker names, more than {MAX_SPEAKERS}")
         names = ["M", "F"] if seen <= {"M", "F"} else sorted(seen)
         return {"kind": kind, "names": names, "index": {n: i for i, n in enumerate(names)}}
     if kind == "onehot":
         width = len(first)
+        if width > MAX_SPEAKERS:
+            raise DataError(f"{src}: conversation {keys[0]!r}: {where} has one-hot vectors of {width} speakers, "
+                            f"more than the {MAX_SPEAKERS} a model can embed")
         return {"kind": kind, "names": [f"speaker{i}" for i in range(width)], "width": width}
-    top = -1
+    used = set()
     for k in keys:
         a = np.asarray(speakers[k])
         if a.size:
             if a.dtype.kind not in "iu" or a.ndim != 1:
                 raise DataError(f"{src}: conversation {k!r}: {where} mixes speaker indices with other values")
-            top = max(top, int(a.max()))
-    return {"kind": kind, "names": [f"speaker{i}" for i in range(top + 1)]}
+            if (a < 0).any():
+                raise DataError(f"{src}: conversation {k!r}: {where} has negative speaker index {int(a.min())}")
+            used.update(np.unique(a).tolist())
+            if len(used) > MAX_SPEAKERS:
+                raise DataError(f"{src}: {where}: more than {MAX_SPEAKERS} distinct speakers")
+    # renumbered over the corpus: speaker 3,000,000 of a 2-speaker corpus is index 1, not 3,000,001 embeddings
+    order = np.array(sorted(used), dtype=np.int64)
+    return {"kind": kind, "names": [f"speaker{i}" for i in order.tolist()], "order": order}
 
 
 def _speakers(src, layout, k, value, names: dict) -> np.ndarray:
@@ -465,7 +576,7 @@ def _speakers(src, layout, k, value, names: dict) -> np.ndarray:
     a = np.asarray(value)
     if a.dtype.kind not in "iu" or (a < 0).any():
         raise DataError(f"{src}: conversation {k!r}: {where} has invalid speaker indices {a.tolist()[:8]}")
-    return a.astype(np.int64)
+    return np.searchsorted(names["order"], a.astype(np.int64)).astype(np.int64)
 
 
 def _read_splits(src, layout, el, keys, unassigned, extra) -> list[str]:
@@ -606,7 +717,11 @@ def write_peer_pickle(dataset: ConversationDataset, path: str | Path, layout: st
         fields[name] = vecs(feats["text"], float(j + 1))
     obj = tuple(fields[f] for f in lay.fields)
     path = Path(path)
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=protocol)
+    from ..checkpoint import atomic_write
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            pickle.dump(obj, f, protocol=protocol)
+    atomic_write(path, write)
     return path
 

@@ -7,17 +7,23 @@ A dataset file holds the packed tensors
 
 and, in the safetensors header metadata, ``format`` = "cmath-mer.dataset/1" and ``cmath_mer`` = a JSON
 object with class_names, modalities, conversation_ids, num_speakers, speaker_names, splits (the names of
-the split codes) and source (where the data came from), plus the dataset's `metadata` entries at the top
-level of that object (files written before `metadata` existed load with an empty one). `featurize` writes
+the split codes), source (where the data came from) and sha256 (tensor name -> SHA-256 of its bytes,
+checked on load: a flipped bit is an error, not a moved conversation boundary), plus the dataset's
+`metadata` entries at the top level of that object (files written before `metadata` existed load with an
+empty one). `featurize` writes
 
     encoders     modality -> {name, version, dim, ...}: what made the features (train copies it into the
                  model config, so predict on raw conversations can featurize the same way)
     inputs       [{path, sha256, split, layout, rows}]: the conversation tables it read
     speaker_map  per conversation, the speaker names of indices 0, 1, ... (order of appearance)
     transcript   {"utterance_ids": [...], "texts": [...]}: per utterance (packed order), for predict's output
+
+Loading copies the tensors into memory (corpora are small): a file that another process rewrites while a
+training reads it cannot change the data under it or crash it.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from pathlib import Path
@@ -27,11 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
+from ..config import MAX_SPEAKERS
 from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
 
 FORMAT = "cmath-mer.dataset/1"
-_CORE_KEYS = ("class_names", "modalities", "conversation_ids", "num_speakers", "speaker_names", "splits", "source")
+_CORE_KEYS = ("class_names", "modalities", "conversation_ids", "num_speakers", "speaker_names", "splits", "source",
+              "sha256")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -49,6 +57,7 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
     tensors["cu_seqlens"] = dataset.cu_seqlens.to(torch.int64).contiguous()
     tensors["splits"] = torch.tensor([SPLITS.index(s) for s in dataset.splits], dtype=torch.int8)
     meta = {
+        "sha256": {k: _digest(t) for k, t in sorted(tensors.items())},
         "class_names": list(dataset.class_names),
         "modalities": list(dataset.modalities),
         "conversation_ids": list(dataset.conversation_ids),
@@ -67,6 +76,20 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
         _sort_header_metadata(tmp)
     atomic_write(path, write)
     return path
+
+
+def _digest(t: torch.Tensor) -> str:
+    t = t.contiguous()
+    return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").hexdigest()
+
+
+def _name_list(src: str, key: str, value, *, allow_none: bool = False):
+    """A metadata list of names (a plain string would split into characters)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value):
+        raise DataError(f"{src}: field 'metadata.{key}': expected a list of names, got {value!r:.80}")
+    return value
 
 
 def _sort_header_metadata(path) -> None:
@@ -105,9 +128,31 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
             meta = json.loads(header["cmath_mer"])
         except json.JSONDecodeError as err:
             raise DataError(f"{src}: field 'metadata': unreadable JSON ({err})") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{src}: field 'metadata': expected a JSON object")
         for key in ("class_names", "modalities", "conversation_ids", "num_speakers", "splits"):
             if key not in meta:
                 raise DataError(f"{src}: field 'metadata.{key}' is missing")
+        for key in ("class_names", "modalities", "conversation_ids", "splits"):
+            _name_list(src, key, meta[key])
+        _name_list(src, "speaker_names", meta.get("speaker_names"), allow_none=True)
+        num_speakers = meta["num_speakers"]
+        if isinstance(num_speakers, bool) or not isinstance(num_speakers, int):
+            raise DataError(f"{src}: field 'metadata.num_speakers': expected an integer, got {num_speakers!r}")
+        if num_speakers > MAX_SPEAKERS:
+            raise DataError(f"{src}: field 'metadata.num_speakers': {num_speakers} speakers, more than the "
+                            f"{MAX_SPEAKERS} a model can embed")
+        digests = meta.get("sha256")
+        if digests is not None and not isinstance(digests, dict):
+            raise DataError(f"{src}: field 'metadata.sha256': expected an object tensor -> hash")
+
+        def get(key: str) -> torch.Tensor:
+            t = f.get_tensor(key).clone()          # into memory: the file may change after this
+            if digests is not None and key in digests and _digest(t) != digests[key]:
+                raise DataError(f"{src}: field {key!r}: the tensor's content does not match the checksum "
+                                f"stored when the file was written (a corrupted or altered file)")
+            return t
+
         names = set(f.keys())
         mods = list(meta["modalities"])
         if modalities is not None:
@@ -121,9 +166,16 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
                 raise DataError(f"{src}: field {key!r}: tensor missing from the file")
         features = {}
         for m in mods:
-            x = f.get_tensor(f"features.{m}")
+            x = get(f"features.{m}")
+            if not x.is_floating_point():
+                raise DataError(f"{src}: field 'features.{m}': dtype {x.dtype}, expected floating point "
+                                f"(float32, float16 or bfloat16 features)")
             features[m] = x if x.dtype == torch.float32 else x.float()
-        codes = f.get_tensor("splits").tolist()
+        split_codes = get("splits")
+        if split_codes.ndim != 1 or split_codes.is_floating_point() or split_codes.dtype == torch.bool:
+            raise DataError(f"{src}: field 'splits': expected one integer split code per conversation, got "
+                            f"shape {tuple(split_codes.shape)} {split_codes.dtype}")
+        codes = split_codes.tolist()
         legend = list(meta["splits"])
         ids = [str(c) for c in meta["conversation_ids"]]
         if len(codes) != len(ids):
@@ -134,9 +186,9 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
                 raise DataError(f"{src}: conversation {cid!r}: field 'splits': unknown split code {c}")
             splits.append(legend[c])
         ds = ConversationDataset(
-            features=features, speakers=f.get_tensor("speakers"), labels=f.get_tensor("labels"),
-            cu_seqlens=f.get_tensor("cu_seqlens"), splits=splits, conversation_ids=ids,
-            class_names=tuple(meta["class_names"]), num_speakers=int(meta["num_speakers"]), source=src,
+            features=features, speakers=get("speakers"), labels=get("labels"),
+            cu_seqlens=get("cu_seqlens"), splits=splits, conversation_ids=ids,
+            class_names=tuple(str(c) for c in meta["class_names"]), num_speakers=num_speakers, source=src,
             speaker_names=tuple(meta["speaker_names"]) if meta.get("speaker_names") is not None else None,
             metadata={k: v for k, v in meta.items() if k not in _CORE_KEYS})
     return validate_dataset(ds, check_finite=True) if validate else ds

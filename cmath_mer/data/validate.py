@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..config import MAX_SPEAKERS
 from .dataset import IGNORE_INDEX, SPLITS, ConversationDataset, DataError
 
 _FINITE_CHUNK = 1 << 16      # rows per isfinite pass, so a huge corpus needs no (T, d) boolean temporary
@@ -54,6 +55,9 @@ def validate_dataset(ds: ConversationDataset, *, check_finite: bool = True) -> C
         raise DataError(f"{src}: field 'class_names': no classes")
     if ds.num_speakers < 1 and T:
         raise DataError(f"{src}: field 'num_speakers': {ds.num_speakers} speakers for {T} utterances")
+    if ds.num_speakers > MAX_SPEAKERS:
+        raise DataError(f"{src}: field 'num_speakers': {ds.num_speakers} speakers, more than the {MAX_SPEAKERS} "
+                        f"a model can embed")
     if ds.speaker_names is not None and len(ds.speaker_names) != ds.num_speakers:
         raise DataError(f"{src}: field 'speaker_names': {len(ds.speaker_names)} names for "
                         f"num_speakers={ds.num_speakers}")
@@ -113,10 +117,11 @@ def check_compatible(dataset: ConversationDataset, config) -> None:
         if want is not None and have != want:
             raise DataError(f"{src}: field 'features.{m}': modality {m!r} has {have}-dim features but the "
                             f"model expects {want} (expected {want}, actual {have})")
-    if dataset.num_classes != config.num_classes:
-        raise DataError(f"{src}: field 'labels': the data has {dataset.num_classes} classes "
-                        f"({', '.join(dataset.class_names)}) but the model expects {config.num_classes} "
-                        f"({', '.join(config.class_names)})")
+    if tuple(dataset.class_names) != tuple(config.class_names):
+        raise DataError(f"{src}: field 'class_names': the data's classes are {', '.join(dataset.class_names)} "
+                        f"({dataset.num_classes}) but the model's are {', '.join(config.class_names)} "
+                        f"({config.num_classes}); labels would be read as other classes (a peer pickle takes "
+                        f"--class-names to name its classes)")
     if dataset.speakers.numel():
         top = int(dataset.speakers.max())
         if top >= config.num_speakers:
