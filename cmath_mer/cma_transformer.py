@@ -32,7 +32,10 @@ class MultiSourceAttention(nn.Module):
     def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
         # x: (T, d); sources: S tensors (T, d) -> (T, d)
         q = rearrange(self.q(x), "t (h e) -> t h e", h=self.n_heads)                      # (T, H, D)
-        kv = torch.stack([proj(s) for proj, s in zip(self.kv, sources)])                  # (S, T, 2d)
+        if len(sources) == 1:                     # self-attention: a view, no copy; the op reads k, v in place
+            kv = self.kv[0](sources[0]).unsqueeze(0)                                      # (1, T, 2d)
+        else:
+            kv = torch.stack([proj(s) for proj, s in zip(self.kv, sources)])              # (S, T, 2d)
         k, v = rearrange(kv, "s t (two h e) -> two s t h e", two=2, h=self.n_heads)       # (S, T, H, D) each
         o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, backend=self.backend)
         return self.drop(self.o(rearrange(o, "t h e -> t (h e)")))
@@ -75,16 +78,20 @@ class CMABlock(nn.Module):
 
 
 # Attention kernels whose outputs a recomputed block keeps: recomputing them would cost O(N^2) again,
-# while everything else in a block (projections, norms, FFN) is linear in N and cheap to redo.
+# while everything else in a block (projections, norms, FFN) is linear in N and cheap to redo. The aten SDPA
+# ops (the torch backend in eager mode) and the cmath_mer attention custom ops (the Triton backend, and the
+# torch backend under torch.compile), named so that a CPU-only install need not import the Triton module.
 _KEEP_IN_RECOMPUTE = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
 }
+_KEEP_CUSTOM_OPS = {"cmath_mer::multi_source_attention_triton", "cmath_mer::multi_source_attention_ref"}
 
 
 def _keep_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP_IN_RECOMPUTE else CheckpointPolicy.PREFER_RECOMPUTE
+    keep = op in _KEEP_IN_RECOMPUTE or (isinstance(op, torch._ops.OpOverload) and op.name() in _KEEP_CUSTOM_OPS)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _recompute_all_but_attention():

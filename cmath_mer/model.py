@@ -55,7 +55,8 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: t
     nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
                           label_smoothing=label_smoothing)
     labelled = labels != IGNORE_INDEX
-    w = weight[labels[labelled]] if weight is not None else labelled.float()
+    # no boolean indexing: its data-dependent shape would break a torch.compile(fullgraph=True) graph
+    w = torch.where(labelled, weight[labels.clamp_min(0)], 0.0) if weight is not None else labelled.float()
     return nll / w.sum().clamp_min(1e-12)
 
 

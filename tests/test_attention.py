@@ -141,9 +141,10 @@ def test_nan_poison_fixture_is_live(fused):
 
 @needs_triton
 def test_block_table_lists_each_block_of_each_conversation(fused):
-    table = fused.prepare_block_indices(cu_seqlens_from([1, 16, 17, 0, 33]), 16)
+    table = fused.prepare_block_indices(cu_seqlens_from([1, 16, 17, 0, 33]), 16, 67)
     expected = [(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)]
-    assert [tuple(r) for r in table.tolist()] == expected
+    rows = fused.block_table_rows(67, 5, 16)                  # sized on the host: cdiv(T, 16) + B = 10
+    assert [tuple(r) for r in table.tolist()] == expected + [(-1, 0)] * (rows - len(expected))
     assert table.dtype == torch.int32
 
 
