@@ -55,6 +55,7 @@ from pathlib import Path
 
 import torch
 
+from . import bench_long
 from .packing import cu_seqlens_from
 
 ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa_math", "triton")
@@ -110,8 +111,12 @@ def series_key(case: dict) -> tuple:
     return tuple((k, case[k]) for k in ("op", "backend", "mode", "batch", "D", "S", "dtype", "device"))
 
 
-def sweep(quick: bool, device: str) -> list[dict]:
-    """The registry: every case of a run, in the order they run (N ascending within a series)."""
+def sweep(quick: bool, device: str, long: bool = False) -> list[dict]:
+    """The registry: every case of a run, in the order they run (N ascending within a series).
+    long: the long-conversation cases of bench_long.py instead (windowed attention and training step,
+    65,536 to 1,048,576 utterances)."""
+    if long:
+        return bench_long.long_cases(device, _case)
     cuda = device == "cuda"
     cases: list[dict] = []
     dtypes = ("fp32", "bf16") if cuda else ("fp32",)
@@ -210,6 +215,8 @@ def build_case(case: dict):
         return _build_model(case, dev)
     if op == "engine_step":
         return _build_engine_step(case, dev)
+    if op in bench_long.LONG_OPS:
+        return bench_long.build(case, dev, sys.modules[__name__])
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -734,8 +741,11 @@ def _predicted_skip(case: dict, last: dict | None, time_budget: float, mem_budge
 
 
 def run_benchmarks(out_dir, quick: bool = False, device: str = "cpu", *, cases: list[dict] | None = None,
-                   time_budget_s: float | None = None, progress: bool = True) -> dict:
-    """Run the sweep; write out_dir/results.json, results.md and the PNG plots. Returns the results dict."""
+                   time_budget_s: float | None = None, progress: bool = True, append: bool = False,
+                   note: str | None = None) -> dict:
+    """Run the sweep; write out_dir/results.json, results.md and the PNG plots. Returns the results dict.
+    append: keep the rows of an earlier out_dir/results.json (a long sweep run in several sittings); a case
+    run again replaces its old row, and each sitting's time and load average are listed under `sittings`."""
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("cmath-mer bench: --device cuda but torch sees no CUDA device")
     out = Path(out_dir)
@@ -752,6 +762,15 @@ def run_benchmarks(out_dir, quick: bool = False, device: str = "cpu", *, cases: 
                       model="iemocap preset (d_model 256, 8 heads, 2 CMA layers, 3 modalities)"),
         rows=[],
     )
+    if note:
+        results["note"] = note
+    if append and (out / "results.json").exists():
+        earlier = json.loads((out / "results.json").read_text())
+        again = {_case_id(c) for c in cases}
+        results["rows"] = [r for r in earlier["rows"] if _case_id(r) not in again]
+        results.setdefault("note", earlier.get("note"))
+        results["sittings"] = earlier.get("sittings", [dict(timestamp=earlier["timestamp"],
+                                                            machine=earlier["machine"])])
     last: dict[tuple, dict] = {}
     probes: dict[tuple, str | None] = {}
     for i, case in enumerate(cases):
@@ -777,10 +796,17 @@ def run_benchmarks(out_dir, quick: bool = False, device: str = "cpu", *, cases: 
             results["machine"]["loadavg_at_end"] = f.read().split()[:3]
     except OSError:
         pass
+    if "sittings" in results:
+        results["sittings"].append(dict(timestamp=results["timestamp"], machine=results["machine"],
+                                        cases=len(cases), total_s=results["total_s"]))
     write_report(results, out)
     if progress:
         print(f"wrote {out}/results.json, results.md and plots in {results['total_s']:.0f} s")
     return results
+
+
+def _case_id(case: dict) -> tuple:
+    return series_key(case) + (case["N"],)
 
 
 def _probe_unavailable(case: dict, probes: dict) -> str | None:
@@ -807,11 +833,13 @@ def write_report(results: dict, out) -> None:
     """Ratios, ceiling fractions and summary into the results; results.json, results.md and the plots."""
     out = Path(out)
     _add_ratios(results["rows"])
+    bench_long.add_doubling_ratios(results["rows"], series_key)
     _add_ceiling_fractions(results)
-    results["summary"] = summarize(results)
+    results["summary"] = {**summarize(results), **bench_long.summarize(results["rows"])}
     _write_json(results, out / "results.json")
     (out / "results.md").write_text(markdown_report(results))
     plot_results(results, out)
+    bench_long.plot(results, out)
 
 
 def _add_ceiling_fractions(results: dict) -> None:
@@ -939,6 +967,12 @@ def _group_title(op, mode, batch, D, S, dtype) -> str:
         return f"CMATH training step (fwd + bwd + AdamW), iemocap preset, {batch} batch"
     if op == "engine_step":
         return f"train.py's whole step (engine.Stepper: autocast, clip, AdamW, meters), iemocap preset, {batch} batch, {dtype}"
+    if op == "attention_window":
+        return f"multi_source_attention S={S} D={D} H={H_HEADS}, window {bench_long.WINDOW}, {mode}, one conversation, {dtype}"
+    if op == "train_window":
+        return f"CMATH training step, iemocap preset, window {bench_long.WINDOW}, one conversation"
+    if op == "train_window_text":
+        return f"CMATH training step, iemocap preset text-only, window {bench_long.WINDOW}, one conversation"
     return f"CMATH inference (eval forward), iemocap preset, {batch} batch"
 
 
@@ -950,6 +984,15 @@ def markdown_report(results: dict) -> str:
              f"triton {m.get('triton')}" + (f" · CUDA {m['cuda']}" if m.get("cuda") else "") +
              f" · load average at start {' '.join(m.get('loadavg_at_start', []))}, "
              f"at end {' '.join(m.get('loadavg_at_end', []))} · total {results.get('total_s', 0):.0f} s", ""]
+    if results.get("note"):
+        lines += [f"**Note.** {results['note']}", ""]
+    for i, run in enumerate(results.get("sittings", [])):
+        rm = run["machine"]
+        lines.append(f"- sitting {i + 1}: {run['timestamp']}, load average at start "
+                     f"{' '.join(rm.get('loadavg_at_start', []))}, at end {' '.join(rm.get('loadavg_at_end', []))}"
+                     + (f", {run['cases']} cases in {run['total_s']:.0f} s" if run.get("total_s") else ""))
+    if results.get("sittings"):
+        lines.append("")
     c = results["ceilings"]
     lines += ["Measured ceilings: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k}: {v}"
                                                 for k, v in c.items()), ""]
@@ -982,6 +1025,10 @@ def markdown_report(results: dict) -> str:
                 note.append("peak ≤ (setup peaked higher)")
             if r.get("compile_s") is not None:
                 note.append(f"compile {r['compile_s']:.1f} s")
+            if r.get("time_ratio_per_doubling"):
+                note.append(f"time x{r['time_ratio_per_doubling']:.2f} per doubling of N")
+            if r.get("op") in bench_long.LONG_OPS and r.get("rss_after_setup_bytes") is not None:
+                note.append(f"process peak {(r['peak_mem_bytes'] + r['rss_after_setup_bytes']) / 2**30:.2f} GiB")
             cells = [str(r["N"]), str(r["utterances"]), r["backend"], _fmt_time(r["median_s"]),
                      f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}", f"{r['utterances_per_s']:,.0f}",
                      _fmt_mib(r.get("peak_mem_bytes")),
@@ -1052,7 +1099,16 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--out")
-    p.add_argument("--only", help="run only cases whose op matches (comma-separated)")
+    p.add_argument("--only", help="run only these ops and/or backends (comma-separated, e.g. "
+                   "attention_window,torch)")
+    p.add_argument("--long", action="store_true", help="the long-conversation cases (bench_long.py): windowed "
+                   "attention and training step at 65,536 to 1,048,576 utterances")
+    p.add_argument("--note", help="a line for the report, e.g. what else the machine was running")
+    p.add_argument("--append", action="store_true", help="keep the rows of an earlier DIR/results.json")
+    p.add_argument("--max-n", type=int, help="run only cases with N at most this")
+    p.add_argument("--min-n", type=int, help="run only cases with N at least this")
+    p.add_argument("--time-budget", type=float, help="per-case time budget in seconds (default 600; 3600 "
+                   "with --long)")
     p.add_argument("--report", action="store_true", help="only re-render DIR/results.md and plots from "
                    "DIR/results.json")
     args = p.parse_args(argv)
@@ -1064,11 +1120,18 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         p.error("--out is required")
-    cases = sweep(args.quick, args.device)
-    if args.only:
-        ops = set(args.only.split(","))
-        cases = [c for c in cases if c["op"] in ops]
-    run_benchmarks(args.out, quick=args.quick, device=args.device, cases=cases)
+    cases = sweep(args.quick, args.device, long=args.long)
+    if args.only:                                # ops and/or backends: a case matches every kind named
+        names = set(args.only.split(","))
+        ops, backends = names & {c["op"] for c in cases}, names & {c["backend"] for c in cases}
+        cases = [c for c in cases if (not ops or c["op"] in ops) and (not backends or c["backend"] in backends)]
+    if args.max_n:
+        cases = [c for c in cases if c["N"] <= args.max_n]
+    if args.min_n:
+        cases = [c for c in cases if c["N"] >= args.min_n]
+    budget = args.time_budget or (3600.0 if args.long else None)
+    run_benchmarks(args.out, quick=args.quick, device=args.device, cases=cases, time_budget_s=budget,
+                   append=args.append, note=args.note)
     return 0
 
 

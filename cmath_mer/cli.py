@@ -468,8 +468,12 @@ def cmd_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import run_benchmarks
-    run_benchmarks(args.out, quick=args.quick, device=args.device)
+    from .benchmark import run_benchmarks, sweep
+    if args.long:
+        run_benchmarks(args.out, quick=args.quick, device=args.device, cases=sweep(args.quick, args.device, long=True),
+                       time_budget_s=3600.0)
+    else:
+        run_benchmarks(args.out, quick=args.quick, device=args.device)
     return 0
 
 
@@ -598,6 +602,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--quick", action="store_true", help="small sweep, a few minutes on a 2-core CPU")
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--out", required=True)
+    b.add_argument("--long", action="store_true", help="the long-conversation cases instead: windowed attention "
+                   "and training step, 65,536 to 1,048,576 utterances (python -m cmath_mer.benchmark --long has "
+                   "more options)")
     b.set_defaults(func=cmd_bench)
 
     for sp in sub.choices.values():

@@ -32,7 +32,10 @@ class MultiSourceAttention(nn.Module):
     def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
         # x: (T, d); sources: S tensors (T, d) -> (T, d)
         q = rearrange(self.q(x), "t (h e) -> t h e", h=self.n_heads)                      # (T, H, D)
-        kv = torch.stack([proj(s) for proj, s in zip(self.kv, sources)])                  # (S, T, 2d)
+        if len(sources) == 1:                     # self-attention: a view, no copy; the op reads k, v in place
+            kv = self.kv[0](sources[0]).unsqueeze(0)                                      # (1, T, 2d)
+        else:
+            kv = torch.stack([proj(s) for proj, s in zip(self.kv, sources)])              # (S, T, 2d)
         k, v = rearrange(kv, "s t (two h e) -> two s t h e", two=2, h=self.n_heads)       # (S, T, H, D) each
         o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, backend=self.backend)
         return self.drop(self.o(rearrange(o, "t h e -> t (h e)")))
@@ -53,30 +56,51 @@ class CMABlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
                                  nn.Linear(ffn_mult * d_model, d_model), nn.Dropout(dropout))
 
-    def forward(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
-        # h: (T, d) central stream; aux: n_aux tensors (T, d), not updated
-        x = self.ln_self(h)
-        h = h + self.self_attn(x, [x], cu_seqlens)
+    def forward(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor,
+                recompute: bool = False) -> torch.Tensor:
+        # h: (T, d) central stream; aux: n_aux tensors (T, d), not updated. recompute: each of the three
+        # residual branches keeps only its input and redoes the rest in the backward (see CMATransformer)
+        run = _recomputed if recompute else (lambda fn, *args: fn(*args))
+        h = h + run(self._self_branch, h, cu_seqlens)
         if self.n_aux:
-            h = h + self.cross_attn(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)], cu_seqlens)
-        return h + self.ffn(self.ln_ffn(h))
+            h = h + run(self._cross_branch, h, aux, cu_seqlens)
+        return h + run(self._ffn_branch, h)
+
+    def _self_branch(self, h, cu_seqlens):
+        x = self.ln_self(h)
+        return self.self_attn(x, [x], cu_seqlens)
+
+    def _cross_branch(self, h, aux, cu_seqlens):
+        return self.cross_attn(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)], cu_seqlens)
+
+    def _ffn_branch(self, h):
+        return self.ffn(self.ln_ffn(h))
 
 
 # Attention kernels whose outputs a recomputed block keeps: recomputing them would cost O(N^2) again,
-# while everything else in a block (projections, norms, FFN) is linear in N and cheap to redo.
+# while everything else in a block (projections, norms, FFN) is linear in N and cheap to redo. The aten SDPA
+# ops (the torch backend in eager mode) and the cmath_mer attention custom ops (the Triton backend, and the
+# torch backend under torch.compile), named so that a CPU-only install need not import the Triton module.
 _KEEP_IN_RECOMPUTE = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
 }
+_KEEP_CUSTOM_OPS = {"cmath_mer::multi_source_attention_triton", "cmath_mer::multi_source_attention_ref"}
 
 
 def _keep_attention(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP_IN_RECOMPUTE else CheckpointPolicy.PREFER_RECOMPUTE
+    keep = op in _KEEP_IN_RECOMPUTE or (isinstance(op, torch._ops.OpOverload) and op.name() in _KEEP_CUSTOM_OPS)
+    return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _recompute_all_but_attention():
     return create_selective_checkpoint_contexts(_keep_attention)
+
+
+def _recomputed(fn, *args):
+    """fn(*args), keeping only its inputs (and whole-conversation attention outputs) for the backward."""
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_all_but_attention)
 
 
 class CMATransformer(nn.Module):
@@ -85,18 +109,25 @@ class CMATransformer(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_layers: int, n_aux: int, ffn_mult: int,
                  dropout: float, window: int | None, backend: str | None, recompute_from: int | None = None):
         super().__init__()
-        self.recompute_from = recompute_from
+        self.recompute_from, self.window = recompute_from, window
         self.blocks = nn.ModuleList(CMABlock(d_model, n_heads, n_aux, ffn_mult, dropout, window, backend)
                                     for _ in range(n_layers))
         self.ln_out = nn.LayerNorm(d_model)
 
     def forward(self, h_central: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
-        # Long batches keep only each block's input and its attention outputs, and recompute the rest of
-        # the block in the backward: activation memory per block drops from ~20 (T, d) tensors to ~4.
+        # Long batches keep only each residual branch's input and its whole-conversation attention output,
+        # and recompute the rest of the branch in the backward: a block keeps ~4 (T, d) tensors instead of
+        # ~36, and the backward rebuilds one branch at a time (at most ~16 (T, d) tensors, the cross branch).
+        # With a window everything in the transformer is linear in T, so the whole transformer is recomputed
+        # in the backward as well (keeping only its input); the residual branches inside it are recomputed
+        # one at a time during that second pass.
         recompute = (self.recompute_from is not None and self.training and torch.is_grad_enabled()
                      and h_central.shape[0] >= self.recompute_from)
-        h = h_central
+        if recompute and self.window is not None:
+            return checkpoint(self._layers, h_central, aux, cu_seqlens, True, use_reentrant=False)
+        return self._layers(h_central, aux, cu_seqlens, recompute)
+
+    def _layers(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor, recompute: bool):
         for block in self.blocks:
-            h = (checkpoint(block, h, aux, cu_seqlens, use_reentrant=False, context_fn=_recompute_all_but_attention)
-                 if recompute else block(h, aux, cu_seqlens))
+            h = block(h, aux, cu_seqlens, recompute)
         return self.ln_out(h)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .cma_transformer import CMATransformer
 from .config import CMATHConfig
@@ -54,7 +55,8 @@ def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: t
     nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
                           label_smoothing=label_smoothing)
     labelled = labels != IGNORE_INDEX
-    w = weight[labels[labelled]] if weight is not None else labelled.float()
+    # no boolean indexing: its data-dependent shape would break a torch.compile(fullgraph=True) graph
+    w = torch.where(labelled, weight[labels.clamp_min(0)], 0.0) if weight is not None else labelled.float()
     return nll / w.sum().clamp_min(1e-12)
 
 
@@ -97,15 +99,21 @@ class CMATH(nn.Module):
         T = batch.num_utterances
         cu = batch.cu_seqlens
         has_prev, has_next = neighbour_masks(cu, T)                                   # (T, 1) each
+        # Long batches (recompute_from) keep only the inputs of reconstruction, embedding and fusion for the
+        # backward and redo them there (one modality at a time): memory linear in T with a small constant.
+        recompute = (cfg.recompute_from is not None and self.training and torch.is_grad_enabled()
+                     and T >= cfg.recompute_from)
+        run = (lambda fn, *a, **kw: checkpoint(fn, *a, use_reentrant=False, **kw)) if recompute else \
+            (lambda fn, *a, **kw: fn(*a, **kw))
         codes, rec = {}, {}
         for m in cfg.modalities:                                                       # step 1
-            codes[m], rec[m] = self.reconstruction[m](self.standardized(m, batch.features[m]), has_prev, has_next, with_loss,
-                                                            cfg.input_dropout)
-        h = self.embedding(codes, batch.speakers, positions(cu, T))                    # step 2: m -> (T, d)
+            codes[m], rec[m] = run(self.reconstruction[m], self.standardized(m, batch.features[m]), has_prev,
+                                   has_next, with_loss, cfg.input_dropout)
+        h = run(self.embedding, codes, batch.speakers, positions(cu, T))               # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}
-        z, mu_f, logvar_f, kl_prior, kd_latent = self.fusion(fine, seed=seed,
-                                                                sample=self.training and cfg.variational_sample)  # step 4
+        z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed,
+                                                     sample=self.training and cfg.variational_sample)  # step 4
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)

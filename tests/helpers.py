@@ -1,7 +1,9 @@
 """Shared test utilities: relative-norm error, ragged batch layouts, triton availability."""
 from __future__ import annotations
 
+import csv
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,3 +27,12 @@ def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
 
 
+
+
+def write_csv(path: Path, header, rows) -> Path:
+    """A UTF-8 CSV of a header and rows, as a user's transcript table would be."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return path

@@ -141,9 +141,10 @@ def test_nan_poison_fixture_is_live(fused):
 
 @needs_triton
 def test_block_table_lists_each_block_of_each_conversation(fused):
-    table = fused.prepare_block_indices(cu_seqlens_from([1, 16, 17, 0, 33]), 16)
+    table = fused.prepare_block_indices(cu_seqlens_from([1, 16, 17, 0, 33]), 16, 67)
     expected = [(0, 0), (1, 0), (2, 0), (2, 1), (4, 0), (4, 1), (4, 2)]
-    assert [tuple(r) for r in table.tolist()] == expected
+    rows = fused.block_table_rows(67, 5, 16)                  # sized on the host: cdiv(T, 16) + B = 10
+    assert [tuple(r) for r in table.tolist()] == expected + [(-1, 0)] * (rows - len(expected))
     assert table.dtype == torch.int32
 
 
@@ -170,7 +171,7 @@ def test_public_op_dispatches_to_triton(monkeypatch):
 @pytest.mark.parametrize("window", [None, 0, 1, 3, 50])
 @pytest.mark.parametrize("query_block", [4, 256])
 def test_reference_matches_float64_dense(monkeypatch, window, query_block):
-    monkeypatch.setattr(naive, "WINDOW_QUERY_BLOCK", query_block)   # exercise the blocked window path
+    monkeypatch.setattr(naive, "query_block", lambda window: query_block)   # the banded window path
     lengths = [1, 6, 13, 9]
     q, k, v, do, cu = make_inputs(lengths, 2, 2, 8, torch.float64, seed=17 + (window or 0) + query_block)
     got = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)

@@ -20,6 +20,7 @@ from cmath_mer.cli import main
 from cmath_mer.data import IGNORE_INDEX, DataError, load_dataset, make_synthetic, save_dataset
 from cmath_mer.featurize import INSTALL, MissingExtraError, cache_folder, featurize
 from cmath_mer.featurize.text import TextEncoder, load_text_encoder
+from helpers import write_csv
 
 HEADER = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
 ROWS = [  # conversation b first; a's rows out of order; d is unlabelled
@@ -46,14 +47,6 @@ class FakeModel:
 
 def fake_encoder() -> TextEncoder:
     return TextEncoder(FakeModel(), {"kind": "fake", "name": "fake", "fingerprint": "0" * 16, "dim": 8})
-
-
-def write_csv(path: Path, header, rows) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def test_features_shapes_order_speakers_and_metadata(tmp_path):

@@ -2,7 +2,6 @@
 line and field. Standard library only: no optional extra needed."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -12,19 +11,12 @@ from cmath_mer.config import PRESETS
 from cmath_mer.data import IGNORE_INDEX, DataError
 from cmath_mer.featurize.tables import (EMORYNLP_CLASSES, label_indices, parse_spec, read_table, read_tables,
                                         speaker_indices)
+from helpers import write_csv
 
 MELD_HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season",
                "Episode", "StartTime", "EndTime"]
 EMORY_HEADER = ["Utterance", "Speaker", "Emotion", "Scene_ID", "Utterance_ID", "Season", "Episode", "Start_Time",
                 "End_Time"]
-
-
-def write_csv(path: Path, header, rows) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def meld_csv(path: Path) -> Path:

@@ -182,3 +182,35 @@ def test_bad_shapes_are_rejected():
         fused_reconstruction_loss(h, w[:, :4], b, target)
     with pytest.raises(ValueError):
         fused_reconstruction_loss(h, w, b, target[:, :5])
+
+
+def test_double_backward_is_refused_not_silently_zero():
+    """Issue 8, fault 5: the gradients are computed in the forward; a second derivative through them would be
+    zero. It must raise."""
+    from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss
+    h, w, b, target = _inputs(5, 7, 16, torch.float32, seed=2)
+    h.requires_grad_()
+    (dh,) = torch.autograd.grad(fused_reconstruction_loss(h, w, b, target), h, create_graph=True)
+    assert dh.requires_grad                            # part of the graph, so the second backward is loud
+    with pytest.raises(RuntimeError, match="differentiate"):
+        dh.pow(2).sum().backward()
+
+
+def test_fp16_dh_keeps_small_gradients_until_the_loss_scale():
+    """Issue 8, fault 5: with a small residual, 2/M r W lies below fp16's normal range; stored in fp16 before
+    the loss scale is applied it rounds to subnormals/zero. The scaled gradient must match float64."""
+    from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss
+    T, M, K = 4, 300, 16
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(T, K, generator=g, dtype=torch.float64)
+    w = torch.randn(M, K, generator=g, dtype=torch.float64) * 1e-2 / K ** 0.5
+    b = torch.zeros(M, dtype=torch.float64)
+    h, w, b = (x.half() for x in (h, w, b))
+    target = (h.double() @ w.double().t() + 1e-4 * torch.randn(T, M, generator=g, dtype=torch.float64)).half()
+    g_out = 16384.0                                   # a loss scale: the final dh is in fp16's normal range
+    loss, (dh, dw, db) = _run(fused_reconstruction_loss, h, w, b, target, g_out)
+    truth = _float64_truth(h, w, b, target, g_out)
+    assert truth[1].abs().max() > 6.1e-5 * 4          # the true scaled dh is a normal fp16 number
+    assert (truth[1] * T / g_out).abs().max() < 6.1e-5   # ... and the unscaled one is not
+    assert_rel_close("dh", dh, truth[1], 5e-3)
+

@@ -166,3 +166,41 @@ def test_bad_inputs_are_rejected():
         fused_variational_fusion(mu, logvar, seed=0, sample=False)          # C = 4 > 3
     with pytest.raises(ValueError):
         fused_variational_fusion(mu[:2], logvar[:3], seed=0, sample=False)  # shape mismatch
+
+
+class _ConfigsInSequence:
+    """Stands in for triton.autotune on the CPU: every launch first runs each config in `blocks` on the same
+    buffers (as the autotuner's benchmark does), the last one being the winner it then reports."""
+
+    def __init__(self, kernel, blocks):
+        self.kernel, self.blocks, self.best_config = kernel, blocks, None
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            for block in self.blocks:
+                self.kernel[grid](*args, **{**kwargs, "BLOCK": block, "num_warps": 4})
+            self.best_config = triton.Config({"BLOCK": self.blocks[-1]}, num_warps=4)
+        return run
+
+
+@pytest.mark.parametrize("blocks", [(512, 1024), (1024, 512), (512, 1024, 512, 1024)])
+def test_kl_partials_do_not_depend_on_configs_run_before(monkeypatch, blocks, nan_poison):
+    """Issue 8, fault 1: the autotuner benchmarks BLOCK=512 and 1024 on the same partial buffers; the result
+    must be the reference's whatever ran before (before the fix: kl 1.5x too large when 1024 won)."""
+    import cmath_mer.kernels.variational.fused as fused
+    from cmath_mer.kernels import naive_variational_fusion
+    monkeypatch.setattr(fused, "_fwd_launch", _ConfigsInSequence(fused._vf_fwd_kernel, blocks))
+    mu, logvar = _inputs(3, 130, 33, torch.float32, seed=21)                # N = 4290: 9 vs 5 programs
+    got = fused.fused_variational_fusion(mu, logvar, seed=1, sample=True)
+    ref = naive_variational_fusion(mu, logvar, seed=1, sample=True)
+    for name, a, b in zip(NAMES, got, ref):
+        assert_rel_close(name, a, b, 1e-5)
+
+
+def test_backward_refuses_double_backward():
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu, logvar = (x.requires_grad_() for x in _inputs(2, 5, 3, torch.float32, seed=1))
+    z = fused_variational_fusion(mu, logvar, seed=0, sample=True)[0]
+    (g,) = torch.autograd.grad(z.pow(2).sum(), mu, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate"):
+        g.sum().backward()

@@ -6,11 +6,17 @@
 
 `backend` (keyword, default None = env var CMATH_BACKEND, default 'auto') picks the implementation;
 see backend.py. The Triton modules are imported only when used, so a CPU-only install needs no triton.
+
+Every path is a torch.library custom op where it matters (reference_ops.py, */fused.py): the Triton forward
+and backward always; the PyTorch references under torch.compile (opaque ops with fake impls, so the
+attention reference's per-conversation loop does not break the graph). In eager mode the references run
+as plain PyTorch. Autocast and the fp32/TF32 rules: docs/KERNELS.md, "Precision policy".
 """
 from __future__ import annotations
 
 import torch
 
+from . import reference_ops
 from .attention.naive import naive_multi_source_attention
 from .backend import resolve_backend
 from .reconstruction.naive import naive_reconstruction_loss
@@ -27,6 +33,11 @@ def multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if resolve_backend(backend, q.device) == "triton":
         from .attention.fused import fused_multi_source_attention
         return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
+    if torch.compiler.is_compiling():
+        if window is not None and window < 0:
+            raise ValueError(f"window must be >= 0 or None, got {window}")
+        return reference_ops.attention_ref_op(q, k, v, cu_seqlens, -1 if window is None else int(window),
+                                              float(q.shape[-1] ** -0.5 if scale is None else scale))
     return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
 
 
@@ -36,6 +47,8 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if resolve_backend(backend, h.device) == "triton":
         from .reconstruction.fused import fused_reconstruction_loss
         return fused_reconstruction_loss(h, weight, bias, target)
+    if torch.compiler.is_compiling():
+        return reference_ops.reconstruction_ref_op(h, weight, bias, target)
     return naive_reconstruction_loss(h, weight, bias, target)
 
 
@@ -45,4 +58,6 @@ def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sam
     if resolve_backend(backend, mu.device) == "triton":
         from .variational.fused import fused_variational_fusion
         return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+    if torch.compiler.is_compiling():
+        return reference_ops.variational_ref_op(mu, logvar, int(seed), bool(sample), bool(detach_teacher))
     return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)

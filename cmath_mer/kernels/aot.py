@@ -1,6 +1,6 @@
 """Ahead-of-time compilation of every Triton kernel config for real GPUs, on a machine without one.
 
-    python -m cmath_mer.kernels.aot [--arch 90,80] [--filter SUBSTRING] [--jobs N] [--limit N]
+    python -m cmath_mer.kernels.aot [--arch 90,80] [--filter SUBSTRING] [--jobs N] [--limit N] [--one-per-kernel]
 
 Each fused module (attention, reconstruction, variational) exposes `aot_specs()`: a list of dicts
     {"name": str, "fn": JITFunction, "signature": {arg: type}, "constexprs": {arg: value},
@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="", help="only specs whose name contains this substring")
     parser.add_argument("--limit", type=int, default=0, help="at most this many specs (0 = all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiler processes")
+    parser.add_argument("--one-per-kernel", action="store_true",
+                        help="only the first spec of each kernel function (a quick check of another triton)")
     args = parser.parse_args(argv)
 
     _refuse_if_interpreted()
@@ -165,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no shared-memory limit known for sm_{unknown[0]}")
     specs = _specs()
     chosen = [i for i, s in enumerate(specs) if args.filter in s["name"]]
+    if args.one_per_kernel:
+        seen: set[str] = set()
+        chosen = [i for i in chosen if not (specs[i]["fn"].__name__ in seen or seen.add(specs[i]["fn"].__name__))]
     if args.limit:
         chosen = chosen[:args.limit]
     if not chosen:

@@ -6,7 +6,7 @@ auto = triton when the tensors live on a CUDA device and triton imports, torch o
 """
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -14,13 +14,13 @@ import torch
 BACKENDS = ("torch", "triton", "auto")
 
 
-@functools.lru_cache(maxsize=None)
+# Found once at import, without importing triton: a plain constant, which torch.compile reads without
+# tracing a cache wrapper (an lru_cache here made dynamo warn on every compile).
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _TRITON_FOUND
 
 
 def resolve_backend(requested: str | None, device: torch.device) -> str:

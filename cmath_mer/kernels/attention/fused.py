@@ -7,8 +7,9 @@ conversation b attends in one softmax to the keys of conversation b in all S sou
 |pos(query) - pos(key)| <= window (positions inside the conversation).
 
 Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
-(`prepare_block_indices`), gives each program its conversation, so the grid covers only real query blocks
-of the packed layout, never a padded B x max_len rectangle. Each program visits only the key blocks of its
+(`prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
+the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
+bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
 outside are skipped, not masked. The S sources are read in place from the (S, T, H, D) tensors.
 
@@ -46,6 +47,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
+                     patch_old_interpreter, register_autocast_to_region_dtype)
+
+patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (16, 32, 64, 128)
@@ -61,8 +67,8 @@ def block_sizes(head_dim: int, itemsize: int = 2) -> dict[str, tuple[int, int]]:
         if head_dim <= 64:
             return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
         return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 64)}
-    if head_dim <= 16:
-        return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
+    if head_dim <= 16:   # a (128, 64) forward tile spilled at 4 warps on sm_90 once k, v became strided
+        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
     if head_dim <= 32:
         return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 32)}
     return {"fwd": (64, 32), "dq": (32, 64), "dkv": (32, 32)}
@@ -88,8 +94,11 @@ AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC"]
 _FOUR_WARP_TILE = {"fwd": 64 * 64, "dq": 32 * 64, "dkv": 64 * 64}
 
 
-def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, itemsize: int) -> bool:
+def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, itemsize: int,
+                   num_stages: int = 2) -> bool:
     rows = BN if kernel == "dkv" else BM
+    if kernel == "fwd" and itemsize == 4 and BD >= 128 and num_stages > 2:
+        return False            # fp32 D=128 forward spills on sm_90 with 3 stages (AOT report, strided k/v)
     return num_warps >= 8 or rows * BD * itemsize // 2 <= _FOUR_WARP_TILE[kernel]
 
 
@@ -98,7 +107,7 @@ def _pruner(kernel: str):
         args = {**named_args, **kwargs}
         itemsize = args["q"].element_size()
         kept = [c for c in configs if config_allowed(kernel, c.num_warps, args["BM"], args["BN"], args["BD"],
-                                                     itemsize)]
+                                                     itemsize, c.num_stages)]
         return kept or configs
     return {"early_config_prune": prune}
 
@@ -112,16 +121,29 @@ _HEURISTICS = {
 # ----------------------------------------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------------------------------------
-def prepare_block_indices(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
-    """(n_blocks, 2) int32 table of (conversation, block within the conversation) for every block of
-    `block` rows of every conversation, in packed order (like fla's prepare_chunk_indices)."""
+def block_table_rows(T: int, B: int, block: int) -> int:
+    """Rows of the block table: an upper bound of sum_b ceil(n_b / block) over B conversations of T rows in
+    all (each conversation adds at most one partial block), known on the host without reading cu_seqlens."""
+    return triton.cdiv(T, block) + B
+
+
+def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch.Tensor:
+    """(block_table_rows(T, B, block), 2) int32 table of (conversation, block within the conversation) for
+    every block of `block` rows of every conversation, in packed order (like fla's prepare_chunk_indices),
+    then padding rows (-1, 0). Built on the device with no host synchronisation (searchsorted, not
+    repeat_interleave with a data-dependent size), so the ops can be captured in a CUDA graph."""
+    B = cu_seqlens.numel() - 1
+    rows = block_table_rows(T, B, block)
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     nblk = (lens + block - 1) // block
-    total = int(nblk.sum())                                              # the one host sync: grid size
-    conv = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), nblk, output_size=total)
-    first = torch.cumsum(nblk, 0) - nblk
-    blk = torch.arange(total, device=lens.device) - torch.repeat_interleave(first, nblk, output_size=total)
-    return torch.stack([conv, blk], dim=1).to(torch.int32).contiguous()
+    ends = torch.cumsum(nblk, 0)                                          # inclusive: blocks up to b
+    idx = torch.arange(rows, device=cu_seqlens.device)
+    conv = torch.searchsorted(ends, idx, right=True)                      # first b with ends[b] > idx
+    real = conv < B
+    conv_c = conv.clamp(max=max(B - 1, 0))
+    blk = idx - (ends - nblk)[conv_c] if B > 0 else idx
+    table = torch.stack([torch.where(real, conv, -1), torch.where(real, blk, 0)], dim=1)
+    return table.to(torch.int32)
 
 
 def _block_dim(head_dim: int) -> int:
@@ -131,22 +153,35 @@ def _block_dim(head_dim: int) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------------------------------
-# Addressing: a row t, head h of q / o (T, H, D) or of source s of k / v (S, T, H, D) starts at element
-# ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first row) plus a
-# loop-invariant int32 offset tile r * H * D + d, which keeps the 2-D pointer tensors out of 64-bit registers.
+@triton.jit
+def _block_of(block_indices, cu_seqlens, i_blk):
+    """(conversation, block in it, first packed row, length) of program i_blk. The grid is an upper bound
+    on the number of blocks (no host sync to size it): a padding row (conversation -1) gets length 0, so
+    its program loads nothing, loops over nothing and stores nothing."""
+    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
+    i_m = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
+    real = i_n >= 0
+    i_n = tl.maximum(i_n, 0)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
+    return i_n, i_m, bos, tl.where(real, eos - bos, 0)
+
+
+# Addressing: k and v are read in place through one set of strides (sk_s, sk_t, sk_h; the last dim
+# contiguous), so they may be views of one kv projection; q, o, lse, do, dq, dk, dv are contiguous, row t
+# head h of source s at ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first
+# row) plus a loop-invariant int32 offset tile r * stride + d, which keeps the 2-D pointer tensors out of
+# 64-bit registers.
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
+                     sk_s, sk_t, sk_h,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, ACC: tl.constexpr):
+                     HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
-    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
-    i_m = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
-    N = eos - bos
+    i_n, i_m, bos, N = _block_of(block_indices, cu_seqlens, i_blk)
 
     q0 = i_m * BM
     pos_q = q0 + tl.arange(0, BM)                                        # positions in the conversation
@@ -154,8 +189,8 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     m_q = pos_q < N
     m_d = offs_d < D
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
-    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]
-    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o
+    tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
+    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o / lse
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_q[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
 
@@ -169,14 +204,16 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BM], dtype=ACC)
     b_acc = tl.zeros([BM, BD], dtype=ACC)
+    k_src = k                                            # source i_s starts at k + i_s * sk_s: a 64-bit pointer
+    v_src = v                                            # stepped per source, never an int32 product
     for i_s in range(S):
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            base_k = ((i_s * T.to(tl.int64) + bos + j0) * H + i_h) * D
-            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_s = tl.dot(b_q, tl.trans(b_k)).to(ACC) * qk_scale
+            base_k = (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
             valid = m_k[None, :]
             if HAS_WINDOW:
                 dist = pos_q[:, None] - pos_k[None, :]
@@ -187,8 +224,10 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
             b_p = tl.exp2(b_s - b_pivot[:, None])
             b_alpha = tl.exp2(b_m - b_pivot)
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v).to(ACC)
+            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC).to(ACC)
             b_m = b_m_new
+        k_src += sk_s
+        v_src += sk_s
 
     b_empty = b_l == 0.
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
@@ -215,15 +254,12 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
+                        sk_s, sk_t, sk_h,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        HAS_WINDOW: tl.constexpr, ACC: tl.constexpr):
+                        HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
-    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
-    i_m = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
-    N = eos - bos
+    i_n, i_m, bos, N = _block_of(block_indices, cu_seqlens, i_blk)
 
     q0 = i_m * BM
     pos_q = q0 + tl.arange(0, BM)
@@ -232,7 +268,7 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
     m_d = offs_d < D
     m_qd = m_q[:, None] & m_d[None, :]
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
-    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]
+    tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
     row_q0 = (bos + q0).to(tl.int64) * H + i_h
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
     b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
@@ -248,22 +284,26 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
         hi = N
 
     b_dq = tl.zeros([BM, BD], dtype=ACC)
+    k_src = k
+    v_src = v
     for i_s in range(S):
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
-            base_k = ((i_s * T.to(tl.int64) + bos + j0) * H + i_h) * D
-            b_k = tl.load(k + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_s = tl.dot(b_q, tl.trans(b_k)).to(ACC) * qk_scale
+            base_k = (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
             valid = m_q[:, None] & m_k[None, :]
             if HAS_WINDOW:
                 dist = pos_q[:, None] - pos_k[None, :]
                 valid = valid & (dist <= W) & (dist >= -W)
             b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.)
-            b_dp = tl.dot(b_do, tl.trans(b_v)).to(ACC)
+            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC).to(ACC)
             b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k).to(ACC)
+            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
+        k_src += sk_s
+        v_src += sk_s
     b_dq = b_dq * scale
     tl.store(dq + row_q0 * D + tile_q, b_dq.to(dq.dtype.element_ty), mask=m_qd)
 
@@ -272,17 +312,14 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
+                         sk_s, sk_t, sk_h,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr):
+                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     # BN keys of source i_s per program; loops over query blocks of BM rows of the same conversation.
     i_blk = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
-    i_n = tl.load(block_indices + i_blk * 2).to(tl.int64)
-    i_j = tl.load(block_indices + i_blk * 2 + 1).to(tl.int32)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int32)
-    N = eos - bos
+    i_n, i_j, bos, N = _block_of(block_indices, cu_seqlens, i_blk)
 
     k0 = i_j * BN
     pos_k = k0 + tl.arange(0, BN)
@@ -291,10 +328,12 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
     m_d = offs_d < D
     m_kd = m_k[:, None] & m_d[None, :]
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
-    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]
-    base_k = ((i_s * T.to(tl.int64) + bos + k0) * H + i_h) * D
-    b_k = tl.load(k + base_k + tile_k, mask=m_kd, other=0.)
-    b_v = tl.load(v + base_k + tile_k, mask=m_kd, other=0.)
+    tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]                 # dk, dv: contiguous
+    row_k = (bos + k0).to(tl.int64)
+    base_k = ((i_s * T.to(tl.int64) + row_k) * H + i_h) * D
+    src_k = i_s * sk_s + row_k * sk_t + i_h * sk_h                                 # k, v: strided, in place
+    b_k = tl.load(k + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
+    b_v = tl.load(v + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
     qk_scale = scale * 1.4426950408889634
 
     if HAS_WINDOW:
@@ -315,16 +354,16 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
         b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
         b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
         b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
-        b_st = tl.dot(b_k, tl.trans(b_q)).to(ACC) * qk_scale              # (BN, BM): scores transposed
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(ACC) * qk_scale              # (BN, BM): scores transposed
         valid = m_k[:, None] & m_q[None, :]
         if HAS_WINDOW:
             dist = pos_q[None, :] - pos_k[:, None]
             valid = valid & (dist <= W) & (dist >= -W)
         b_pt = tl.where(valid, tl.exp2(b_st - b_lse[None, :]), 0.)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do).to(ACC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do)).to(ACC)
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC).to(ACC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(ACC)
         b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q).to(ACC)
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC).to(ACC)
     b_dk = b_dk * scale
     tl.store(dk + base_k + tile_k, b_dk.to(dk.dtype.element_ty), mask=m_kd)
     tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
@@ -339,12 +378,38 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[0] < 1:
         raise ValueError("need at least one key/value source (S >= 1)")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > max(HEAD_DIMS):
+        raise ValueError(f"head dim {q.shape[-1]} > {max(HEAD_DIMS)}: the kernel keeps a (block, head dim) "
+                         "tile per operand on chip and supports head dims up to 128")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise ValueError("cu_seqlens must be a (B+1,) tensor")
+    if cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
+        raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
+    check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
 
 
+def _strides(k) -> tuple[int, int, int]:
+    """Element strides (s, t, h) of k, which v shares."""
+    return k.stride(0), k.stride(1), k.stride(2)
+
+
+def _layout(q, k, v):
+    """q contiguous (a projection's output already is: no copy); k and v read in place through one set of
+    strides, as the views of one kv projection are (the last dim contiguous). Other layouts are copied once:
+    one stride set keeps the kernels' offset tiles, and so their registers, as few as with contiguous inputs."""
+    q = q.contiguous()
+    if k.stride() != v.stride() or k.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    return q, k, v
+
+
+def _window(window: int, T: int) -> int:
+    """Kernel window: -1 for none. A window >= T - 1 restricts nothing (no conversation is longer than T), so
+    it becomes 'none'; this also keeps q0 + BM + W inside int32 for any window (e.g. a 2**31 - 1 sentinel)."""
+    return -1 if window < 0 or window >= T - 1 else window
+
+
+@input_guard
 def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     """-> (o, lse); lse (T, H) in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
     T, H, D = q.shape
@@ -353,67 +418,122 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
-    table = prepare_block_indices(cu_seqlens, BM)
-    if table.shape[0] > 0:
-        _attn_fwd_kernel[(table.shape[0], H)](q, k, v, o, lse, cu_seqlens, table, scale, T, S, window,
-                                              H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN)
+    table = prepare_block_indices(cu_seqlens, BM, T)
+    if T > 0:
+        _attn_fwd_kernel[(table.shape[0], H)](q, k, v, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
+                                              *_strides(k), H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
+                                              DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
 
+@input_guard
 def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: float):
     T, H, D = q.shape
     S = k.shape[0]
     BD = _block_dim(D)
     blocks = block_sizes(D, q.element_size())
+    window = _window(window, T)
+    prec = dot_precision(q.dtype)
     delta = torch.empty((T, H), dtype=lse.dtype, device=q.device)
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((S, T, H, D), dtype=k.dtype, device=q.device)
     dv = torch.empty((S, T, H, D), dtype=v.dtype, device=q.device)
+    if T == 0:
+        return dq, dk, dv
     BR = 64
-    if T * H > 0:
-        _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
+    _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
     BM, BN = blocks["dq"]
-    table = prepare_block_indices(cu_seqlens, BM)
-    if table.shape[0] > 0:
-        _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
-                                                 T, S, window, H=H, D=D, BD=BD, BM=BM, BN=BN)
+    table = prepare_block_indices(cu_seqlens, BM, T)
+    _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
+                                             T, S, window, *_strides(k), H=H, D=D, BD=BD, BM=BM, BN=BN,
+                                             DOT_PREC=prec)
     dq_block, (BM, BN) = BM, blocks["dkv"]
     if BN != dq_block:                                           # same block size: reuse the table
-        table = prepare_block_indices(cu_seqlens, BN)
-    if table.shape[0] > 0:
-        _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
-                                                     scale, T, S, window, H=H, D=D, BD=BD, BM=BM, BN=BN)
+        table = prepare_block_indices(cu_seqlens, BN, T)
+    _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
+                                                 scale, T, S, window, *_strides(k), H=H, D=D, BD=BD,
+                                                 BM=BM, BN=BN, DOT_PREC=prec)
     return dq, dk, dv
 
 
-class MultiSourceAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, window: int, scale: float):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
-        o, lse = attention_forward(q, k, v, cu_seqlens, window, scale)
-        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-        ctx.window, ctx.scale = window, scale
-        return o
+# ----------------------------------------------------------------------------------------------------------
+# the op: forward and backward as PyTorch custom ops (opaque to torch.compile, fake impls for shapes),
+# autograd over them, and the autocast rule (docs/KERNELS.md, precision policy)
+# ----------------------------------------------------------------------------------------------------------
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        do = do.contiguous()                                    # may be stride-0 (loss.sum().backward())
-        dq, dk, dv = attention_backward(q, k, v, o, lse, do, cu_seqlens, ctx.window, ctx.scale)
-        return dq, dk, dv, None, None, None
+
+@torch.library.custom_op("cmath_mer::multi_source_attention_triton", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o (T, H, D), lse (T, H) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
+    q, k, v = _layout(q, k, v)
+    return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
+
+
+@attention_op.register_fake
+def _(q, k, v, cu_seqlens, window, scale):
+    T, H, D = q.shape
+    return q.new_empty((T, H, D)), q.new_empty((T, H), dtype=_stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("cmath_mer::multi_source_attention_triton_backward", mutates_args=())
+def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                          do: torch.Tensor, cu_seqlens: torch.Tensor, window: int, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _layout(q, k, v)
+    return attention_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(),
+                              cu_seqlens.to(torch.int32), window, scale)
+
+
+@attention_backward_op.register_fake
+def _(q, k, v, o, lse, do, cu_seqlens, window, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, window, scale = inputs
+    o, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.window, ctx.scale = window, scale
+
+
+@once_differentiable
+def _autograd_backward(ctx, do, _dlse):
+    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(q, k, v, o, lse, do, cu_seqlens, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_autocast_to_region_dtype("cmath_mer::multi_source_attention_triton", cast=(0, 1, 2))
 
 
 def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                  *, window: int | None = None, scale: float | None = None) -> torch.Tensor:
-    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32. Returns (T, H, D)."""
+    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32. Returns (T, H, D).
+
+    Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
+    (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
+    here only when TF32 is allowed (torch.backends.cuda.matmul.allow_tf32); otherwise the fp32-exact
+    PyTorch reference runs (see utils.gpu_dots_ok)."""
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0 or None, got {window}")
+    autocast = torch.is_autocast_enabled(q.device.type)
+    if not (q.dtype == k.dtype == v.dtype) and not autocast:
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype} (mixed dtypes are accepted "
+                         "in an autocast region)")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    return MultiSourceAttentionFunction.apply(q, k, v, cu_seqlens, -1 if window is None else int(window),
-                                              float(scale))
+    run_dtype = torch.get_autocast_dtype(q.device.type) if autocast else q.dtype
+    if not gpu_dots_ok(run_dtype, q.device):       # fp32 without TF32 allowed, float64: the exact reference
+        from .. import multi_source_attention
+        return multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, backend="torch")
+    window = -1 if window is None else int(window)
+    return attention_op(q, k, v, cu_seqlens, window, float(scale))[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -423,6 +543,9 @@ def _unwrap(fn):
     while not isinstance(fn, triton.runtime.JITFunction):
         fn = fn.fn
     return fn
+
+
+_STRIDE_ARGS = ("sk_s", "sk_t", "sk_h")
 
 
 def aot_specs() -> list[dict]:
@@ -442,8 +565,9 @@ def aot_specs() -> list[dict]:
                               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg})
             for has_window in (False, True):
                 common = {"cu_seqlens": "*i32", "block_indices": "*i32", "scale": "fp32", "T": "i32",
-                          "S": "i32", "W": "i32", "H": "i32", "D": "constexpr", "BD": "constexpr",
-                          "BM": "constexpr", "BN": "constexpr", "HAS_WINDOW": "constexpr", "ACC": "constexpr"}
+                          "S": "i32", "W": "i32", **{st: "i32" for st in _STRIDE_ARGS}, "H": "i32",
+                          "D": "constexpr", "BD": "constexpr", "BM": "constexpr", "BN": "constexpr",
+                          "HAS_WINDOW": "constexpr", "ACC": "constexpr", "DOT_PREC": "constexpr"}
                 kernels = [
                     ("attn_fwd", _attn_fwd_kernel, "fwd",
                      {"q": ptr, "k": ptr, "v": ptr, "o": ptr, "lse": "*fp32"}),
@@ -456,19 +580,25 @@ def aot_specs() -> list[dict]:
                 for name, kernel, which, ptrs in kernels:
                     BM, BN = blocks[which]
                     for cfg in kernel.fn.configs:                 # heuristics -> autotuner -> jit
-                        if not config_allowed(which, cfg.num_warps, BM, BN, BD, itemsize):
+                        if not config_allowed(which, cfg.num_warps, BM, BN, BD, itemsize, cfg.num_stages):
                             continue
                         specs.append({
+                            # the JIT specialises the k/v strides (multiples of 16 for D = 16..128 and
+                            # the kv views) and the pointers as divisible by 16
+                            "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", "block_indices",
+                                                                              "sk_s", "sk_t", "sk_h")},
                             "name": f"{name}[{dname},D={D},window={'on' if has_window else 'off'},"
                                     f"BM={BM},BN={BN}]",
                             "fn": _unwrap(kernel),
                             "signature": {**ptrs, **common},
                             "constexprs": {"D": D, "BD": BD, "BM": BM, "BN": BN,
-                                           "HAS_WINDOW": has_window, "ACC": tl.float32},
+                                           "HAS_WINDOW": has_window, "ACC": tl.float32,
+                                           # a GPU launch with fp32 inputs happens only when TF32 is allowed
+                                           "DOT_PREC": "tf32"},
                             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                             "maxnreg": cfg.maxnreg})
     return specs
 
 
-__all__ = ["fused_multi_source_attention", "MultiSourceAttentionFunction", "prepare_block_indices",
+__all__ = ["fused_multi_source_attention", "attention_op", "attention_backward_op", "prepare_block_indices",
            "block_sizes", "aot_specs"]

@@ -37,10 +37,16 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
+                     patch_old_interpreter, register_autocast_to_region_dtype)
+
+patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -91,7 +97,7 @@ def _acc_dtype(dtype: torch.dtype):
 @triton.jit(do_not_specialize=["T"])
 def _rows_kernel(H, W, B, TGT, DH, LOSS, T, M, K, dh_scale,
                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE_K: tl.constexpr, COMPUTE_DH: tl.constexpr, ACC: tl.constexpr):
+                 SINGLE_K: tl.constexpr, COMPUTE_DH: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     # One row block x one K chunk; loops over every M tile. See the module docstring for the byte floor.
     pid_t = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -109,7 +115,7 @@ def _rows_kernel(H, W, B, TGT, DH, LOSS, T, M, K, dh_scale,
         col_ok = cols < M
         w_d = tl.load(W + cols[:, None] * K + kd[None, :], mask=col_ok[:, None] & kd_ok[None, :], other=0.0)
         if SINGLE_K:
-            proj = tl.dot(h_res, tl.trans(w_d), out_dtype=ACC)
+            proj = tl.dot(h_res, tl.trans(w_d), out_dtype=ACC, input_precision=DOT_PREC)
         else:
             proj = tl.zeros([BLOCK_T, BLOCK_M], dtype=ACC)
             for k0 in range(0, K, BLOCK_K):
@@ -117,14 +123,14 @@ def _rows_kernel(H, W, B, TGT, DH, LOSS, T, M, K, dh_scale,
                 kk_ok = kk < K
                 hk = tl.load(H + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
                 wk = tl.load(W + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & kk_ok[None, :], other=0.0)
-                proj = tl.dot(hk, tl.trans(wk), proj, out_dtype=ACC)
+                proj = tl.dot(hk, tl.trans(wk), proj, out_dtype=ACC, input_precision=DOT_PREC)
         bias = tl.load(B + cols, mask=col_ok, other=0.0).to(ACC)
         ok = row_ok[:, None] & col_ok[None, :]
         tgt = tl.load(TGT + rows[:, None] * M + cols[None, :], mask=ok, other=0.0).to(ACC)
         r = tl.where(ok, proj + bias[None, :] - tgt, 0.0)
         sq_acc += r * r
         if COMPUTE_DH:
-            dh_acc = tl.dot(r.to(w_d.dtype), w_d, dh_acc, out_dtype=ACC)
+            dh_acc = tl.dot(r.to(w_d.dtype), w_d, dh_acc, out_dtype=ACC, input_precision=DOT_PREC)
     tl.store(LOSS + pid_t * tl.num_programs(1) + pid_k, tl.sum(tl.sum(sq_acc, axis=1), axis=0))
     if COMPUTE_DH:
         tl.store(DH + rows[:, None] * K + kd[None, :], (dh_acc * dh_scale).to(DH.dtype.element_ty),
@@ -134,7 +140,7 @@ def _rows_kernel(H, W, B, TGT, DH, LOSS, T, M, K, dh_scale,
 @triton.jit(do_not_specialize=["T", "rows_per_split"])
 def _cols_kernel(H, W, B, TGT, DWP, DBP, T, M, K, rows_per_split, scale,
                  BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SINGLE_K: tl.constexpr, ACC: tl.constexpr):
+                 SINGLE_K: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     # One M tile x one K chunk x one T split; loops over the split's row blocks. Writes fp32 partials.
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,7 +160,7 @@ def _cols_kernel(H, W, B, TGT, DWP, DBP, T, M, K, rows_per_split, scale,
         row_ok = rows < T
         h_d = tl.load(H + rows[:, None] * K + kd[None, :], mask=row_ok[:, None] & kd_ok[None, :], other=0.0)
         if SINGLE_K:
-            proj = tl.dot(h_d, tl.trans(w_d), out_dtype=ACC)
+            proj = tl.dot(h_d, tl.trans(w_d), out_dtype=ACC, input_precision=DOT_PREC)
         else:
             proj = tl.zeros([BLOCK_T, BLOCK_M], dtype=ACC)
             for k0 in range(0, K, BLOCK_K):
@@ -162,12 +168,12 @@ def _cols_kernel(H, W, B, TGT, DWP, DBP, T, M, K, rows_per_split, scale,
                 kk_ok = kk < K
                 hk = tl.load(H + rows[:, None] * K + kk[None, :], mask=row_ok[:, None] & kk_ok[None, :], other=0.0)
                 wk = tl.load(W + cols[:, None] * K + kk[None, :], mask=col_ok[:, None] & kk_ok[None, :], other=0.0)
-                proj = tl.dot(hk, tl.trans(wk), proj, out_dtype=ACC)
+                proj = tl.dot(hk, tl.trans(wk), proj, out_dtype=ACC, input_precision=DOT_PREC)
         ok = row_ok[:, None] & col_ok[None, :]
         tgt = tl.load(TGT + rows[:, None] * M + cols[None, :], mask=ok, other=0.0).to(ACC)
         r = tl.where(ok, proj + bias[None, :] - tgt, 0.0)
         db_acc += tl.sum(r, axis=0)
-        dw_acc = tl.dot(tl.trans(r.to(h_d.dtype)), h_d, dw_acc, out_dtype=ACC)
+        dw_acc = tl.dot(tl.trans(r.to(h_d.dtype)), h_d, dw_acc, out_dtype=ACC, input_precision=DOT_PREC)
     part = pid_s.to(tl.int64) * M
     tl.store(DWP + (part + cols[:, None]) * K + kd[None, :], dw_acc * scale, mask=col_ok[:, None] & kd_ok[None, :])
     if pid_k == 0:
@@ -209,25 +215,27 @@ def _num_splits(T: int, M: int, k_chunks: int, device: torch.device) -> tuple[in
     return triton.cdiv(T, rows_per_split), rows_per_split
 
 
+@input_guard
 def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
-    """Returns (loss fp32 0-dim, dh_raw = 2/M r W in h.dtype or None, dW fp32 or None, db fp32 or None)."""
+    """Returns (loss 0-dim, dh_raw = 2/M r W or None, dW or None, db or None), all in the accumulation dtype
+    (fp32; fp64 for fp64 inputs). dh_raw is kept in fp32, not h.dtype: in fp16 its small elements would
+    round to subnormals or zero before the loss scale (grad_output) is applied in the backward."""
     T, K = h.shape
     M = weight.shape[0]
     BLOCK_K = _block_k(K, _ROWS_BLOCK_K)
     k_chunks = triton.cdiv(K, BLOCK_K)
     acc = _acc_dtype(h.dtype)
     acc_t = torch.float64 if h.dtype == torch.float64 else torch.float32
+    prec = dot_precision(h.dtype)
     meta = _interpret_meta()
     loss_part = torch.empty((triton.cdiv(T, _MIN_BLOCK_T), k_chunks), device=h.device, dtype=acc_t)
-    dh = torch.empty_like(h) if want_dh else h  # h is a dummy pointer when dh is not wanted
+    dh = torch.empty((T, K), device=h.device, dtype=acc_t) if want_dh else loss_part  # dummy pointer if unused
     grid = lambda META: (triton.cdiv(T, META["BLOCK_T"]), k_chunks)  # noqa: E731
     rows_launch = _launcher("rows", h.dtype, BLOCK_K, k_chunks == 1)
     rows_launch[grid](h, weight, bias, target, dh, loss_part, T, M, K, 2.0 / M,
-                       BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, COMPUTE_DH=want_dh, ACC=acc, **meta)
-    if _INTERPRET:
-        n_row_blocks = triton.cdiv(T, meta["BLOCK_T"])
-    else:  # pragma: no cover - GPU only
-        n_row_blocks = triton.cdiv(T, rows_launch.best_config.kwargs["BLOCK_T"])
+                      BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, COMPUTE_DH=want_dh, ACC=acc, DOT_PREC=prec, **meta)
+    best = getattr(rows_launch, "best_config", None)    # the autotuner's benchmark runs wrote other partials
+    n_row_blocks = triton.cdiv(T, best.kwargs["BLOCK_T"] if best is not None else meta["BLOCK_T"])
     loss = loss_part[:n_row_blocks, 0].sum() / (T * M)
     dw = db = None
     if want_dw:
@@ -242,34 +250,64 @@ def _forward(h, weight, bias, target, want_dh: bool, want_dw: bool):
 
         cols_launch = _launcher("cols", h.dtype, BLOCK_K, k_chunks == 1)
         cols_launch[grid2](h, weight, bias, target, dw_part, db_part, T, M, K, rows_per_split, 2.0 / (T * M),
-                           BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, ACC=acc, **meta)
+                           BLOCK_K=BLOCK_K, SINGLE_K=k_chunks == 1, ACC=acc, DOT_PREC=prec, **meta)
         dw, db = dw_part.sum(0), db_part.sum(0)
     return loss, (dh if want_dh else None), dw, db
 
 
-class FusedReconstructionLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h, weight, bias, target):
-        want_dh, want_w, want_b = ctx.needs_input_grad[:3]
-        loss, dh_raw, dw, db = _forward(h, weight, bias, target, want_dh, want_w or want_b)
-        ctx.save_for_backward(dh_raw, dw, db)
-        ctx.T = h.shape[0]
-        ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
-        return loss.to(h.dtype)
+# ---------------------------------------------------------------------------------------------------------
+# The op: one custom op (opaque to torch.compile, with a fake impl) that returns the loss and, as requested,
+# the gradient pieces the forward produces; autograd scales them by grad_output in the backward.
+@torch.library.custom_op("cmath_mer::reconstruction_loss_triton", mutates_args=())
+def reconstruction_loss_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+                           want_dh: bool, want_dw: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss, dh_raw (T, K) or (0,), dW (M, K) or (0,), db (M,) or (0,)), in fp32 (fp64 for fp64)."""
+    h, weight, bias, target = (x.contiguous() for x in (h, weight, bias, target))
+    loss, dh, dw, db = _forward(h, weight, bias, target, want_dh, want_dw)
+    def or_empty(x):  # every output its own tensor (custom ops may not return aliases)
+        return x if x is not None else loss.new_empty((0,))
+    return loss, or_empty(dh), or_empty(dw), or_empty(db)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        dh_raw, dw, db = ctx.saved_tensors
-        g = grad_out.reshape(()).to(torch.float64 if dh_raw is not None and dh_raw.dtype == torch.float64
-                                    else torch.float32)
-        dh = dW = dB = None
-        if ctx.needs_input_grad[0]:
-            dh = (dh_raw.to(g.dtype) * (g / ctx.T)).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            dW = (dw * g.to(dw.dtype)).to(ctx.dtypes[1])
-        if ctx.needs_input_grad[2]:
-            dB = (db * g.to(db.dtype)).to(ctx.dtypes[2])
-        return dh, dW, dB, None
+
+@reconstruction_loss_op.register_fake
+def _(h, weight, bias, target, want_dh, want_dw):
+    acc_t = torch.float64 if h.dtype == torch.float64 else torch.float32
+    T, K = h.shape
+    M = weight.shape[0]
+    return (h.new_empty((), dtype=acc_t), h.new_empty((T, K) if want_dh else (0,), dtype=acc_t),
+            h.new_empty((M, K) if want_dw else (0,), dtype=acc_t), h.new_empty((M,) if want_dw else (0,),
+                                                                               dtype=acc_t))
+
+
+def _setup_context(ctx, inputs, output):
+    h, weight, bias, target, want_dh, want_dw = inputs
+    _, dh_raw, dw, db = output
+    ctx.mark_non_differentiable(dh_raw, dw, db)
+    ctx.save_for_backward(dh_raw, dw, db)
+    ctx.T = h.shape[0]
+    ctx.want = (want_dh, want_dw)
+    ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
+
+
+# The gradients are computed in the forward from the inputs' values; they are not functions of the inputs in
+# autograd's eyes, so a double backward would silently be zero: refuse it.
+@once_differentiable
+def _autograd_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
+    dh_raw, dw, db = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if (need_h and not ctx.want[0]) or ((need_w or need_b) and not ctx.want[1]):
+        raise RuntimeError("reconstruction_loss: a gradient was asked for that the forward did not compute "
+                           "(requires_grad changed after the call?)")
+    g = grad_loss.reshape(()).to(dh_raw.dtype)
+    dh = (dh_raw * (g / ctx.T)).to(ctx.dtypes[0]) if need_h else None
+    dW = (dw * g).to(ctx.dtypes[1]) if need_w else None
+    dB = (db * g).to(ctx.dtypes[2]) if need_b else None
+    return dh, dW, dB, None, None, None
+
+
+reconstruction_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_autocast_to_region_dtype("cmath_mer::reconstruction_loss_triton", cast=(0, 1, 2, 3))
 
 
 def _check(h, weight, bias, target):
@@ -282,22 +320,31 @@ def _check(h, weight, bias, target):
                          f"bias {tuple(bias.shape)}, target {tuple(target.shape)}")
     if T == 0:
         raise ValueError("reconstruction loss of an empty batch (T = 0) is undefined")
-    if not (h.dtype == weight.dtype == bias.dtype == target.dtype):
-        raise TypeError("h, weight, bias and target must share one dtype")
+    check_same_device(h=h, weight=weight, bias=bias, target=target)
 
 
 def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                               target: torch.Tensor) -> torch.Tensor:
-    """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
+    """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M).
+
+    Outside autocast all four share one dtype and so does the loss. In an autocast region they are cast to the
+    region's dtype (fp16/bf16): GEMMs in that dtype, accumulation in fp32, loss returned in fp32.
+    """
     _check(h, weight, bias, target)
-    if h.is_cuda and (h.shape[1] % 16 != 0 or h.dtype == torch.float64):  # outside the compiled specs
-        from .naive import naive_reconstruction_loss
-        return naive_reconstruction_loss(h, weight, bias, target)
-    h, weight, bias, target = (x.contiguous() for x in (h, weight, bias, target))
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad or bias.requires_grad):
-        return FusedReconstructionLoss.apply(h, weight, bias, target)
-    loss, _, _, _ = _forward(h, weight, bias, target, False, False)
-    return loss.to(h.dtype)
+    autocast = torch.is_autocast_enabled(h.device.type)
+    if not (h.dtype == weight.dtype == bias.dtype == target.dtype) and not autocast:
+        raise TypeError(f"h, weight, bias and target must share one dtype (got {h.dtype}, {weight.dtype}, "
+                        f"{bias.dtype}, {target.dtype}); mixed dtypes are accepted in an autocast region")
+    # outside the compiled specs (K % 16, float64), or fp32 without TF32 allowed (no spill-free exact-fp32 dot)
+    if h.is_cuda and (h.shape[1] % 16 != 0 or not gpu_dots_ok(h.dtype if not autocast else
+                                                               torch.get_autocast_dtype("cuda"), h.device)):
+        from .. import reconstruction_loss
+        return reconstruction_loss(h, weight, bias, target, backend="torch")
+    grad = torch.is_grad_enabled()
+    want_dh = grad and h.requires_grad
+    want_dw = grad and (weight.requires_grad or bias.requires_grad)
+    loss = reconstruction_loss_op(h, weight, bias, target, want_dh, want_dw)[0]
+    return loss if autocast else loss.to(h.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,8 +365,13 @@ def _attrs(names) -> dict:
     return {n: [["tt.divisibility", 16]] for n in names}
 
 
+def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
+    """A GPU launch with fp32 inputs happens only when TF32 is allowed (utils.gpu_dots_ok): one precision."""
+    return ("tf32",)
+
+
 def aot_specs() -> list[dict]:
-    """Every (config x dtype x constexpr flag x M divisibility) the two kernels launch with on a GPU.
+    """Every (config x dtype x fp32 dot precision x constexpr flag x M divisibility) the two kernels launch with on a GPU.
 
     Each dict also carries "attrs": the divisibility the JIT sees at launch (tensor pointers from torch are
     16-byte aligned; K % 16 == 0 is required on the GPU path; M may or may not be a multiple of 16, so
@@ -330,7 +382,8 @@ def aot_specs() -> list[dict]:
     rows_fn, cols_fn = _unwrap(_rows_kernel), _unwrap(_cols_kernel)
     rows_k = [(bk, True) for bk in _ROWS_BLOCK_K] + [(_LOOP_BLOCK_K, False)]
     cols_k = [(bk, True) for bk in _COLS_BLOCK_K] + [(_LOOP_BLOCK_K, False)]
-    for dtype, ty in _TL_NAMES.items():
+    for (dtype, ty), prec in [(d, p) for d in _TL_NAMES.items() for p in _precisions(d[0])]:
+        ptag = ""
         for m_div in (True, False):
             mtag = "m16" if m_div else "modd"
             extra = ["K", "M"] if m_div else ["K"]
@@ -338,31 +391,32 @@ def aot_specs() -> list[dict]:
                 for bt, bm, w, s in _rows_configs(dtype, block_k, single_k):
                     for compute_dh in (True, False):
                         specs.append({
-                            "name": f"recon_rows_{ty}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
+                            "name": f"recon_rows_{ty}{ptag}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
                                     f"_{'dh' if compute_dh else 'nodh'}_w{w}_s{s}",
                             "fn": rows_fn,
                             "signature": {"H": f"*{ty}", "W": f"*{ty}", "B": f"*{ty}", "TGT": f"*{ty}",
-                                          "DH": f"*{ty}", "LOSS": "*fp32", "T": "i32", "M": "i32", "K": "i32",
+                                          "DH": "*fp32", "LOSS": "*fp32", "T": "i32", "M": "i32", "K": "i32",
                                           "dh_scale": "fp32", "BLOCK_T": "constexpr", "BLOCK_M": "constexpr",
                                           "BLOCK_K": "constexpr", "SINGLE_K": "constexpr",
-                                          "COMPUTE_DH": "constexpr", "ACC": "constexpr"},
+                                          "COMPUTE_DH": "constexpr", "ACC": "constexpr",
+                                          "DOT_PREC": "constexpr"},
                             "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
-                                           "COMPUTE_DH": compute_dh, "ACC": tl.float32},
+                                           "COMPUTE_DH": compute_dh, "ACC": tl.float32, "DOT_PREC": prec},
                             "attrs": _attrs(["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
                             "num_warps": w, "num_stages": s})
             for block_k, single_k in cols_k:
                 for bt, bm, w, s in _cols_configs(dtype, block_k, single_k):
                     specs.append({
-                        "name": f"recon_cols_{ty}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
+                        "name": f"recon_cols_{ty}{ptag}_{mtag}_t{bt}_m{bm}_k{block_k}{'' if single_k else 'loop'}"
                                 f"_w{w}_s{s}",
                         "fn": cols_fn,
                         "signature": {"H": f"*{ty}", "W": f"*{ty}", "B": f"*{ty}", "TGT": f"*{ty}",
                                       "DWP": "*fp32", "DBP": "*fp32", "T": "i32", "M": "i32", "K": "i32",
                                       "rows_per_split": "i32", "scale": "fp32", "BLOCK_T": "constexpr",
                                       "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "SINGLE_K": "constexpr",
-                                      "ACC": "constexpr"},
+                                      "ACC": "constexpr", "DOT_PREC": "constexpr"},
                         "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
-                                       "ACC": tl.float32},
+                                       "ACC": tl.float32, "DOT_PREC": prec},
                         "attrs": _attrs(["H", "W", "B", "TGT", "DWP", "DBP"] + extra),
                         "num_warps": w, "num_stages": s})
     return specs

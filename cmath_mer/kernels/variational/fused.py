@@ -24,10 +24,16 @@ from __future__ import annotations
 
 import itertools
 import os
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+
+from ..utils import (check_same_device, input_guard, once_differentiable, patch_old_interpreter,
+                     register_autocast_to_region_dtype)
+
+patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -129,82 +135,157 @@ def _meta() -> dict:
     return {}
 
 
+def _launched_block(launch) -> int:
+    """BLOCK of the config the last launch of `launch` ran with: an autotuner's best_config (its benchmark
+    runs may have used other configs on the same buffers), else the interpreter's one config."""
+    best = getattr(launch, "best_config", None)
+    if best is not None:
+        return best.kwargs["BLOCK"]
+    return _INTERPRET_CONFIG[0]
+
+
 def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _part_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _grid(N):
     return lambda META: (triton.cdiv(N, META["BLOCK"]),)  # noqa: E731
 
 
+@input_guard
 def _forward(mu, logvar, seed: int, sample: bool):
+    """-> z, mu_f, logvar_f (T, Z) in mu.dtype; kl_prior, kl_consistency 0-dim in fp32 (fp64 for fp64)."""
     C, T, Z = mu.shape
     N = T * Z
     z = torch.empty((T, Z), device=mu.device, dtype=mu.dtype)
     mu_f = torch.empty_like(z)
     lv_f = torch.empty_like(z)
-    part_t = torch.float64 if mu.dtype == torch.float64 else torch.float32
+    part_t = _part_dtype(mu.dtype)
     n_part = max(1, triton.cdiv(N, _MIN_BLOCK))
-    klp = torch.zeros(n_part, device=mu.device, dtype=part_t)   # zeros: larger configs write fewer partials
-    klc = torch.zeros(n_part, device=mu.device, dtype=part_t)
-    if N > 0:
-        _fwd_launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, C=C, C_PAD=triton.next_power_of_2(C),
-                              SAMPLE=sample, ACC=_acc(mu.dtype), **_meta())
-    return z, mu_f, lv_f, (klp.sum() / T).to(mu.dtype), (klc.sum() / T).to(mu.dtype)
+    klp = torch.empty(n_part, device=mu.device, dtype=part_t)
+    klc = torch.empty(n_part, device=mu.device, dtype=part_t)
+    if N == 0:
+        return z, mu_f, lv_f, klp.new_zeros(()), klp.new_zeros(())
+    launch = _fwd_launch
+    launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, C=C, C_PAD=triton.next_power_of_2(C),
+                     SAMPLE=sample, ACC=_acc(mu.dtype), **_meta())
+    # Only the partials of the config that ran last are this call's: an autotuner benchmarks every config
+    # on these same buffers first, and a smaller BLOCK writes partials beyond the chosen config's programs.
+    n = triton.cdiv(N, _launched_block(launch))
+    return z, mu_f, lv_f, klp[:n].sum() / T, klc[:n].sum() / T
 
 
-class FusedVariationalFusion(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, mu, logvar, seed, sample, detach_teacher):
-        outs = _forward(mu, logvar, seed, sample)
-        ctx.save_for_backward(mu, logvar)
-        ctx.seed, ctx.sample, ctx.detach = seed, sample, detach_teacher
-        ctx.set_materialize_grads(False)
-        return outs
+@input_guard
+def _backward(mu, logvar, gz, gmu, glv, gkp, gkc, seed: int, sample: bool, detach: bool):
+    C, T, Z = mu.shape
+    N = T * Z
+    dmu = torch.empty_like(mu)
+    dlv = torch.empty_like(logvar)
+    if N == 0:
+        return dmu, dlv
+    part_t = _part_dtype(mu.dtype)
 
-    @staticmethod
-    def backward(ctx, gz, gmu, glv, gkp, gkc):
-        mu, logvar = ctx.saved_tensors
-        C, T, Z = mu.shape
-        N = T * Z
-        dmu = torch.empty_like(mu)
-        dlv = torch.empty_like(logvar)
-        if N == 0:
-            return dmu, dlv, None, None, None
+    def flat(g):  # incoming (T, Z) gradient: contiguous (may arrive stride-0), or a dummy pointer
+        return (g.contiguous(), 1) if g is not None else (mu, 0)
 
-        def flat(g):  # incoming (T, Z) gradient: contiguous (may arrive stride-0), or a dummy pointer
-            return (g.contiguous(), 1) if g is not None else (mu, 0)
-
-        def scalar(g):
-            return g.reshape(1).to(mu.dtype).contiguous() if g is not None else torch.zeros(1, device=mu.device,
-                                                                                             dtype=mu.dtype)
-        (gz_, hz), (gmu_, hm), (glv_, hl) = flat(gz), flat(gmu), flat(glv)
-        _bwd_launch[_grid(N)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, ctx.seed,
-                              T, hz, hm, hl, C=C, C_PAD=triton.next_power_of_2(C), SAMPLE=ctx.sample,
-                              DETACH=ctx.detach, ACC=_acc(mu.dtype), **_meta())
-        return dmu, dlv, None, None, None
+    def scalar(g):
+        return g.reshape(1).to(part_t).contiguous() if g is not None else torch.zeros(1, device=mu.device,
+                                                                                     dtype=part_t)
+    (gz_, hz), (gmu_, hm), (glv_, hl) = flat(gz), flat(gmu), flat(glv)
+    _bwd_launch[_grid(N)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, seed,
+                          T, hz, hm, hl, C=C, C_PAD=triton.next_power_of_2(C), SAMPLE=sample,
+                          DETACH=detach, ACC=_acc(mu.dtype), **_meta())
+    return dmu, dlv
 
 
-def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
-                             detach_teacher: bool = True):
-    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency); see naive_variational_fusion."""
+# ---------------------------------------------------------------------------------------------------------
+# The op: forward and backward registered as PyTorch custom ops (opaque to torch.compile, with fake impls),
+# autograd over them, and the autocast rule (KERNELS.md, precision policy).
+_Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("cmath_mer::variational_fusion_triton", mutates_args=())
+def variational_fusion_op(mu: torch.Tensor, logvar: torch.Tensor, seed: int, sample: bool,
+                          detach_teacher: bool) -> _Tensors5:
+    """Triton forward. detach_teacher does not change the values; it is an input for the backward."""
+    return _forward(mu.contiguous(), logvar.contiguous(), seed, sample)
+
+
+@variational_fusion_op.register_fake
+def _(mu, logvar, seed, sample, detach_teacher):
+    C, T, Z = mu.shape
+    part_t = _part_dtype(mu.dtype)
+    return (mu.new_empty((T, Z)), mu.new_empty((T, Z)), mu.new_empty((T, Z)),
+            mu.new_empty((), dtype=part_t), mu.new_empty((), dtype=part_t))
+
+
+@torch.library.custom_op("cmath_mer::variational_fusion_triton_backward", mutates_args=())
+def variational_fusion_backward_op(mu: torch.Tensor, logvar: torch.Tensor, gz: Optional[torch.Tensor],
+                                   gmu: Optional[torch.Tensor], glv: Optional[torch.Tensor],
+                                   gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: int,
+                                   sample: bool, detach_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(mu.contiguous(), logvar.contiguous(), gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher)
+
+
+@variational_fusion_backward_op.register_fake
+def _(mu, logvar, gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher):
+    return torch.empty_like(mu, memory_format=torch.contiguous_format), \
+        torch.empty_like(logvar, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    mu, logvar, seed, sample, detach_teacher = inputs
+    ctx.save_for_backward(mu, logvar)
+    ctx.seed, ctx.sample, ctx.detach = seed, sample, detach_teacher
+    ctx.set_materialize_grads(False)
+
+
+@once_differentiable
+def _autograd_backward(ctx, gz, gmu, glv, gkp, gkc):
+    mu, logvar = ctx.saved_tensors
+    dmu, dlv = variational_fusion_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, ctx.seed, ctx.sample, ctx.detach)
+    return dmu.to(mu.dtype), dlv.to(logvar.dtype), None, None, None
+
+
+variational_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+register_autocast_to_region_dtype("cmath_mer::variational_fusion_triton", cast=(0, 1))
+
+
+def check_inputs(mu: torch.Tensor, logvar: torch.Tensor) -> None:
     if mu.dim() != 3 or mu.shape != logvar.shape:
         raise ValueError(f"expected mu and logvar of one shape (C, T, Z), got {tuple(mu.shape)} and "
                          f"{tuple(logvar.shape)}")
     if not 1 <= mu.shape[0] <= _MAX_C:
         raise ValueError(f"C = {mu.shape[0]} experts; the kernel supports 1..{_MAX_C}")
-    if mu.dtype != logvar.dtype:
-        raise TypeError("mu and logvar must share one dtype")
     if mu.shape[1] == 0:
         raise ValueError("variational fusion of an empty batch (T = 0): the means over T are undefined")
+    check_same_device(mu=mu, logvar=logvar)
+
+
+def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
+                             detach_teacher: bool = True):
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency); see naive_variational_fusion.
+
+    Outside autocast mu and logvar share one dtype and every output has it. In an autocast region they are
+    cast to the region's dtype (fp16/bf16), the kernel computes in fp32 and the two KL terms come back in fp32.
+    """
+    check_inputs(mu, logvar)
+    autocast = torch.is_autocast_enabled(mu.device.type)
+    if mu.dtype != logvar.dtype and not autocast:
+        raise TypeError(f"mu and logvar must share one dtype (got {mu.dtype} and {logvar.dtype}); mixed dtypes "
+                        "are accepted in an autocast region")
     if mu.is_cuda and mu.dtype == torch.float64:  # outside the compiled specs
-        from .naive import naive_variational_fusion
-        return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
-    mu, logvar = mu.contiguous(), logvar.contiguous()
-    seed, sample, detach_teacher = int(seed), bool(sample), bool(detach_teacher)
-    if torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad):
-        return FusedVariationalFusion.apply(mu, logvar, seed, sample, detach_teacher)
-    return _forward(mu, logvar, seed, sample)
+        from .. import variational_fusion
+        return variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
+                                  backend="torch")
+    z, mu_f, lv_f, klp, klc = variational_fusion_op(mu, logvar, int(seed), bool(sample), bool(detach_teacher))
+    if not autocast:
+        klp, klc = klp.to(z.dtype), klc.to(z.dtype)
+    return z, mu_f, lv_f, klp, klc
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,7 +333,7 @@ def aot_specs() -> list[dict]:
                                     f"{'detach' if detach else 'joint'}_b{block}_w{warps}",
                             "fn": bwd,
                             "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "GZ": f"*{ty}", "GMU": f"*{ty}",
-                                          "GLV": f"*{ty}", "GKP": f"*{ty}", "GKC": f"*{ty}", "DMU": f"*{ty}",
+                                          "GLV": f"*{ty}", "GKP": "*fp32", "GKC": "*fp32", "DMU": f"*{ty}",
                                           "DLV": f"*{ty}", "N": n_ty, "seed": s_ty, "T": "i32",
                                           "has_gz": "i32", "has_gmu": "i32", "has_glv": "i32",
                                           "C": "constexpr", "C_PAD": "constexpr", "SAMPLE": "constexpr",

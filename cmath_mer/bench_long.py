@@ -1,0 +1,231 @@
+"""Long conversations: windowed attention and the windowed CMATH training step, 65,536 to 1,048,576 utterances.
+
+    python -m cmath_mer.benchmark --long --out DIR [--device cpu|cuda]
+
+Cases (registered in benchmark.sweep(..., long=True); each runs in its own process like every other case):
+* `attention_window`: multi_source_attention fwd + bwd, one conversation, S = 2, H = 8, D = 32, window 64,
+  N = 65,536 .. 1,048,576; backends `torch` (the banded reference) and, on CUDA, `triton`. On the CPU also
+  `torch_before` at 65,536 and 131,072: the windowed reference as it was before (SDPA per 256-query block),
+  to measure the speed-up in the same run.
+* `train_window`: one CMATH training step (forward + backward + AdamW), iemocap preset, window 64, one
+  conversation of N = 65,536 .. 262,144 utterances with the iemocap widths (text 1,024, audio 1,582, visual 342).
+* `train_window_text`: the same step text-only (the 1,024-wide text features of 1,048,576 utterances take
+  4 GiB; all three modalities would take 12 GiB before the model starts), N = 262,144 .. 1,048,576.
+
+Windowed work is O(N * window), so each doubling of N should cost 2x the time and memory: the report gives
+`time_ratio_per_doubling` (this N's median / the previous N's, per doubling) and a plot against a
+linear reference line.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+WINDOW = 64
+ATTN_N = (65536, 131072, 262144, 524288, 1048576)
+BEFORE_N = (65536, 131072)
+TRAIN_N = (65536, 131072, 262144)
+TEXT_N = (262144, 524288, 1048576)
+LONG_OPS = ("attention_window", "train_window", "train_window_text")
+
+
+def long_cases(device: str, case_fn) -> list[dict]:
+    """The long-conversation cases, in the order they run (N ascending within a series)."""
+    cuda = device == "cuda"
+    backends = ("torch", "triton") if cuda else ("torch",)
+    cases = []
+    for backend in backends:
+        cases += [case_fn("attention_window", backend, N, batch="one", S=2, D=32, device=device) for N in ATTN_N]
+    if not cuda:
+        cases += [case_fn("attention_window", "torch_before", N, batch="one", S=2, D=32, device=device)
+                  for N in BEFORE_N]
+    for backend in backends:
+        cases += [case_fn("train_window", backend, N, mode="train", batch="one", device=device) for N in TRAIN_N]
+        cases += [case_fn("train_window_text", backend, N, mode="train", batch="one", device=device)
+                  for N in TEXT_N]
+    return [dict(c, window=WINDOW) for c in cases]
+
+
+def blocked_reference_before(q, k, v, cu_seqlens, *, window=None, scale=None, query_block=256):
+    """The windowed reference as it was before the banded one: per conversation, queries in blocks of 256,
+    SDPA over each block's key range with a band mask. Its backward is quadratic in the conversation
+    length (each slice of k and v gets a full-size gradient that is then summed); kept as a second
+    definition for the tests and as the 'before' of the benchmark."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    S, _, H, D = k.shape
+
+    def attend(q, k, v, mask=None):
+        m = k.shape[1]
+        kh = k.permute(2, 0, 1, 3).reshape(1, H, S * m, D)
+        vh = v.permute(2, 0, 1, 3).reshape(1, H, S * m, D)
+        mask = None if mask is None else mask.repeat(1, S)
+        o = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0), kh, vh, attn_mask=mask, scale=scale)
+        return o.squeeze(0).transpose(0, 1)
+
+    bounds = cu_seqlens.tolist()
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        n = end - start
+        if window is None or window >= n - 1:
+            out.append(attend(q[start:end], k[:, start:end], v[:, start:end]))
+            continue
+        for i0 in range(0, n, query_block):
+            i1 = min(n, i0 + query_block)
+            j0, j1 = max(0, i0 - window), min(n, i1 + window)
+            mask = (torch.arange(i0, i1, device=q.device)[:, None]
+                    - torch.arange(j0, j1, device=q.device)[None, :]).abs() <= window
+            out.append(attend(q[start + i0:start + i1], k[:, start + j0:start + j1], v[:, start + j0:start + j1],
+                              mask))
+    return torch.cat(out, dim=0)
+
+
+# ------------------------------------------------------------------------------------------- building
+
+
+def build(case: dict, dev: torch.device, B):
+    """(call, info) for a long case; B is the benchmark module (its batch and timing helpers)."""
+    if case["op"] == "attention_window":
+        return _build_attention(case, dev, B)
+    return _build_train(case, dev, B)
+
+
+def _build_attention(case, dev, B):
+    from .kernels import multi_source_attention
+    S, D, H, N, w = case["S"], case["D"], B.H_HEADS, case["N"], case["window"]
+    dt = B._dtype(case["dtype"])
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(N, H, D, generator=g).to(dt).to(dev).requires_grad_()
+    k = torch.randn(S, N, H, D, generator=g).to(dt).to(dev).requires_grad_()
+    v = torch.randn(S, N, H, D, generator=g).to(dt).to(dev).requires_grad_()
+    do = torch.randn(N, H, D, generator=g).to(dt).to(dev)
+    cu = B.cu_seqlens_from([N], device=dev)
+    pairs = S * (N * (2 * w + 1) - w * (w + 1)) if N > w else S * N * N      # |i - j| <= w within N
+    e = B._elem(case["dtype"])
+    info = dict(utterances=N, conversations=1, pairs=pairs, flops=4 * H * D * pairs * 3.5,
+                bytes=N * H * D * e * (6 + 6 * S), window=w)
+    if case["backend"] == "torch_before":
+        def forward():
+            return blocked_reference_before(q, k, v, cu, window=w)
+    else:
+        impl = "triton" if case["backend"] == "triton" else "torch"
+
+        def forward():
+            return multi_source_attention(q, k, v, cu, window=w, backend=impl)
+    return B._fwdbwd(forward, (q, k, v), "fwdbwd", do), info
+
+
+def _build_train(case, dev, B):
+    from .config import preset
+    from .model import CMATH
+    impl = "triton" if case["backend"] == "triton" else "torch"
+    cfg = preset("iemocap", backend=impl, window=case["window"])
+    if case["op"] == "train_window_text":
+        cfg = preset("iemocap", backend=impl, window=case["window"], modalities=("text",),
+                     input_dims={"text": cfg.input_dims["text"]})
+    torch.manual_seed(0)
+    model = CMATH(cfg).to(dev).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tiny = B._model_batch(cfg, [8, 8], dev, seed=1)            # AdamW state exists before the baseline
+    model(tiny, seed=0).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    batch = B._model_batch(cfg, [case["N"]], dev)
+    info = dict(utterances=case["N"], conversations=1, flops=0, bytes=0, window=case["window"],
+                modalities=",".join(cfg.modalities), recompute_from=cfg.recompute_from)
+
+    def call():
+        out = model(batch, seed=0)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+    return call, info
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def add_doubling_ratios(rows: list[dict], series_key) -> None:
+    """time_ratio_per_doubling = (median(N) / median(N_prev)) ** (1 / log2(N / N_prev)) within a series;
+    2.0 is linear, 4.0 quadratic. The same for the peak memory."""
+    last: dict = {}
+    for r in sorted((r for r in rows if r.get("op") in LONG_OPS and r.get("status") == "ok"), key=lambda r: r["N"]):
+        key = series_key(r)
+        p = last.get(key)
+        if p:
+            doublings = math.log2(r["N"] / p["N"])
+            r["time_ratio_per_doubling"] = (r["median_s"] / p["median_s"]) ** (1 / doublings)
+            if r.get("peak_mem_bytes") and p.get("peak_mem_bytes"):
+                r["mem_ratio_per_doubling"] = (r["peak_mem_bytes"] / p["peak_mem_bytes"]) ** (1 / doublings)
+        last[key] = r
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The numbers the issue and the README quote."""
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("op") in LONG_OPS]
+    s: dict = {}
+
+    def find(**kw):
+        return next((r for r in ok if all(r.get(k) == v for k, v in kw.items())), None)
+    for backend in ("torch", "triton"):
+        a, b = find(op="attention_window", backend=backend, N=65536), find(op="attention_window", backend=backend,
+                                                                          N=262144)
+        if a and b:
+            s[f"attention_window_{backend}_time_ratio_262144_over_65536"] = b["median_s"] / a["median_s"]
+        for r in ok:
+            if r["backend"] == backend:
+                s[f"{r['op']}_{backend}_N{r['N']}_s"] = r["median_s"]
+                if r.get("peak_mem_bytes") is not None:
+                    total = r["peak_mem_bytes"] + r.get("rss_after_setup_bytes", 0)
+                    s[f"{r['op']}_{backend}_N{r['N']}_peak_process_gib"] = total / 2**30
+    for N in BEFORE_N:
+        a, b = find(op="attention_window", backend="torch_before", N=N), find(op="attention_window",
+                                                                              backend="torch", N=N)
+        if a and b:
+            s[f"attention_window_speedup_over_before_N{N}"] = a["median_s"] / b["median_s"]
+    return s
+
+
+def plot(results: dict, out) -> list:
+    """long_conversations.png: time and peak memory against N for every long series, with a line of
+    slope 1 (linear) through each series' first point and the ratio per doubling written at each point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    series: dict = {}
+    for r in results["rows"]:
+        if r.get("op") in LONG_OPS and r.get("status") == "ok":
+            series.setdefault((r["op"], r["backend"]), []).append(r)
+    if not series:
+        return []
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for (op, backend), rs in sorted(series.items()):
+        rs = sorted(rs, key=lambda r: r["N"])
+        xs = [r["N"] for r in rs]
+        ts = [r["median_s"] for r in rs]
+        line, = ax_t.plot(xs, ts, marker="o", ms=4, label=f"{op} ({backend})")
+        ax_t.plot(xs, [ts[0] * x / xs[0] for x in xs], ":", color=line.get_color(), lw=1)
+        for r in rs:
+            if r.get("time_ratio_per_doubling"):
+                ax_t.annotate(f"x{r['time_ratio_per_doubling']:.2f}", (r["N"], r["median_s"]), fontsize=7,
+                              textcoords="offset points", xytext=(3, -10))
+        mem = [(r["N"], (r["peak_mem_bytes"] + r.get("rss_after_setup_bytes", 0)) / 2**30) for r in rs
+               if r.get("peak_mem_bytes") is not None]
+        if mem:
+            ax_m.plot(*zip(*mem), marker="o", ms=4, color=line.get_color(), label=f"{op} ({backend})")
+    for ax, yl in ((ax_t, "time of one call (s); dotted: linear"), (ax_m, "peak memory of the process (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("conversation length N (utterances), window 64")
+        ax.set_ylabel(yl)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"long conversations — {results['device']}: {results['machine']['device_name']} "
+                 "(x = time ratio per doubling of N; 2.0 is linear)", fontsize=9)
+    fig.tight_layout()
+    path = out / "long_conversations.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,178 @@
+"""The PyTorch references of the three ops registered as custom ops, for torch.compile.
+
+In eager mode the torch backend calls the reference functions directly (autograd through their aten ops:
+SDPA's own backward, nothing recomputed). Under torch.compile it calls these ops instead: the attention
+reference loops over conversations with `cu_seqlens.tolist()`, a data-dependent host read that would break
+the graph; as an opaque op with a fake impl it traces like any aten op. Each backward is an op too: it runs
+the reference again with autograd on and takes its gradients (recomputation: the reference keeps nothing
+between forward and backward). The autocast rule is the Triton ops' (utils.register_autocast_to_region_dtype).
+
+This module imports no triton.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .attention.naive import naive_multi_source_attention
+from .reconstruction.naive import naive_reconstruction_loss
+from .utils import once_differentiable, register_autocast_to_region_dtype
+from .variational.naive import naive_variational_fusion
+
+
+def _recompute_grads(fn, inputs: list[torch.Tensor], grads: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """Gradients of sum_i <fn(inputs)_i, grads_i> with respect to inputs (zeros where none flows).
+
+    torch.func.vjp, not torch.autograd.grad: inside a custom op's kernel the autograd dispatch keys are
+    excluded, so plain autograd would record nothing; functorch's transform brings its own autograd level."""
+    outs, vjp_fn = torch.func.vjp(fn, *inputs)
+    single = not isinstance(outs, tuple)
+    outs = (outs,) if single else outs
+    cot = tuple(torch.zeros_like(o) if g is None else g.to(o.dtype).expand_as(o) for o, g in zip(outs, grads))
+    got = vjp_fn(cot[0] if single else cot)
+    return [g.contiguous() for g in got]
+
+
+def _window_arg(window: int) -> int | None:
+    return None if window < 0 else window
+
+
+# ----------------------------------------------------------------------------------------------------------
+# multi_source_attention
+@torch.library.custom_op("cmath_mer::multi_source_attention_ref", mutates_args=())
+def attention_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int,
+                     scale: float) -> torch.Tensor:
+    return naive_multi_source_attention(q, k, v, cu_seqlens, window=_window_arg(window), scale=scale).contiguous()
+
+
+@attention_ref_op.register_fake
+def _(q, k, v, cu_seqlens, window, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("cmath_mer::multi_source_attention_ref_backward", mutates_args=())
+def attention_ref_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+                              cu_seqlens: torch.Tensor, window: int, scale: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fn(q_, k_, v_):
+        return naive_multi_source_attention(q_, k_, v_, cu_seqlens, window=_window_arg(window), scale=scale)
+    dq, dk, dv = _recompute_grads(fn, [q, k, v], [do])
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@attention_ref_backward_op.register_fake
+def _(q, k, v, do, cu_seqlens, window, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, window, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.window, ctx.scale = window, scale
+
+
+@once_differentiable
+def _attention_backward(ctx, do):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = attention_ref_backward_op(q, k, v, do, cu_seqlens, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+attention_ref_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+register_autocast_to_region_dtype("cmath_mer::multi_source_attention_ref", cast=(0, 1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# reconstruction_loss
+@torch.library.custom_op("cmath_mer::reconstruction_loss_ref", mutates_args=())
+def reconstruction_ref_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          target: torch.Tensor) -> torch.Tensor:
+    return naive_reconstruction_loss(h, weight, bias, target)
+
+
+@reconstruction_ref_op.register_fake
+def _(h, weight, bias, target):
+    return h.new_empty(())
+
+
+@torch.library.custom_op("cmath_mer::reconstruction_loss_ref_backward", mutates_args=())
+def reconstruction_ref_backward_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
+                                   grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fn(h_, w_, b_):
+        return naive_reconstruction_loss(h_, w_, b_, target)
+    dh, dw, db = _recompute_grads(fn, [h, weight, bias], [grad])
+    return dh, dw, db
+
+
+@reconstruction_ref_backward_op.register_fake
+def _(h, weight, bias, target, grad):
+    return h.new_empty(h.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
+
+
+def _reconstruction_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+@once_differentiable
+def _reconstruction_backward(ctx, grad):
+    h, weight, bias, target = ctx.saved_tensors
+    dh, dw, db = reconstruction_ref_backward_op(h, weight, bias, target, grad)
+    return dh, dw, db, None
+
+
+reconstruction_ref_op.register_autograd(_reconstruction_backward, setup_context=_reconstruction_setup)
+register_autocast_to_region_dtype("cmath_mer::reconstruction_loss_ref", cast=(0, 1, 2, 3), post=lambda x: x.float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# variational_fusion
+_Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("cmath_mer::variational_fusion_ref", mutates_args=())
+def variational_ref_op(mu: torch.Tensor, logvar: torch.Tensor, seed: int, sample: bool,
+                       detach_teacher: bool) -> _Tensors5:
+    outs = naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+    return tuple(o.clone() if i == 0 and not sample else o for i, o in enumerate(outs))  # z is mu_f: no alias
+
+
+@variational_ref_op.register_fake
+def _(mu, logvar, seed, sample, detach_teacher):
+    C, T, Z = mu.shape
+    return (mu.new_empty((T, Z)), mu.new_empty((T, Z)), mu.new_empty((T, Z)), mu.new_empty(()), mu.new_empty(()))
+
+
+@torch.library.custom_op("cmath_mer::variational_fusion_ref_backward", mutates_args=())
+def variational_ref_backward_op(mu: torch.Tensor, logvar: torch.Tensor, gz: Optional[torch.Tensor],
+                                gmu: Optional[torch.Tensor], glv: Optional[torch.Tensor],
+                                gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: int, sample: bool,
+                                detach_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def fn(m, lv):
+        return naive_variational_fusion(m, lv, seed=seed, sample=sample, detach_teacher=detach_teacher)
+    dmu, dlv = _recompute_grads(fn, [mu, logvar], [gz, gmu, glv, gkp, gkc])
+    return dmu, dlv
+
+
+@variational_ref_backward_op.register_fake
+def _(mu, logvar, gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher):
+    return mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
+
+
+def _variational_setup(ctx, inputs, output):
+    mu, logvar, seed, sample, detach_teacher = inputs
+    ctx.save_for_backward(mu, logvar)
+    ctx.args = (seed, sample, detach_teacher)
+    ctx.set_materialize_grads(False)
+
+
+@once_differentiable
+def _variational_backward(ctx, gz, gmu, glv, gkp, gkc):
+    mu, logvar = ctx.saved_tensors
+    dmu, dlv = variational_ref_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, *ctx.args)
+    return dmu, dlv, None, None, None
+
+
+variational_ref_op.register_autograd(_variational_backward, setup_context=_variational_setup)
+register_autocast_to_region_dtype("cmath_mer::variational_fusion_ref", cast=(0, 1),
+                                  post=lambda outs: (*outs[:3], outs[3].float(), outs[4].float()))
