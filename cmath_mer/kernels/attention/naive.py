@@ -73,7 +73,7 @@ def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                      window: int, scale: float) -> torch.Tensor:
     """Windowed multi-source attention in O(T * window) time and O(T) memory (see the module docstring)."""
     lo, hi = key_range(cu_seqlens.to(q.device), q.shape[0], window)
-    return _BandedAttention.apply(q, k, v, lo, hi, window, scale)
+    return _BandedAttention.apply(q, k, v, lo, hi, window, scale)[0]
 
 
 def _rows(x: torch.Tensor, start: int, stop: int, dim: int) -> torch.Tensor:
@@ -156,6 +156,15 @@ class _Chunk:
         grad[:, lo_row:hi_row].add_(folded.reshape(S, (n + 2 * r) * block, H, D)[:, lo_row - ka:hi_row - ka])
 
 
+def _band_geometry(T: int, H: int, S: int, window: int) -> tuple[int, int, int, int]:
+    """(query block, key blocks each side, number of blocks, blocks per chunk) of a banded call."""
+    block = query_block(window)
+    r = math.ceil(window / block)
+    blocks = math.ceil(T / block)
+    chunk = min(blocks, max(1, CHUNK_SCORES // (H * block * S * (2 * r + 1) * block)))
+    return block, r, blocks, chunk
+
+
 class _BandedAttention(torch.autograd.Function):
     """Flash-style banded attention in plain PyTorch: the forward saves (o, lse); the backward recomputes
     each chunk's probabilities and adds its dk, dv into one buffer (no per-block full-size gradients).
@@ -164,15 +173,15 @@ class _BandedAttention(torch.autograd.Function):
         dQ = scale * dS K,  dK = scale * dS^T Q,  dV = P^T dO
     """
 
+    # forward and setup_context apart (not forward(ctx, ...)): functorch transforms, which the custom op's
+    # backward uses (kernels/reference_ops.py), accept only this form. The outputs after the first are what
+    # the backward needs; they are not differentiable.
     @staticmethod
-    def forward(ctx, q, k, v, lo, hi, window, scale):
+    def forward(q, k, v, lo, hi, window, scale):
         T, H, D = q.shape
         S = k.shape[0]
         dtype = torch.promote_types(q.dtype, torch.float32)
-        block = query_block(window)
-        r = math.ceil(window / block)
-        blocks = math.ceil(T / block)
-        chunk = min(blocks, max(1, CHUNK_SCORES // (H * block * S * (2 * r + 1) * block)))
+        block, r, blocks, chunk = _band_geometry(T, H, S, window)
         # the rows that pad the last block attend to themselves (a zero key) and are cut from every result
         pad = torch.arange(T, blocks * block, device=q.device)
         lo, hi = torch.cat([lo, pad]), torch.cat([hi, pad])
@@ -191,12 +200,25 @@ class _BandedAttention(torch.autograd.Function):
                 a, b = c.rows[0], min(c.rows[1], T)
                 o[a:b].copy_(c.per_row(torch.bmm(p, c.v[:n * H], out=out[:n * H])))
                 lse[a:b].copy_(c.per_row(m + total.log()))
-        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
-        ctx.geometry = (window, scale, block, r, chunk)
-        return o.to(q.dtype)
+        out = o.to(q.dtype)
+        # the fp32 accumulator is returned only when it is not the output itself (fp16 inputs)
+        return out, (o if out is not o else None), lse, lo, hi
 
     @staticmethod
-    def backward(ctx, do):
+    def setup_context(ctx, inputs, output):
+        q, k, v, _, _, window, scale = inputs
+        out, o, lse, lo, hi = output
+        if o is None:
+            o = out
+        else:
+            ctx.mark_non_differentiable(o)
+        ctx.mark_non_differentiable(lse, lo, hi)
+        block, r, _, chunk = _band_geometry(q.shape[0], q.shape[1], k.shape[0], window)
+        ctx.save_for_backward(q, k, v, lo, hi, o, lse)
+        ctx.geometry = (window, scale, block, r, chunk)
+
+    @staticmethod
+    def backward(ctx, do, *_):
         q, k, v, lo, hi, o, lse = ctx.saved_tensors
         window, scale, block, r, chunk = ctx.geometry
         T, H, D = q.shape
