@@ -151,25 +151,23 @@ _STATE = threading.local()
 
 
 @contextlib.contextmanager
+def _marked(flag: str):
+    prev = getattr(_STATE, flag, False)
+    setattr(_STATE, flag, True)
+    try:
+        yield
+    finally:
+        setattr(_STATE, flag, prev)
+
+
 def logging_point():
     """Marks a deliberate host read (tests spy on Tensor.item/.cpu and allow them only here)."""
-    prev = getattr(_STATE, "logging", False)
-    _STATE.logging = True
-    try:
-        yield
-    finally:
-        _STATE.logging = prev
+    return _marked("logging")
 
 
-@contextlib.contextmanager
 def in_step():
     """Marks the training step: between here and its end nothing may read a device tensor on the host."""
-    prev = getattr(_STATE, "step", False)
-    _STATE.step = True
-    try:
-        yield
-    finally:
-        _STATE.step = prev
+    return _marked("step")
 
 
 def phase() -> str:
