@@ -33,7 +33,13 @@ def launch(data: Path, out: Path, resume: bool) -> subprocess.Popen:
 
 
 def mtimes(out: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in out.iterdir()} if out.is_dir() else {}
+    found = {}
+    for p in (out.iterdir() if out.is_dir() else ()):
+        try:
+            found[p.name] = p.stat().st_mtime_ns
+        except FileNotFoundError:       # a temporary file renamed between the listing and the stat
+            pass
+    return found
 
 
 def wait_for(marker: str, proc: subprocess.Popen, out: Path, delay: float, deadline: float = 120.0) -> bool:
