@@ -36,3 +36,21 @@ def write_csv(path: Path, header, rows) -> Path:
         w.writerow(header)
         w.writerows(rows)
     return path
+
+
+def train_interrupted_after_epoch_1(data, config, tcfg, out):
+    """Train into `out`, stop it by an exception right after epoch 1 is logged, then --resume it to the end;
+    returns the resumed run's metrics (to compare with an uninterrupted run's)."""
+    import pytest
+
+    from cmath_mer.train import train
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(line):
+        if line.startswith("epoch   1/"):
+            raise Interrupt
+    with pytest.raises(Interrupt):
+        train(data, config, tcfg, out, progress=False, log=stop_after_first)
+    return train(data, config, tcfg, out, resume=True, progress=False, log=lambda *_: None)

@@ -18,6 +18,7 @@ from cmath_mer.config import TrainConfig
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.model import CMATH
 from cmath_mer.train import build_config, train
+from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
 DIMS = {"text": 24, "audio": 20}
@@ -155,16 +156,7 @@ def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, pr
     config = build_config(data, "iemocap", **SMALL)
     tc = TrainConfig(epochs=2, batch_utterances=64, seed=5, precision=precision, baseline=False)
     full = train(data, config, tc, tmp_path / "full", **quiet)
-
-    class Interrupt(Exception):
-        pass
-
-    def crash(line):
-        if line.startswith("epoch   1/"):
-            raise Interrupt
-    with pytest.raises(Interrupt):
-        train(data, config, tc, tmp_path / "cut", progress=False, log=crash)
-    resumed = train(data, config, tc, tmp_path / "cut", resume=True, **quiet)
+    resumed = train_interrupted_after_epoch_1(data, config, tc, tmp_path / "cut")
     assert strip(resumed["history"]) == strip(full["history"])
     same_files(tmp_path / "full" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
     # the run's precision is part of it: resuming with another one is refused

@@ -21,6 +21,7 @@ from cmath_mer.data import IGNORE_INDEX, make_synthetic, save_dataset
 from cmath_mer.model import weighted_cross_entropy
 from cmath_mer.seeds import train_seeds
 from cmath_mer.train import build_config, inverse_frequency_weights, learning_rate, make_splits, train
+from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
 DIMS = {"text": 24, "audio": 20}
@@ -223,16 +224,7 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), tensors[f"average.{name}"]), name
     assert any(not torch.equal(tensors[f"average.{n}"], tensors[f"model.{n}"]) for n, _ in model.named_parameters())
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_first(line):
-        if line.startswith("epoch   1/"):
-            raise Stop
-    with pytest.raises(Stop):
-        train(data, config, tc, tmp_path / "cut", progress=False, log=stop_after_first)
-    resumed = train(data, config, tc, tmp_path / "cut", resume=True, **quiet)
+    resumed = train_interrupted_after_epoch_1(data, config, tc, tmp_path / "cut")
     strip = lambda h: [{k: v for k, v in r.items() if k != "utterances_per_second"} for r in h]
     assert strip(resumed["history"]) == strip(full["history"])
     a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
