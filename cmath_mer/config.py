@@ -78,6 +78,13 @@ class CMATHConfig:
     # --- structure ---
     central_modalities: tuple[str, ...] | None = None   # which modalities get a CMA-Transformer; None = all (paper: asymmetric central/auxiliary)
     window: int | None = None           # attention only within |i - j| <= window; None = whole conversation (ours)
+    rec_kernel: int = 3                 # kernel of step 1's convolutions along the utterance axis: 3 = each code
+                                        # also reads its two neighbours (the paper's U-Net, as we read it);
+                                        # 1 = pointwise, all context then comes from attention (ours)
+    position_scale: float = 1.0         # the sinusoidal position encoding is added times this; 0 = none. At 1
+                                        # it is as large as the layer-normed code it is added to (ours)
+    utterance_skip: bool = False        # F_c += Linear(LN(z_c)): the heads and the fusion also read each
+                                        # utterance's own code, beside the attended context (ours)
     dropout: float = 0.1
     standardize_inputs: bool = False    # features -> (x - mean) / std, statistics of the training utterances
                                         # (kept in the model's buffers); step 1 then reads unit-scale inputs
@@ -132,6 +139,9 @@ class CMATHConfig:
             _int("d_latent", self.d_latent, 1, 1 << 16)
         if self.window is not None:
             _int("window", self.window, 0)
+        if self.rec_kernel not in (1, 3) or isinstance(self.rec_kernel, bool):
+            raise ConfigError(f"config: `rec_kernel` must be 1 or 3, got {self.rec_kernel!r}")
+        _float("position_scale", self.position_scale, 0.0)
         if self.recompute_from is not None:
             _int("recompute_from", self.recompute_from, 1)
         _float("dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -145,7 +155,8 @@ class CMATHConfig:
         if self.encoders is not None and not isinstance(self.encoders, dict):
             raise ConfigError(f"config: `encoders` must be an object modality -> encoder or null, got "
                               f"{self.encoders!r:.80}")
-        for name in ("latent_kl_per_dim", "detach_teacher", "class_weights", "variational_sample"):
+        for name in ("latent_kl_per_dim", "detach_teacher", "class_weights", "variational_sample",
+                     "utterance_skip"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"config: `{name}` must be true or false, got {getattr(self, name)!r}")
         if self.backend is not None and self.backend not in BACKENDS:

@@ -1,8 +1,9 @@
 """CMATH: the whole model in the order data flows (shared/design/CMATH.md).
 
     x_m (T, d_m) --ModalityReconstruction--> z_m (T, d), L_rec            step 1
-    h_m = LN(z_m) + pos + speaker; dropout                                step 2
+    h_m = LN(z_m) + s pos + speaker; dropout      (s = position_scale)    step 2
     F_c = CMATransformer_c(h_c; auxiliaries h_a, a != c)                  step 3
+          [+ Linear(dropout(LN(z_c))) with utterance_skip]
     z, mu, var, KL_prior, KD_latent = VariationalFusion({F_c})            step 4
     coarse = head(z); fine_c = head_c(F_c)                                step 5
     KD_logit = tau^2 sum_c KL(coarse || fine_c)                           step 6
@@ -35,17 +36,22 @@ def sinusoidal(pos: torch.Tensor, d: int) -> torch.Tensor:
 
 
 class UtteranceEmbedding(nn.Module):
-    """h_m = LayerNorm(z_m) + sinusoidal position in the conversation + speaker embedding; dropout."""
+    """h_m = LayerNorm(z_m) + position_scale * sinusoidal position in the conversation + speaker embedding;
+    dropout. At position_scale 1 the encoding has the norm of the layer-normed code (both ~sqrt(d)), so it
+    can drown the utterance's own content; a smaller scale keeps the order as a hint."""
 
-    def __init__(self, modalities: tuple[str, ...], d_model: int, num_speakers: int, dropout: float):
+    def __init__(self, modalities: tuple[str, ...], d_model: int, num_speakers: int, dropout: float,
+                 position_scale: float = 1.0):
         super().__init__()
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d_model) for m in modalities})
         self.speaker = nn.Embedding(num_speakers, d_model)
         self.drop = nn.Dropout(dropout)
-        self.d_model = d_model
+        self.d_model, self.position_scale = d_model, position_scale
 
     def forward(self, codes: dict[str, torch.Tensor], speakers: torch.Tensor, pos: torch.Tensor):
-        shared = sinusoidal(pos, self.d_model) + self.speaker(speakers)              # (T, d)
+        shared = self.speaker(speakers)                                               # (T, d)
+        if self.position_scale:
+            shared = shared + self.position_scale * sinusoidal(pos, self.d_model)
         return {m: self.drop(self.norms[m](z) + shared) for m, z in codes.items()}
 
 
@@ -73,13 +79,16 @@ class CMATH(nn.Module):
         super().__init__()
         self.config = cfg = config
         self.reconstruction = nn.ModuleDict({
-            m: ModalityReconstruction(cfg.input_dims[m], cfg.d_hidden, cfg.d_model, cfg.backend)
+            m: ModalityReconstruction(cfg.input_dims[m], cfg.d_hidden, cfg.d_model, cfg.backend, cfg.rec_kernel)
             for m in cfg.modalities})
-        self.embedding = UtteranceEmbedding(cfg.modalities, cfg.d_model, cfg.num_speakers, cfg.dropout)
+        self.embedding = UtteranceEmbedding(cfg.modalities, cfg.d_model, cfg.num_speakers, cfg.dropout,
+                                            cfg.position_scale)
         self.cma = nn.ModuleDict({
             c: CMATransformer(cfg.d_model, cfg.n_heads, cfg.n_layers, len(cfg.modalities) - 1, cfg.ffn_mult,
                               cfg.dropout, cfg.window, cfg.backend, cfg.recompute_from)
             for c in cfg.centrals})
+        if cfg.utterance_skip:      # a per-utterance path beside the attended context (an MLP-like shortcut)
+            self.skip = nn.ModuleDict({c: nn.Linear(cfg.d_model, cfg.d_model) for c in cfg.centrals})
         self.fusion = VariationalFusion(cfg.centrals, cfg.d_model, cfg.latent, cfg.detach_teacher, cfg.backend)
         self.coarse_head = nn.Linear(cfg.latent, cfg.num_classes)
         self.fine_heads = nn.ModuleDict({c: nn.Linear(cfg.d_model, cfg.num_classes) for c in cfg.centrals})
@@ -112,6 +121,9 @@ class CMATH(nn.Module):
         h = run(self.embedding, codes, batch.speakers, positions(cu, T))               # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
                 for c in cfg.centrals}
+        if cfg.utterance_skip:      # each view also carries its utterance's own code, free of positions/speakers
+            fine = {c: f + self.skip[c](F.dropout(self.embedding.norms[c](codes[c]), cfg.dropout, self.training))
+                    for c, f in fine.items()}                                          # c -> (T, d)
         z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed,
                                                      sample=self.training and cfg.variational_sample)  # step 4
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)

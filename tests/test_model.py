@@ -152,3 +152,62 @@ def test_recomputed_blocks_give_the_same_gradients():
         grads.append({n: p.grad for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _perturbed(batch: Batch, row: int, scale: float = 5.0) -> Batch:
+    out = Batch({m: x.clone() for m, x in batch.features.items()}, batch.speakers, batch.labels, batch.cu_seqlens)
+    for x in out.features.values():
+        x[row] += scale
+    return out
+
+
+def test_pointwise_reconstruction_with_window_0_sees_no_other_utterance():
+    # rec_kernel 1 + window 0: changing utterance 5 changes the prediction of utterance 5 and of no other;
+    # with the kernel-3 U-Net (the default) window 0 still lets the neighbours 4 and 6 see it
+    torch.manual_seed(11)
+    batch = random_batch([12])
+    for kernel, moved in ((1, [5]), (3, [3, 4, 5, 6, 7])):     # kernel 3: two convs deep, +-2 utterances
+        model = CMATH(small_config(window=0, rec_kernel=kernel)).eval()
+        diff = (model(_perturbed(batch, 5)).logits - model(batch).logits).abs().amax(-1)
+        assert (diff > 1e-5).nonzero().flatten().tolist() == moved, kernel
+    conv = PackedConv1d(6, 4, kernel=1)
+    assert conv.taps.weight.shape == (4, 6)
+    with pytest.raises(ValueError, match="kernel"):
+        PackedConv1d(6, 4, kernel=2)
+    with pytest.raises(Exception, match="rec_kernel"):
+        small_config(rec_kernel=2)
+
+
+def test_position_scale_scales_the_sinusoidal_encoding_and_0_removes_it():
+    from cmath_mer.model import sinusoidal
+    torch.manual_seed(12)
+    codes = {"text": torch.randn(1, 32).expand(6, 32)}          # the same code at positions 0..5
+    speakers, pos = torch.zeros(6, dtype=torch.long), torch.arange(6)
+    model = CMATH(small_config(("text",), position_scale=0.0)).eval()
+    h0 = model.embedding(codes, speakers, pos)["text"]
+    torch.testing.assert_close(h0, h0[:1].expand(6, 32))        # position does not matter at all
+    for s in (0.25, 1.0):
+        model.embedding.position_scale = s
+        h = model.embedding(codes, speakers, pos)["text"]
+        torch.testing.assert_close(h - h0, s * sinusoidal(pos, 32))
+    assert CMATH(small_config(("text",))).embedding.position_scale == 1.0   # default: the full encoding
+
+
+def test_utterance_skip_adds_a_per_utterance_path_beside_the_context():
+    torch.manual_seed(13)
+    batch = random_batch([7, 5])
+    plain = CMATH(small_config()).eval()
+    skip = CMATH(small_config(utterance_skip=True)).eval()
+    missing, unexpected = skip.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and set(missing) == {f"skip.{c}.{p}" for c in ("text", "audio", "visual")
+                                               for p in ("weight", "bias")}
+    for lin in skip.skip.values():                               # a zero skip: exactly the plain model
+        torch.nn.init.zeros_(lin.weight), torch.nn.init.zeros_(lin.bias)
+    torch.testing.assert_close(skip(batch).logits, plain(batch).logits)
+    torch.nn.init.normal_(skip.skip["text"].weight)               # a live skip changes the prediction
+    assert not torch.allclose(skip(batch).logits, plain(batch).logits, atol=1e-3)
+    # and the skip reads the utterance's own code only: with every attention limited to the utterance itself
+    # and a pointwise encoder, the skip model stays context-free
+    free = CMATH(small_config(utterance_skip=True, window=0, rec_kernel=1)).eval()
+    diff = (free(_perturbed(batch, 2)).logits - free(batch).logits).abs().amax(-1)
+    assert (diff > 1e-5).nonzero().flatten().tolist() == [2]
