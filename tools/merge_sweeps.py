@@ -49,7 +49,9 @@ def table(runs: dict[str, dict[int, dict]], reference: str) -> str:
         below = sum(r["gain"] < 0 for r in five) if five else "—"
         rows.append(f"| {name} | {st.fmean(valid):.2f} ({len(valid)}) | {diff} | {col('test')} | {col('gain')} | "
                     f"{below} | {col('epoch')} |")
-    return "\n".join(rows) + "\n"
+    caption = (f"Sorted by validation weighted F1 over every seed a recipe has (seeds pooled across sweeps); the "
+               f"paired column is over the seeds shared with {reference}; test numbers over seeds 0-4 only.\n\n")
+    return caption + "\n".join(rows) + "\n"
 
 
 if __name__ == "__main__":
