@@ -321,7 +321,9 @@ def stage_cuda_graph(args) -> dict:
     if args.device != "cuda":
         return dict(ok=True, skipped="CUDA graphs need a CUDA device")
     dev = torch.device("cuda")
-    cfg = preset("iemocap", backend="triton")
+    # dropout off: a graph replay draws new dropout masks from the graph's own RNG offsets, so only a step
+    # without dropout can be compared with eager steps (the variational eps is a function of the seed)
+    cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
     torch.manual_seed(0)
     model = CMATH(cfg).to(dev).train()
     twin = copy.deepcopy(model)
@@ -363,7 +365,9 @@ def stage_cuda_graph(args) -> dict:
         losses_e.append(eager())
     torch.cuda.synchronize()
     lg, le = torch.stack(losses_g).tolist(), torch.stack(losses_e).tolist()
-    perr = max(rel_err(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    # all parameters as one vector: a zero-initialised bias alone has O(1) relative differences
+    perr = rel_err(torch.cat([p.detach().flatten() for p in model.parameters()]),
+                   torch.cat([p.detach().flatten() for p in twin.parameters()]))
     t = {}
     for name, fn in (("graph_replay", g.replay), ("eager", eager)):
         for _ in range(3):
@@ -374,7 +378,7 @@ def stage_cuda_graph(args) -> dict:
             fn()
         torch.cuda.synchronize()
         t[name + "_ms"] = (time.perf_counter() - t0) / 20 * 1e3
-    res.update(ok=bool(perr < 2e-2 and all(abs(a - b) <= 2e-2 * abs(b) + 1e-3 for a, b in zip(lg, le))),
+    res.update(ok=bool(perr < 1e-3 and all(abs(a - b) <= 1e-3 * abs(b) + 1e-4 for a, b in zip(lg, le))),
                captured=True, losses_graph=lg, losses_eager=le, param_rel_err_after_5=perr,
                utterances=batch.num_utterances, step_time=t)
     return res
