@@ -605,7 +605,7 @@ def main(argv=None) -> int:
         for name, what, limit in STAGES:
             if name in stages:
                 print(f"{name:14s} {limit:4d} s  {what}")
-        print(f"parity cases: {len(parity_cases('cuda'))} on CUDA; bench cases: {len(bench_cases('cuda'))}")
+        print(f"plan: {len(parity_cases('cuda'))} parity cases on CUDA, {len(bench_cases('cuda'))} bench cases")
         print(f"total limit: {sum(s[2] for s in STAGES if s[0] in stages)} s")
         return 0
     if args.stage:                                     # inside a stage's process
