@@ -102,9 +102,12 @@ class Precision:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, precision: str):
-    """AdamW. Under fp16 the fused implementation: the GradScaler hands it the inf flag and the step is
-    skipped on the device, instead of the scaler reading the flag on the host every step."""
-    if precision == "fp16":
+    """AdamW, the fused implementation on CUDA: one kernel for all parameters (the multi-tensor default was
+    17% of a training step's GPU time in the H100 profile of 2026-11-26), and under fp16 the GradScaler hands
+    it the inf flag so a step is skipped on the device instead of the scaler reading the flag on the host.
+    On the CPU, fp16 also takes the fused one (the scaler needs it); otherwise PyTorch's default."""
+    on_cuda = next(model.parameters()).is_cuda
+    if on_cuda or precision == "fp16":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
