@@ -3,6 +3,7 @@
     multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None)      -> (T, H, D)
     reconstruction_loss(h, weight, bias, target)                                  -> scalar
     variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True)          -> 5-tuple
+        (seed: an int, or a one-element int64 tensor on the inputs' device, read there: CUDA graphs)
 
 `backend` (keyword, default None = env var CMATH_BACKEND, default 'auto') picks the implementation;
 see backend.py. The Triton modules are imported only when used, so a CPU-only install needs no triton.
@@ -19,6 +20,7 @@ import torch
 from . import reference_ops
 from .attention.naive import naive_multi_source_attention
 from .backend import resolve_backend
+from .utils import seed_tensor
 from .reconstruction.naive import naive_reconstruction_loss
 from .variational.naive import naive_variational_fusion
 
@@ -52,12 +54,15 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return naive_reconstruction_loss(h, weight, bias, target)
 
 
-def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
+def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | torch.Tensor, sample: bool,
                        detach_teacher: bool = True, backend: str | None = None):
     """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency)."""
     if resolve_backend(backend, mu.device) == "triton":
         from .variational.fused import fused_variational_fusion
         return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
     if torch.compiler.is_compiling():
-        return reference_ops.variational_ref_op(mu, logvar, int(seed), bool(sample), bool(detach_teacher))
+        return reference_ops.variational_ref_op(mu, logvar, seed_tensor(seed, mu.device), bool(sample),
+                                                bool(detach_teacher))
+    if isinstance(seed, torch.Tensor):
+        seed = seed_tensor(seed, mu.device)                   # checked like the ops check it
     return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)

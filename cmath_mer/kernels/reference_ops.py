@@ -131,7 +131,7 @@ _Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 
 @torch.library.custom_op("cmath_mer::variational_fusion_ref", mutates_args=())
-def variational_ref_op(mu: torch.Tensor, logvar: torch.Tensor, seed: int, sample: bool,
+def variational_ref_op(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, sample: bool,
                        detach_teacher: bool) -> _Tensors5:
     outs = naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
     return tuple(o.clone() if i == 0 and not sample else o for i, o in enumerate(outs))  # z is mu_f: no alias
@@ -146,7 +146,8 @@ def _(mu, logvar, seed, sample, detach_teacher):
 @torch.library.custom_op("cmath_mer::variational_fusion_ref_backward", mutates_args=())
 def variational_ref_backward_op(mu: torch.Tensor, logvar: torch.Tensor, gz: Optional[torch.Tensor],
                                 gmu: Optional[torch.Tensor], glv: Optional[torch.Tensor],
-                                gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: int, sample: bool,
+                                gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: torch.Tensor,
+                                sample: bool,
                                 detach_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
     def fn(m, lv):
         return naive_variational_fusion(m, lv, seed=seed, sample=sample, detach_teacher=detach_teacher)
@@ -161,15 +162,15 @@ def _(mu, logvar, gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher):
 
 def _variational_setup(ctx, inputs, output):
     mu, logvar, seed, sample, detach_teacher = inputs
-    ctx.save_for_backward(mu, logvar)
-    ctx.args = (seed, sample, detach_teacher)
+    ctx.save_for_backward(mu, logvar, seed)
+    ctx.args = (sample, detach_teacher)
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
 def _variational_backward(ctx, gz, gmu, glv, gkp, gkc):
-    mu, logvar = ctx.saved_tensors
-    dmu, dlv = variational_ref_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, *ctx.args)
+    mu, logvar, seed = ctx.saved_tensors
+    dmu, dlv = variational_ref_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, seed, *ctx.args)
     return dmu, dlv, None, None, None
 
 
