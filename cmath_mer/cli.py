@@ -186,7 +186,7 @@ def _resume_settings(args, folder: Path):
         notes.append(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})")
         tsaved["device"] = args.device
     for option, key in (("--compile", "compile"), ("--deterministic", "deterministic"),
-                        ("--data-on-device", "data_on_device")):
+                        ("--data-on-device", "data_on_device"), ("--cuda-graphs", "cuda_graphs")):
         given = getattr(args, key)
         if given is not None and given != tsaved.get(key, False):
             notes.append(f"--resume: {option} {'on' if given else 'off'} from here on (the run had it "
@@ -229,7 +229,7 @@ def cmd_train(args) -> int:
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
                  "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
-                 "data_on_device": args.data_on_device}
+                 "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
         tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
     run_info = {"preset": preset_name, "data": args.data}
@@ -515,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bitwise-reproducible run on the same machine (torch.use_deterministic_algorithms)")
     t.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the whole corpus on the GPU (no effect on the CPU)")
+    t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each batch shape's training step from a CUDA graph (CUDA, Triton ops, bf16 or "
+                        "fp32, no --accumulate or --compile): the step stops waiting on the host")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
     t.add_argument("--out", required=True, help="output folder")

@@ -131,8 +131,15 @@ class StepMeter:
         self.sums[self.BAD_LOSS] += (~finite).to(torch.float64)
 
     def add_step(self, grad_norm: torch.Tensor, step: int) -> None:
+        self.note_step(step)
+        self.add_norm(grad_norm)
+
+    def note_step(self, step: int) -> None:
+        """Host bookkeeping of a step (kept apart from add_norm: a CUDA graph replays only device work)."""
         if self.first_step is None:
             self.first_step = step
+
+    def add_norm(self, grad_norm: torch.Tensor) -> None:
         norm = grad_norm.detach().to(torch.float64)
         finite = torch.isfinite(norm)
         self.sums[self.GNORM] += torch.where(finite, norm, 0.0)
@@ -365,6 +372,10 @@ class Stepper:
         self.model, self.forward, self.optimizer = model, forward, optimizer
         self.precision, self.grad_clip, self.meter = precision, grad_clip, meter
         self.first_step_seconds: float | None = None    # the first step's wall time (compile time with --compile)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def __call__(self, micro: list, seed: int, step: int) -> int:
         t0 = time.perf_counter() if self.first_step_seconds is None else None

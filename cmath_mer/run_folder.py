@@ -29,7 +29,7 @@ LOCK_NAME = ".cmath-mer.lock"
 # TrainConfig fields a resumed run may change: more epochs, another device, and how the device runs it
 # (compiled or not, deterministic algorithms or not, the corpus on the device or not); never the precision
 # or the accumulation, which are part of the run's numbers
-RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device")
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device", "cuda_graphs")
 
 
 # --------------------------------------------------------------------------------------- data fingerprint

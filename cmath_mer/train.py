@@ -17,6 +17,9 @@ from tqdm.auto import tqdm
 from . import engine, run_folder
 from .baseline import context_free_baseline
 from .ema import WeightAverage
+from .graphed_step import GraphedStepper
+from .kernels import resolve_backend
+from .kernels.utils import gpu_dots_ok
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
 from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from .errors import CheckpointError, ConfigError
@@ -141,6 +144,28 @@ def resolve_train_config(tcfg: TrainConfig) -> TrainConfig:
     return dataclasses.replace(tcfg, device=device, precision=precision)
 
 
+def check_cuda_graphs(tcfg: TrainConfig, config: CMATHConfig) -> None:
+    """--cuda-graphs needs what graphed_step.py says: a ConfigError naming the conflict otherwise."""
+    if not tcfg.cuda_graphs:
+        return
+    why = None
+    if torch.device(tcfg.device).type != "cuda":
+        why = f"a CUDA device (this run is on {tcfg.device})"
+    elif resolve_backend(config.backend, torch.device(tcfg.device)) != "triton":
+        why = "the Triton ops (backend triton or auto): the reference attention reads cu_seqlens on the host"
+    elif tcfg.precision == "fp16":
+        why = "bf16 or fp32: fp16's loss scaler reads its inf flag on the host"
+    elif tcfg.precision == "fp32" and not gpu_dots_ok(torch.float32, torch.device(tcfg.device)):
+        why = ("bf16, or fp32 with TF32 allowed: exact fp32 takes the reference attention, which reads "
+               "cu_seqlens on the host")
+    elif tcfg.accumulate != 1:
+        why = "one micro-batch per step (no --accumulate)"
+    elif tcfg.compile:
+        why = "eager modules (not --compile)"
+    if why:
+        raise ConfigError(f"--cuda-graphs needs {why}")
+
+
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
           *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
           run_info: dict | None = None) -> dict:
@@ -153,6 +178,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     checkpoints' state as "run"."""
     out = Path(out_dir)
     tcfg = resolve_train_config(tcfg)
+    check_cuda_graphs(tcfg, config)
     check_compatible(data, config)
     fingerprint = run_folder.data_fingerprint(data, config.modalities)
     if resume:
@@ -224,13 +250,17 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
         f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
-        + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else ""))
+        + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
+        + (", CUDA graphs" if tcfg.cuda_graphs else ""))
     corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
                         else None)
     compiled = engine.compile_model(model) if tcfg.compile else None
     meter = engine.StepMeter(dev)
-    stepper = engine.Stepper(model, compiled if compiled is not None else model, optimizer, precision,
-                             tcfg.grad_clip, meter)
+    if tcfg.cuda_graphs:
+        stepper = GraphedStepper(model, optimizer, precision, tcfg.grad_clip, meter)
+    else:
+        stepper = engine.Stepper(model, compiled if compiled is not None else model, optimizer, precision,
+                                 tcfg.grad_clip, meter)
     compile_said = False
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         if _stop_early(state, tcfg):
@@ -245,8 +275,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
         with feed:                                   # its thread stops however the loop ends
             for i, micro in enumerate(feed):
-                for g in optimizer.param_groups:
-                    g["lr"] = learning_rate(tcfg, state["global_step"], len(batches))
+                stepper.set_lr(learning_rate(tcfg, state["global_step"], len(batches)))
                 stepper(micro, tcfg.seed, state["global_step"])
                 if ema is not None:
                     ema.update(model)
@@ -267,6 +296,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                                         grad_norm=f"{seen['grad_norm_sum'] / max(seen['steps'], 1):.2f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
+        if tcfg.cuda_graphs:
+            log(f"CUDA graphs: {len(stepper.graphs)} batch shapes captured, {stepper.replayed} steps replayed so far")
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
         # evaluated as selected (the weight average, if any), in the training precision
         with ema.applied(model) if ema is not None else nullcontext(), precision.autocast():
