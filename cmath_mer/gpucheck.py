@@ -87,6 +87,7 @@ def parity_cases(device: str) -> list[dict]:
     for mode in modes:
         cases += [dict(op="attention", mode=mode, lengths=L, S=S, H=H, D=D, window=w) for L, S, H, D, w in att]
         cases += [dict(op="reconstruction", mode=mode, T=T, M=M, K=K) for T, M, K in rec]
+        cases += [dict(op="reconstruction_chunked", mode=mode, T=T, M=M, K=K) for T, M, K in rec[:2]]
         cases += [dict(op="variational", mode=mode, C=C, T=T, Z=Z, sample=s, detach=True) for C, T, Z, s in var]
     cases.append(dict(op="reconstruction_exact", mode="fp32", T=4096, M=256, K=128))  # issue 8 fault 3
     cases.append(dict(op="variational", mode="fp32", C=3, T=65, Z=3, sample=True, detach=False))
@@ -137,7 +138,7 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
         def fn(x, backend, dev):
             return [multi_source_attention(*x, cu_seqlens_from(L, device=dev), window=case["window"],
                                            backend=backend)]
-    elif op in ("reconstruction", "reconstruction_exact"):
+    elif op in ("reconstruction", "reconstruction_exact", "reconstruction_chunked"):
         T, M, K = case["T"], case["M"], case["K"]
         h, w, b = r(T, K), r(M, K) / K ** 0.5, r(M)
         tgt = (h @ w.t() + b + 1e-3 * r(T, M)) if op == "reconstruction_exact" else r(T, M)
@@ -146,6 +147,9 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
         no_grad = {3}                                          # the target is data, as in the model
 
         def fn(x, backend, dev):
+            if op == "reconstruction_chunked" and backend == "triton":   # the cuBLAS row-chunk design
+                from .kernels.reconstruction.chunked import chunked_reconstruction_loss
+                return [chunked_reconstruction_loss(*x)]
             return [reconstruction_loss(*x, backend=backend)]
     else:
         C, T, Z = case["C"], case["T"], case["Z"]

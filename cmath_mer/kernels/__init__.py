@@ -19,7 +19,7 @@ import torch
 
 from . import reference_ops
 from .attention.naive import naive_multi_source_attention
-from .backend import resolve_backend
+from .backend import reconstruction_impl, resolve_backend
 from .utils import seed_tensor
 from .reconstruction.naive import naive_reconstruction_loss
 from .variational.naive import naive_variational_fusion
@@ -47,6 +47,9 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         *, backend: str | None = None) -> torch.Tensor:
     """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
     if resolve_backend(backend, h.device) == "triton":
+        if reconstruction_impl() == "chunked":
+            from .reconstruction.chunked import chunked_reconstruction_loss
+            return chunked_reconstruction_loss(h, weight, bias, target)
         from .reconstruction.fused import fused_reconstruction_loss
         return fused_reconstruction_loss(h, weight, bias, target)
     if torch.compiler.is_compiling():
