@@ -8,18 +8,12 @@ import torch
 from cmath_mer.kernels import naive_reconstruction_loss, reconstruction_loss
 from cmath_mer.kernels.reconstruction import chunked
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, reconstruction_inputs
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 
 
-def _inputs(T, M, K, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(T, K, generator=g, dtype=torch.float64)
-    w = torch.randn(M, K, generator=g, dtype=torch.float64) / K ** 0.5
-    b = torch.randn(M, generator=g, dtype=torch.float64)
-    target = torch.randn(T, M, generator=g, dtype=torch.float64)
-    return [x.to(dtype) for x in (h, w, b, target)]
+_inputs = reconstruction_inputs
 
 
 def _loss_and_grads(fn, h, w, b, t):
