@@ -55,7 +55,6 @@ def build_attention(case, dev):
         t0 = time.perf_counter()
         block_mask = baselines.document_window_mask(cu, S)
         info["block_mask_s"] = time.perf_counter() - t0      # once per batch, outside the clock (compiles)
-        info["block_mask_sparsity"] = float(block_mask.sparsity())
 
         def forward():
             return baselines.flex_multi_source_attention(q, k, v, block_mask)
