@@ -106,4 +106,5 @@ def varlen_multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         kc = k.reshape(S * T, H, D).index_select(0, order)
         vc = v.reshape(S * T, H, D).index_select(0, order)
     cu = cu_seqlens.to(torch.int32)
-    return attend(q, kc, vc, cu, cu * S, max_len, S * max_len, scale=scale)
+    options = {} if scale is None else {"scale": scale}         # torch 2.9-2.10's varlen_attn has no scale
+    return attend(q, kc, vc, cu, cu * S, max_len, S * max_len, **options)

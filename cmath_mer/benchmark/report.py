@@ -223,6 +223,10 @@ def markdown_report(results: dict) -> str:
                 note.append("peak ≤ (setup peaked higher)")
             if r.get("compile_s") is not None:
                 note.append(f"compile {r['compile_s']:.1f} s")
+            if r.get("block_mask_s") is not None:
+                note.append(f"BlockMask (once per batch) {_fmt_time(r['block_mask_s'])}")
+            if r.get("key_copy_in_call"):
+                note.append("key concatenation in the call")
             if r.get("time_ratio_per_doubling"):
                 note.append(f"time x{r['time_ratio_per_doubling']:.2f} per doubling of N")
             if r.get("op") in long.LONG_OPS and r.get("rss_after_setup_bytes") is not None:
