@@ -107,3 +107,12 @@ def test_flex_row_compiles_outside_the_clock_and_records_its_block_mask(device):
     assert row["status"] == "ok", row.get("reason")
     assert row["compile_s"] > 0 and row["block_mask_s"] > 0
     assert math.isfinite(row["median_s"]) and row["utterances_per_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_chunked_reconstruction_case_runs_and_is_finite(bench_call, device, mode):
+    case = _case(device, "reconstruction", "chunked", 64, batch="one", mode=mode)
+    assert any(c["op"] == "reconstruction" and c["backend"] == "chunked" for c in B.sweep(True, device))
+    call, info = _skip_unavailable(case)
+    out = bench_call(call)
+    assert _finite(out) and info["bytes"] > 0

@@ -596,19 +596,23 @@ def bench_cases(device: str) -> list[dict]:
     c = []
     if device == "cuda":
         for N in (2048, 8192, 65536):
-            for b in ("torch", "sdpa_flash", "sdpa_efficient", "triton"):
-                if b == "torch" and N > 8192:
+            for b in ("torch", "sdpa_flash", "sdpa_efficient", "flex", "varlen", "triton"):
+                if b in ("torch", "flex", "varlen") and N > 8192:
                     continue
                 c.append(_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
-        for b in ("torch", "triton"):
+        for b in ("torch", "triton", "chunked"):
             c.append(_case("reconstruction", b, 32768, batch="one", dtype="bf16", device=device))
             c.append(_case("reconstruction", b, 32768, batch="one", dtype="fp32", device=device))
+        for b in ("torch", "triton"):
             c.append(_case("variational", b, 262144, batch="one", dtype="fp32", device=device))
             c.append(_case("train_step", b, 100, mode="train", batch="mix16x100", D=32, device=device))
             c.append(_case("train_step", b, 8192, mode="train", batch="one", D=32, device=device))
             for batch, N in (("mix16x100", 100), ("one", 4096)):
                 c.append(_case("engine_step", b, N, mode="train", batch=batch, D=32, dtype="bf16", device=device))
         c.append(_case("engine_step", "torch", 4096, mode="train", batch="one", D=32, dtype="fp32", device=device))
+        # the compiled baselines last: flex compiles per shape (tens of seconds), and the budget may run out
+        c = [x for x in c if x["backend"] not in ("flex", "varlen")] + \
+            [x for x in c if x["backend"] in ("flex", "varlen")]
     else:
         c.append(_case("attention", "torch", 256, batch="equal", D=32, S=2, dtype="fp32", device=device))
         c.append(_case("variational", "torch", 1024, batch="one", dtype="fp32", device=device))

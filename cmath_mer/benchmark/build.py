@@ -39,8 +39,11 @@ def _build_reconstruction(case, dev):
     w = (torch.randn(REC_M, REC_K, generator=g) * REC_K ** -0.5).to(dt).to(dev).requires_grad_(grad)
     b = torch.zeros(REC_M).to(dt).to(dev).requires_grad_(grad)
     x = torch.randn(T, REC_M, generator=g).to(dt).to(dev)
-    impl = "triton" if backend == "triton" else "torch"
-    fn = maybe_compile(lambda h, w, b, x: reconstruction_loss(h, w, b, x, backend=impl), backend)
+    if backend == "chunked":                         # row chunks on cuBLAS (kernels/reconstruction/chunked.py)
+        from ..kernels.reconstruction.chunked import chunked_reconstruction_loss as fn
+    else:
+        impl = "triton" if backend == "triton" else "torch"
+        fn = maybe_compile(lambda h, w, b, x: reconstruction_loss(h, w, b, x, backend=impl), backend)
     e = elem_size(case["dtype"])
     flops = 2 * T * REC_K * REC_M * (3 if grad else 1)
     nbytes = e * (T * REC_K + T * REC_M + REC_M * REC_K)

@@ -125,6 +125,8 @@ def _op_cases(quick: bool, device: str, dtype: str, mode: str) -> list[dict]:
             continue                   # inductor on CPU did not finish compiling this op in 13 minutes
         cases += [make_case("variational", backend, N, mode=mode, batch="one", dtype=dtype, device=device)
                   for N in var_N]
+    cases += [make_case("reconstruction", "chunked", N, mode=mode, batch="one", dtype=dtype, device=device)
+              for N in lin_N]                  # row chunks on cuBLAS, beside the Triton kernels
     return cases
 
 
