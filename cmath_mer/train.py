@@ -300,7 +300,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     if ctx.active:
         # buffers (class weights, input statistics) are set alike on every rank and never change: no broadcast
         forward = torch.nn.parallel.DistributedDataParallel(
-            forward, device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=False)
+            forward, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
     stepper = engine.Stepper(model, forward, optimizer, precision, tcfg.grad_clip, meter)
     compile_said = False
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
