@@ -129,7 +129,8 @@ def test_two_processes_on_two_shares_make_the_update_of_one_process_on_the_whole
         data, model = ddp_worker.build(sample)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         whole = ddp_worker.SHARES[0] + ddp_worker.SHARES[1]
-        assert sum(data.lengths()[c] for c in ddp_worker.SHARES[0]) != sum(data.lengths()[c] for c in ddp_worker.SHARES[1])
+        counts = [sum(data.lengths()[c] for c in share) for share in ddp_worker.SHARES]
+        assert counts[0] != counts[1]                     # shares of different utterance counts
         seen = ddp_worker.one_step(model, model, [data.batch(whole)], 0)
         ref = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()])
         out = torch.cat([(got[sample]["params"][n] - before[n]).flatten() for n, _ in model.named_parameters()])
@@ -153,7 +154,8 @@ def test_micro_batches_draw_the_eps_of_the_whole_batch_and_normalise_by_its_tota
         data, model = ddp_worker.build(True)
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         group = ddp_worker.SHARES[0] + ddp_worker.SHARES[1]
-        ddp_worker.one_step(model, model, [data.batch(m) for m in engine.micro_batches(group, data.lengths(), parts)], 0)
+        micro = engine.micro_batches(group, data.lengths(), parts)
+        ddp_worker.one_step(model, model, [data.batch(m) for m in micro], 0)
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
     assert ((updates[1] - updates[0]).norm() / updates[0].norm()).item() < 1e-5
 
