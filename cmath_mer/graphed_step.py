@@ -17,7 +17,7 @@ How (PyTorch's whole-network capture, once per (utterances, conversations) shape
 
 Limits (checked by train.check_cuda_graphs): a CUDA device, the Triton ops (the reference attention reads
 cu_seqlens on the host), bf16 or fp32 (fp16's loss scaler reads its inf flag on the host), no gradient
-accumulation, no torch.compile.
+accumulation, no torch.compile, one process.
 """
 from __future__ import annotations
 
@@ -114,9 +114,11 @@ class GraphedStepper:
         self.optimizer.step()
         self.meter.add_norm(norm)
 
-    def __call__(self, micro: list, seed: int, step: int) -> int:
+    def __call__(self, micro: list, seed: int, step: int, first_row: int = 0) -> int:
         if len(micro) != 1:
             raise ValueError("--cuda-graphs takes one micro-batch per step (no --accumulate)")
+        if first_row != 0:
+            raise ValueError("--cuda-graphs runs in one process (the step's batch starts at row 0)")
         (batch,) = micro
         t0 = time.perf_counter() if self.first_step_seconds is None else None
         with in_step():

@@ -2,7 +2,7 @@
 
     multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None)      -> (T, H, D)
     reconstruction_loss(h, weight, bias, target)                                  -> scalar
-    variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True)          -> 5-tuple
+    variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True, eps_offset=0) -> 5-tuple
         (seed: an int, or a one-element int64 tensor on the inputs' device, read there: CUDA graphs)
 
 `backend` (keyword, default None = env var CMATH_BACKEND, default 'auto') picks the implementation;
@@ -58,14 +58,18 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | torch.Tensor, sample: bool,
-                       detach_teacher: bool = True, backend: str | None = None):
-    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency)."""
+                       detach_teacher: bool = True, eps_offset: int = 0, backend: str | None = None):
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency). eps[t, j] is
+    tl.randn(seed, eps_offset + t * Z + j): eps_offset places this batch in a larger one. seed: an int, or a
+    one-element int64 tensor on the inputs' device, read there (a CUDA graph replays with a new one)."""
     if resolve_backend(backend, mu.device) == "triton":
         from .variational.fused import fused_variational_fusion
-        return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+        return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
+                                        eps_offset=eps_offset)
     if torch.compiler.is_compiling():
         return reference_ops.variational_ref_op(mu, logvar, seed_tensor(seed, mu.device), bool(sample),
-                                                bool(detach_teacher))
+                                                bool(detach_teacher), int(eps_offset))
     if isinstance(seed, torch.Tensor):
         seed = seed_tensor(seed, mu.device)                   # checked like the ops check it
-    return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+    return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
+                                    eps_offset=eps_offset)
