@@ -1,10 +1,10 @@
-"""Smoke benchmarks of the long-conversation cases (bench_long.py) over tiny shapes: each builds, runs and
-gives finite results; the report gets its per-doubling ratios and plot. Timings are never asserted."""
+"""Smoke benchmarks of the long-conversation cases (cmath_mer/benchmark/long.py) over tiny shapes: each builds,
+runs and gives finite results; the report gets its per-doubling ratios and plot. Timings are never asserted."""
 import pytest
 import torch
 
-from cmath_mer import bench_long
 from cmath_mer import benchmark as B
+from cmath_mer.benchmark.long import WINDOW
 
 
 @pytest.mark.parametrize("case", [c for c in B.sweep(False, "cpu", long=True) if c["N"] == 65536],
@@ -22,11 +22,11 @@ def test_long_sweep_covers_the_issue_lengths_and_cuda_adds_triton():
     assert max(c["N"] for c in cpu if c["op"] == "train_window") == 2**18
     assert max(c["N"] for c in cpu if c["op"] == "train_window_text") == 2**20
     assert {c["backend"] for c in cuda} == {"torch", "triton"}
-    assert all(c["window"] == bench_long.WINDOW for c in cpu + cuda)
+    assert all(c["window"] == WINDOW for c in cpu + cuda)
 
 
 def test_report_gives_ratio_per_doubling_and_plot(tmp_path):
-    rows = [dict(B._case("attention_window", "torch", N, batch="one", S=2), window=64, status="ok",
+    rows = [dict(B.make_case("attention_window", "torch", N, batch="one", S=2), window=64, status="ok",
                  median_s=t, peak_mem_bytes=m, rss_after_setup_bytes=2**30, utterances=N,
                  utterances_per_s=N / t, p20_s=t, p80_s=t)
             for N, t, m in ((65536, 10.0, 2**28), (131072, 20.0, 2**29), (524288, 90.0, 2**31))]

@@ -12,7 +12,7 @@ from cmath_mer import benchmark as B
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("op,mode", [("train_step", "train"), ("inference", "infer")])
 def test_model_step_runs_and_is_finite(bench_call, device, op, mode, backend):
-    case = dict(B._case(op, backend, 12, mode=mode, batch="ragged", device=device), min_utterances=48)
+    case = dict(B.make_case(op, backend, 12, mode=mode, batch="ragged", device=device), min_utterances=48)
     try:
         call, info = B.build_case(case)
     except B.Unavailable as err:
@@ -24,7 +24,7 @@ def test_model_step_runs_and_is_finite(bench_call, device, op, mode, backend):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_engine_step_case_runs_and_is_finite(bench_call, device, dtype):
-    case = dict(B._case("engine_step", "torch", 12, mode="train", batch="ragged", dtype=dtype, device=device),
+    case = dict(B.make_case("engine_step", "torch", 12, mode="train", batch="ragged", dtype=dtype, device=device),
                 min_utterances=48)
     call, info = B.build_case(case)
     out = bench_call(call, rounds=1)
@@ -33,9 +33,9 @@ def test_engine_step_case_runs_and_is_finite(bench_call, device, dtype):
 
 
 def test_bench_pipeline_writes_json_table_and_plots(tmp_path, device):
-    cases = [dict(B._case("attention", b, N, S=2, device=device), min_utterances=64)
+    cases = [dict(B.make_case("attention", b, N, S=2, device=device), min_utterances=64)
              for b in ("torch", "sdpa_flash", "sdpa_efficient") for N in (16, 32) if b == "torch" or N == 16]
-    cases += [dict(B._case("train_step", "torch", 8, mode="train", batch="one", device=device))]
+    cases += [dict(B.make_case("train_step", "torch", 8, mode="train", batch="one", device=device))]
     results = B.run_benchmarks(tmp_path, quick=True, device=device, cases=cases, progress=False)
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["machine"]["torch"] == torch.__version__ and data["machine"]["device_name"]

@@ -18,7 +18,7 @@ OPS = [pytest.param(b, marks=[pytest.mark.slow] if b == "torch_compile" else [])
 
 
 def _case(device, op, backend, N, **kw):
-    return dict(B._case(op, backend, N, device=device, **kw), min_utterances=64)
+    return dict(B.make_case(op, backend, N, device=device, **kw), min_utterances=64)
 
 
 def _skip_unavailable(case):
@@ -37,6 +37,9 @@ def _finite(x):
 def test_attention_case_runs_and_is_finite(bench_call, device, backend, batch, S, mode):
     if backend == "torch_compile" and (batch != "equal" or S != 1 or mode != "fwdbwd"):
         pytest.skip("torch.compile: one smoke shape is enough (compiling costs seconds)")
+    if backend == "flex" and (batch != "ragged" or S != 2):
+        pytest.skip("flex_attention: one smoke shape per mode is enough (compiling costs seconds; "
+                    "tests/test_attention_baselines.py checks it against the definition)")
     case = _case(device, "attention", backend, 16, batch=batch, S=S, mode=mode)
     call, info = _skip_unavailable(case)
     out = bench_call(call)
@@ -79,3 +82,37 @@ def test_registry_lists_every_op_and_lengths_are_deterministic():
     steps = {(c["backend"], c["dtype"], c["batch"], c["N"]) for c in quick if c["op"] == "engine_step"}
     assert {(b, d, batch, N) for b in ("torch", "torch_compile") for d in ("fp32", "bf16")
             for batch, N in (("mix16x100", 100), ("one", 4096))} == steps
+
+
+def test_attention_baselines_are_planned_and_a_cpu_row_says_why_it_cannot_run():
+    from cmath_mer.benchmark.run import _probe_unavailable
+    cpu, cuda = B.sweep(True, "cpu"), B.sweep(True, "cuda")
+    shapes = {(batch, S) for batch in ("equal", "ragged") for S in (1, 2)}
+    for backend in ("flex", "varlen"):
+        assert {(c["batch"], c["S"]) for c in cuda if c["backend"] == backend and c["mode"] == "fwdbwd"} == shapes
+    # a CPU has no flex backward: its forward rows run beside the reference's forward rows of the same shapes
+    flex_fwd = {(c["batch"], c["S"], c["N"]) for c in cpu if c["backend"] == "flex" and c["mode"] == "fwd"}
+    torch_fwd = {(c["batch"], c["S"], c["N"]) for c in cpu if c["backend"] == "torch" and c["op"] == "attention"
+                 and c["mode"] == "fwd"}
+    assert flex_fwd and flex_fwd == torch_fwd
+    varlen = next(c for c in cpu if c["backend"] == "varlen")
+    assert "CUDA only" in _probe_unavailable(varlen, {})
+    flex_bwd = next(c for c in cpu if c["backend"] == "flex" and c["mode"] == "fwdbwd")
+    assert "no backward on CPU" in _probe_unavailable(flex_bwd, {})
+
+
+def test_flex_row_compiles_outside_the_clock_and_records_its_block_mask(device):
+    mode = "fwd" if device == "cpu" else "fwdbwd"
+    row = B.run_case(_case(device, "attention", "flex", 16, batch="ragged", S=2, mode=mode), quick=True)
+    assert row["status"] == "ok", row.get("reason")
+    assert row["compile_s"] > 0 and row["block_mask_s"] > 0
+    assert math.isfinite(row["median_s"]) and row["utterances_per_s"] > 0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+def test_chunked_reconstruction_case_runs_and_is_finite(bench_call, device, mode):
+    case = _case(device, "reconstruction", "chunked", 64, batch="one", mode=mode)
+    assert any(c["op"] == "reconstruction" and c["backend"] == "chunked" for c in B.sweep(True, device))
+    call, info = _skip_unavailable(case)
+    out = bench_call(call)
+    assert _finite(out) and info["bytes"] > 0

@@ -67,7 +67,9 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         for idx, per_param in opt["state"].items():
             for name, value in per_param.items():
                 tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        meta["param_groups"] = json.dumps(opt["param_groups"])
+        # a learning rate may be a device tensor (the CUDA-graph step reads it there): stored as a number
+        meta["param_groups"] = json.dumps([{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+                                           for g in opt["param_groups"]])
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
@@ -88,6 +90,9 @@ def read_metadata(path: Path) -> dict:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'state' is not an object)")
     return {"state": state, "config": config, "param_groups": meta.get("param_groups")}
+
+
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -124,5 +129,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
             if key.startswith("optim."):
                 _, idx, name = key.split(".", 2)
                 state.setdefault(int(idx), {})[name] = value
+        # how the update is computed (fused, foreach, capturable) is this run's choice, made for its device
+        # and engine, not the saved run's; the hyperparameters and the state are the checkpoint's
+        own = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in optimizer.param_groups]
         optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        for group, flags in zip(optimizer.param_groups, own):
+            group.update(flags)
     return meta["state"]

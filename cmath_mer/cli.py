@@ -186,7 +186,7 @@ def _resume_settings(args, folder: Path):
         notes.append(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})")
         tsaved["device"] = args.device
     for option, key in (("--compile", "compile"), ("--deterministic", "deterministic"),
-                        ("--data-on-device", "data_on_device")):
+                        ("--data-on-device", "data_on_device"), ("--cuda-graphs", "cuda_graphs")):
         given = getattr(args, key)
         if given is not None and given != tsaved.get(key, False):
             notes.append(f"--resume: {option} {'on' if given else 'off'} from here on (the run had it "
@@ -196,9 +196,26 @@ def _resume_settings(args, folder: Path):
 
 
 def cmd_train(args) -> int:
+    """Under torchrun (RANK/WORLD_SIZE in the environment) every process runs this: rank 0 checks the run
+    folder and reads a run to resume, every rank reads the data (a rank that cannot stops them all), and
+    train() runs the distributed loop."""
+    from . import distributed
+    _train_options(args)
+    device = _check_device(args.device if args.device is not None else "auto", args.backend)
+    try:
+        distributed.setup(device, args.dist_backend)
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    try:
+        return _cmd_train(args, distributed)
+    finally:
+        distributed.teardown()
+
+
+def _cmd_train(args, distributed) -> int:
     from .run_folder import check_new_run_folder
     from .train import build_config, train
-    _train_options(args)
+    main_rank = distributed.context().main
     out = Path(args.out)
     seeds = None if args.seeds is None else _seed_list(args.seeds)
     if seeds is not None and args.seed is not None:
@@ -209,15 +226,20 @@ def cmd_train(args) -> int:
         folder = out
         if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
             folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
-        saved, config, tcfg, preset_name, notes = _resume_settings(args, folder)
-        data = _load(args.data, preset_name, tcfg.seed, args.class_names)
+        # the run folder is rank 0's: it reads the settings and hands them to the other ranks
+        saved, config, tcfg, preset_name, notes = distributed.on_main(_resume_settings, args, folder)
+        data = distributed.agree(_load, args.data, preset_name, tcfg.seed, args.class_names)
         check_compatible(data, config)
-        check_resume(saved, config, tcfg, data_fingerprint(data, config.modalities))    # before saying anything
-        for note in notes:
-            print(note, file=sys.stderr)
+        distributed.on_main(check_resume, saved, config, tcfg,              # before saying anything
+                            data_fingerprint(data, config.modalities))
+        if main_rank:
+            for note in notes:
+                print(note, file=sys.stderr)
     else:
-        for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
-            check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
+        def check_folders():
+            for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
+                check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
+        distributed.on_main(check_folders)
         preset_name = args.preset or "iemocap"
         seed = 0 if args.seed is None else args.seed
         overrides = _overrides(args.set)
@@ -225,11 +247,12 @@ def cmd_train(args) -> int:
             overrides["backend"] = args.backend
         _check_device(args.device if args.device is not None else "auto", overrides.get("backend"))
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
-        data = _load(args.data, preset_name, seed, args.class_names)
+        # every rank reads the data; one that cannot (a missing or bad file on its machine) stops them all
+        data = distributed.agree(_load, args.data, preset_name, seed, args.class_names)
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
                  "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
-                 "data_on_device": args.data_on_device}
+                 "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
         tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
     run_info = {"preset": preset_name, "data": args.data}
@@ -238,14 +261,18 @@ def cmd_train(args) -> int:
             from .seeds import train_seeds
             train_seeds(data, config, tcfg, out, seeds, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, run_info=run_info)
-            print(f"wrote {out}/seed-*/ (one run folder per seed) and {out}/summary.json")
+            if main_rank:
+                print(f"wrote {out}/seed-*/ (one run folder per seed) and {out}/summary.json")
             return 0
         metrics = train(data, config, tcfg, out, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, run_info=run_info)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; the last finished epoch is saved in {out}. Continue with:\n"
-              f"  cmath-mer train --data {args.data} --out {out} --resume", file=sys.stderr)
+        if main_rank:
+            print(f"\ninterrupted; the last finished epoch is saved in {out}. Continue with:\n"
+                  f"  cmath-mer train --data {args.data} --out {out} --resume", file=sys.stderr)
         return 130
+    if not main_rank:
+        return 0
     sel, best = metrics["selected_by_validation"], metrics["best_test_epoch"]
     if sel["weighted_f1"] is not None:
         print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
@@ -515,7 +542,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="bitwise-reproducible run on the same machine (torch.use_deterministic_algorithms)")
     t.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the whole corpus on the GPU (no effect on the CPU)")
+    t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each batch shape's training step from a CUDA graph (CUDA, Triton ops, bf16 or "
+                        "fp32, no --accumulate or --compile): the step stops waiting on the host")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
+    t.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="under torchrun: the process group's backend (auto: NCCL on CUDA, Gloo on the CPU)")
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--resume", action="store_true",

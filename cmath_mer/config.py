@@ -199,6 +199,9 @@ class TrainConfig:
     compile: bool = False               # torch.compile the model for training
     deterministic: bool = False         # torch.use_deterministic_algorithms: bitwise-reproducible runs
     data_on_device: bool = False        # keep the whole corpus on the GPU (batches gathered there)
+    cuda_graphs: bool = False           # replay each batch shape's step from a CUDA graph (graphed_step.py)
+    world_size: int = 1                 # processes training together (torchrun), set from its environment by
+                                        # train.py; batch_utterances is per step over all of them
 
     def __post_init__(self):
         if self.lr_schedule not in ("constant", "cosine"):
@@ -222,7 +225,8 @@ class TrainConfig:
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"train config: `precision` {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         _int("accumulate", self.accumulate, 1)
-        for name in ("compile", "deterministic", "data_on_device"):
+        _int("world_size", self.world_size, 1)
+        for name in ("compile", "deterministic", "data_on_device", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train config: `{name}` must be true or false, got {getattr(self, name)!r}")
 

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from . import distributed
 from .config import PRECISIONS
 from .errors import ConfigError
 
@@ -102,9 +103,12 @@ class Precision:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, precision: str):
-    """AdamW. Under fp16 the fused implementation: the GradScaler hands it the inf flag and the step is
-    skipped on the device, instead of the scaler reading the flag on the host every step."""
-    if precision == "fp16":
+    """AdamW, the fused implementation on CUDA: one kernel for all parameters (the multi-tensor default was
+    17% of a training step's GPU time in the H100 profile of 2026-11-26), and under fp16 the GradScaler hands
+    it the inf flag so a step is skipped on the device instead of the scaler reading the flag on the host.
+    On the CPU, fp16 also takes the fused one (the scaler needs it); otherwise PyTorch's default."""
+    on_cuda = next(model.parameters()).is_cuda
+    if on_cuda or precision == "fp16":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
@@ -113,23 +117,35 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, preci
 
 class StepMeter:
     """Sums over the steps since the last read, on the device: loss x utterances, utterances, gradient
-    norm, optimizer steps, non-finite losses, non-finite gradient norms (fp16: skipped steps)."""
+    norm, optimizer steps, non-finite losses, non-finite gradient norms (fp16: skipped steps). In a
+    distributed run the read sums the first three kinds over the ranks (the gradient norm is the same on
+    every rank after the all-reduce), so every rank sees, and stops on, the same numbers."""
     LOSS, UTT, GNORM, STEPS, BAD_LOSS, BAD_GRAD = range(6)
+    PER_RANK = [LOSS, UTT, BAD_LOSS]
 
     def __init__(self, device):
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)
         self.first_step = None                # global step (1-based) of the first step since the last read
 
-    def add_loss(self, loss: torch.Tensor, utterances: int) -> None:
+    def add_loss(self, loss: torch.Tensor, utterances: int, weight: torch.Tensor | None = None) -> None:
+        """loss of a batch of `utterances`; weight (default: utterances) multiplies it in the loss sum: a part
+        of a step whose loss is its share of the step's mean passes the step's utterance count."""
         loss = loss.detach().to(torch.float64)
         finite = torch.isfinite(loss)
-        self.sums[self.LOSS] += torch.where(finite, loss * utterances, 0.0)
+        self.sums[self.LOSS] += torch.where(finite, loss * (utterances if weight is None else weight), 0.0)
         self.sums[self.UTT] += utterances
         self.sums[self.BAD_LOSS] += (~finite).to(torch.float64)
 
     def add_step(self, grad_norm: torch.Tensor, step: int) -> None:
+        self.note_step(step)
+        self.add_norm(grad_norm)
+
+    def note_step(self, step: int) -> None:
+        """Host bookkeeping of a step (kept apart from add_norm: a CUDA graph replays only device work)."""
         if self.first_step is None:
             self.first_step = step
+
+    def add_norm(self, grad_norm: torch.Tensor) -> None:
         norm = grad_norm.detach().to(torch.float64)
         finite = torch.isfinite(norm)
         self.sums[self.GNORM] += torch.where(finite, norm, 0.0)
@@ -138,6 +154,8 @@ class StepMeter:
 
     def read(self) -> dict:
         """The logging point: one host read of all sums, then reset."""
+        if distributed.context().active:
+            self.sums[self.PER_RANK] = distributed.all_reduce_sum(self.sums[self.PER_RANK])
         with logging_point():
             v = self.sums.tolist()
         self.sums.zero_()
@@ -347,35 +365,56 @@ def deterministic_mode(enabled: bool, device: torch.device):
 # ------------------------------------------------------------------------------------------- the step
 
 def step_seed(seed: int, step: int, micro: int = 0) -> int:
-    """Seed of the variational eps: new for every optimizer step and micro-batch, a function of (seed,
-    step, micro) alone, so resumed and accumulated runs draw the same numbers. micro 0 is the seed of a
-    run without accumulation."""
+    """Seed of the variational eps: new for every optimizer step, a function of (seed, step) alone, so a
+    resumed run draws the same numbers. The parts of a step (micro-batches, ranks) share the step's seed
+    and draw by their rows' index in the step's whole batch (Stepper), so however a step is split it draws
+    the eps of the whole batch. (micro > 0 is the seed scheme of runs before that, kept for its callers.)"""
     return (seed * 1_000_003 + step + micro * 1_000_000_007) % (2**31 - 1)
 
 
 class Stepper:
     """One optimizer step over its micro-batches: autocast forward, (scaled) backward accumulating
     gradients, unscale, clip, step, scaler update; the loss and gradient norm go to the meter. No host
-    read of any device tensor."""
+    read of any device tensor.
+
+    The step's batch may be split in parts: micro-batches here, and in a distributed run (`forward` a
+    DistributedDataParallel) one share per rank. The loss normalisers (label weight, utterances) are summed
+    over the micro-batches and all-reduced over the ranks, and each part's loss is its share of the whole
+    batch's mean (CMATH.forward(totals=...)); DDP averages the ranks' gradients, so each rank's loss is
+    multiplied by the world size. The update is then the one of one process on the whole batch, whatever
+    the split (tests/test_distributed.py), and the variational eps too: each part draws by the index of its
+    rows in the whole batch (first_row: the step's utterances on lower ranks)."""
 
     def __init__(self, model, forward, optimizer, precision: Precision, grad_clip: float, meter: StepMeter):
         self.model, self.forward, self.optimizer = model, forward, optimizer
         self.precision, self.grad_clip, self.meter = precision, grad_clip, meter
         self.first_step_seconds: float | None = None    # the first step's wall time (compile time with --compile)
+        self.world_size = distributed.context().world_size
+        self.ddp = isinstance(forward, torch.nn.parallel.DistributedDataParallel)
 
-    def __call__(self, micro: list, seed: int, step: int) -> int:
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, micro: list, seed: int, step: int, first_row: int = 0) -> int:
         t0 = time.perf_counter() if self.first_step_seconds is None else None
         with in_step():
             total = sum(b.num_utterances for b in micro)
             self.optimizer.zero_grad(set_to_none=True)
             scaler = self.precision.scaler
+            totals = torch.stack([self.model.loss_totals(b) for b in micro]).sum(0)
+            distributed.all_reduce_sum(totals)                 # the whole step's normalisers, on the device
+            row = first_row
             for m, batch in enumerate(micro):
-                with self.precision.autocast():
-                    out = self.forward(batch, seed=step_seed(seed, step, m))
-                loss = out.loss.float()
-                self.meter.add_loss(loss, batch.num_utterances)
-                part = loss if len(micro) == 1 else loss * (batch.num_utterances / total)
-                scaler.scale(part).backward()
+                # DDP all-reduces the gradients in the backward of the last micro-batch only
+                sync = not self.ddp or m == len(micro) - 1
+                with contextlib.nullcontext() if sync else self.forward.no_sync():
+                    with self.precision.autocast():
+                        out = self.forward(batch, seed=step_seed(seed, step), row_offset=row, totals=totals)
+                    loss = out.loss.float()                     # this part's share of the step's loss
+                    self.meter.add_loss(loss, batch.num_utterances, totals[1])
+                    scaler.scale(loss * self.world_size if self.world_size > 1 else loss).backward()
+                row += batch.num_utterances
             scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             scaler.step(self.optimizer)

@@ -55,15 +55,24 @@ class UtteranceEmbedding(nn.Module):
         return {m: self.drop(self.norms[m](z) + shared) for m, z in codes.items()}
 
 
-def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
-                           label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean CE over labelled utterances (weighted as torch does); 0 when a batch has no labels at all."""
-    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
-                          label_smoothing=label_smoothing)
+def label_weight(labels: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The CE normaliser of a batch: the summed class weight of its labelled utterances (their count without
+    class weights), a 0-dim fp32 tensor on the labels' device."""
     labelled = labels != IGNORE_INDEX
     # no boolean indexing: its data-dependent shape would break a torch.compile(fullgraph=True) graph
     w = torch.where(labelled, weight[labels.clamp_min(0)], 0.0) if weight is not None else labelled.float()
-    return nll / w.sum().clamp_min(1e-12)
+    return w.sum()
+
+
+def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None,
+                           label_smoothing: float = 0.0, normaliser: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE over labelled utterances (weighted as torch does); 0 when a batch has no labels at all.
+    normaliser: the label weight of the whole step when this batch is one part of it (label_weight)."""
+    nll = F.cross_entropy(logits, labels, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum",
+                          label_smoothing=label_smoothing)
+    if normaliser is None:
+        normaliser = label_weight(labels, weight)
+    return nll / normaliser.clamp_min(1e-12)
 
 
 @dataclass
@@ -103,7 +112,20 @@ class CMATH(nn.Module):
             return x
         return (x - getattr(self, f"input_mean_{m}")) / getattr(self, f"input_std_{m}")
 
-    def forward(self, batch: Batch, *, seed: int = 0, with_loss: bool = True) -> CMATHOutput:
+    def loss_totals(self, batch: Batch) -> torch.Tensor:
+        """(2,) fp32 on the device: the CE normaliser (label_weight) and the utterance count of the batch.
+        Summed over the parts of a step (micro-batches, ranks) they are what `forward(totals=...)` takes."""
+        weight = self.class_weight if self.config.class_weights else None
+        T = batch.labels.new_full((), batch.num_utterances, dtype=torch.float32)
+        return torch.stack([label_weight(batch.labels, weight).float(), T])
+
+    def forward(self, batch: Batch, *, seed: int = 0, with_loss: bool = True, row_offset: int = 0,
+                totals: torch.Tensor | None = None) -> CMATHOutput:
+        """The outputs, and the loss when with_loss. A training step may be split in parts (micro-batches,
+        the ranks of a distributed run); then row_offset is the number of the step's utterances before this
+        part (the variational eps of a row is drawn by its index in the whole step) and totals is the sum of
+        the parts' loss_totals: every loss term is this part's share of the whole step's mean, so the parts'
+        losses add up to the loss of the step's batch however it was split. totals None: the batch's own."""
         cfg = self.config
         T = batch.num_utterances
         cu = batch.cu_seqlens
@@ -124,8 +146,9 @@ class CMATH(nn.Module):
         if cfg.utterance_skip:      # each view also carries its utterance's own code, free of positions/speakers
             fine = {c: f + self.skip[c](F.dropout(self.embedding.norms[c](codes[c]), cfg.dropout, self.training))
                     for c, f in fine.items()}                                          # c -> (T, d)
-        z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed,
-                                                     sample=self.training and cfg.variational_sample)  # step 4
+        z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed,                      # step 4
+                                                     sample=self.training and cfg.variational_sample,
+                                                     eps_offset=row_offset * cfg.latent)
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)
@@ -138,14 +161,18 @@ class CMATH(nn.Module):
         kd_logit, kd_latent = hierarchical_distillation(coarse, list(fine_logits.values()), kd_latent,
                                                         cfg.tau, cfg.detach_teacher)   # step 6
         per_dim = 1.0 / cfg.latent if cfg.latent_kl_per_dim else 1.0
+        # a part of a step: its means over its T utterances become its share of the step's mean (x T / T_step),
+        # and CE divides by the step's label weight
+        share = 1.0 if totals is None else T / totals[1]
+        norm = None if totals is None else totals[0]
         out.losses = {
-            "ce": weighted_cross_entropy(coarse, batch.labels, weight, cfg.label_smoothing),
-            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight, cfg.label_smoothing)
+            "ce": weighted_cross_entropy(coarse, batch.labels, weight, cfg.label_smoothing, norm),
+            "ce_fine": sum(weighted_cross_entropy(f, batch.labels, weight, cfg.label_smoothing, norm)
                            for f in fine_logits.values()),
-            "kd_logit": kd_logit,
-            "kd_latent": kd_latent * per_dim,
-            "rec": sum(r.float() for r in rec.values()),
-            "kl_prior": kl_prior * per_dim,
+            "kd_logit": kd_logit * share,
+            "kd_latent": kd_latent * per_dim * share,
+            "rec": sum(r.float() for r in rec.values()) * share,
+            "kl_prior": kl_prior * per_dim * share,
         }
         L = out.losses
         out.loss = (L["ce"] + cfg.g_fine * L["ce_fine"] + cfg.g_kd * (L["kd_logit"] + L["kd_latent"])

@@ -27,9 +27,10 @@ RUN_FILES = ("best.safetensors", "last.safetensors", "config.json", "train_confi
 CHECKPOINTS = ("last.safetensors", "best.safetensors")
 LOCK_NAME = ".cmath-mer.lock"
 # TrainConfig fields a resumed run may change: more epochs, another device, and how the device runs it
-# (compiled or not, deterministic algorithms or not, the corpus on the device or not); never the precision
-# or the accumulation, which are part of the run's numbers
-RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device")
+# (compiled or not, deterministic algorithms or not, the corpus on the device or not, CUDA graphs or not, how
+# many processes: the step's batch is the same for any number); never the precision or the accumulation,
+# which are part of the run's numbers
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device", "cuda_graphs", "world_size")
 
 
 # --------------------------------------------------------------------------------------- data fingerprint

@@ -49,19 +49,26 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 def train_seeds(data, config, tcfg, out_dir: str | Path, seeds: list[int], *, resume: bool = False,
                 log=print, **train_options) -> dict:
     """Train one run per seed into out_dir/seed-N, then write out_dir/summary.json. Returns the summary."""
+    from . import distributed
     from .run_folder import run_files
     from .train import train
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    main = distributed.context().main                      # under torchrun rank 0 alone writes and logs
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        log = lambda *_: None                              # noqa: E731
     per_seed = {}
     for seed in seeds:
         folder = out / f"seed-{seed}"
         log(f"--- seed {seed}: {folder}")
+        begun = distributed.on_main(lambda: bool(run_files(folder)))
         per_seed[seed] = train(data, config, dataclasses.replace(tcfg, seed=seed), folder,
-                               resume=resume and bool(run_files(folder)), log=log, **train_options)
+                               resume=resume and begun, log=log, **train_options)
     summary = summarise(per_seed)
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
+    if main:
+        text = json.dumps(summary, indent=2) + "\n"
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
     log(summary_line(summary))
     return summary
 

@@ -1,8 +1,13 @@
 """Training and evaluation loops: AdamW, class weights, length-bucketed batches, validation selection,
-atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `evaluate` and `predict`."""
+atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `evaluate` and `predict`.
+
+Under torchrun (distributed.py) the same loop runs in every process: the model in DistributedDataParallel,
+each step's batch dealt to the ranks (data/sharding.py), evaluation sharded and gathered; rank 0 alone
+checks and writes the run folder, logs, and on --resume reads the checkpoint and hands it to the others."""
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 from contextlib import nullcontext
 import json
 import math
@@ -14,13 +19,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import engine, run_folder
+from . import distributed, engine, run_folder
 from .baseline import context_free_baseline
 from .ema import WeightAverage
+from .graphed_step import GraphedStepper
+from .kernels import resolve_backend
+from .kernels.utils import gpu_dots_ok
 from .checkpoint import atomic_write, atomic_write_text, load_checkpoint, read_metadata, save_checkpoint
 from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from .errors import CheckpointError, ConfigError
 from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
+from .data.sharding import eval_shards, rank_batches, rows_before
 from .metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from .model import CMATH
 
@@ -71,23 +80,31 @@ EVAL_BATCH_UTTERANCES = 4096   # no gradients at evaluation: larger batches
 
 @torch.inference_mode()
 def predict_conversations(model: CMATH, data: ConversationDataset, conversations: list[int],
-                          batch_utterances: int = EVAL_BATCH_UTTERANCES, precision: str | None = None
-                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                          batch_utterances: int = EVAL_BATCH_UTTERANCES, precision: str | None = None,
+                          sharded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, predictions, probabilities) of every utterance of the given conversations, in the order the
     conversations are given; batches are length-bucketed internally. `precision` (bf16, fp16, fp32): the
-    autocast of the forward; None runs under whatever autocast the caller set (training sets its own)."""
+    autocast of the forward; None runs under whatever autocast the caller set (training sets its own).
+    sharded (every rank of a distributed run calls it): each rank runs some of the very batches one process
+    would run, and the outputs are gathered, so every rank returns the single-process arrays exactly."""
     model.eval()
     if precision is not None:
         with engine.Precision(precision, next(model.parameters()).device).autocast():
-            return predict_conversations(model, data, conversations, batch_utterances)
+            return predict_conversations(model, data, conversations, batch_utterances, sharded=sharded)
     device = next(model.parameters()).device
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}          # conversation -> (labels, probs)
-    for group in data.bucketed_batches(list(conversations), batch_utterances, shuffle=False):
+    groups = data.bucketed_batches(list(conversations), batch_utterances, shuffle=False)
+    ctx = distributed.context()
+    if sharded and ctx.active:
+        groups = eval_shards(groups, data.lengths(), ctx.world_size)[ctx.rank]
+    for group in groups:
         batch = data.batch(group, model.config.modalities).to(device)
         probs = model(batch, with_loss=False).logits.float().softmax(-1).cpu()
         cu = batch.cu_seqlens.tolist()
         for i, conv in enumerate(group):
             rows[conv] = batch.labels[cu[i]:cu[i + 1]].cpu(), probs[cu[i]:cu[i + 1]]
+    if sharded and ctx.active:
+        rows = {conv: row for part in distributed.all_gather(rows) for conv, row in part.items()}
     if not conversations:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, model.config.num_classes))
     labels = torch.cat([rows[c][0] for c in conversations])
@@ -95,9 +112,10 @@ def predict_conversations(model: CMATH, data: ConversationDataset, conversations
     return labels.numpy(), probs.argmax(-1).numpy(), probs.numpy()
 
 
-def evaluate_split(model, data, conversations) -> tuple[dict | None, np.ndarray, np.ndarray]:
-    """Metrics of the conversations (None when none of their utterances is labelled), labels, predictions."""
-    y, p, _ = predict_conversations(model, data, conversations)
+def evaluate_split(model, data, conversations, sharded: bool = False) -> tuple[dict | None, np.ndarray, np.ndarray]:
+    """Metrics of the conversations (None when none of their utterances is labelled), labels, predictions.
+    sharded: every rank of a distributed run calls it and gets the single-process result."""
+    y, p, _ = predict_conversations(model, data, conversations, sharded=sharded)
     if not (y >= 0).any():
         return None, y, p
     return classification_metrics(y, p, data.class_names), y, p
@@ -131,14 +149,40 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 def resolve_train_config(tcfg: TrainConfig) -> TrainConfig:
-    """The settings a run stores: device `auto` made concrete (cuda when torch sees one, else cpu) and the
-    precision chosen for it when none was given (bf16 on CUDA cards that support it, fp32 elsewhere); a
-    device or precision that cannot run here is a ConfigError."""
+    """The settings a run stores: device `auto` made concrete (cuda when torch sees one, else cpu), the
+    precision chosen for it when none was given (bf16 on CUDA cards that support it, fp32 elsewhere) and the
+    number of processes (torchrun's); a device or precision that cannot run here is a ConfigError."""
     device = str(engine.check_device(tcfg.device)) if tcfg.device == "auto" else tcfg.device
     engine.check_device(device)
     precision = tcfg.precision if tcfg.precision is not None else engine.default_precision(device)
-    engine.check_precision(precision, device)
-    return dataclasses.replace(tcfg, device=device, precision=precision)
+    engine.check_precision(precision, distributed.local_device(device))
+    return dataclasses.replace(tcfg, device=device, precision=precision,
+                               world_size=distributed.context().world_size)
+
+
+def check_cuda_graphs(tcfg: TrainConfig, config: CMATHConfig) -> None:
+    """--cuda-graphs needs what graphed_step.py says: a ConfigError naming the conflict otherwise."""
+    if not tcfg.cuda_graphs:
+        return
+    why = None
+    if torch.device(tcfg.device).type != "cuda":
+        why = f"a CUDA device (this run is on {tcfg.device})"
+    elif resolve_backend(config.backend, torch.device(tcfg.device)) != "triton":
+        why = "the Triton ops (backend triton or auto): the reference attention reads cu_seqlens on the host"
+    elif tcfg.precision == "fp16":
+        why = "bf16 or fp32: fp16's loss scaler reads its inf flag on the host"
+    elif tcfg.precision == "fp32" and not gpu_dots_ok(torch.float32, torch.device(tcfg.device)):
+        why = ("bf16, or fp32 with TF32 allowed: exact fp32 takes the reference attention, which reads "
+               "cu_seqlens on the host")
+    elif tcfg.accumulate != 1:
+        why = "one micro-batch per step (no --accumulate)"
+    elif tcfg.compile:
+        why = "eager modules (not --compile)"
+    elif tcfg.world_size > 1:
+        why = ("one process (not yet under torchrun: a rank's eps offset in the step's batch changes every "
+               "step, and a graph would replay the first)")
+    if why:
+        raise ConfigError(f"--cuda-graphs needs {why}")
 
 
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
@@ -153,30 +197,64 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     checkpoints' state as "run"."""
     out = Path(out_dir)
     tcfg = resolve_train_config(tcfg)
+    check_cuda_graphs(tcfg, config)
     check_compatible(data, config)
     fingerprint = run_folder.data_fingerprint(data, config.modalities)
+    # several processes: the same data everywhere, and the run folder is rank 0's (it alone reads and writes
+    # it; the folder need not be shared between machines); its refusals stop every rank
+    distributed.same_everywhere(fingerprint["sha256"], "training data (SHA-256 of its tensors)")
+    splits = None
     if resume:
-        saved = run_folder.saved_run(out)
-        run_folder.check_resume(saved, config, tcfg, fingerprint)
+        distributed.on_main(_check_resume, out, config, tcfg, fingerprint)
     else:
-        run_folder.check_new_run_folder(out, overwrite=overwrite)
+        distributed.on_main(run_folder.check_new_run_folder, out, overwrite=overwrite)
         splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
         if not _labelled(data, splits["train"]):
             raise DataError(f"{data.source}: field 'labels': no training utterance is labelled (all are "
                             f"{IGNORE_INDEX}, unlabelled)")
-    with run_folder.RunLock(out):
-        if resume:              # again under the lock: another process may have written meanwhile
-            saved = run_folder.saved_run(out)
-            run_folder.check_resume(saved, config, tcfg, fingerprint)
-        else:
-            run_folder.check_new_run_folder(out, overwrite=overwrite)
-            if overwrite:
-                run_folder.clear_run(out)
-        run_folder.clean_temporaries(out)
-        dev = torch.device(tcfg.device)
+        check_world_size(splits, tcfg.world_size, data.source)
+    with contextlib.ExitStack() as held:
+        def lock_and_check():
+            held.enter_context(run_folder.RunLock(out))
+            checkpoint = None
+            if resume:          # again under the lock: another process may have written meanwhile
+                checkpoint = _check_resume(out, config, tcfg, fingerprint)
+            else:
+                run_folder.check_new_run_folder(out, overwrite=overwrite)
+                if overwrite:
+                    run_folder.clear_run(out)
+            run_folder.clean_temporaries(out)
+            return checkpoint
+        checkpoint = distributed.on_main(lock_and_check)
+        dev = torch.device(distributed.local_device(tcfg.device))
         with engine.on_device(dev), engine.deterministic_mode(tcfg.deterministic, dev):
-            return _train(data, config, tcfg, out, saved.checkpoint if resume else None,
-                          None if resume else splits, fingerprint, progress, log, run_info)
+            return _train(data, config, tcfg, out, checkpoint, splits, fingerprint, progress, log, run_info)
+
+
+def _check_resume(out: Path, config, tcfg, fingerprint) -> Path:
+    saved = run_folder.saved_run(out)
+    run_folder.check_resume(saved, config, tcfg, fingerprint)
+    return saved.checkpoint
+
+
+def check_world_size(splits: dict, world_size: int, source) -> None:
+    """Every process needs a conversation in every step, and a conversation is never cut."""
+    n = len(splits["train"])
+    if world_size > n:
+        raise ConfigError(f"{world_size} processes and {n} training conversation(s) in {source}: every process "
+                          f"needs at least one conversation per step (a conversation is never cut); start at most "
+                          f"{n} processes (torchrun --nproc-per-node, --nnodes)")
+
+
+def _to_cpu(obj):
+    """State dicts on the CPU, to travel between ranks (a CUDA tensor would arrive on the sender's card)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
 
 
 def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
@@ -186,7 +264,10 @@ def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
 
 def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fingerprint, progress, log,
            run_info=None) -> dict:
-    device = tcfg.device
+    ctx = distributed.context()
+    if not ctx.main:                     # rank 0 speaks and writes for the run
+        progress, log = False, (lambda *_: None)
+    device = distributed.local_device(tcfg.device)
     dev = torch.device(device)
     torch.manual_seed(tcfg.seed)
     model = CMATH(config).to(device)
@@ -197,20 +278,33 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     saved_config = config_to_dict(config)
     ema = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, device, average_into=ema)
+        # rank 0 reads the checkpoint (its folder may be on rank 0's machine alone) and hands it on
+        state = distributed.on_main(load_checkpoint, resume_from, model, optimizer, device, average_into=ema)
+        if ctx.active:
+            weights = distributed.broadcast(_to_cpu((model.state_dict(), optimizer.state_dict(),
+                                                     ema.average if ema is not None else None)) if ctx.main else None)
+            if not ctx.main:
+                model.load_state_dict(weights[0])
+                optimizer.load_state_dict(weights[1])
+                if ema is not None:
+                    ema.load(weights[2])
         precision.load_state_dict(state.get("scaler"))
         splits = state["splits"]
-        log(f"resumed from {resume_from} after epoch {state['epoch']}")
-        # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them as
-        # the checkpoint has them (the new settings are written with the next checkpoint)
-        _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
-        _write_metrics(out, state)
-        _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
+        check_world_size(splits, tcfg.world_size, data.source)
+        had = (state.get("train_config") or {}).get("world_size", 1)
+        log(f"resumed from {resume_from} after epoch {state['epoch']}"
+            + (f", with {tcfg.world_size} processes (the run had {had})" if had != tcfg.world_size else ""))
+        if ctx.main:
+            # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them
+            # as the checkpoint has them (the new settings are written with the next checkpoint)
+            _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
+            _write_metrics(out, state)
+            _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
         state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
         state.setdefault("data", fingerprint)
     else:
         state["splits"] = splits
-        if tcfg.baseline:
+        if tcfg.baseline and ctx.main:                             # only rank 0 writes it
             state["baseline"] = context_free_baseline(data, splits, config.modalities)
             log(_baseline_line(state["baseline"]))
     if config.class_weights:
@@ -224,13 +318,23 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
         f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
-        + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else ""))
+        + (f", {ctx.world_size} processes ({dist_backend()}), about {tcfg.batch_utterances} utterances per step "
+           f"over all of them" if ctx.active else "")
+        + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
+        + (", CUDA graphs" if tcfg.cuda_graphs else ""))
     corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
                         else None)
     compiled = engine.compile_model(model) if tcfg.compile else None
     meter = engine.StepMeter(dev)
-    stepper = engine.Stepper(model, compiled if compiled is not None else model, optimizer, precision,
-                             tcfg.grad_clip, meter)
+    forward = compiled if compiled is not None else model
+    if ctx.active:
+        # buffers (class weights, input statistics) are set alike on every rank and never change: no broadcast
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
+    if tcfg.cuda_graphs:
+        stepper = GraphedStepper(model, optimizer, precision, tcfg.grad_clip, meter)
+    else:
+        stepper = engine.Stepper(model, forward, optimizer, precision, tcfg.grad_clip, meter)
     compile_said = False
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         if _stop_early(state, tcfg):
@@ -239,15 +343,17 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         model.train()
         batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
                                         seed=tcfg.seed * 10_007 + epoch)
+        steps = rank_batches(batches, lengths, ctx.world_size)         # steps[s][r]: rank r's share of step s
+        batches = [shares[ctx.rank] for shares in steps]
+        first_rows = [rows_before(shares, lengths, ctx.rank) for shares in steps]
         plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
         total, count, norms, steps, skipped, t0 = 0.0, 0, 0.0, 0, 0, time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
         feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
         with feed:                                   # its thread stops however the loop ends
             for i, micro in enumerate(feed):
-                for g in optimizer.param_groups:
-                    g["lr"] = learning_rate(tcfg, state["global_step"], len(batches))
-                stepper(micro, tcfg.seed, state["global_step"])
+                stepper.set_lr(learning_rate(tcfg, state["global_step"], len(batches)))
+                stepper(micro, tcfg.seed, state["global_step"], first_rows[i])
                 if ema is not None:
                     ema.update(model)
                 state["global_step"] += 1
@@ -267,11 +373,15 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                                         grad_norm=f"{seen['grad_norm_sum'] / max(seen['steps'], 1):.2f}")
         bar.close()
         train_seconds = time.perf_counter() - t0
+        if tcfg.cuda_graphs:
+            log(f"CUDA graphs: {len(stepper.graphs)} batch shapes captured, {stepper.replayed} steps replayed so far")
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
         # evaluated as selected (the weight average, if any), in the training precision
         with ema.applied(model) if ema is not None else nullcontext(), precision.autocast():
-            valid, _, _ = evaluate_split(model, data, splits["valid"]) if splits["valid"] else (None, None, None)
-            test, y_test, p_test = evaluate_split(model, data, splits["test"]) if splits["test"] else (None, None, None)
+            valid, _, _ = (evaluate_split(model, data, splits["valid"], sharded=True) if splits["valid"]
+                           else (None, None, None))
+            test, y_test, p_test = (evaluate_split(model, data, splits["test"], sharded=True) if splits["test"]
+                                    else (None, None, None))
         average = ema.average if ema is not None else None
         if precision.state_dict() is not None:
             state["scaler"] = precision.state_dict()          # fp16: the loss scale, so resume continues it
@@ -287,15 +397,18 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             state["best_test"] = {"weighted_f1": test["weighted_f1"], "accuracy": test["accuracy"], "epoch": epoch}
         # best first, then last: both hold the whole state of this epoch, so --resume can continue from
         # either (a kill between the two leaves best one epoch ahead of last)
+        # every rank keeps the same state (the metrics were gathered); rank 0 alone writes it
         if state["best_valid"] is None or score > state["best_valid"]["score"]:
             state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
-            save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
-            if test is not None:
+            if ctx.main:
+                save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
+            if test is not None and ctx.main:
                 save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
                                       f"test, epoch {epoch} (selected on validation)")
-        save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
-        _write_run_files(out, saved_config, dataclasses.asdict(tcfg))   # with the first checkpoint, never before
-        _write_metrics(out, state)
+        if ctx.main:
+            save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
+            _write_run_files(out, saved_config, dataclasses.asdict(tcfg))  # with the first checkpoint, never before
+            _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
             + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
@@ -303,7 +416,14 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         if _stop_early(state, tcfg):
             log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
                 f"(best epoch {state['best_valid']['epoch']})")
-    return json.loads((out / "metrics.json").read_text())
+    if ctx.main:
+        return json.loads((out / "metrics.json").read_text())
+    return json.loads(json.dumps(_metrics(state)))             # what rank 0 wrote, without reading its folder
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+    return dist.get_backend() if dist.is_initialized() else "none"
 
 
 def _read_meter(meter: engine.StepMeter, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> dict:
@@ -335,7 +455,9 @@ def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig
 
 def _write_run_files(out: Path, config: dict, tcfg: dict) -> None:
     """config.json and train_config.json, readable copies of what the checkpoints carry; a file that
-    already says the same is left alone."""
+    already says the same is left alone. train_config.json also states the effective batch,
+    `utterances_per_step` (over all `world_size` processes: the same for any number of them)."""
+    tcfg = {**tcfg, "world_size": tcfg.get("world_size", 1), "utterances_per_step": tcfg["batch_utterances"]}
     for name, obj in (("config.json", config), ("train_config.json", tcfg)):
         text = json.dumps(obj, indent=2) + "\n"
         path = out / name
@@ -369,11 +491,20 @@ def _baseline_line(b: dict) -> str:
 
 
 def _write_metrics(out: Path, state: dict) -> None:
+    metrics = _metrics(state)
+    if metrics is None:
+        return
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
+
+
+def _metrics(state: dict) -> dict | None:
     best = state["best_valid"]
     if best is None:
-        return
+        return None
     test = best["test"] or {}
-    metrics = {
+    return {
         "selected_by_validation": {"weighted_f1": test.get("weighted_f1"), "accuracy": test.get("accuracy"),
                                    "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
                                    "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
@@ -381,9 +512,6 @@ def _write_metrics(out: Path, state: dict) -> None:
         "baseline_context_free": state.get("baseline"),
         "history": state["history"],
     }
-    text = json.dumps(metrics, indent=2) + "\n"
-    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
-    save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
 
 
 def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:

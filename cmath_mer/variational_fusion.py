@@ -23,10 +23,10 @@ class VariationalFusion(nn.Module):
         self.experts = nn.ModuleDict({c: nn.Linear(d_model, 2 * d_latent) for c in centrals})
         self.detach_teacher, self.backend = detach_teacher, backend
 
-    def forward(self, fine: dict[str, torch.Tensor], *, seed: int, sample: bool):
+    def forward(self, fine: dict[str, torch.Tensor], *, seed: int, sample: bool, eps_offset: int = 0):
         # fine: c -> F_c (T, d). Returns z, mu_f, logvar_f (T, d_z) and kl_prior, kl_consistency (scalars)
         params = torch.stack([self.experts[c](f) for c, f in fine.items()])          # (C, T, 2 d_z)
         mu, raw_logvar = params.chunk(2, dim=-1)                                     # (C, T, d_z) each
         logvar = LOGVAR_BOUND * torch.tanh(raw_logvar / LOGVAR_BOUND)
         return variational_fusion(mu.contiguous(), logvar.contiguous(), seed=seed, sample=sample,
-                                  detach_teacher=self.detach_teacher, backend=self.backend)
+                                  detach_teacher=self.detach_teacher, eps_offset=eps_offset, backend=self.backend)

@@ -29,6 +29,16 @@ def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float
 
 
 
+def reconstruction_inputs(T, M, K, dtype, seed):
+    """h (T, K), weight (M, K) scaled by 1/sqrt(K), bias (M,), target (T, M): seeded, drawn in float64."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(T, K, generator=g, dtype=torch.float64)
+    w = torch.randn(M, K, generator=g, dtype=torch.float64) / K ** 0.5
+    b = torch.randn(M, generator=g, dtype=torch.float64)
+    target = torch.randn(T, M, generator=g, dtype=torch.float64)
+    return [x.to(dtype) for x in (h, w, b, target)]
+
+
 def write_csv(path: Path, header, rows) -> Path:
     """A UTF-8 CSV of a header and rows, as a user's transcript table would be."""
     with open(path, "w", newline="", encoding="utf-8") as f:

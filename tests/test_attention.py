@@ -187,3 +187,31 @@ def test_reference_float32_matches_float64_dense():
         want = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do.double())
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert_rel_close(name, a, b, TOL[torch.float32])
+
+
+@needs_triton
+def test_block_tables_are_prepared_once_per_batch(fused, monkeypatch):
+    """Forward and backward of several calls on one cu_seqlens build each block table once; an in-place
+    change of cu_seqlens, or another tensor, builds it again (and the results stay right)."""
+    calls = []
+    real = fused.prepare_block_indices
+
+    def spy(cu, block, T):
+        calls.append(block)
+        return real(cu, block, T)
+    monkeypatch.setattr(fused, "prepare_block_indices", spy)
+    use_blocks(monkeypatch, fused, SMALL)
+    fused._TABLE_CACHE.clear()
+    lengths = [int(n) for n in torch.randint(1, 40, (3,))]
+    q, k, v, do, cu = make_inputs(lengths, 2, 1, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
+    for _ in range(3):
+        o, dq, dk, dv = grads(fused.fused_multi_source_attention, q, k, v, do, cu_seqlens=cu)
+    assert len(calls) == 1                       # SMALL: one block size (16) for all three kernels
+    ref = grads(naive_multi_source_attention, q, k, v, do, cu_seqlens=cu)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref):
+        assert_rel_close(name, a, b, 1e-5)
+    cu.add_(0)                                   # an in-place op: same values, new version
+    grads(fused.fused_multi_source_attention, q, k, v, do, cu_seqlens=cu)
+    assert len(calls) == 2
+    grads(fused.fused_multi_source_attention, q, k, v, do, cu_seqlens=cu.clone())
+    assert len(calls) == 3

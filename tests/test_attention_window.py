@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmath_mer.bench_long import blocked_reference_before
+from cmath_mer.benchmark.long import blocked_reference_before
 from cmath_mer.kernels.attention import naive
 from cmath_mer.kernels.attention.naive import banded_attention, key_range, naive_multi_source_attention
 

@@ -54,6 +54,7 @@ def _opcheck_cases():
     q, k, v, cu = _attn_inputs()
     h, w, b, t = _recon_inputs()
     mu, lv = _vf_inputs()
+    seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)      # the ops take the seed as a tensor
 
     def rg(*xs):
         return [x.clone().requires_grad_() for x in xs]
@@ -64,9 +65,9 @@ def _opcheck_cases():
         ("reconstruction_triton", recon.reconstruction_loss_op, (*rg(h, w, b), t, True, True)),
         ("reconstruction_triton_nograd", recon.reconstruction_loss_op, (h, w, b, t, False, False)),
         ("reconstruction_ref", reference_ops.reconstruction_ref_op, (*rg(h, w, b), t)),
-        ("variational_triton", vf.variational_fusion_op, (*rg(mu, lv), 3, True, False)),
-        ("variational_triton_mean", vf.variational_fusion_op, (*rg(mu, lv), 3, False, True)),
-        ("variational_ref", reference_ops.variational_ref_op, (*rg(mu, lv), 3, True, False)),
+        ("variational_triton", vf.variational_fusion_op, (*rg(mu, lv), seed, True, False)),
+        ("variational_triton_mean", vf.variational_fusion_op, (*rg(mu, lv), seed, False, True)),
+        ("variational_ref", reference_ops.variational_ref_op, (*rg(mu, lv), seed, True, False)),
     ]
 
 
@@ -87,8 +88,8 @@ def test_reference_ops_gradients_equal_the_references():
          lambda q, k, v: K.naive_multi_source_attention(q, k, v, cu, window=1, scale=0.3), (q, k, v)),
         (lambda h, w, b: reference_ops.reconstruction_ref_op(h, w, b, t),
          lambda h, w, b: K.naive_reconstruction_loss(h, w, b, t), (h, w, b)),
-        (lambda m, l: sum(o.sum() * (i + 1) for i, o in enumerate(reference_ops.variational_ref_op(m, l, 4, True,
-                                                                                                  True))),
+        (lambda m, l: sum(o.sum() * (i + 1) for i, o in enumerate(reference_ops.variational_ref_op(
+            m, l, torch.tensor([4]), True, True))),
          lambda m, l: sum(o.sum() * (i + 1) for i, o in enumerate(K.naive_variational_fusion(m, l, seed=4, sample=True,
                                                                                             detach_teacher=True))),
          (mu, lv)),
@@ -113,7 +114,8 @@ def test_fake_tensors_give_shapes_without_running_kernels():
         dq, dk, dv = attn.attention_backward_op(q, k, k, o, lse, o, cu, 5, 0.2)
         loss, dh, dw, db = recon.reconstruction_loss_op(torch.empty(1000, 64), torch.empty(80, 64), torch.empty(80),
                                                         torch.empty(1000, 80), True, True)
-        outs = vf.variational_fusion_op(torch.empty(3, 1000, 8), torch.empty(3, 1000, 8), 0, True, True)
+        outs = vf.variational_fusion_op(torch.empty(3, 1000, 8), torch.empty(3, 1000, 8),
+                                        torch.zeros(1, dtype=torch.int64), True, True)
     assert o.shape == (1000, 4, 32) and lse.shape == (1000, 4) and dk.shape == (2, 1000, 4, 32)
     assert loss.shape == () and dh.shape == (1000, 64) and dw.shape == (80, 64) and db.shape == (80,)
     assert [tuple(x.shape) for x in outs] == [(1000, 8)] * 3 + [()] * 2

@@ -61,8 +61,8 @@ def test_early_stopping_stops_patience_epochs_after_the_best_and_resume_does_not
     real = train_module.evaluate_split
     calls = {"valid": 0}
 
-    def scripted(model, data_, conversations):
-        metrics, y, p = real(model, data_, conversations)
+    def scripted(model, data_, conversations, **options):
+        metrics, y, p = real(model, data_, conversations, **options)
         if conversations == make_splits(data, 0.1, 0)["valid"]:
             calls["valid"] += 1                  # validation F1 rises to epoch `peak`, then falls
             metrics = {**metrics, "weighted_f1": 50.0 - abs(calls["valid"] - peak)}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_rel_close, needs_triton
+from helpers import assert_rel_close, reconstruction_inputs, needs_triton
 
 pytestmark = needs_triton
 
@@ -24,13 +24,7 @@ SHAPES = [  # (T, M, K): single row, odd widths, a block and a block + 1 of rows
 ]
 
 
-def _inputs(T, M, K, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(T, K, generator=g, dtype=torch.float64)
-    w = torch.randn(M, K, generator=g, dtype=torch.float64) / K ** 0.5
-    b = torch.randn(M, generator=g, dtype=torch.float64)
-    target = torch.randn(T, M, generator=g, dtype=torch.float64)
-    return [x.to(dtype) for x in (h, w, b, target)]
+_inputs = reconstruction_inputs
 
 
 def _float64_truth(h, w, b, target, g_out):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cmath_mer.kernels import variational_fusion
+
 from helpers import assert_rel_close, needs_triton
 
 pytestmark = needs_triton
@@ -204,3 +206,47 @@ def test_backward_refuses_double_backward():
     (g,) = torch.autograd.grad(z.pow(2).sum(), mu, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate"):
         g.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_seed_as_a_device_tensor_equals_the_int_and_is_read_at_run_time(backend):
+    """A one-element int64 seed tensor draws what the int draws, and writing a new value into the same
+    tensor changes the draw (a CUDA-graph replay reads the seed from memory, not from the launch)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    mu, logvar = _inputs(2, 37, 9, torch.float32, seed % 1000)
+    buf = torch.tensor([seed], dtype=torch.int64)
+    by_int = variational_fusion(mu, logvar, seed=seed, sample=True, backend=backend)
+    by_tensor = variational_fusion(mu, logvar, seed=buf, sample=True, backend=backend)
+    for a, b in zip(by_int, by_tensor):
+        assert torch.equal(a, b)
+    buf.fill_(seed + 1)
+    again = variational_fusion(mu, logvar, seed=buf, sample=True, backend=backend)
+    assert not torch.equal(again[0], by_int[0])
+    assert torch.equal(again[0], variational_fusion(mu, logvar, seed=seed + 1, sample=True, backend=backend)[0])
+    with pytest.raises(ValueError, match="int64"):
+        variational_fusion(mu, logvar, seed=torch.tensor([1.0]), sample=True, backend=backend)
+
+
+def test_eps_offset_places_a_part_in_the_whole_batch_on_both_paths(nan_poison):
+    """Issue 11: a rank's (or a micro-batch's) rows draw eps by their index in the step's whole batch, so the
+    parts, each with its eps_offset, give the whole batch's z and gradients; Triton and reference agree."""
+    from cmath_mer.kernels import naive_variational_fusion
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    torch.manual_seed(3)
+    C, T, Z, cut = 2, 37, 12, 16
+    mu, logvar = torch.randn(C, T, Z), torch.randn(C, T, Z)
+    for fn in (fused_variational_fusion, naive_variational_fusion):
+        whole = fn(mu, logvar, seed=5, sample=True)[0]
+        parts = [fn(mu[:, a:b].contiguous(), logvar[:, a:b].contiguous(), seed=5, sample=True, eps_offset=a * Z)[0]
+                 for a, b in ((0, cut), (cut, T))]
+        torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-6, atol=1e-6)
+        lv = logvar[:, cut:].clone().requires_grad_()      # d z / d logvar holds eps
+        fn(mu[:, cut:].contiguous(), lv, seed=5, sample=True, eps_offset=cut * Z)[0].sum().backward()
+        lv_all = logvar.clone().requires_grad_()
+        fn(mu, lv_all, seed=5, sample=True)[0].sum().backward()
+        torch.testing.assert_close(lv.grad, lv_all.grad[:, cut:], rtol=1e-6, atol=1e-6)
+    a = fused_variational_fusion(mu, logvar, seed=5, sample=True, eps_offset=1000)[0]
+    b = naive_variational_fusion(mu, logvar, seed=5, sample=True, eps_offset=1000)[0]
+    assert_rel_close("offset z", a, b, 1e-5)

@@ -2,7 +2,8 @@
 
     multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None)      -> (T, H, D)
     reconstruction_loss(h, weight, bias, target)                                  -> scalar
-    variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True)          -> 5-tuple
+    variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True, eps_offset=0) -> 5-tuple
+        (seed: an int, or a one-element int64 tensor on the inputs' device, read there: CUDA graphs)
 
 `backend` (keyword, default None = env var CMATH_BACKEND, default 'auto') picks the implementation;
 see backend.py. The Triton modules are imported only when used, so a CPU-only install needs no triton.
@@ -18,7 +19,8 @@ import torch
 
 from . import reference_ops
 from .attention.naive import naive_multi_source_attention
-from .backend import resolve_backend
+from .backend import reconstruction_impl, resolve_backend
+from .utils import seed_tensor
 from .reconstruction.naive import naive_reconstruction_loss
 from .variational.naive import naive_variational_fusion
 
@@ -45,6 +47,9 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         *, backend: str | None = None) -> torch.Tensor:
     """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
     if resolve_backend(backend, h.device) == "triton":
+        if reconstruction_impl() == "chunked":
+            from .reconstruction.chunked import chunked_reconstruction_loss
+            return chunked_reconstruction_loss(h, weight, bias, target)
         from .reconstruction.fused import fused_reconstruction_loss
         return fused_reconstruction_loss(h, weight, bias, target)
     if torch.compiler.is_compiling():
@@ -52,12 +57,19 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return naive_reconstruction_loss(h, weight, bias, target)
 
 
-def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
-                       detach_teacher: bool = True, backend: str | None = None):
-    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency)."""
+def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | torch.Tensor, sample: bool,
+                       detach_teacher: bool = True, eps_offset: int = 0, backend: str | None = None):
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency). eps[t, j] is
+    tl.randn(seed, eps_offset + t * Z + j): eps_offset places this batch in a larger one. seed: an int, or a
+    one-element int64 tensor on the inputs' device, read there (a CUDA graph replays with a new one)."""
     if resolve_backend(backend, mu.device) == "triton":
         from .variational.fused import fused_variational_fusion
-        return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+        return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
+                                        eps_offset=eps_offset)
     if torch.compiler.is_compiling():
-        return reference_ops.variational_ref_op(mu, logvar, int(seed), bool(sample), bool(detach_teacher))
-    return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher)
+        return reference_ops.variational_ref_op(mu, logvar, seed_tensor(seed, mu.device), bool(sample),
+                                                bool(detach_teacher), int(eps_offset))
+    if isinstance(seed, torch.Tensor):
+        seed = seed_tensor(seed, mu.device)                   # checked like the ops check it
+    return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
+                                    eps_offset=eps_offset)

@@ -1,6 +1,8 @@
 """Which implementation of the three ops runs: the PyTorch reference or the Triton kernels.
 
 `CMATH_BACKEND=torch|triton|auto` (or the model config's `backend` field, which wins when set).
+`CMATH_RECONSTRUCTION=kernel|chunked` picks, on the triton backend, the reconstruction loss's implementation:
+the Triton kernels (default) or row chunks on cuBLAS (kernels/reconstruction/chunked.py).
 auto = triton when the tensors live on a CUDA device and triton imports, torch otherwise.
 `triton` on CPU tensors is only meaningful under TRITON_INTERPRET=1 (how the tests check kernels).
 """
@@ -37,4 +39,14 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                                "cmath_mer is imported; use backend 'torch' on the CPU")
+    return name
+
+
+RECONSTRUCTION_IMPLS = ("kernel", "chunked")
+
+
+def reconstruction_impl() -> str:
+    name = os.environ.get("CMATH_RECONSTRUCTION", "kernel")
+    if name not in RECONSTRUCTION_IMPLS:
+        raise ValueError(f"CMATH_RECONSTRUCTION={name!r}: choose one of {', '.join(RECONSTRUCTION_IMPLS)}")
     return name

@@ -58,6 +58,22 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 # so a double backward through the op always raises (and a create_graph backward that never goes through
 # the op twice still works).
 # ----------------------------------------------------------------------------------------------------------
+def seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The variational seed as a (1,) int64 tensor on `device`, as the ops take it. A tensor is used as it
+    is: its value may change between CUDA-graph replays (engine.GraphedStepper writes it before each one).
+    An int is filled in on the device (a fill kernel: no host-to-device copy, no synchronisation)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed: an int or a one-element int64 tensor, got {seed.dtype} of shape "
+                             f"{tuple(seed.shape)}")
+        if seed.device.type != torch.device(device).type:
+            raise ValueError(f"seed is on {seed.device} but the inputs are on {device}")
+        return seed.reshape(1)
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
+    return torch.full((1,), int(seed), dtype=torch.int64, device=device)
+
+
 def once_differentiable(backward):
     @functools.wraps(backward)
     def wrapper(ctx, *grads):

@@ -41,6 +41,7 @@ MUFU ex2 ~ 132 SM * 16/clk * 1.83 GHz = 3.9e12/s; fp32 FMA pipes 67 TFLOP/s.
 """
 from __future__ import annotations
 
+import collections
 import os
 
 import torch
@@ -144,6 +145,33 @@ def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch
     blk = idx - (ends - nblk)[conv_c] if B > 0 else idx
     table = torch.stack([torch.where(real, conv, -1), torch.where(real, blk, 0)], dim=1)
     return table.to(torch.int32)
+
+
+# Block tables, prepared once per batch: a training step calls the op (forward and backward) once per central
+# modality and layer with the same cu_seqlens, and each preparation is a dozen small device ops (a host
+# cost that the GPU profile of 2026-11-26 showed among the step's largest). Keyed by the tensor's storage,
+# size and version counter (an in-place change bumps it); each entry holds its cu_seqlens, so no other
+# tensor can take that address while the entry lives.
+_TABLE_CACHE: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
+_TABLE_CACHE_SIZE = 16
+
+
+def block_table(cu_seqlens: torch.Tensor, block: int, T: int) -> torch.Tensor:
+    """prepare_block_indices(cu_seqlens, block, T), computed once per (cu_seqlens, block, T)."""
+    try:
+        version = cu_seqlens._version
+    except RuntimeError:                     # an inference-mode tensor keeps no version counter: no caching
+        return prepare_block_indices(cu_seqlens, block, T)
+    key = (cu_seqlens.data_ptr(), str(cu_seqlens.device), cu_seqlens.numel(), cu_seqlens.dtype, version, block, T)
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit[1]
+    table = prepare_block_indices(cu_seqlens, block, T)
+    _TABLE_CACHE[key] = (cu_seqlens, table)
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return table
 
 
 def _block_dim(head_dim: int) -> int:
@@ -418,7 +446,7 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
-    table = prepare_block_indices(cu_seqlens, BM, T)
+    table = block_table(cu_seqlens, BM, T)
     if T > 0:
         _attn_fwd_kernel[(table.shape[0], H)](q, k, v, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
                                               *_strides(k), H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
@@ -443,13 +471,12 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     BR = 64
     _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
     BM, BN = blocks["dq"]
-    table = prepare_block_indices(cu_seqlens, BM, T)
+    table = block_table(cu_seqlens, BM, T)
     _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
                                              T, S, window, *_strides(k), H=H, D=D, BD=BD, BM=BM, BN=BN,
                                              DOT_PREC=prec)
-    dq_block, (BM, BN) = BM, blocks["dkv"]
-    if BN != dq_block:                                           # same block size: reuse the table
-        table = prepare_block_indices(cu_seqlens, BN, T)
+    BM, BN = blocks["dkv"]
+    table = block_table(cu_seqlens, BN, T)
     _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
                                                  scale, T, S, window, *_strides(k), H=H, D=D, BD=BD,
                                                  BM=BM, BN=BN, DOT_PREC=prec)

@@ -43,8 +43,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
-                     patch_old_interpreter, register_autocast_to_region_dtype)
+from ..utils import check_same_device, dot_precision, gpu_dots_ok, input_guard, patch_old_interpreter
+from .grads_in_forward import register_grads_in_forward
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
@@ -270,44 +270,7 @@ def reconstruction_loss_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return loss, or_empty(dh), or_empty(dw), or_empty(db)
 
 
-@reconstruction_loss_op.register_fake
-def _(h, weight, bias, target, want_dh, want_dw):
-    acc_t = torch.float64 if h.dtype == torch.float64 else torch.float32
-    T, K = h.shape
-    M = weight.shape[0]
-    return (h.new_empty((), dtype=acc_t), h.new_empty((T, K) if want_dh else (0,), dtype=acc_t),
-            h.new_empty((M, K) if want_dw else (0,), dtype=acc_t), h.new_empty((M,) if want_dw else (0,),
-                                                                               dtype=acc_t))
-
-
-def _setup_context(ctx, inputs, output):
-    h, weight, bias, target, want_dh, want_dw = inputs
-    _, dh_raw, dw, db = output
-    ctx.mark_non_differentiable(dh_raw, dw, db)
-    ctx.save_for_backward(dh_raw, dw, db)
-    ctx.T = h.shape[0]
-    ctx.want = (want_dh, want_dw)
-    ctx.dtypes = (h.dtype, weight.dtype, bias.dtype)
-
-
-# The gradients are computed in the forward from the inputs' values; they are not functions of the inputs in
-# autograd's eyes, so a double backward would silently be zero: refuse it.
-@once_differentiable
-def _autograd_backward(ctx, grad_loss, _gdh, _gdw, _gdb):
-    dh_raw, dw, db = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if (need_h and not ctx.want[0]) or ((need_w or need_b) and not ctx.want[1]):
-        raise RuntimeError("reconstruction_loss: a gradient was asked for that the forward did not compute "
-                           "(requires_grad changed after the call?)")
-    g = grad_loss.reshape(()).to(dh_raw.dtype)
-    dh = (dh_raw * (g / ctx.T)).to(ctx.dtypes[0]) if need_h else None
-    dW = (dw * g).to(ctx.dtypes[1]) if need_w else None
-    dB = (db * g).to(ctx.dtypes[2]) if need_b else None
-    return dh, dW, dB, None, None, None
-
-
-reconstruction_loss_op.register_autograd(_autograd_backward, setup_context=_setup_context)
-register_autocast_to_region_dtype("cmath_mer::reconstruction_loss_triton", cast=(0, 1, 2, 3))
+register_grads_in_forward(reconstruction_loss_op)
 
 
 def _check(h, weight, bias, target):

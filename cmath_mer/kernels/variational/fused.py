@@ -4,7 +4,9 @@ forward and one kernel backward.
 
 Per element (t, j) of the (T, Z) latent, n = t * Z + j, with the C experts read in place from (C, T, Z):
     p_c = exp(-logvar_c),  P = 1 + sum_c p_c,  logvar_f = -log P,  var_f = 1 / P,  mu_f = sum_c mu_c p_c / P
-    z = mu_f + sqrt(var_f) * eps,  eps = tl.randn(seed, n)   (regenerated in the backward, never stored)
+    z = mu_f + sqrt(var_f) * eps,  eps = tl.randn(seed, eps_offset + n)   (regenerated in the backward, never
+    stored; eps_offset places the batch in a larger one: a rank's share of a distributed step draws the
+    numbers one process draws for those rows of the whole step)
     kl_prior       = (1/T) sum 0.5 * (-logvar_f + var_f + mu_f^2 - 1)
     kl_consistency = (1/T) sum_c 0.5 * (logvar_c - logvar_f + (var_f + (mu_f - mu_c)^2) p_c - 1)
 Backward, with G_mu / G_lv the total gradient reaching mu_f / logvar_f (from z, mu_f, logvar_f, kl_prior
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import (check_same_device, input_guard, once_differentiable, patch_old_interpreter,
+from ..utils import (check_same_device, input_guard, once_differentiable, patch_old_interpreter, seed_tensor,
                      register_autocast_to_region_dtype)
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -44,8 +46,8 @@ _MIN_BLOCK = min(c[0] for c in _CONFIGS + [_INTERPRET_CONFIG])
 _MAX_C = 3
 
 
-@triton.jit(do_not_specialize=["N", "seed"])
-def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, seed: tl.int64,
+@triton.jit(do_not_specialize=["N", "eps_offset"])
+def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, SEED, eps_offset: tl.int64,
                    C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
                    ACC: tl.constexpr):
     pid = tl.program_id(0)
@@ -62,8 +64,8 @@ def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, seed: tl.int64,
     mu_f = tl.sum(a * p, axis=0) * var_f
     lv_f = -tl.log(prec)
     if SAMPLE:
-        eps = tl.randn(seed, offs).to(ACC)
-        z = mu_f + tl.sqrt(var_f) * eps
+        eps = tl.randn(tl.load(SEED), offs + eps_offset).to(ACC)   # the seed is read from memory: a CUDA
+        z = mu_f + tl.sqrt(var_f) * eps                               # graph replays with the buffer's seed
     else:
         z = mu_f
     tl.store(ZO + offs, z.to(ZO.dtype.element_ty), mask=ok)
@@ -76,9 +78,9 @@ def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, seed: tl.int64,
     tl.store(KLC + pid, tl.sum(tl.sum(kl_c, axis=1), axis=0))
 
 
-@triton.jit(do_not_specialize=["N", "seed", "T", "has_gz", "has_gmu", "has_glv"])
-def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, seed: tl.int64, T, has_gz, has_gmu,
-                   has_glv,
+@triton.jit(do_not_specialize=["N", "eps_offset", "T", "has_gz", "has_gmu", "has_glv"])
+def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, SEED, eps_offset: tl.int64,
+                   T, has_gz, has_gmu, has_glv,
                    C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr,
                    BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
@@ -99,7 +101,7 @@ def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, seed: 
     g_mu = tl.load(GMU + offs, mask=ok & ((zero + has_gmu) != 0), other=0.0).to(ACC) + gz
     g_lv = tl.load(GLV + offs, mask=ok & ((zero + has_glv) != 0), other=0.0).to(ACC)
     if SAMPLE:
-        eps = tl.randn(seed, offs).to(ACC)
+        eps = tl.randn(tl.load(SEED), offs + eps_offset).to(ACC)
         g_lv += 0.5 * gz * tl.sqrt(var_f) * eps
     g_kp = tl.load(GKP).to(ACC) / T
     g_kc = tl.load(GKC).to(ACC) / T
@@ -157,7 +159,7 @@ def _grid(N):
 
 
 @input_guard
-def _forward(mu, logvar, seed: int, sample: bool):
+def _forward(mu, logvar, seed: torch.Tensor, sample: bool, eps_offset: int = 0):
     """-> z, mu_f, logvar_f (T, Z) in mu.dtype; kl_prior, kl_consistency 0-dim in fp32 (fp64 for fp64)."""
     C, T, Z = mu.shape
     N = T * Z
@@ -171,8 +173,8 @@ def _forward(mu, logvar, seed: int, sample: bool):
     if N == 0:
         return z, mu_f, lv_f, klp.new_zeros(()), klp.new_zeros(())
     launch = _fwd_launch
-    launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, C=C, C_PAD=triton.next_power_of_2(C),
-                     SAMPLE=sample, ACC=_acc(mu.dtype), **_meta())
+    launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, eps_offset, C=C,
+                     C_PAD=triton.next_power_of_2(C), SAMPLE=sample, ACC=_acc(mu.dtype), **_meta())
     # Only the partials of the config that ran last are this call's: an autotuner benchmarks every config
     # on these same buffers first, and a smaller BLOCK writes partials beyond the chosen config's programs.
     n = triton.cdiv(N, _launched_block(launch))
@@ -180,7 +182,8 @@ def _forward(mu, logvar, seed: int, sample: bool):
 
 
 @input_guard
-def _backward(mu, logvar, gz, gmu, glv, gkp, gkc, seed: int, sample: bool, detach: bool):
+def _backward(mu, logvar, gz, gmu, glv, gkp, gkc, seed: torch.Tensor, sample: bool, detach: bool,
+              eps_offset: int = 0):
     C, T, Z = mu.shape
     N = T * Z
     dmu = torch.empty_like(mu)
@@ -197,6 +200,7 @@ def _backward(mu, logvar, gz, gmu, glv, gkp, gkc, seed: int, sample: bool, detac
                                                                                      dtype=part_t)
     (gz_, hz), (gmu_, hm), (glv_, hl) = flat(gz), flat(gmu), flat(glv)
     _bwd_launch[_grid(N)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, seed,
+                          eps_offset,
                           T, hz, hm, hl, C=C, C_PAD=triton.next_power_of_2(C), SAMPLE=sample,
                           DETACH=detach, ACC=_acc(mu.dtype), **_meta())
     return dmu, dlv
@@ -209,14 +213,15 @@ _Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
 
 @torch.library.custom_op("cmath_mer::variational_fusion_triton", mutates_args=())
-def variational_fusion_op(mu: torch.Tensor, logvar: torch.Tensor, seed: int, sample: bool,
-                          detach_teacher: bool) -> _Tensors5:
-    """Triton forward. detach_teacher does not change the values; it is an input for the backward."""
-    return _forward(mu.contiguous(), logvar.contiguous(), seed, sample)
+def variational_fusion_op(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, sample: bool,
+                          detach_teacher: bool, eps_offset: int = 0) -> _Tensors5:
+    """Triton forward; seed: (1,) int64 on mu's device. detach_teacher does not change the values; it is an
+    input for the backward."""
+    return _forward(mu.contiguous(), logvar.contiguous(), seed, sample, eps_offset)
 
 
 @variational_fusion_op.register_fake
-def _(mu, logvar, seed, sample, detach_teacher):
+def _(mu, logvar, seed, sample, detach_teacher, eps_offset=0):
     C, T, Z = mu.shape
     part_t = _part_dtype(mu.dtype)
     return (mu.new_empty((T, Z)), mu.new_empty((T, Z)), mu.new_empty((T, Z)),
@@ -226,29 +231,32 @@ def _(mu, logvar, seed, sample, detach_teacher):
 @torch.library.custom_op("cmath_mer::variational_fusion_triton_backward", mutates_args=())
 def variational_fusion_backward_op(mu: torch.Tensor, logvar: torch.Tensor, gz: Optional[torch.Tensor],
                                    gmu: Optional[torch.Tensor], glv: Optional[torch.Tensor],
-                                   gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: int,
-                                   sample: bool, detach_teacher: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(mu.contiguous(), logvar.contiguous(), gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher)
+                                   gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: torch.Tensor,
+                                   sample: bool, detach_teacher: bool, eps_offset: int = 0
+                                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(mu.contiguous(), logvar.contiguous(), gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher,
+                     eps_offset)
 
 
 @variational_fusion_backward_op.register_fake
-def _(mu, logvar, gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher):
+def _(mu, logvar, gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher, eps_offset=0):
     return torch.empty_like(mu, memory_format=torch.contiguous_format), \
         torch.empty_like(logvar, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    mu, logvar, seed, sample, detach_teacher = inputs
-    ctx.save_for_backward(mu, logvar)
-    ctx.seed, ctx.sample, ctx.detach = seed, sample, detach_teacher
+    mu, logvar, seed, sample, detach_teacher, eps_offset = inputs
+    ctx.save_for_backward(mu, logvar, seed)
+    ctx.sample, ctx.detach, ctx.eps_offset = sample, detach_teacher, eps_offset
     ctx.set_materialize_grads(False)
 
 
 @once_differentiable
 def _autograd_backward(ctx, gz, gmu, glv, gkp, gkc):
-    mu, logvar = ctx.saved_tensors
-    dmu, dlv = variational_fusion_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, ctx.seed, ctx.sample, ctx.detach)
-    return dmu.to(mu.dtype), dlv.to(logvar.dtype), None, None, None
+    mu, logvar, seed = ctx.saved_tensors
+    dmu, dlv = variational_fusion_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, seed, ctx.sample, ctx.detach,
+                                              ctx.eps_offset)
+    return dmu.to(mu.dtype), dlv.to(logvar.dtype), None, None, None, None
 
 
 variational_fusion_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -266,8 +274,8 @@ def check_inputs(mu: torch.Tensor, logvar: torch.Tensor) -> None:
     check_same_device(mu=mu, logvar=logvar)
 
 
-def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
-                             detach_teacher: bool = True):
+def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | torch.Tensor, sample: bool,
+                             detach_teacher: bool = True, eps_offset: int = 0):
     """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency); see naive_variational_fusion.
 
     Outside autocast mu and logvar share one dtype and every output has it. In an autocast region they are
@@ -281,8 +289,9 @@ def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: in
     if mu.is_cuda and mu.dtype == torch.float64:  # outside the compiled specs
         from .. import variational_fusion
         return variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
-                                  backend="torch")
-    z, mu_f, lv_f, klp, klc = variational_fusion_op(mu, logvar, int(seed), bool(sample), bool(detach_teacher))
+                                  backend="torch", eps_offset=eps_offset)
+    z, mu_f, lv_f, klp, klc = variational_fusion_op(mu, logvar, seed_tensor(seed, mu.device), bool(sample),
+                                                    bool(detach_teacher), int(eps_offset))
     if not autocast:
         klp, klc = klp.to(z.dtype), klc.to(z.dtype)
     return z, mu_f, lv_f, klp, klc
@@ -304,15 +313,15 @@ def aot_specs() -> list[dict]:
     """Every (config x dtype x C x SAMPLE [x DETACH]) the two kernels launch with on a GPU.
 
     "attrs" carries the pointer divisibility the JIT sees (torch allocations are 16-byte aligned); N is a
-    runtime length (do_not_specialize), so its divisibility is never assumed. Seeds must lie in
-    [0, 2**63) (a larger one would be typed u64).
+    runtime length (do_not_specialize), so its divisibility is never assumed. SEED points at one int64 (a
+    (1,) tensor: 16-byte aligned like any torch allocation, but not assumed).
     """
     fwd, bwd = _unwrap(_vf_fwd_kernel), _unwrap(_vf_bwd_kernel)
     div = lambda fn, names: {n: [["tt.divisibility", 16]] for n in names}  # noqa: E731  (aot.py's format)
     specs = []
-    # N and seed are annotated tl.int64 in the kernels: one integer width whatever their values, so the JIT
-    # never builds an i32 variant (and the AOT report needs no i32/i64 product).
-    for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i64",), ("i64",)):
+    # N is annotated tl.int64 in the kernels: one integer width whatever its value, so the JIT never builds
+    # an i32 variant (and the AOT report needs no i32/i64 product). The seed is a pointer to one int64.
+    for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i64",), ("p",)):
         for C in range(1, _MAX_C + 1):
             cp = triton.next_power_of_2(C)
             for sample in (True, False):
@@ -321,9 +330,9 @@ def aot_specs() -> list[dict]:
                         "name": f"vf_fwd_{ty}_n{n_ty}_s{s_ty}_c{C}_{'sample' if sample else 'mean'}_b{block}_w{warps}",
                         "fn": fwd,
                         "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "ZO": f"*{ty}", "MUF": f"*{ty}",
-                                      "LVF": f"*{ty}", "KLP": "*fp32", "KLC": "*fp32", "N": n_ty, "seed": s_ty,
-                                      "C": "constexpr", "C_PAD": "constexpr", "SAMPLE": "constexpr",
-                                      "BLOCK": "constexpr", "ACC": "constexpr"},
+                                      "LVF": f"*{ty}", "KLP": "*fp32", "KLC": "*fp32", "N": n_ty, "SEED": "*i64",
+                                      "eps_offset": "i64", "C": "constexpr", "C_PAD": "constexpr",
+                                      "SAMPLE": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},
                         "constexprs": {"C": C, "C_PAD": cp, "SAMPLE": sample, "BLOCK": block, "ACC": tl.float32},
                         "attrs": div(fwd, ["MU", "LV", "ZO", "MUF", "LVF", "KLP", "KLC"]),
                         "num_warps": warps, "num_stages": 1})
@@ -334,7 +343,8 @@ def aot_specs() -> list[dict]:
                             "fn": bwd,
                             "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "GZ": f"*{ty}", "GMU": f"*{ty}",
                                           "GLV": f"*{ty}", "GKP": "*fp32", "GKC": "*fp32", "DMU": f"*{ty}",
-                                          "DLV": f"*{ty}", "N": n_ty, "seed": s_ty, "T": "i32",
+                                          "DLV": f"*{ty}", "N": n_ty, "SEED": "*i64", "eps_offset": "i64",
+                                          "T": "i32",
                                           "has_gz": "i32", "has_gmu": "i32", "has_glv": "i32",
                                           "C": "constexpr", "C_PAD": "constexpr", "SAMPLE": "constexpr",
                                           "DETACH": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},

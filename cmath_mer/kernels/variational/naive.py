@@ -18,11 +18,13 @@ def gaussian_kl(mu_p: torch.Tensor, logvar_p: torch.Tensor, mu_q: torch.Tensor,
 
 
 def naive_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int, sample: bool,
-                             detach_teacher: bool = True):
+                             detach_teacher: bool = True, eps_offset: int = 0):
     """mu, logvar: (C, T, Z). Returns (z, mu_f, logvar_f, kl_prior, kl_consistency).
 
     z, mu_f, logvar_f: (T, Z); kl_prior and kl_consistency are scalars (mean over T, sum over C and Z).
-    eps[t, j] = tl.randn(seed, t * Z + j): the Triton kernel draws the very same numbers.
+    eps[t, j] = tl.randn(seed, eps_offset + t * Z + j): the Triton kernel draws the very same numbers.
+    eps_offset = (rows before this batch) * Z when the batch is one part of a larger one (a rank's share of a
+    distributed step, a micro-batch): the parts together draw what the whole batch draws.
     """
     C, T, Z = mu.shape
     precision = torch.exp(-logvar)                                        # (C, T, Z)
@@ -30,7 +32,7 @@ def naive_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: in
     logvar_f = -torch.log(precision_f)
     mu_f = (mu * precision).sum(0) / precision_f                          # (T, Z)
     if sample:
-        eps = philox_randn(seed, T * Z, mu.device).view(T, Z).to(mu.dtype)
+        eps = philox_randn(seed, T * Z, mu.device, eps_offset).view(T, Z).to(mu.dtype)
         z = mu_f + torch.exp(0.5 * logvar_f) * eps
     else:
         z = mu_f

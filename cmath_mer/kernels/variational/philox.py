@@ -21,8 +21,9 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (mid >> 32) + (p_hi >> 16), mid & _MASK32
 
 
-def philox_randint(seed: int, offset: torch.Tensor, n_rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """First two uint32 words (as int64) of Philox for each int64 offset, as tl.randint4x gives them."""
+def philox_randint(seed: int | torch.Tensor, offset: torch.Tensor, n_rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """First two uint32 words (as int64) of Philox for each int64 offset, as tl.randint4x gives them. seed: an
+    int, or a one-element int64 tensor (read on the device: no host synchronisation)."""
     offset = offset.to(torch.int64)
     c0, c1 = offset & _MASK32, (offset >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
@@ -42,9 +43,15 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * 4.6566127342e-10
 
 
-def philox_randn(seed: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """eps[i] = tl.randn(seed, i) for i in [0, numel), float32."""
-    i1, i2 = philox_randint(int(seed), torch.arange(numel, device=device, dtype=torch.int64))
+def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu",
+                 offset: int = 0) -> torch.Tensor:
+    """eps[i] = tl.randn(seed, offset + i) for i in [0, numel), float32. seed: an int, or a one-element int64
+    tensor (read on its device: no host synchronisation)."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.to(device=device, dtype=torch.int64).reshape(())
+    else:
+        seed = int(seed)
+    i1, i2 = philox_randint(seed, torch.arange(offset, offset + numel, device=device, dtype=torch.int64))
     u1 = torch.clamp(_uniform(i1), min=1.0e-7)
     theta = 6.283185307179586 * _uniform(i2)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)

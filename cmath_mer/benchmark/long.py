@@ -2,7 +2,7 @@
 
     python -m cmath_mer.benchmark --long --out DIR [--device cpu|cuda]
 
-Cases (registered in benchmark.sweep(..., long=True); each runs in its own process like every other case):
+Cases (registered in cases.sweep(..., long=True); each runs in its own process like every other case):
 * `attention_window`: multi_source_attention fwd + bwd, one conversation, S = 2, H = 8, D = 32, window 64,
   N = 65,536 .. 1,048,576; backends `torch` (the banded reference) and, on CUDA, `triton`. On the CPU also
   `torch_before` at 65,536 and 131,072: the windowed reference as it was before (SDPA per 256-query block),
@@ -14,7 +14,7 @@ Cases (registered in benchmark.sweep(..., long=True); each runs in its own proce
 
 Windowed work is O(N * window), so each doubling of N should cost 2x the time and memory: the report gives
 `time_ratio_per_doubling` (this N's median / the previous N's, per doubling) and a plot against a
-linear reference line.
+linear reference line (plots.plot_long).
 """
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from ..packing import cu_seqlens_from
+from .calls import dtype_of, elem_size, fwdbwd, model_batch, training_step
+from .cases import H_HEADS, find_row, make_case
 
 WINDOW = 64
 ATTN_N = (65536, 131072, 262144, 524288, 1048576)
@@ -31,19 +35,19 @@ TEXT_N = (262144, 524288, 1048576)
 LONG_OPS = ("attention_window", "train_window", "train_window_text")
 
 
-def long_cases(device: str, case_fn) -> list[dict]:
+def long_cases(device: str) -> list[dict]:
     """The long-conversation cases, in the order they run (N ascending within a series)."""
     cuda = device == "cuda"
     backends = ("torch", "triton") if cuda else ("torch",)
     cases = []
     for backend in backends:
-        cases += [case_fn("attention_window", backend, N, batch="one", S=2, D=32, device=device) for N in ATTN_N]
+        cases += [make_case("attention_window", backend, N, batch="one", S=2, D=32, device=device) for N in ATTN_N]
     if not cuda:
-        cases += [case_fn("attention_window", "torch_before", N, batch="one", S=2, D=32, device=device)
+        cases += [make_case("attention_window", "torch_before", N, batch="one", S=2, D=32, device=device)
                   for N in BEFORE_N]
     for backend in backends:
-        cases += [case_fn("train_window", backend, N, mode="train", batch="one", device=device) for N in TRAIN_N]
-        cases += [case_fn("train_window_text", backend, N, mode="train", batch="one", device=device)
+        cases += [make_case("train_window", backend, N, mode="train", batch="one", device=device) for N in TRAIN_N]
+        cases += [make_case("train_window_text", backend, N, mode="train", batch="one", device=device)
                   for N in TEXT_N]
     return [dict(c, window=WINDOW) for c in cases]
 
@@ -84,25 +88,25 @@ def blocked_reference_before(q, k, v, cu_seqlens, *, window=None, scale=None, qu
 # ------------------------------------------------------------------------------------------- building
 
 
-def build(case: dict, dev: torch.device, B):
-    """(call, info) for a long case; B is the benchmark module (its batch and timing helpers)."""
+def build(case: dict, dev: torch.device):
+    """(call, info) for a long case."""
     if case["op"] == "attention_window":
-        return _build_attention(case, dev, B)
-    return _build_train(case, dev, B)
+        return _build_attention(case, dev)
+    return _build_train(case, dev)
 
 
-def _build_attention(case, dev, B):
-    from .kernels import multi_source_attention
-    S, D, H, N, w = case["S"], case["D"], B.H_HEADS, case["N"], case["window"]
-    dt = B._dtype(case["dtype"])
+def _build_attention(case, dev):
+    from ..kernels import multi_source_attention
+    S, D, H, N, w = case["S"], case["D"], H_HEADS, case["N"], case["window"]
+    dt = dtype_of(case["dtype"])
     g = torch.Generator().manual_seed(0)
     q = torch.randn(N, H, D, generator=g).to(dt).to(dev).requires_grad_()
     k = torch.randn(S, N, H, D, generator=g).to(dt).to(dev).requires_grad_()
     v = torch.randn(S, N, H, D, generator=g).to(dt).to(dev).requires_grad_()
     do = torch.randn(N, H, D, generator=g).to(dt).to(dev)
-    cu = B.cu_seqlens_from([N], device=dev)
+    cu = cu_seqlens_from([N], device=dev)
     pairs = S * (N * (2 * w + 1) - w * (w + 1)) if N > w else S * N * N      # |i - j| <= w within N
-    e = B._elem(case["dtype"])
+    e = elem_size(case["dtype"])
     info = dict(utterances=N, conversations=1, pairs=pairs, flops=4 * H * D * pairs * 3.5,
                 bytes=N * H * D * e * (6 + 6 * S), window=w)
     if case["backend"] == "torch_before":
@@ -113,12 +117,12 @@ def _build_attention(case, dev, B):
 
         def forward():
             return multi_source_attention(q, k, v, cu, window=w, backend=impl)
-    return B._fwdbwd(forward, (q, k, v), "fwdbwd", do), info
+    return fwdbwd(forward, (q, k, v), "fwdbwd", do), info
 
 
-def _build_train(case, dev, B):
-    from .config import preset
-    from .model import CMATH
+def _build_train(case, dev):
+    from ..config import preset
+    from ..model import CMATH
     impl = "triton" if case["backend"] == "triton" else "torch"
     cfg = preset("iemocap", backend=impl, window=case["window"])
     if case["op"] == "train_window_text":
@@ -126,22 +130,10 @@ def _build_train(case, dev, B):
                      input_dims={"text": cfg.input_dims["text"]})
     torch.manual_seed(0)
     model = CMATH(cfg).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    tiny = B._model_batch(cfg, [8, 8], dev, seed=1)            # AdamW state exists before the baseline
-    model(tiny, seed=0).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    batch = B._model_batch(cfg, [case["N"]], dev)
+    batch = model_batch(cfg, [case["N"]], dev)
     info = dict(utterances=case["N"], conversations=1, flops=0, bytes=0, window=case["window"],
                 modalities=",".join(cfg.modalities), recompute_from=cfg.recompute_from)
-
-    def call():
-        out = model(batch, seed=0)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
-    return call, info
+    return training_step(model, cfg, batch, dev), info
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -167,8 +159,8 @@ def summarize(rows: list[dict]) -> dict:
     ok = [r for r in rows if r.get("status") == "ok" and r.get("op") in LONG_OPS]
     s: dict = {}
 
-    def find(**kw):
-        return next((r for r in ok if all(r.get(k) == v for k, v in kw.items())), None)
+    def find(**fields):
+        return find_row(ok, **fields)
     for backend in ("torch", "triton"):
         a, b = find(op="attention_window", backend=backend, N=65536), find(op="attention_window", backend=backend,
                                                                           N=262144)
@@ -186,46 +178,3 @@ def summarize(rows: list[dict]) -> dict:
         if a and b:
             s[f"attention_window_speedup_over_before_N{N}"] = a["median_s"] / b["median_s"]
     return s
-
-
-def plot(results: dict, out) -> list:
-    """long_conversations.png: time and peak memory against N for every long series, with a line of
-    slope 1 (linear) through each series' first point and the ratio per doubling written at each point."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    series: dict = {}
-    for r in results["rows"]:
-        if r.get("op") in LONG_OPS and r.get("status") == "ok":
-            series.setdefault((r["op"], r["backend"]), []).append(r)
-    if not series:
-        return []
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.6))
-    for (op, backend), rs in sorted(series.items()):
-        rs = sorted(rs, key=lambda r: r["N"])
-        xs = [r["N"] for r in rs]
-        ts = [r["median_s"] for r in rs]
-        line, = ax_t.plot(xs, ts, marker="o", ms=4, label=f"{op} ({backend})")
-        ax_t.plot(xs, [ts[0] * x / xs[0] for x in xs], ":", color=line.get_color(), lw=1)
-        for r in rs:
-            if r.get("time_ratio_per_doubling"):
-                ax_t.annotate(f"x{r['time_ratio_per_doubling']:.2f}", (r["N"], r["median_s"]), fontsize=7,
-                              textcoords="offset points", xytext=(3, -10))
-        mem = [(r["N"], (r["peak_mem_bytes"] + r.get("rss_after_setup_bytes", 0)) / 2**30) for r in rs
-               if r.get("peak_mem_bytes") is not None]
-        if mem:
-            ax_m.plot(*zip(*mem), marker="o", ms=4, color=line.get_color(), label=f"{op} ({backend})")
-    for ax, yl in ((ax_t, "time of one call (s); dotted: linear"), (ax_m, "peak memory of the process (GiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("conversation length N (utterances), window 64")
-        ax.set_ylabel(yl)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"long conversations — {results['device']}: {results['machine']['device_name']} "
-                 "(x = time ratio per doubling of N; 2.0 is linear)", fontsize=9)
-    fig.tight_layout()
-    path = out / "long_conversations.png"
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return [path]

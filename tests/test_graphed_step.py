@@ -1,0 +1,86 @@
+"""--cuda-graphs (graphed_step.py) without a GPU: a stand-in for the CUDA graph API records the captured step
+and replays it by running it again on the static buffers, which is what a graph replay computes. What a
+replay must read from memory (the batch, the variational seed, the learning rate) is then checked against
+eager steps; the capture itself was verified on an H100 (benchmarks/results/2026-11-26-h100, run 3)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmath_mer import engine
+from cmath_mer.benchmark import _model_batch
+from cmath_mer.config import TrainConfig, preset
+from cmath_mer.errors import ConfigError
+from cmath_mer.graphed_step import GraphedStepper, batch_shape
+from cmath_mer.model import CMATH
+from cmath_mer.train import check_cuda_graphs
+
+
+class StandInGraphs:
+    """eager(fn) runs fn; capture(fn) runs nothing (as a capture executes nothing) and returns a graph whose
+    replay runs fn again."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def eager(self, fn):
+        fn()
+
+    def capture(self, fn):
+        self.captures += 1
+        return type("Replay", (), {"replay": staticmethod(fn)})()
+
+
+def _steppers(seed):
+    cfg = preset("iemocap", backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16)
+    torch.manual_seed(seed)
+    a = CMATH(cfg).train()
+    b = CMATH(cfg).train()
+    b.load_state_dict(a.state_dict())
+    lr = 2.0 ** -9                          # exact in fp32: the graphed AdamW holds it in a float32 tensor
+    opt_a = torch.optim.AdamW(a.parameters(), lr=lr, fused=True)
+    opt_b = torch.optim.AdamW(b.parameters(), lr=lr, fused=True)
+    eager = engine.Stepper(a, a, opt_a, engine.Precision("fp32", "cpu"), 1.0, engine.StepMeter("cpu"))
+    graphs = StandInGraphs()
+    graphed = GraphedStepper(b, opt_b, engine.Precision("fp32", "cpu"), 1.0, engine.StepMeter("cpu"), graphs)
+    return cfg, (a, eager), (b, graphed), graphs
+
+
+def test_replays_read_the_batch_seed_and_learning_rate_of_each_step():
+    seed = int(torch.randint(0, 1000, ()))
+    cfg, (a, eager), (b, graphed), graphs = _steppers(seed)
+    # two shapes, alternating, each batch with new data: the second and later steps of a shape are replays
+    shapes = [[5, 9], [12], [5, 9], [12], [5, 9], [12]]
+    lrs = [2.0 ** -9, 2.0 ** -9, 2.0 ** -10, 2.0 ** -10, 2.0 ** -11, 2.0 ** -8]
+    for step, (lengths, lr) in enumerate(zip(shapes, lrs)):
+        batch = _model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
+        for stepper in (eager, graphed):
+            torch.manual_seed(step)              # the same dropout draws for both
+            stepper.set_lr(lr)
+            stepper([batch], seed, step)
+    assert graphs.captures == 2 and graphed.captured == 2 and graphed.replayed == 4
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    ma, mb = eager.meter.read(), graphed.meter.read()
+    assert ma == mb and ma["steps"] == 6 and ma["first_step"] == 1
+
+
+def test_a_new_shape_is_a_real_eager_step_then_a_capture():
+    cfg, (a, eager), (b, graphed), graphs = _steppers(0)
+    before = [p.detach().clone() for p in b.parameters()]
+    graphed([_model_batch(cfg, [7], "cpu")], 0, 0)
+    assert graphs.captures == 1 and graphed.replayed == 0
+    assert any(not torch.equal(p, q) for p, q in zip(before, b.parameters()))     # the eager step updated
+    assert batch_shape(_model_batch(cfg, [7], "cpu")) != batch_shape(_model_batch(cfg, [3, 4], "cpu"))
+    with pytest.raises(ValueError, match="one micro-batch"):
+        graphed([_model_batch(cfg, [7], "cpu")] * 2, 0, 1)
+
+
+@pytest.mark.parametrize("settings,why", [
+    (dict(device="cpu", precision="bf16"), "CUDA device"),
+])
+def test_cuda_graphs_refuse_what_they_cannot_capture(settings, why):
+    cfg = preset("iemocap")
+    with pytest.raises(ConfigError, match=why):
+        check_cuda_graphs(TrainConfig(cuda_graphs=True, **settings), cfg)
+    check_cuda_graphs(TrainConfig(cuda_graphs=False, **settings), cfg)       # off: nothing to check
