@@ -154,24 +154,24 @@ def _group_key(r) -> tuple:
     return (r["op"], r["mode"], r["batch"], r["D"], r["S"], r["dtype"])
 
 
+# the title of each op's table; {names} are filled by _group_title
+_TITLES = {
+    "attention": "multi_source_attention S={S} D={D} H={H}, {mode}, {batch} batch, {dtype}",
+    "reconstruction": "reconstruction_loss K={K} M={M}, {mode}, {dtype}",
+    "variational": "variational_fusion C={C} Z={Z}, {mode}, {dtype}",
+    "train_step": "CMATH training step (fwd + bwd + AdamW), iemocap preset, {batch} batch",
+    "engine_step": "train.py's whole step (engine.Stepper: autocast, clip, AdamW, meters), iemocap preset, "
+                   "{batch} batch, {dtype}",
+    "attention_window": "multi_source_attention S={S} D={D} H={H}, window {W}, {mode}, one conversation, {dtype}",
+    "train_window": "CMATH training step, iemocap preset, window {W}, one conversation",
+    "train_window_text": "CMATH training step, iemocap preset text-only, window {W}, one conversation",
+    "inference": "CMATH inference (eval forward), iemocap preset, {batch} batch",
+}
+
+
 def _group_title(op, mode, batch, D, S, dtype) -> str:
-    if op == "attention":
-        return f"multi_source_attention S={S} D={D} H={H_HEADS}, {mode}, {batch} batch, {dtype}"
-    if op == "reconstruction":
-        return f"reconstruction_loss K={REC_K} M={REC_M}, {mode}, {dtype}"
-    if op == "variational":
-        return f"variational_fusion C={VAR_C} Z={VAR_Z}, {mode}, {dtype}"
-    if op == "train_step":
-        return f"CMATH training step (fwd + bwd + AdamW), iemocap preset, {batch} batch"
-    if op == "engine_step":
-        return f"train.py's whole step (engine.Stepper: autocast, clip, AdamW, meters), iemocap preset, {batch} batch, {dtype}"
-    if op == "attention_window":
-        return f"multi_source_attention S={S} D={D} H={H_HEADS}, window {long.WINDOW}, {mode}, one conversation, {dtype}"
-    if op == "train_window":
-        return f"CMATH training step, iemocap preset, window {long.WINDOW}, one conversation"
-    if op == "train_window_text":
-        return f"CMATH training step, iemocap preset text-only, window {long.WINDOW}, one conversation"
-    return f"CMATH inference (eval forward), iemocap preset, {batch} batch"
+    return _TITLES.get(op, _TITLES["inference"]).format(S=S, D=D, H=H_HEADS, K=REC_K, M=REC_M, C=VAR_C, Z=VAR_Z,
+                                                        W=long.WINDOW, mode=mode, batch=batch, dtype=dtype)
 
 
 def markdown_report(results: dict) -> str:
