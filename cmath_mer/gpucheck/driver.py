@@ -1,0 +1,122 @@
+"""The stage table, each stage in its own process with its own time limit, summary.md, and the command line."""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import graphs, parity, runs
+from .common import write_json
+
+
+STAGES = [
+    ("env", "torch, triton, CUDA, driver and card; nvidia-smi", 30),
+    ("parity", "the three ops on CUDA against float64: fp32 (exact path), fp32 with TF32, fp16, bf16; "
+               "forward and every gradient, odd lengths", 150),
+    ("autotune_cold", "a fresh process: the first call of every autotune key equals the reference "
+                      "(stale partial sums), and every config run in sequence on the same buffers", 60),
+    ("determinism", "ops and a model training step in two fresh processes: bitwise equal", 60),
+    ("cuda_graph", "one whole training step (bf16 autocast, Triton ops, AdamW) captured in a CUDA graph; "
+                   "replays equal eager steps", 45),
+    ("graph_train", "--cuda-graphs: graphed steps equal eager ones (two shapes, a new seed and lr each step), "
+                    "step times, and the demo trained both ways", 150),
+    ("profile", "torch.profiler over train.py's step (Triton ops, bf16): where the time goes, host syncs", 60),
+    ("train_demo", "the synthetic demo for 3 epochs on both backends; the loss curves agree", 100),
+    ("bench", "ops, model and engine step, torch/SDPA/Triton, and the device's copy and matmul ceilings", 130),
+]
+STAGE_NAMES = [s[0] for s in STAGES]
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+def run_stage(name: str, args) -> dict:
+    module = next(m for m in (parity, graphs, runs) if hasattr(m, f"stage_{name}"))
+    return getattr(module, f"stage_{name}")(args)
+
+
+def _summary_md(out: Path, results: dict) -> str:
+    env = results.get("env", {})
+    lines = [f"# GPU check, {results['started']}", "",
+             f"{env.get('gpu', 'CPU')}; torch {env.get('torch')}, triton {env.get('triton')}, CUDA "
+             f"{env.get('cuda')}", "", "| stage | result | seconds | checks |", "| --- | --- | --- | --- |"]
+    for name, what, _ in STAGES:
+        r = results.get(name)
+        if r is None:
+            continue
+        verdict = "PASS" if r.get("ok") else ("TIMEOUT" if r.get("timeout") else "FAIL")
+        lines.append(f"| {name} | {verdict} | {r.get('seconds', 0):.0f} | {what} |")
+    par = results.get("parity", {})
+    if par.get("rows"):
+        lines += ["", "## Parity (worst relative error vs float64, per case)", "",
+                  "| op | mode | shape | worst | tol | ok |", "| --- | --- | --- | --- | --- | --- |"]
+        for r in par["rows"]:
+            shape = {k: r[k] for k in ("lengths", "S", "H", "D", "window", "T", "M", "K", "C", "Z", "sample")
+                     if k in r}
+            lines.append(f"| {r['op']} | {r['mode']} | {shape} | {r.get('worst', r.get('error'))} | "
+                         f"{r.get('tol')} | {r.get('ok')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cmath_mer.gpucheck", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="results folder (default benchmarks/results/<date>-<card>)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--stages", default=",".join(STAGE_NAMES), help="comma-separated subset, in order")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and check it, run nothing")
+    p.add_argument("--jobs", type=int, default=8, help="parity worker processes")
+    p.add_argument("--bench-budget", type=float, default=95.0, help="seconds for the bench cases")
+    p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if unknown:
+        p.error(f"unknown stage(s) {unknown}; choose from {STAGE_NAMES}")
+    if args.dry_run:
+        for name, what, limit in STAGES:
+            if name in stages:
+                print(f"{name:14s} {limit:4d} s  {what}")
+        print(f"plan: {len(parity.parity_cases('cuda'))} parity cases on CUDA, "
+              f"{len(runs.bench_cases('cuda'))} bench cases")
+        print(f"total limit: {sum(s[2] for s in STAGES if s[0] in stages)} s")
+        return 0
+    if args.stage:                                     # inside a stage's process
+        res = run_stage(args.stage, args)
+        if args.worker is None:
+            print("RESULT " + json.dumps(res, default=str))
+        return 0
+    if args.out is None:
+        import torch
+        card = (torch.cuda.get_device_name(0).split()[1].lower() if args.device == "cuda" else "cpu")
+        args.out = f"benchmarks/results/{_dt.date.today().isoformat()}-{card}"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = dict(started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), device=args.device)
+    # the limits are sized for one H100; the interpreter on a CPU runs the small cases slower
+    limits = {n: lim * (1 if args.device == "cuda" else 4) for n, _, lim in STAGES}
+    for name in stages:
+        t0 = time.perf_counter()
+        cmd = [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device,
+               "--out", str(out), "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limits[name])
+            (out / f"{name}.log").write_text(proc.stdout[-200000:] + "\n--- stderr ---\n" + proc.stderr[-200000:])
+            got = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(got[-1]) if got else dict(ok=False, error=f"exit {proc.returncode}: "
+                                                                         f"{proc.stderr[-1500:]}")
+        except subprocess.TimeoutExpired as err:
+            (out / f"{name}.log").write_text(str(err.stdout or "")[-200000:] + "\n--- stderr ---\n"
+                                             + str(err.stderr or "")[-200000:])
+            res = dict(ok=False, timeout=True, error=f"over its {limits[name]} s limit")
+        res["seconds"] = time.perf_counter() - t0
+        results[name] = res
+        write_json(out / f"{name}.json", res)
+        print(f"{name:14s} {'PASS' if res.get('ok') else 'FAIL'}  {res['seconds']:6.1f} s", flush=True)
+        write_json(out / "summary.json", results)
+        (out / "summary.md").write_text(_summary_md(out, results))
+    return 0 if all(results[n].get("ok") for n in stages) else 1

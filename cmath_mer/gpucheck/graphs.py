@@ -1,0 +1,205 @@
+"""CUDA graphs: one captured training step against eager steps, and --cuda-graphs (graphed_step.py) against
+engine.Stepper, with step times and the demo trained both ways."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .common import rel_err
+
+
+# ------------------------------------------------------------------------------------------- CUDA graph
+
+def stage_cuda_graph(args) -> dict:
+    """The PyTorch whole-network capture recipe: warm up on a side stream, capture forward + backward +
+    clip + AdamW(capturable) on static inputs, replay; compare with the same steps run eagerly."""
+    import copy
+
+    import torch
+
+    from ..benchmark import _model_batch
+    from ..config import preset
+    from ..model import CMATH
+    if args.device != "cuda":
+        return dict(ok=True, skipped="CUDA graphs need a CUDA device")
+    dev = torch.device("cuda")
+    # dropout off: a graph replay draws new dropout masks from the graph's own RNG offsets, so only a step
+    # without dropout can be compared with eager steps (the variational eps is a function of the seed)
+    cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
+    torch.manual_seed(0)
+    model = CMATH(cfg).to(dev).train()
+    twin = copy.deepcopy(model)
+    batch = _model_batch(cfg, [37, 100, 5, 300, 64], dev)
+
+    def make_step(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, capturable=True)
+
+        def step():
+            opt.zero_grad(set_to_none=False)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = m(batch, seed=17).loss.float()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            return loss.detach()
+        return step
+
+    eager, graphed = make_step(twin), make_step(model)
+    res: dict = {}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):                                     # warm-up: autotune, allocator, AdamW state
+            graphed()
+            eager()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            static_loss = graphed()
+    except Exception as err:                                   # noqa: BLE001 - the finding
+        return dict(ok=False, captured=False, error=f"{type(err).__name__}: {err}"[:1500],
+                    trace=traceback.format_exc()[-2500:])
+    losses_g, losses_e = [], []
+    for _ in range(5):
+        g.replay()
+        losses_g.append(static_loss.clone())
+        losses_e.append(eager())
+    torch.cuda.synchronize()
+    lg, le = torch.stack(losses_g).tolist(), torch.stack(losses_e).tolist()
+    # all parameters as one vector: a zero-initialised bias alone has O(1) relative differences
+    perr = rel_err(torch.cat([p.detach().flatten() for p in model.parameters()]),
+                   torch.cat([p.detach().flatten() for p in twin.parameters()]))
+    t = {}
+    for name, fn in (("graph_replay", g.replay), ("eager", eager)):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t[name + "_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+    res.update(ok=bool(perr < 1e-3 and all(abs(a - b) <= 1e-3 * abs(b) + 1e-4 for a, b in zip(lg, le))),
+               captured=True, losses_graph=lg, losses_eager=le, param_rel_err_after_5=perr,
+               utterances=batch.num_utterances, step_time=t)
+    return res
+
+
+# -------------------------------------------------------------------------------------- graphed training
+
+def _graph_equality(dev) -> dict:
+    """Eager engine.Stepper and GraphedStepper from one initialisation, dropout off, two batch shapes
+    alternating, a new variational seed and learning rate every step: the parameters must agree."""
+    import copy
+
+    import torch
+
+    from .. import engine
+    from ..benchmark import _model_batch
+    from ..config import preset
+    from ..graphed_step import GraphedStepper, make_capturable
+    from ..model import CMATH
+    cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
+    torch.manual_seed(0)
+    a = CMATH(cfg).to(dev).train()
+    b = copy.deepcopy(a)
+    prec = engine.Precision("bf16", dev)
+    eager = engine.Stepper(a, a, engine.make_optimizer(a, 1e-3, 0.01, "bf16"), prec, 1.0, engine.StepMeter(dev))
+    graphed = GraphedStepper(b, engine.make_optimizer(b, 1e-3, 0.01, "bf16"), prec, 1.0, engine.StepMeter(dev))
+    make_capturable(eager.optimizer, dev)        # the same AdamW arithmetic on both sides (lr in a tensor)
+    shapes = [[37, 100, 5], [300], [37, 100, 5], [300], [37, 100, 5], [300], [37, 100, 5], [300]]
+    for step, lengths in enumerate(shapes):
+        batch = _model_batch(cfg, lengths, dev, seed=step)
+        for st in (eager, graphed):
+            for group in st.optimizer.param_groups:
+                group["lr"].fill_(1e-3 * 0.5 ** (step // 2))
+            st([batch], 7, step)
+    torch.cuda.synchronize()
+    flat = [torch.cat([p.detach().flatten().double() for p in m.parameters()]) for m in (a, b)]
+    err = rel_err(flat[1], flat[0])
+    ma, mb = eager.meter.read(), graphed.meter.read()
+    return dict(param_rel_err=err, bitwise=bool(torch.equal(flat[0], flat[1])), captured=graphed.captured,
+                replayed=graphed.replayed, loss_sum_eager=ma["loss_sum"], loss_sum_graphed=mb["loss_sum"],
+                ok=bool(err < 1e-5 and graphed.captured == 2 and graphed.replayed == 6))
+
+
+def _graph_timing(dev) -> dict:
+    import torch
+
+    from .. import engine
+    from ..benchmark import _model_batch
+    from ..config import preset
+    from ..graphed_step import GraphedStepper
+    from ..model import CMATH
+    out = {}
+    for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
+        cfg = preset("iemocap", backend="triton")
+        row = {"utterances": sum(lengths)}
+        for kind in ("eager", "graphs"):
+            torch.manual_seed(0)
+            model = CMATH(cfg).to(dev).train()
+            opt = engine.make_optimizer(model, 1e-3, 0.01, "bf16")
+            prec, meter = engine.Precision("bf16", dev), engine.StepMeter(dev)
+            st = (GraphedStepper(model, opt, prec, 1.0, meter) if kind == "graphs"
+                  else engine.Stepper(model, model, opt, prec, 1.0, meter))
+            batch = _model_batch(cfg, lengths, dev)
+            for s in range(3):
+                st([batch], 0, s)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(3, 23):
+                st([batch], 0, s)
+            torch.cuda.synchronize()
+            row[f"{kind}_ms"] = (time.perf_counter() - t0) / 20 * 1e3
+            row[f"{kind}_peak_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            torch.cuda.reset_peak_memory_stats(dev)
+        row["speedup"] = row["eager_ms"] / row["graphs_ms"]
+        out[name] = row
+    return out
+
+
+def stage_graph_train(args) -> dict:
+    if args.device != "cuda":
+        return dict(ok=True, skipped="CUDA graphs need a CUDA device (tests/test_graphed_step.py covers the rest)")
+    import torch
+    dev = torch.device("cuda")
+    res: dict = {}
+    try:
+        res["equality"] = _graph_equality(dev)
+    except Exception as err:                                           # noqa: BLE001 - the finding
+        res["equality"] = dict(ok=False, error=f"{type(err).__name__}: {err}"[:1500],
+                               trace=traceback.format_exc()[-2500:])
+    try:
+        res["timing"] = _graph_timing(dev)
+    except Exception as err:                                           # noqa: BLE001
+        res["timing"] = dict(error=f"{type(err).__name__}: {err}"[:1500], trace=traceback.format_exc()[-2500:])
+    out = Path(args.out) / "graph_train"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {}
+    for flag in ("--no-cuda-graphs", "--cuda-graphs"):
+        run = out / flag.strip("-")
+        p = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--data", "synthetic", "--epochs", "3",
+                            "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run)],
+                           capture_output=True, text=True)
+        (out / f"{flag.strip('-')}.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
+        if p.returncode != 0:
+            runs[flag] = dict(error=p.stderr[-1500:])
+            continue
+        hist = json.loads((run / "metrics.json").read_text())["history"]
+        runs[flag] = dict(train_loss=[h["train_loss"] for h in hist],
+                          utt_per_s=[h["utterances_per_second"] for h in hist],
+                          valid_wf1=[(h.get("valid") or {}).get("weighted_f1") for h in hist],
+                          graph_lines=[ln for ln in p.stdout.splitlines() if ln.startswith("CUDA graphs")])
+    res["demo"] = runs
+    e, g = runs.get("--no-cuda-graphs", {}), runs.get("--cuda-graphs", {})
+    demo_ok = ("train_loss" in e and "train_loss" in g and
+               all(abs(x - y) <= 0.1 * abs(x) for x, y in zip(e["train_loss"], g["train_loss"])))
+    res["ok"] = bool(res["equality"].get("ok") and demo_ok and "error" not in res["timing"])
+    return res
+
+
