@@ -32,3 +32,15 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+
+
+def training_stepper(model, device, precision: str, graphed: bool = False):
+    """train.py's step for `model` on `device`: AdamW (lr 1e-3, weight decay 0.01), autocast in `precision`,
+    clip 1.0, a fresh meter; eager (engine.Stepper) or replayed from CUDA graphs (graphed_step.py)."""
+    from .. import engine
+    from ..graphed_step import GraphedStepper
+    optimizer = engine.make_optimizer(model, 1e-3, 0.01, precision)
+    prec, meter = engine.Precision(precision, device), engine.StepMeter(device)
+    if graphed:
+        return GraphedStepper(model, optimizer, prec, 1.0, meter)
+    return engine.Stepper(model, model, optimizer, prec, 1.0, meter)

@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import rel_err
+from .common import rel_err, training_stepper
 
 
 # ------------------------------------------------------------------------------------------- CUDA graph
@@ -99,18 +99,15 @@ def _graph_equality(dev) -> dict:
 
     import torch
 
-    from .. import engine
     from ..benchmark import _model_batch
     from ..config import preset
-    from ..graphed_step import GraphedStepper, make_capturable
+    from ..graphed_step import make_capturable
     from ..model import CMATH
     cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
     torch.manual_seed(0)
     a = CMATH(cfg).to(dev).train()
     b = copy.deepcopy(a)
-    prec = engine.Precision("bf16", dev)
-    eager = engine.Stepper(a, a, engine.make_optimizer(a, 1e-3, 0.01, "bf16"), prec, 1.0, engine.StepMeter(dev))
-    graphed = GraphedStepper(b, engine.make_optimizer(b, 1e-3, 0.01, "bf16"), prec, 1.0, engine.StepMeter(dev))
+    eager, graphed = training_stepper(a, dev, "bf16"), training_stepper(b, dev, "bf16", graphed=True)
     make_capturable(eager.optimizer, dev)        # the same AdamW arithmetic on both sides (lr in a tensor)
     shapes = [[37, 100, 5], [300], [37, 100, 5], [300], [37, 100, 5], [300], [37, 100, 5], [300]]
     for step, lengths in enumerate(shapes):
@@ -131,10 +128,8 @@ def _graph_equality(dev) -> dict:
 def _graph_timing(dev) -> dict:
     import torch
 
-    from .. import engine
     from ..benchmark import _model_batch
     from ..config import preset
-    from ..graphed_step import GraphedStepper
     from ..model import CMATH
     out = {}
     for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
@@ -143,10 +138,7 @@ def _graph_timing(dev) -> dict:
         for kind in ("eager", "graphs"):
             torch.manual_seed(0)
             model = CMATH(cfg).to(dev).train()
-            opt = engine.make_optimizer(model, 1e-3, 0.01, "bf16")
-            prec, meter = engine.Precision("bf16", dev), engine.StepMeter(dev)
-            st = (GraphedStepper(model, opt, prec, 1.0, meter) if kind == "graphs"
-                  else engine.Stepper(model, model, opt, prec, 1.0, meter))
+            st = training_stepper(model, dev, "bf16", graphed=kind == "graphs")
             batch = _model_batch(cfg, lengths, dev)
             for s in range(3):
                 st([batch], 0, s)

@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from .common import digest, rel_err
+from .common import digest, rel_err, training_stepper
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -217,7 +217,6 @@ def _determinism_digest(device: str) -> dict:
     """Outputs and gradients of the three ops and of a model training step, as SHA-256 of their bytes."""
     import torch
 
-    from .. import engine
     from ..benchmark import _model_batch
     from ..config import preset
     from ..model import CMATH
@@ -232,9 +231,8 @@ def _determinism_digest(device: str) -> dict:
     torch.manual_seed(0)
     model = CMATH(cfg).to(device).train()
     prec = "bf16" if device == "cuda" else "fp32"
-    meter = engine.StepMeter(device)
-    step = engine.Stepper(model, model, engine.make_optimizer(model, 1e-3, 0.01, prec),
-                          engine.Precision(prec, device), 1.0, meter)
+    step = training_stepper(model, device, prec)
+    meter = step.meter
     batch = _model_batch(cfg, [37, 100, 5, 300] if device == "cuda" else [7, 20], device)
     for s in range(3):
         step([batch], 0, s)

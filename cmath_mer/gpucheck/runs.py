@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import write_json
+from .common import training_stepper, write_json
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -21,7 +21,6 @@ def stage_profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from .. import engine
     from ..benchmark import _model_batch
     from ..config import preset
     from ..model import CMATH
@@ -35,9 +34,7 @@ def stage_profile(args) -> dict:
         torch.manual_seed(0)
         model = CMATH(cfg).to(args.device).train()
         prec = "bf16" if cuda else "fp32"
-        meter = engine.StepMeter(args.device)
-        step = engine.Stepper(model, model, engine.make_optimizer(model, 1e-3, 0.01, prec),
-                              engine.Precision(prec, args.device), 1.0, meter)
+        step = training_stepper(model, args.device, prec)
         batch = _model_batch(cfg, lengths, args.device)
         for s in range(3):
             step([batch], 0, s)
