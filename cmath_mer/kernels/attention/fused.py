@@ -2,16 +2,18 @@
 
     fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None) -> (T, H, D)
 
-Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D); a query of
-conversation b attends in one softmax to the keys of conversation b in all S sources, or only to keys with
-|pos(query) - pos(key)| <= window (positions inside the conversation).
+Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D) or lists of S tensors
+(T, H, D), 1 <= S <= MAX_SOURCES = 4; a query of conversation b attends in one softmax to the keys of
+conversation b in all S sources, or only to keys with |pos(query) - pos(key)| <= window (positions inside
+the conversation).
 
 Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
 (`prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
 the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
 bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
-outside are skipped, not masked. The S sources are read in place from the (S, T, H, D) tensors.
+outside are skipped, not masked. The S sources are read in place, each from its own tensor (one pointer
+argument per source, one shared set of strides).
 
 Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units):
   _attn_fwd_kernel      grid (query blocks, H)            -> o, lse
@@ -209,9 +211,10 @@ MAX_SOURCES = 4
 
 @triton.jit
 def _source(i_s, p0, p1, p2, p3):
-    """Base pointer of source i_s (runtime, < 4): a chain of scalar selects, once per source and program. A
-    select (not a branch) keeps the pointers' 16-byte alignment known to the compiler, so loads stay
-    vectorised, and S stays a runtime argument: one compiled kernel serves every S (the AOT report)."""
+    """Base pointer of source i_s (runtime, < 4): a chain of scalar selects, once per source and program. The
+    pointers' 16-byte alignment stays known through the selects: the sm_90 PTX has the same 16-byte loads
+    (cp.async.cg, ld.global.v4) as the kernels had with one (S, T, H, D) pointer. S stays a runtime argument:
+    one compiled kernel serves every S (no more AOT configs)."""
     return tl.where(i_s == 3, p3, tl.where(i_s == 2, p2, tl.where(i_s == 1, p1, p0)))
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
