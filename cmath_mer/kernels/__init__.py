@@ -35,8 +35,9 @@ def multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Ten
                            v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
                            *, window: int | None = None, scale: float | None = None,
                            backend: str | None = None) -> torch.Tensor:
-    """q: (T, H, D); k, v: (S, T, H, D), or S tensors (T, H, D) each (any strides with the last dim
-    contiguous, read in place by the Triton kernels); cu_seqlens: (B+1,) int32 -> (T, H, D)."""
+    """q: (T, H, D); k, v: (S, T, H, D), or S tensors (T, H, D) each (any strides; the Triton kernels read them
+    in place when they share one stride set with the last dim contiguous); cu_seqlens: (B+1,) int32
+    -> (T, H, D)."""
     if resolve_backend(backend, q.device) == "triton":
         from .attention.fused import fused_multi_source_attention
         return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)

@@ -53,7 +53,6 @@ import triton.language as tl
 
 from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
-
 from .naive import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -216,6 +215,8 @@ def _source(i_s, p0, p1, p2, p3):
     (cp.async.cg, ld.global.v4) as the kernels had with one (S, T, H, D) pointer. S stays a runtime argument:
     one compiled kernel serves every S (no more AOT configs)."""
     return tl.where(i_s == 3, p3, tl.where(i_s == 2, p2, tl.where(i_s == 1, p1, p0)))
+
+
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
@@ -435,9 +436,10 @@ def _check(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seq
 
 def _layout(q, k, v):
     """q contiguous (a projection's output already is: no copy). The sources are read in place through one
-    set of strides, as the views of S projections of one width are (the last dim contiguous). Sources whose
-    strides differ are copied once: one stride set keeps the kernels' offset tiles, and so their registers,
-    as few as with contiguous inputs (AOT report)."""
+    set of strides, as the views of S projections of one width are (the last dim contiguous). If their
+    strides differ, or the last dim is not contiguous, every source is copied once (contiguous): one stride
+    set keeps the kernels' offset tiles, and so their registers, as few as with contiguous inputs (AOT
+    report)."""
     q = q.contiguous()
     if k[0].stride(-1) != 1 or any(x.stride() != k[0].stride() for x in (*k, *v)):
         k, v = [x.contiguous() for x in k], [x.contiguous() for x in v]
@@ -510,7 +512,7 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
 # ----------------------------------------------------------------------------------------------------------
 # the op: forward and backward as PyTorch custom ops (opaque to torch.compile, fake impls for shapes),
 # autograd over them, and the autocast rule (docs/KERNELS.md, precision policy). k and v are `Tensor[]`:
-# S tensors (T, H, D), any strides with the last one 1, read in place.
+# S tensors (T, H, D), read in place when they share one stride set with the last dim contiguous (_layout).
 # ----------------------------------------------------------------------------------------------------------
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -569,9 +571,9 @@ register_autocast_to_region_dtype("cmath_mer::multi_source_attention_triton", ca
 def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
                                  v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
                                  *, window: int | None = None, scale: float | None = None) -> torch.Tensor:
-    """q: (T, H, D); k, v: (S, T, H, D) each, or S tensors (T, H, D) each (any strides, last dim
-    contiguous: e.g. views of each source's kv projection, read in place); 1 <= S <= MAX_SOURCES;
-    cu_seqlens: (B+1,) int32. Returns (T, H, D).
+    """q: (T, H, D); k, v: (S, T, H, D) each, or S tensors (T, H, D) each (e.g. views of each source's kv
+    projection: read in place when they share one stride set with the last dim contiguous, see _layout);
+    1 <= S <= MAX_SOURCES; cu_seqlens: (B+1,) int32. Returns (T, H, D).
 
     Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
     (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
