@@ -4,23 +4,32 @@ forward and one kernel backward.
 
 Per element (t, j) of the (T, Z) latent, n = t * Z + j, with the C experts read in place from (C, T, Z):
     p_c = exp(-logvar_c),  P = 1 + sum_c p_c,  logvar_f = -log P,  var_f = 1 / P,  mu_f = sum_c mu_c p_c / P
-    z = mu_f + sqrt(var_f) * eps,  eps = tl.randn(seed, eps_offset + n)   (regenerated in the backward, never
-    stored; eps_offset places the batch in a larger one: a rank's share of a distributed step draws the
-    numbers one process draws for those rows of the whole step)
+    z = mu_f + sqrt(var_f) * eps,  eps = word m % 4 of tl.randn4x(seed, m // 4), m = eps_offset + n
+    (philox.py: the same numbers in PyTorch; regenerated in the backward, never stored; eps_offset places the
+    batch in a larger one: a rank's share of a distributed step draws the numbers one process draws for
+    those rows of the whole step, whatever eps_offset % 4)
     kl_prior       = (1/T) sum 0.5 * (-logvar_f + var_f + mu_f^2 - 1)
     kl_consistency = (1/T) sum_c 0.5 * (logvar_c - logvar_f + (var_f + (mu_f - mu_c)^2) p_c - 1)
 Backward, with G_mu / G_lv the total gradient reaching mu_f / logvar_f (from z, mu_f, logvar_f, kl_prior
 and, unless detach_teacher, kl_consistency), d = mu_f - mu_c, w_c = p_c / P, g_kc = grad_kl_consistency / T:
     dmu_c     = G_mu w_c - g_kc d p_c
     dlogvar_c = w_c (G_mu d + G_lv) + 0.5 g_kc (1 - (var_f + d^2) p_c)
-The C experts are one (C_PAD, BLOCK) register tile (C_PAD = next power of two >= C, masked rows never
-touch memory). The scalar KLs are per-program fp32 partials summed on the host (deterministic).
+A program's BLOCK elements are a (BLOCK / 4, 4) tile: row i holds the four words of one Philox counter, so a
+thread keeps the words it draws. The C <= 3 experts are unrolled at compile time, one such tile each (C = 3
+costs three; no padded fourth). The scalar KLs are per-program fp32 partials summed on the host
+(deterministic).
 
 Byte floor, e = element bytes, N = T * Z: forward reads mu and logvar (2 C N e) and writes z, mu_f, logvar_f
 (3 N e); backward reads mu, logvar (2 C N e) and the incoming gradients of z, mu_f, logvar_f (up to 3 N e,
 skipped when None) and writes dmu, dlogvar (2 C N e). Each kernel is one pass that moves exactly that
-(plus one fp32 partial per program), so it can reach the bandwidth roofline; Philox costs ~40 integer ops
-per element, below the ridge of an H100 for C >= 1.
+(plus one fp32 partial per program; each expert is read once and kept in registers), so it can reach the
+bandwidth roofline. Arithmetic per element for the eps (SAMPLE): a quarter of a Philox-4x32-10 call (10
+rounds of two 32x32->64-bit multiplies, four xors and two adds: ~25 integer ops per element, was ~100 with
+one call per element; the sm_90 PTX of the fp32 C = 3 forward at BLOCK 1024 has 32 mul.hi.u32 per thread of
+8 elements, was 112) and half a Box-Muller transform (one log, sqrt, cos and sin per two elements, was one
+log, sqrt and cos per element). At eps_offset % 4 != 0, two calls per four elements and a full transform per
+element. Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below the ridge
+of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until a GPU is lent.
 """
 from __future__ import annotations
 
@@ -39,9 +48,11 @@ patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK, num_warps); one config under the interpreter.
-_CONFIGS = [(1024, 4), (512, 4)]      # (2048, 8) spills on sm_80 and sm_90 (AOT check)
-_INTERPRET_CONFIG = (1024, 4)
+# (BLOCK, num_warps); one config under the interpreter. One row of four lanes (one Philox counter) per thread in both. (1024, 4), two rows per thread, spills 8 bytes
+# in fp16/bf16 with sampling (in libdevice's sin/cos Payne-Hanek path, never taken for angles in [0, 2 pi),
+# but ptxas keeps the register count low and spills there); (2048, 8) spilled before that (AOT check).
+_CONFIGS = [(1024, 8), (512, 4)]
+_INTERPRET_CONFIG = (1024, 8)
 _MIN_BLOCK = min(c[0] for c in _CONFIGS + [_INTERPRET_CONFIG])
 _MAX_C = 3
 
@@ -103,8 +114,8 @@ def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, SEED, eps_ctr: t
                    C: tl.constexpr, SAMPLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                    ACC: tl.constexpr):
     offs, ok, ctr0 = _block(N, eps_ctr, BLOCK)
-    if SAMPLE:
-        eps = _randn4x_block(SEED, ctr0, eps_shift, BLOCK, ALIGNED).to(ACC)
+    if SAMPLE:   # drawn first: the Philox and Box-Muller temporaries die before the experts' registers live
+        eps = _randn4x_block(SEED, ctr0, eps_shift, BLOCK, ALIGNED).to(ACC)    # (fewer registers, AOT report)
     # The C <= 3 experts are unrolled at compile time, one block-shaped tile each (C = 3 costs three, where a
     # (C, BLOCK) tile padded to four). kl_consistency = (1/T) sum 0.5 (lv_c - lv_f - 1 + (var_f + d_c^2) p_c)
     # is regrouped as 0.5 (sum_c lv_c - C (lv_f + 1) + var_f sum_c p_c + sum_c d_c^2 p_c): only mu_c and p_c
@@ -167,8 +178,8 @@ def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, SEED, 
                    C: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr, ALIGNED: tl.constexpr,
                    BLOCK: tl.constexpr, ACC: tl.constexpr):
     offs, ok, ctr0 = _block(N, eps_ctr, BLOCK)
-    if SAMPLE:
-        eps = _randn4x_block(SEED, ctr0, eps_shift, BLOCK, ALIGNED).to(ACC)   # the forward's eps, regenerated
+    if SAMPLE:   # the forward's eps, regenerated (first, as in the forward)
+        eps = _randn4x_block(SEED, ctr0, eps_shift, BLOCK, ALIGNED).to(ACC)
     a0, lv0, p0 = _load_expert(MU, LV, 0, N, offs, ok, ACC)
     s_p = p0
     s_ap = a0 * p0
@@ -196,8 +207,8 @@ def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, SEED, 
     g_lv += 0.5 * g_kp * (var_f - 1.0)
     if not DETACH:
         # The teacher's share of kl_consistency's gradient needs sum_c d_c p_c and sum_c (var_f p_c - 1);
-        # with mu_f = sum_c a_c p_c / P and P = 1 + sum_c p_c they are -mu_f and 1 - var_f - C exactly, so
-        # no expert is needed before the loop below (each is read once and kept in registers).
+        # with mu_f = sum_c a_c p_c / P and P = 1 + sum_c p_c they are -mu_f and 1 - var_f - C (identities;
+        # only the rounding differs), so these need no expert and each expert's tile is used once more, below.
         g_mu -= g_kc * mu_f
         g_lv += 0.5 * g_kc * (1.0 - var_f - C)
     _store_expert_grads(DMU, DLV, 0, N, offs, ok, a0, p0, mu_f, var_f, g_mu, g_lv, g_kc)
