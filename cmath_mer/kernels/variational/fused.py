@@ -58,46 +58,37 @@ _MAX_C = 3
 
 
 @triton.jit
-def _words(k, n1, n2, n3, n4):
-    # word k (0..3) of one Philox counter, per lane: n_i is (rows,) and broadcasts along the words
-    return tl.where(k == 0, n1[:, None], tl.where(k == 1, n2[:, None], tl.where(k == 2, n3[:, None], n4[:, None])))
-
-
-@triton.jit
-def _randn4x_block(SEED, ctr0, eps_shift, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """The eps of this program's (BLOCK // 4, 4) tile (_block), float32: lane [i, w] is element
-    m = 4 * ctr0 + eps_shift + 4 i + w of the whole batch, i.e. word m % 4 of tl.randn4x(seed, m // 4).
-
-    ALIGNED (eps_shift == 0): row i is the four words of counter ctr0 + i, one Philox call and two Box-Muller
-    transforms per four lanes. Otherwise row i starts inside counter ctr0 + i and ends in ctr0 + i + 1; each
-    thread draws both for its own rows (two Philox calls per four lanes, still half of one per lane) rather
-    than exchanging words with the neighbouring thread. The seed is read from memory: a CUDA graph replays
-    with the buffer's seed."""
-    seed = tl.load(SEED)
-    ctr = ctr0 + tl.arange(0, BLOCK // 4)
+def _randn4x_block(SEED, ctr0, BLOCK: tl.constexpr):
+    """(BLOCK // 4, 4) float32 normals: [i, w] is word w of tl.randn4x(seed, ctr0 + i), one Philox call and two
+    Box-Muller transforms per row of four lanes. The seed is read from memory: a CUDA graph replays with the
+    buffer's seed."""
+    n1, n2, n3, n4 = tl.randn4x(tl.load(SEED), ctr0 + tl.arange(0, BLOCK // 4))
     w = tl.arange(0, 4)[None, :]
-    n1, n2, n3, n4 = tl.randn4x(seed, ctr)
-    if ALIGNED:
-        eps = _words(w, n1, n2, n3, n4)
-    else:
-        k = w + eps_shift                                   # 1..6: words of ctr, then of ctr + 1
-        m1, m2, m3, m4 = tl.randn4x(seed, ctr + 1)
-        eps = tl.where(k < 4, _words(k, n1, n2, n3, n4), _words(k - 4, m1, m2, m3, m4))
-    return eps
+    return tl.where(w == 0, n1[:, None], tl.where(w == 1, n2[:, None], tl.where(w == 2, n3[:, None], n4[:, None])))
 
 
 @triton.jit
-def _block(N, eps_ctr, BLOCK: tl.constexpr):
+def _block(N, eps_ctr, eps_shift, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's elements n as a (BLOCK // 4, 4) tile (int64 for large T * Z), their mask, and the
-    Philox counter its row 0 starts in.
+    Philox counter of its row 0.
 
-    Element n draws word m % 4 of counter m // 4, m = eps_offset + n (philox.py). With eps_ctr =
-    eps_offset // 4, the program's first element n0 = pid * BLOCK has m // 4 = eps_ctr + pid * BLOCK / 4
-    (BLOCK is a multiple of 4) whatever eps_offset % 4. Four lanes per row: one thread holds a row, so the
-    words of a Philox call stay in the thread that drew them (no exchange through shared memory)."""
+    Element n draws word m % 4 of counter m // 4, m = eps_offset + n (philox.py); eps_ctr = eps_offset // 4,
+    eps_shift = eps_offset % 4. The tiles are laid on the counters, not on n: row i of program pid holds
+    m = 4 (eps_ctr + pid * BLOCK / 4 + i) + w, i.e. n = pid * BLOCK - eps_shift + 4 i + w, so a row is the four
+    words of one Philox call, drawn by the one thread that holds the row (_randn4x_block): no word is drawn
+    twice or exchanged between threads. ALIGNED (eps_shift == 0, the usual case: Z % 4 == 0) is its own
+    build, in which the addresses keep the buffers' 16-byte alignment; otherwise the tiles start eps_shift
+    elements early (the first lanes of program 0 are masked, the grid has room for eps_shift more) and the
+    loads and stores lose vector alignment, the price of drawing each number once."""
     pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + 4 * tl.arange(0, BLOCK // 4)[:, None] + tl.arange(0, 4)[None, :]
-    return offs, offs < N, eps_ctr + pid * (BLOCK // 4)
+    lanes = 4 * tl.arange(0, BLOCK // 4)[:, None] + tl.arange(0, 4)[None, :]
+    if ALIGNED:
+        offs = pid * BLOCK + lanes
+        ok = offs < N
+    else:
+        offs = pid * BLOCK - eps_shift + lanes
+        ok = (offs >= 0) & (offs < N)
+    return offs, ok, eps_ctr + pid * (BLOCK // 4)
 
 
 @triton.jit
@@ -113,9 +104,9 @@ def _load_expert(MU, LV, c: tl.constexpr, N, offs, ok, ACC: tl.constexpr):
 def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, SEED, eps_ctr: tl.int64, eps_shift,
                    C: tl.constexpr, SAMPLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                    ACC: tl.constexpr):
-    offs, ok, ctr0 = _block(N, eps_ctr, BLOCK)
+    offs, ok, ctr0 = _block(N, eps_ctr, eps_shift, BLOCK, ALIGNED)
     if SAMPLE:   # drawn first: the Philox and Box-Muller temporaries die before the experts' registers live
-        eps = _randn4x_block(SEED, ctr0, eps_shift, BLOCK, ALIGNED).to(ACC)    # (fewer registers, AOT report)
+        eps = _randn4x_block(SEED, ctr0, BLOCK).to(ACC)    # (fewer registers, AOT report)
     # The C <= 3 experts are unrolled at compile time, one block-shaped tile each (C = 3 costs three, where a
     # (C, BLOCK) tile padded to four). kl_consistency = (1/T) sum 0.5 (lv_c - lv_f - 1 + (var_f + d_c^2) p_c)
     # is regrouped as 0.5 (sum_c lv_c - C (lv_f + 1) + var_f sum_c p_c + sum_c d_c^2 p_c): only mu_c and p_c
@@ -177,9 +168,9 @@ def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, SEED, 
                    T, has_gz, has_gmu, has_glv,
                    C: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr, ALIGNED: tl.constexpr,
                    BLOCK: tl.constexpr, ACC: tl.constexpr):
-    offs, ok, ctr0 = _block(N, eps_ctr, BLOCK)
+    offs, ok, ctr0 = _block(N, eps_ctr, eps_shift, BLOCK, ALIGNED)
     if SAMPLE:   # the forward's eps, regenerated (first, as in the forward)
-        eps = _randn4x_block(SEED, ctr0, eps_shift, BLOCK, ALIGNED).to(ACC)
+        eps = _randn4x_block(SEED, ctr0, BLOCK).to(ACC)
     a0, lv0, p0 = _load_expert(MU, LV, 0, N, offs, ok, ACC)
     s_p = p0
     s_ap = a0 * p0
@@ -253,8 +244,9 @@ def _part_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grid(N):
-    return lambda META: (triton.cdiv(N, META["BLOCK"]),)  # noqa: E731
+def _grid(N, eps_shift):
+    # the tiles start eps_shift elements before n = 0 (_block), so eps_shift more lanes are covered
+    return lambda META: (triton.cdiv(N + eps_shift, META["BLOCK"]),)  # noqa: E731
 
 
 @input_guard
@@ -266,18 +258,18 @@ def _forward(mu, logvar, seed: torch.Tensor, sample: bool, eps_offset: int = 0):
     mu_f = torch.empty_like(z)
     lv_f = torch.empty_like(z)
     part_t = _part_dtype(mu.dtype)
-    n_part = max(1, triton.cdiv(N, _MIN_BLOCK))
+    n_part = max(1, triton.cdiv(N + 3, _MIN_BLOCK))     # programs of the smallest BLOCK at any eps_shift
     klp = torch.empty(n_part, device=mu.device, dtype=part_t)
     klc = torch.empty(n_part, device=mu.device, dtype=part_t)
     if N == 0:
         return z, mu_f, lv_f, klp.new_zeros(()), klp.new_zeros(())
     launch = _fwd_launch
     ctr, shift = divmod(eps_offset, 4)
-    launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, ctr, shift, C=C, SAMPLE=sample,
+    launch[_grid(N, shift)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, ctr, shift, C=C, SAMPLE=sample,
                             ALIGNED=shift == 0, ACC=_acc(mu.dtype), **_meta())
     # Only the partials of the config that ran last are this call's: an autotuner benchmarks every config
     # on these same buffers first, and a smaller BLOCK writes partials beyond the chosen config's programs.
-    n = triton.cdiv(N, _launched_block(launch))
+    n = triton.cdiv(N + shift, _launched_block(launch))
     return z, mu_f, lv_f, klp[:n].sum() / T, klc[:n].sum() / T
 
 
@@ -300,7 +292,7 @@ def _backward(mu, logvar, gz, gmu, glv, gkp, gkc, seed: torch.Tensor, sample: bo
                                                                                      dtype=part_t)
     (gz_, hz), (gmu_, hm), (glv_, hl) = flat(gz), flat(gmu), flat(glv)
     ctr, shift = divmod(eps_offset, 4)
-    _bwd_launch[_grid(N)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, seed,
+    _bwd_launch[_grid(N, shift)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, seed,
                                  ctr, shift, T, hz, hm, hl, C=C, SAMPLE=sample, DETACH=detach,
                                  ALIGNED=shift == 0, ACC=_acc(mu.dtype), **_meta())
     return dmu, dlv
