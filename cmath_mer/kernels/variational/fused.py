@@ -14,8 +14,9 @@ Backward, with G_mu / G_lv the total gradient reaching mu_f / logvar_f (from z, 
 and, unless detach_teacher, kl_consistency), d = mu_f - mu_c, w_c = p_c / P, g_kc = grad_kl_consistency / T:
     dmu_c     = G_mu w_c - g_kc d p_c
     dlogvar_c = w_c (G_mu d + G_lv) + 0.5 g_kc (1 - (var_f + d^2) p_c)
-A program's BLOCK elements are a (BLOCK / 4, 4) tile: row i holds the four words of one Philox counter, so a
-thread keeps the words it draws. The C <= 3 experts are unrolled at compile time, one such tile each (C = 3
+A program's BLOCK elements are a (BLOCK / 4, 4) tile laid on the Philox counters: row i holds the four words
+of one counter, so a thread keeps the words it draws (_block: at eps_offset % 4 != 0 the tiles start a few
+elements early, a separate build). The C <= 3 experts are unrolled at compile time, one such tile each (C = 3
 costs three; no padded fourth). The scalar KLs are per-program fp32 partials summed on the host
 (deterministic).
 
@@ -27,8 +28,7 @@ bandwidth roofline. Arithmetic per element for the eps (SAMPLE): a quarter of a 
 rounds of two 32x32->64-bit multiplies, four xors and two adds: ~25 integer ops per element, was ~100 with
 one call per element; the sm_90 PTX of the fp32 C = 3 forward at BLOCK 1024 has 32 mul.hi.u32 per thread of
 8 elements, was 112) and half a Box-Muller transform (one log, sqrt, cos and sin per two elements, was one
-log, sqrt and cos per element). At eps_offset % 4 != 0, two calls per four elements and a full transform per
-element. Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below the ridge
+log, sqrt and cos per element), in every build. Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below the ridge
 of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until a GPU is lent.
 """
 from __future__ import annotations
