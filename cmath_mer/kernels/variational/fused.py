@@ -63,8 +63,11 @@ def _randn4x_block(SEED, ctr0, BLOCK: tl.constexpr):
     Box-Muller transforms per row of four lanes. The seed is read from memory: a CUDA graph replays with the
     buffer's seed."""
     n1, n2, n3, n4 = tl.randn4x(tl.load(SEED), ctr0 + tl.arange(0, BLOCK // 4))
-    w = tl.arange(0, 4)[None, :]
-    return tl.where(w == 0, n1[:, None], tl.where(w == 1, n2[:, None], tl.where(w == 2, n3[:, None], n4[:, None])))
+    # join(join(n1, n3), join(n2, n4)) is (rows, 2, 2) with [i, a, b] = word 2 a + b. A join keeps a row's words
+    # in the thread that drew them; when the loads want another layout (the misaligned build) the compiler
+    # must move the normals (shared memory), where a select of broadcast rows let triton 3.6 redraw them per
+    # lane in the load layout (four Philox calls per row, and spills in sin/cos's cold path).
+    return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK // 4, 4))
 
 
 @triton.jit
