@@ -48,9 +48,10 @@ patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK, num_warps); one config under the interpreter. One row of four lanes (one Philox counter) per thread in both. (1024, 4), two rows per thread, spills 8 bytes
-# in fp16/bf16 with sampling (in libdevice's sin/cos Payne-Hanek path, never taken for angles in [0, 2 pi),
-# but ptxas keeps the register count low and spills there); (2048, 8) spilled before that (AOT check).
+# (BLOCK, num_warps); one config under the interpreter. Both hold one row of four lanes (one Philox counter)
+# per thread. (1024, 4), two rows per thread, spilled 8 bytes in fp16/bf16 with sampling when it was tried
+# (inside libdevice's sin/cos Payne-Hanek path, which angles in [0, 2 pi) never take: ptxas keeps the
+# register count low and spills in that cold path); (2048, 8) spilled before that (AOT check).
 _CONFIGS = [(1024, 8), (512, 4)]
 _INTERPRET_CONFIG = (1024, 8)
 _MIN_BLOCK = min(c[0] for c in _CONFIGS + [_INTERPRET_CONFIG])
