@@ -24,12 +24,14 @@ Byte floor, e = element bytes, N = T * Z: forward reads mu and logvar (2 C N e) 
 (3 N e); backward reads mu, logvar (2 C N e) and the incoming gradients of z, mu_f, logvar_f (up to 3 N e,
 skipped when None) and writes dmu, dlogvar (2 C N e). Each kernel is one pass that moves exactly that
 (plus one fp32 partial per program; each expert is read once and kept in registers), so it can reach the
-bandwidth roofline. Arithmetic per element for the eps (SAMPLE): a quarter of a Philox-4x32-10 call (10
-rounds of two 32x32->64-bit multiplies, four xors and two adds: ~25 integer ops per element, was ~100 with
-one call per element; the sm_90 PTX of the fp32 C = 3 forward at BLOCK 1024 has 32 mul.hi.u32 per thread of
-8 elements, was 112) and half a Box-Muller transform (one log, sqrt, cos and sin per two elements, was one
-log, sqrt and cos per element), in every build. Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below the ridge
-of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until a GPU is lent.
+bandwidth roofline. Arithmetic per element for the eps (SAMPLE), in every build: a quarter of a
+Philox-4x32-10 call (10 rounds of two 32x32->64-bit multiplies, four xors and two adds: ~25 integer ops per
+element, was ~100 with one call per element; the sm_90 PTX of the fp32 C = 3 forward has 4 mul.hi.u32 per
+element, 16 per thread of 4 at BLOCK 1024 with 8 warps, was 14, 112 per thread of 8 at BLOCK 1024 with 4
+warps) and half a Box-Muller transform (one log, sqrt, cos and sin per two elements, was one log, sqrt and
+cos per element). Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below
+the ridge of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until a GPU is
+lent.
 """
 from __future__ import annotations
 
