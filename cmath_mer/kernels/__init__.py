@@ -66,9 +66,10 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | torch.Tensor, sample: bool,
                        detach_teacher: bool = True, eps_offset: int = 0, backend: str | None = None):
-    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency). eps[t, j] is
-    tl.randn(seed, eps_offset + t * Z + j): eps_offset places this batch in a larger one. seed: an int, or a
-    one-element int64 tensor on the inputs' device, read there (a CUDA graph replays with a new one)."""
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency). eps[t, j] is word m % 4 of
+    tl.randn4x(seed, m // 4), m = eps_offset + t * Z + j (variational/philox.py): eps_offset places this batch
+    in a larger one. seed: an int, or a one-element int64 tensor on the inputs' device, read there (a CUDA
+    graph replays with a new one)."""
     if resolve_backend(backend, mu.device) == "triton":
         from .variational.fused import fused_variational_fusion
         return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
