@@ -191,6 +191,8 @@ class TrainConfig:
     patience: int | None = None         # stop after this many epochs without a better validation wF1
     baseline: bool = True               # also fit the context-free logistic regression (baseline.py)
     ema_decay: float | None = None      # evaluate, select and save an average of the weights (ema.py)
+    ema_warmup: bool = False            # ramp the average's decay in: min(ema_decay, (1 + n) / (10 + n)) at
+                                        # update n, so it does not lag behind the early epochs (ema.py)
     precision: str | None = None        # bf16 | fp16 | fp32 autocast of the forward (fp32 master weights);
                                         # None = bf16 on CUDA cards that support it, else fp32 (train.py
                                         # stores the choice, so a resumed run keeps it)
@@ -226,7 +228,7 @@ class TrainConfig:
             raise ConfigError(f"train config: `precision` {self.precision!r}: choose one of {', '.join(PRECISIONS)}")
         _int("accumulate", self.accumulate, 1)
         _int("world_size", self.world_size, 1)
-        for name in ("compile", "deterministic", "data_on_device", "cuda_graphs"):
+        for name in ("compile", "deterministic", "data_on_device", "cuda_graphs", "ema_warmup"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"train config: `{name}` must be true or false, got {getattr(self, name)!r}")
 
