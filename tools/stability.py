@@ -1,7 +1,7 @@
 """The stability criterion of issue #13, read from run folders: how much the validation weighted F1 changes
 between consecutive epochs after the warmup epochs.
 
-    python tools/stability.py RUNS [RUNS ...]
+    python tools/stability.py [--valid-only] RUNS [RUNS ...]
 
 Each RUNS is a recipe folder holding seed-N/metrics.json (what `cmath-mer train --seeds` and each recipe of
 `cmath-mer sweep` write), a sweep folder holding such recipe folders, or one run folder. For every seed the
@@ -89,11 +89,29 @@ def row(s: dict) -> str:
             f"{change:.2f}{where} | {drop:.2f}{dwhere} | {met} |")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
+def main(argv: list[str]) -> None:
+    valid_only = "--valid-only" in argv
+    folders = [a for a in argv if a != "--valid-only"]
+    if not folders:
         sys.exit(__doc__)
-    print("| recipe | seeds | valid wF1 | test wF1 | gain | seeds below | largest change | largest drop | < 2 |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|:---:|")
-    for arg in sys.argv[1:]:
+    recipes: dict[str, list[Path]] = {}
+    for arg in folders:
         for name, seeds in runs_of(Path(arg)).items():
-            print(row(summary(name, seeds)))
+            recipes.setdefault(name, []).extend(seeds)
+    if valid_only:
+        print("| recipe | seeds | valid wF1 | largest change | largest drop | < 2 |")
+        print("|---|---:|---:|---:|---:|:---:|")
+    else:
+        print("| recipe | seeds | valid wF1 | test wF1 | gain | seeds below | largest change | largest drop | < 2 |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|:---:|")
+    for name, seeds in recipes.items():
+        s = summary(name, seeds)
+        if valid_only:
+            cells = row(s).split(" | ")
+            print(" | ".join(cells[:3] + cells[6:]))
+        else:
+            print(row(s))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
