@@ -8,7 +8,7 @@ models differ less, the validation curve is smoother, and the chosen epoch gener
 Checkpoints keep both the raw weights (to resume training) and the average (to evaluate and predict).
 
 The average starts at the initial weights. With a constant decay d it then lags: after n updates the
-initial weights still weigh d**n (d 0.99, an epoch of ~40 steps: 0.67), so early epochs evaluate a blend
+initial weights still weigh d**n (d 0.99, a MELD epoch of 36 steps: 0.70), so early epochs evaluate a blend
 of a barely trained model, and the validation curve climbs in large steps while the average catches up.
 `warmup` ramps the decay in, as TensorFlow's ExponentialMovingAverage(num_updates=...) does: the n-th
 update (n = 0, 1, ...) uses min(decay, (1 + n) / (10 + n)), so the average tracks the weights at first
