@@ -38,6 +38,8 @@ def changes(values: list[float], warmup: int) -> list[tuple[int, float]]:
 
 def runs_of(folder: Path) -> dict[str, list[Path]]:
     """recipe name -> its seed run folders, for a run, a recipe folder or a sweep folder."""
+    if not folder.is_dir():
+        sys.exit(f"{folder}: not a run, recipe or sweep folder")
     if (folder / "metrics.json").is_file():
         return {folder.name: [folder]}
     seeds = sorted(p for p in folder.glob("seed-*") if (p / "metrics.json").is_file())
