@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from .kernels import variational_fusion
 
 LOGVAR_BOUND = 8.0   # logvar = 8 tanh(raw / 8): keeps exp(-logvar) finite without cutting gradients (ours)
+RECOMPUTE_ROWS = 8192   # rows per recomputed piece of the fusion (forward_recomputed)
 
 
 class VariationalFusion(nn.Module):
@@ -30,3 +32,28 @@ class VariationalFusion(nn.Module):
         logvar = LOGVAR_BOUND * torch.tanh(raw_logvar / LOGVAR_BOUND)
         return variational_fusion(mu.contiguous(), logvar.contiguous(), seed=seed, sample=sample,
                                   detach_teacher=self.detach_teacher, eps_offset=eps_offset, backend=self.backend)
+
+    def forward_recomputed(self, fine: dict[str, torch.Tensor], *, seed: int, sample: bool, eps_offset: int = 0,
+                           rows: int | None = None):
+        """forward(), each piece of `rows` rows checkpointed on its own (long batches, model.py).
+
+        The fusion is row by row except for its two means over T, and its recompute in the backward holds
+        ~15 (C, T, d_z)-sized temporaries (the experts' parameters, tanh, exp, the KL terms): recomputed for
+        the whole batch at once, that was the peak of a long step (45 (T, 256) tensors at C = 3). Piece by
+        piece it holds one piece's worth. eps is drawn by the row's index in the whole batch (eps_offset),
+        so every piece draws what the whole batch would; the means become sums of the pieces' shares."""
+        rows = RECOMPUTE_ROWS if rows is None else rows
+        T = next(iter(fine.values())).shape[0]
+        Z = self.experts[next(iter(fine))].out_features // 2
+        pieces = {c: f.split(rows) for c, f in fine.items()}   # split, not slices: one backward (a cat)
+        outs, kl_prior, kl_consistency = [], 0.0, 0.0
+        for i, a in enumerate(range(0, T, rows)):
+            n = min(rows, T - a)
+            z, mu_f, logvar_f, kp, kc = checkpoint(self, {c: p[i] for c, p in pieces.items()}, seed=seed,
+                                                   sample=sample, eps_offset=eps_offset + a * Z,
+                                                   use_reentrant=False)
+            outs.append((z, mu_f, logvar_f))
+            kl_prior = kl_prior + kp * (n / T)                # each piece's mean over its n rows
+            kl_consistency = kl_consistency + kc * (n / T)
+        z, mu_f, logvar_f = (torch.cat(o) for o in zip(*outs))
+        return z, mu_f, logvar_f, kl_prior, kl_consistency

@@ -164,7 +164,7 @@ _TITLES = {
                    "{batch} batch, {dtype}",
     "attention_window": "multi_source_attention S={S} D={D} H={H}, window {W}, {mode}, one conversation, {dtype}",
     "train_window": "CMATH training step, iemocap preset, window {W}, one conversation",
-    "train_window_text": "CMATH training step, iemocap preset text-only, window {W}, one conversation",
+    "train_window_text": "CMATH training step, text only (384-d), meld preset, window {W}, one conversation",
     "inference": "CMATH inference (eval forward), iemocap preset, {batch} batch",
 }
 

@@ -43,6 +43,13 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * 4.6566127342e-10
 
 
+# Offsets drawn at a time. The rounds keep about ten int64 temporaries per offset (80 bytes, 20x the fp32
+# result), so drawing a whole (T, Z) eps at once would briefly hold ~20 (T, Z) fp32 tensors' worth of
+# memory: at T = 262,144 and Z = 256 that was 5 GiB, the largest part of a long step's peak. Each eps[i]
+# depends only on (seed, offset + i), so chunks give the very same numbers.
+CHUNK = 1 << 20
+
+
 def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu",
                  offset: int = 0) -> torch.Tensor:
     """eps[i] = tl.randn(seed, offset + i) for i in [0, numel), float32. seed: an int, or a one-element int64
@@ -51,7 +58,11 @@ def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | st
         seed = seed.to(device=device, dtype=torch.int64).reshape(())
     else:
         seed = int(seed)
-    i1, i2 = philox_randint(seed, torch.arange(offset, offset + numel, device=device, dtype=torch.int64))
-    u1 = torch.clamp(_uniform(i1), min=1.0e-7)
-    theta = 6.283185307179586 * _uniform(i2)
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(theta)
+    out = torch.empty(numel, device=device, dtype=torch.float32)
+    for a in range(0, numel, CHUNK):                       # CHUNK offsets at a time (see CHUNK)
+        b = min(numel, a + CHUNK)
+        i1, i2 = philox_randint(seed, torch.arange(offset + a, offset + b, device=device, dtype=torch.int64))
+        u1 = torch.clamp(_uniform(i1), min=1.0e-7)
+        theta = 6.283185307179586 * _uniform(i2)
+        torch.mul(torch.sqrt(-2.0 * torch.log(u1)), torch.cos(theta), out=out[a:b])
+    return out
