@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 
 import torch
@@ -32,6 +33,8 @@ class LiveBytes(TorchDispatchMode):
         self.peak_at: list[tuple] = []
         self.peak_op = None
         self.n_ops = 0
+        self.rss_peak = (0, None, 0)          # (RSS, op, tracked bytes then): what the process held, sampled
+        self.page = os.sysconf("SC_PAGE_SIZE")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -40,7 +43,9 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 s = t.untyped_storage()
                 key = s.data_ptr()
-                if key and key not in self.live and key not in self.existing:
+                old = self.live.get(key)
+                # an address can be freed and handed out again within one op: a dead entry is replaced
+                if key and (old is None or old[0].expired()) and key not in self.existing:
                     self.live[key] = (StorageWeakRef(s), s.nbytes(), str(func), tuple(t.shape), t.dtype,
                                       self.phase)
         total = 0
@@ -48,6 +53,10 @@ class LiveBytes(TorchDispatchMode):
             del self.live[key]
         for v in self.live.values():
             total += v[1]
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * self.page
+        if rss > self.rss_peak[0]:
+            self.rss_peak = (rss, (str(func), self.phase), total)
         if total > self.peak:
             self.peak = total
             self.peak_op = (str(func), self.phase)
@@ -84,6 +93,8 @@ def main(argv=None):
     unit = a.T * d * 4
     existing = [*model.parameters(), *model.buffers(), *batch.features.values(), batch.speakers, batch.labels,
                 batch.cu_seqlens]
+    with open("/proc/self/statm") as f:
+        rss0 = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     mode = LiveBytes(existing)
     with mode:
         out = model(batch, seed=0)
@@ -92,6 +103,9 @@ def main(argv=None):
     print(f"T={a.T} preset={a.preset} modalities={cfg.modalities} d={d} ops={mode.n_ops}")
     print(f"peak above setup: {mode.peak / 2**20:.1f} MiB = {mode.peak / unit:.1f} (T, {d}) fp32 tensors; "
           f"at op {mode.peak_op[0]} ({mode.peak_op[1]})")
+    rss, op, tracked = mode.rss_peak
+    print(f"RSS sampled after each op: peak {(rss - rss0) / unit:.1f} units above setup at {op[0]} ({op[1]}), "
+          f"when the tracked tensors held {tracked / unit:.1f}")
     groups = collections.defaultdict(lambda: [0, 0])
     for nbytes, op, shape, dtype, phase in mode.peak_at:
         g = groups[(op, shape, str(dtype).replace("torch.", ""), phase)]
