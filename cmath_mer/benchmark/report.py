@@ -188,6 +188,8 @@ def markdown_report(results: dict) -> str:
         rm = run["machine"]
         lines.append(f"- sitting {i + 1}: {run['timestamp']}, load average at start "
                      f"{' '.join(rm.get('loadavg_at_start', []))}, at end {' '.join(rm.get('loadavg_at_end', []))}"
+                     + (f", {rm['mem_available_gib_at_start']} GiB of memory available at start"
+                        if rm.get("mem_available_gib_at_start") is not None else "")
                      + (f", {run['cases']} cases in {run['total_s']:.0f} s" if run.get("total_s") else ""))
     if results.get("sittings"):
         lines.append("")
