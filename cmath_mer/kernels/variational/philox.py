@@ -43,10 +43,10 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * 4.6566127342e-10
 
 
-# Offsets drawn at a time. The rounds keep about ten int64 temporaries per offset (80 bytes, 20x the fp32
-# result), so drawing a whole (T, Z) eps at once would briefly hold ~20 (T, Z) fp32 tensors' worth of
-# memory: at T = 262,144 and Z = 256 that was 5 GiB, the largest part of a long step's peak. Each eps[i]
-# depends only on (seed, offset + i), so chunks give the very same numbers.
+# Offsets drawn at a time. The rounds keep ~15 int64 temporaries per offset alive at once (~30x the fp32
+# result), so drawing a whole (T, Z) eps at once held ~30 (T, Z) fp32 tensors' worth of memory (counted at
+# T = 4,096, Z = 256: at 262,144 utterances ~7.5 GiB, much of a long step's peak then). Each eps[i] depends
+# only on (seed, offset + i), so chunks give the very same numbers.
 CHUNK = 1 << 20
 
 
