@@ -32,11 +32,11 @@ class MultiSourceAttention(nn.Module):
     def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
         # x: (T, d); sources: S tensors (T, d) -> (T, d)
         q = rearrange(self.q(x), "t (h e) -> t h e", h=self.n_heads)                      # (T, H, D)
-        if len(sources) == 1:                     # self-attention: a view, no copy; the op reads k, v in place
-            kv = self.kv[0](sources[0]).unsqueeze(0)                                      # (1, T, 2d)
-        else:
-            kv = torch.stack([proj(s) for proj, s in zip(self.kv, sources)])              # (S, T, 2d)
-        k, v = rearrange(kv, "s t (two h e) -> two s t h e", two=2, h=self.n_heads)       # (S, T, H, D) each
+        # each source's k and v are views of its own (T, 2d) projection, handed over as lists: no stack, the
+        # Triton op reads them in place (strides (2d, D, 1))
+        kv = [rearrange(proj(s), "t (two h e) -> two t h e", two=2, h=self.n_heads)       # (2, T, H, D) views
+              for proj, s in zip(self.kv, sources)]
+        k, v = [x[0] for x in kv], [x[1] for x in kv]                                     # S x (T, H, D) each
         o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, backend=self.backend)
         return self.drop(self.o(rearrange(o, "t h e -> t (h e)")))
 

@@ -276,7 +276,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
              "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
     saved_config = config_to_dict(config)
-    ema = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay is not None else None
+    ema = WeightAverage(model, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema_decay is not None else None
     if resume_from is not None:
         # rank 0 reads the checkpoint (its folder may be on rank 0's machine alone) and hands it on
         state = distributed.on_main(load_checkpoint, resume_from, model, optimizer, device, average_into=ema)
@@ -288,6 +288,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 optimizer.load_state_dict(weights[1])
                 if ema is not None:
                     ema.load(weights[2])
+        if ema is not None:
+            # where the decay's warmup ramp stands (one update per step: a checkpoint from before the count
+            # was saved resumes from the step count)
+            ema.updates = int(state.get("ema_updates", state["global_step"]))
         precision.load_state_dict(state.get("scaler"))
         splits = state["splits"]
         check_world_size(splits, tcfg.world_size, data.source)
@@ -383,6 +387,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             test, y_test, p_test = (evaluate_split(model, data, splits["test"], sharded=True) if splits["test"]
                                     else (None, None, None))
         average = ema.average if ema is not None else None
+        if ema is not None:
+            state["ema_updates"] = ema.updates
         if precision.state_dict() is not None:
             state["scaler"] = precision.state_dict()          # fp16: the loss scale, so resume continues it
         row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,

@@ -49,9 +49,17 @@ def _fused():
 # opcheck: schema, fake impl, autograd registration, aot_dispatch, for all six ops (Triton under the
 # interpreter and the PyTorch references)
 # ----------------------------------------------------------------------------------------------------------
+def _source_lists(S=2, seed=0):
+    """q and the attention ops' Tensor[] k, v: S strided views (T, H, D) of S leaf projections (T, 2, H, D), as
+    the model hands them over (read in place)."""
+    q, _, _, cu = _attn_inputs(S=S, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    proj = [torch.randn(q.shape[0], 2, *q.shape[1:], generator=g).requires_grad_() for _ in range(S)]
+    return q.clone().requires_grad_(), [p[:, 0] for p in proj], [p[:, 1] for p in proj], cu
+
+
 def _opcheck_cases():
     attn, recon, vf = _fused()
-    q, k, v, cu = _attn_inputs()
     h, w, b, t = _recon_inputs()
     mu, lv = _vf_inputs()
     seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)      # the ops take the seed as a tensor
@@ -59,9 +67,11 @@ def _opcheck_cases():
     def rg(*xs):
         return [x.clone().requires_grad_() for x in xs]
     return [
-        ("attention_triton", attn.attention_op, (*rg(q, k, v), cu, 1, 0.3)),
-        ("attention_triton_nowindow", attn.attention_op, (*rg(q, k, v), cu, -1, 0.25)),
-        ("attention_ref", reference_ops.attention_ref_op, (*rg(q, k, v), cu, 2, 0.25)),
+        ("attention_triton", attn.attention_op, (*_source_lists(S=2), 1, 0.3)),
+        ("attention_triton_nowindow_S1", attn.attention_op, (*_source_lists(S=1), -1, 0.25)),
+        ("attention_triton_S3", attn.attention_op, (*_source_lists(S=3), 2, 0.25)),
+        ("attention_ref", reference_ops.attention_ref_op, (*_source_lists(S=2), 2, 0.25)),
+        ("attention_ref_nowindow_S3", reference_ops.attention_ref_op, (*_source_lists(S=3), -1, 0.3)),
         ("reconstruction_triton", recon.reconstruction_loss_op, (*rg(h, w, b), t, True, True)),
         ("reconstruction_triton_nograd", recon.reconstruction_loss_op, (h, w, b, t, False, False)),
         ("reconstruction_ref", reference_ops.reconstruction_ref_op, (*rg(h, w, b), t)),
@@ -71,7 +81,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_opcheck(index):
     name, op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)
@@ -84,7 +94,7 @@ def test_reference_ops_gradients_equal_the_references():
     h, w, b, t = _recon_inputs(dtype=torch.float64)
     mu, lv = _vf_inputs(dtype=torch.float64)
     cases = [
-        (lambda q, k, v: reference_ops.attention_ref_op(q, k, v, cu, 1, 0.3),
+        (lambda q, k, v: reference_ops.attention_ref_op(q, list(k.unbind(0)), list(v.unbind(0)), cu, 1, 0.3),
          lambda q, k, v: K.naive_multi_source_attention(q, k, v, cu, window=1, scale=0.3), (q, k, v)),
         (lambda h, w, b: reference_ops.reconstruction_ref_op(h, w, b, t),
          lambda h, w, b: K.naive_reconstruction_loss(h, w, b, t), (h, w, b)),
@@ -108,7 +118,7 @@ def test_fake_tensors_give_shapes_without_running_kernels():
     attn, recon, vf = _fused()
     with FakeTensorMode():
         q = torch.empty(1000, 4, 32)
-        k = torch.empty(2, 1000, 4, 32)
+        k = [torch.empty(1000, 2, 4, 32)[:, i] for i in range(2)]          # Tensor[]: S strided (T, H, D)
         cu = torch.tensor([0, 400, 1000], dtype=torch.int32)
         o, lse = attn.attention_op(q, k, k, cu, 5, 0.2)
         dq, dk, dv = attn.attention_backward_op(q, k, k, o, lse, o, cu, 5, 0.2)
@@ -116,7 +126,7 @@ def test_fake_tensors_give_shapes_without_running_kernels():
                                                         torch.empty(1000, 80), True, True)
         outs = vf.variational_fusion_op(torch.empty(3, 1000, 8), torch.empty(3, 1000, 8),
                                         torch.zeros(1, dtype=torch.int64), True, True)
-    assert o.shape == (1000, 4, 32) and lse.shape == (1000, 4) and dk.shape == (2, 1000, 4, 32)
+    assert o.shape == (1000, 4, 32) and lse.shape == (1000, 4) and dk.shape == dv.shape == (2, 1000, 4, 32)
     assert loss.shape == () and dh.shape == (1000, 64) and dw.shape == (80, 64) and db.shape == (80,)
     assert [tuple(x.shape) for x in outs] == [(1000, 8)] * 3 + [()] * 2
 
@@ -339,6 +349,28 @@ def test_whole_model_compiles_fullgraph_forward_and_backward(backend):
             assert_rel_close(f"grad {n}", grads[n], p.grad, 1e-4)
     explain = torch._dynamo.explain(model)(batch, seed=3)
     assert explain.graph_break_count == 0, explain.break_reasons
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("form", ["tensor", "list"])
+def test_attention_compiles_fullgraph_in_both_forms(backend, form):
+    """k, v as (S, T, H, D) tensors (unbound into views before the op) or as lists of strided views, traced with
+    no graph break, forward and backward equal to eager."""
+    torch._dynamo.reset()
+    q, k, v, cu = _source_lists(S=2, seed=5)
+    leaves = [x._base if x._base is not None else x for x in (q, k[0], k[1])]     # q, the two projections
+
+    def fn(q, k, v):
+        if form == "tensor":
+            k, v = torch.stack(k), torch.stack(v)
+        return K.multi_source_attention(q, k, v, cu, window=2, backend=backend)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got.square().sum(), leaves)
+    want = fn(q, k, v)
+    for name, a, b in zip(("o", "dq", "dproj0", "dproj1"), (got, *got_grads),
+                          (want, *torch.autograd.grad(want.square().sum(), leaves))):
+        assert_rel_close(name, a, b, 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------

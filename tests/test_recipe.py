@@ -210,14 +210,50 @@ def test_weight_average_follows_the_ema_formula_and_applied_restores_the_weights
         assert torch.equal(p.detach(), raw[n])
 
 
-def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_uninterrupted_run(tmp_path):
+def test_the_decay_warmup_ramps_in_as_min_decay_1_plus_n_over_10_plus_n():
+    from cmath_mer.ema import WeightAverage
+    torch.manual_seed(int(torch.randint(0, 10_000, ())))
+    model = torch.nn.Linear(7, 4)
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    decay = float(torch.empty(()).uniform_(0.9, 0.999))
+    avg = WeightAverage(model, decay, warmup=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p))             # fresh random weights, far from the initial ones
+    avg.update(model)                                # update n = 0: decay min(decay, 1/10) = 0.1
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(avg.average[n], 0.1 * initial[n] + 0.9 * p.detach())
+    assert avg.updates == 1
+    expected = {n: t.clone() for n, t in avg.average.items()}
+    for k in range(1, 40):
+        d = min(decay, (1 + k) / (10 + k))
+        assert avg.current_decay() == pytest.approx(d)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        avg.update(model)
+        for n, p in model.named_parameters():
+            expected[n] = d * expected[n] + (1 - d) * p.detach()
+    for n in expected:
+        torch.testing.assert_close(avg.average[n], expected[n])
+    assert WeightAverage(model, decay, warmup=True).current_decay() == pytest.approx(0.1)
+    late = WeightAverage(model, decay, warmup=True)
+    late.updates = 100_000                           # far along the ramp: the full decay
+    assert late.current_decay() == decay
+    assert WeightAverage(model, decay).current_decay() == decay      # no warmup: constant, as before
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_uninterrupted_run(tmp_path, warmup):
     from safetensors.torch import load_file
 
+    from cmath_mer.checkpoint import read_metadata
     from cmath_mer.train import load_trained
     seed = int(torch.randint(0, 10_000, ()))
     data = corpus(seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=3, batch_utterances=96, seed=seed, ema_decay=0.9, baseline=False)
+    # with the warmup, a resume that restarted the ramp at update 0 would average differently from epoch 2
+    tc = TrainConfig(epochs=3, batch_utterances=96, seed=seed, ema_decay=0.9, ema_warmup=warmup, baseline=False)
     full = train(data, config, tc, tmp_path / "full", **quiet)
     tensors = load_file(str(tmp_path / "full" / "best.safetensors"))
     model = load_trained(tmp_path / "full")
@@ -229,6 +265,8 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
     assert strip(resumed["history"]) == strip(full["history"])
     a, b = load_file(str(tmp_path / "full" / "last.safetensors")), load_file(str(tmp_path / "cut" / "last.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    state = read_metadata(tmp_path / "cut" / "last.safetensors")["state"]
+    assert state["ema_updates"] == state["global_step"] > 0      # one update a step, the count kept on resume
 
 
 def test_standardized_inputs_use_training_statistics_and_travel_with_the_checkpoint(tmp_path):

@@ -1,7 +1,11 @@
 """The fused variational fusion (KERNELS.md section 3) against the PyTorch reference and float64 under the
 Triton interpreter: all five outputs and the gradients of mu and logvar, C = 1..3, odd Z, sample and
-detach_teacher both ways, NaN-poisoned outputs, gradcheck, Philox parity with tl.randn, dispatch."""
+detach_teacher both ways, NaN-poisoned outputs, gradcheck, the eps mapping (philox.py = tl.randn4x word m % 4 of
+counter m // 4, whatever the offset or the kernel config) and its distribution, dispatch."""
 from __future__ import annotations
+
+import math
+import os
 
 import pytest
 import torch
@@ -16,9 +20,14 @@ tl = pytest.importorskip("triton.language")
 
 
 @triton.jit
-def _randn_kernel(OUT, n, seed, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(OUT + offs, tl.randn(seed, offs), mask=offs < n)
+def _randn_by_definition_kernel(OUT, n, seed, offset, BLOCK: tl.constexpr):
+    """The mapping as written in philox.py, one element at a time: element m = offset + i is word m % 4 of
+    tl.randn4x(seed, m // 4) (Triton's own generator; nothing shared with the fused kernel's tiling)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offset + i
+    n1, n2, n3, n4 = tl.randn4x(seed, m // 4)
+    w = m % 4
+    tl.store(OUT + i, tl.where(w == 0, n1, tl.where(w == 1, n2, tl.where(w == 2, n3, n4))), mask=i < n)
 
 NAMES = ("z", "mu_f", "logvar_f", "kl_prior", "kl_consistency")
 TOL_F64 = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -133,12 +142,79 @@ def test_gradcheck_float64_triton_and_reference():
 
 
 @pytest.mark.parametrize("seed", [0, 12345, 2**31 + 5, 2**32 + 7, 2**40 + 3])
-def test_philox_randn_matches_tl_randn(seed):
+def test_philox_randn_is_word_m_mod_4_of_tl_randn4x_at_every_offset(seed):
+    """philox.py (the reference's eps) against tl.randn4x by the mapping's definition, at offsets 0..7 (every
+    alignment to the four words), one past 2**32 counters (the counter's high word) and a large one."""
     from cmath_mer.kernels.variational.philox import philox_randn
-    n = 1000
-    out = torch.full((n,), float("nan"), dtype=torch.float32)
-    _randn_kernel[(triton.cdiv(n, 256),)](out, n, seed, BLOCK=256)
-    torch.testing.assert_close(philox_randn(seed, n), out, rtol=1e-6, atol=1e-6)
+    n = 1001
+    for offset in list(range(8)) + [4 * 2**32 - 3, 10**12 + 1]:
+        out = torch.full((n,), float("nan"), dtype=torch.float32)
+        _randn_by_definition_kernel[(triton.cdiv(n, 256),)](out, n, seed, offset, BLOCK=256)
+        torch.testing.assert_close(philox_randn(seed, n, offset=offset), out, rtol=1e-6, atol=1e-6)
+
+
+_LOGVAR = 20.0
+
+
+def _fused_eps(numel, seed, eps_offset=0, requires_grad=False):
+    """The eps the fused kernel draws, read off z: with C = 1, mu = 0 and logvar = 20 the precision
+    exp(-20) ~ 2e-9 vanishes next to the prior's 1 in fp32, so var_f = 1, mu_f = 0 and z = eps exactly. Also the
+    gradient of sum(z) w.r.t. logvar, which holds the backward's regenerated eps (times a constant)."""
+    from cmath_mer.kernels.variational.fused import fused_variational_fusion
+    mu = torch.zeros(1, 1, numel)
+    lv = torch.full((1, 1, numel), _LOGVAR, requires_grad=requires_grad)
+    z = fused_variational_fusion(mu, lv, seed=seed, sample=True, eps_offset=eps_offset)[0].reshape(-1)
+    if not requires_grad:
+        return z
+    z.sum().backward()
+    return z.detach(), lv.grad.reshape(-1)
+
+
+def test_fused_eps_is_philox_randn_at_every_offset_and_the_backward_regenerates_it(nan_poison):
+    """The kernel's eps against the reference's at eps_offset 0..7 (aligned and the three misaligned builds)
+    and past a block boundary; the backward's d z / d logvar = 0.5 sqrt(var_f) eps carries the same eps."""
+    from cmath_mer.kernels.variational.philox import philox_randn
+    seed = int.from_bytes(os.urandom(6), "little")
+    n = 1031                                                     # > one 1024 block, not a multiple of 4
+    for offset in range(8):
+        z, dlv = _fused_eps(n, seed, offset, requires_grad=True)
+        ref = philox_randn(seed, n, offset=offset)
+        torch.testing.assert_close(z, ref, rtol=1e-6, atol=1e-6, msg=f"seed {seed} offset {offset}")
+        # d sum(z) / d logvar = w (0.5 sqrt(var_f) eps) with w = p var_f = exp(-20) (mu_f - mu = 0): a fixed scale
+        scale = 0.5 * math.exp(-_LOGVAR)
+        torch.testing.assert_close(dlv / scale, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed} offset {offset}")
+
+
+def test_fused_eps_are_standard_normal():
+    """~1e5 eps from fresh seeds: mean, standard deviation and the Kolmogorov-Smirnov distance to N(0, 1),
+    over all of them and over each of the four Philox words (lanes m % 4), and no correlation between
+    neighbouring lanes (the two normals of one Box-Muller pair share a radius). Bounds at about 5 sigma."""
+    draws, seeds = [], []
+    for _ in range(4):
+        seed = int.from_bytes(os.urandom(6), "little")
+        offset = int.from_bytes(os.urandom(2), "little")
+        seeds.append((seed, offset))
+        draws.append(_fused_eps(25_000, seed, offset).double())
+    x = torch.cat(draws)
+    where = f"seeds/offsets {seeds}"
+
+    def ks(v):
+        v, _ = torch.sort(v)
+        n = v.numel()
+        cdf = 0.5 * (1.0 + torch.erf(v / math.sqrt(2.0)))
+        k = torch.arange(1, n + 1, dtype=torch.float64)
+        return max((k / n - cdf).max().item(), (cdf - (k - 1) / n).max().item())
+
+    for name, v in [("all", x)] + [(f"word {w}", torch.cat([d[(w - o) % 4::4] for d, (_, o) in zip(draws, seeds)]))
+                                   for w in range(4)]:
+        n = v.numel()
+        assert abs(v.mean().item()) < 5 / math.sqrt(n), f"{name}: mean {v.mean().item():.4f}; {where}"
+        assert abs(v.std().item() - 1.0) < 5 * math.sqrt(0.5 / n), f"{name}: std {v.std().item():.4f}; {where}"
+        # P(sqrt(n) D > 2.4) ~ 2e-5 (Kolmogorov distribution)
+        assert ks(v) < 2.4 / math.sqrt(n), f"{name}: KS distance {ks(v):.4f}; {where}"
+    for d in draws:
+        r = torch.corrcoef(torch.stack([d[:-1], d[1:]]))[0, 1].item()
+        assert abs(r) < 5 / math.sqrt(d.numel()), f"neighbour correlation {r:.4f}; {where}"
 
 
 def test_public_dispatch_uses_the_kernel(monkeypatch):
@@ -250,3 +326,23 @@ def test_eps_offset_places_a_part_in_the_whole_batch_on_both_paths(nan_poison):
     a = fused_variational_fusion(mu, logvar, seed=5, sample=True, eps_offset=1000)[0]
     b = naive_variational_fusion(mu, logvar, seed=5, sample=True, eps_offset=1000)[0]
     assert_rel_close("offset z", a, b, 1e-5)
+
+
+@pytest.mark.parametrize("blocks", [(1024,), (512,), (64,), (512, 1024), (1024, 64, 512)])
+def test_eps_do_not_depend_on_the_config_or_on_configs_run_before(monkeypatch, blocks, nan_poison):
+    """The element -> Philox word mapping is a property of the element, not of BLOCK: every config (the
+    autotuner's two and a small one), run alone or in sequence on the same buffers as the autotuner's
+    benchmark does, draws the reference's eps forward and backward, aligned or not (eps_offset 0..7)."""
+    import cmath_mer.kernels.variational.fused as fused
+    from cmath_mer.kernels.variational.philox import philox_randn
+    monkeypatch.setattr(fused, "_fwd_launch", _ConfigsInSequence(fused._vf_fwd_kernel, blocks))
+    monkeypatch.setattr(fused, "_bwd_launch", _ConfigsInSequence(fused._vf_bwd_kernel, blocks))
+    monkeypatch.setattr(fused, "_MIN_BLOCK", min(blocks))          # the KL partials of a BLOCK below the configs'
+    seed = int.from_bytes(os.urandom(6), "little")
+    n = 1031
+    for offset in range(8):
+        z, dlv = _fused_eps(n, seed, offset, requires_grad=True)
+        ref = philox_randn(seed, n, offset=offset)
+        torch.testing.assert_close(z, ref, rtol=1e-6, atol=1e-6, msg=f"seed {seed} offset {offset}")
+        torch.testing.assert_close(dlv / (0.5 * math.exp(-_LOGVAR)), ref, rtol=1e-5, atol=1e-5,
+                                   msg=f"seed {seed} offset {offset}")

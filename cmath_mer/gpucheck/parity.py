@@ -38,6 +38,8 @@ def parity_cases(device: str) -> list[dict]:
         cases += [dict(op="variational", mode=mode, C=C, T=T, Z=Z, sample=s, detach=True) for C, T, Z, s in var]
     cases.append(dict(op="reconstruction_exact", mode="fp32", T=4096, M=256, K=128))  # issue 8 fault 3
     cases.append(dict(op="variational", mode="fp32", C=3, T=65, Z=3, sample=True, detach=False))
+    # an eps_offset that is not a multiple of 4 runs the kernel's misaligned-eps build (a rank's share at Z = 3)
+    cases.append(dict(op="variational", mode="fp32", C=3, T=65, Z=3, sample=True, detach=False, eps_offset=7))
     return cases
 
 
@@ -105,7 +107,8 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
 
         def fn(x, backend, dev):
             return list(variational_fusion(*x, seed=1234 + seed, sample=case["sample"],
-                                           detach_teacher=case["detach"], backend=backend))
+                                           detach_teacher=case["detach"], backend=backend,
+                                           eps_offset=case.get("eps_offset", 0)))
     rounded = [x.to(dtype).double() for x in host]           # the reference sees the inputs the op sees
     runs = [("fused", host, "triton", device, dtype)]
     if not fused_only:

@@ -1,6 +1,7 @@
 """The three hot ops of CMATH (shared/design/KERNELS.md), each a PyTorch reference beside a Triton kernel.
 
     multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None)      -> (T, H, D)
+        (k, v: (S, T, H, D) tensors, or lists of S tensors (T, H, D) read in place)
     reconstruction_loss(h, weight, bias, target)                                  -> scalar
     variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True, eps_offset=0) -> 5-tuple
         (seed: an int, or a one-element int64 tensor on the inputs' device, read there: CUDA graphs)
@@ -15,10 +16,12 @@ as plain PyTorch. Autocast and the fp32/TF32 rules: docs/KERNELS.md, "Precision 
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from . import reference_ops
-from .attention.naive import naive_multi_source_attention
+from .attention.naive import as_sources, naive_multi_source_attention
 from .backend import reconstruction_impl, resolve_backend
 from .utils import seed_tensor
 from .reconstruction.naive import naive_reconstruction_loss
@@ -28,17 +31,21 @@ __all__ = ["multi_source_attention", "reconstruction_loss", "variational_fusion"
            "naive_multi_source_attention", "naive_reconstruction_loss", "naive_variational_fusion"]
 
 
-def multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+def multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
+                           v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
                            *, window: int | None = None, scale: float | None = None,
                            backend: str | None = None) -> torch.Tensor:
-    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32 -> (T, H, D)."""
+    """q: (T, H, D); k, v: (S, T, H, D), or S tensors (T, H, D) each (any strides; the Triton kernels read them
+    in place when they share one stride set with the last dim contiguous); cu_seqlens: (B+1,) int32
+    -> (T, H, D)."""
     if resolve_backend(backend, q.device) == "triton":
         from .attention.fused import fused_multi_source_attention
         return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
     if torch.compiler.is_compiling():
         if window is not None and window < 0:
             raise ValueError(f"window must be >= 0 or None, got {window}")
-        return reference_ops.attention_ref_op(q, k, v, cu_seqlens, -1 if window is None else int(window),
+        return reference_ops.attention_ref_op(q, as_sources(k), as_sources(v), cu_seqlens,
+                                              -1 if window is None else int(window),
                                               float(q.shape[-1] ** -0.5 if scale is None else scale))
     return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
 
@@ -59,9 +66,10 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | torch.Tensor, sample: bool,
                        detach_teacher: bool = True, eps_offset: int = 0, backend: str | None = None):
-    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency). eps[t, j] is
-    tl.randn(seed, eps_offset + t * Z + j): eps_offset places this batch in a larger one. seed: an int, or a
-    one-element int64 tensor on the inputs' device, read there (a CUDA graph replays with a new one)."""
+    """mu, logvar: (C, T, Z) -> (z, mu_f, logvar_f, kl_prior, kl_consistency). eps[t, j] is word m % 4 of
+    tl.randn4x(seed, m // 4), m = eps_offset + t * Z + j (variational/philox.py): eps_offset places this batch
+    in a larger one. seed: an int, or a one-element int64 tensor on the inputs' device, read there (a CUDA
+    graph replays with a new one)."""
     if resolve_backend(backend, mu.device) == "triton":
         from .variational.fused import fused_variational_fusion
         return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,

@@ -40,9 +40,10 @@ def _window_arg(window: int) -> int | None:
 
 # ----------------------------------------------------------------------------------------------------------
 # multi_source_attention
+# k and v are `Tensor[]`: S tensors (T, H, D), any strides (the public function unbinds an (S, T, H, D) tensor).
 @torch.library.custom_op("cmath_mer::multi_source_attention_ref", mutates_args=())
-def attention_ref_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int,
-                     scale: float) -> torch.Tensor:
+def attention_ref_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
+                     window: int, scale: float) -> torch.Tensor:
     return naive_multi_source_attention(q, k, v, cu_seqlens, window=_window_arg(window), scale=scale).contiguous()
 
 
@@ -52,31 +53,34 @@ def _(q, k, v, cu_seqlens, window, scale):
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_ref_backward", mutates_args=())
-def attention_ref_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
+def attention_ref_backward_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], do: torch.Tensor,
                               cu_seqlens: torch.Tensor, window: int, scale: float
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    def fn(q_, k_, v_):
-        return naive_multi_source_attention(q_, k_, v_, cu_seqlens, window=_window_arg(window), scale=scale)
-    dq, dk, dv = _recompute_grads(fn, [q, k, v], [do])
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+    """-> dq (T, H, D), dk (S, T, H, D), dv (S, T, H, D), as the Triton backward op."""
+    S = len(k)
+
+    def fn(q_, *kv):                                      # the sources flat: vjp gives one gradient per tensor
+        return naive_multi_source_attention(q_, kv[:S], kv[S:], cu_seqlens, window=_window_arg(window), scale=scale)
+    dq, *dkv = _recompute_grads(fn, [q, *k, *v], [do])
+    return dq, torch.stack(dkv[:S]), torch.stack(dkv[S:])
 
 
 @attention_ref_backward_op.register_fake
 def _(q, k, v, do, cu_seqlens, window, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return q.new_empty(q.shape), k[0].new_empty((len(k), *q.shape)), v[0].new_empty((len(v), *q.shape))
 
 
 def _attention_setup(ctx, inputs, output):
     q, k, v, cu_seqlens, window, scale = inputs
-    ctx.save_for_backward(q, k, v, cu_seqlens)
-    ctx.window, ctx.scale = window, scale
+    ctx.save_for_backward(q, cu_seqlens, *k, *v)
+    ctx.S, ctx.window, ctx.scale = len(k), window, scale
 
 
 @once_differentiable
 def _attention_backward(ctx, do):
-    q, k, v, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = attention_ref_backward_op(q, k, v, do, cu_seqlens, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None
+    q, cu_seqlens, *kv = ctx.saved_tensors
+    dq, dk, dv = attention_ref_backward_op(q, kv[:ctx.S], kv[ctx.S:], do, cu_seqlens, ctx.window, ctx.scale)
+    return dq, list(dk.unbind(0)), list(dv.unbind(0)), None, None, None
 
 
 attention_ref_op.register_autograd(_attention_backward, setup_context=_attention_setup)

@@ -136,9 +136,9 @@ _LIBS: list = []
 
 
 def register_autocast_to_region_dtype(qualname: str, cast: tuple[int, ...], post=None) -> None:
-    """In an autocast region (cuda or cpu), floating tensors at the positions `cast` are cast to the region's
-    dtype (fp16/bf16) before the op runs with autocast off; `post(out)` may adjust the outputs (e.g. scalar
-    losses returned in fp32). Both cast and op are recorded by autograd, as for any autocast op."""
+    """In an autocast region (cuda or cpu), floating tensors at the positions `cast` (or in the lists there) are
+    cast to the region's dtype (fp16/bf16) before the op runs with autocast off; `post(out)` may adjust the
+    outputs (e.g. scalar losses returned in fp32). Both cast and op are recorded by autograd, as for any autocast op."""
     namespace, name = qualname.split("::")
     lib = torch.library.Library(namespace, "FRAGMENT")
     _LIBS.append(lib)
@@ -150,11 +150,13 @@ def register_autocast_to_region_dtype(qualname: str, cast: tuple[int, ...], post
         def kernel(_keyset, *args, _device_type=device_type, _key=key):
             dtype = torch.get_autocast_dtype(_device_type)
             args = list(args)
-            for i in cast:
-                a = args[i]
+            def to_region(a):
                 if isinstance(a, torch.Tensor) and a.is_floating_point() and a.device.type == _device_type \
                         and a.dtype != torch.float64:
-                    args[i] = a.to(dtype)
+                    return a.to(dtype)
+                return a
+            for i in cast:                            # a Tensor[] argument (attention's sources) element-wise
+                args[i] = [to_region(a) for a in args[i]] if isinstance(args[i], (list, tuple)) else to_region(args[i])
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
                 out = op(*args)
             return post(out) if post is not None else out

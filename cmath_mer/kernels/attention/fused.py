@@ -2,16 +2,18 @@
 
     fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None) -> (T, H, D)
 
-Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D); a query of
-conversation b attends in one softmax to the keys of conversation b in all S sources, or only to keys with
-|pos(query) - pos(key)| <= window (positions inside the conversation).
+Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D) or lists of S tensors
+(T, H, D), 1 <= S <= MAX_SOURCES = 4; a query of conversation b attends in one softmax to the keys of
+conversation b in all S sources, or only to keys with |pos(query) - pos(key)| <= window (positions inside
+the conversation).
 
 Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
 (`prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
 the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
 bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
-outside are skipped, not masked. The S sources are read in place from the (S, T, H, D) tensors.
+outside are skipped, not masked. The S sources are read in place, each from its own tensor (one pointer
+argument per source, one shared set of strides).
 
 Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units):
   _attn_fwd_kernel      grid (query blocks, H)            -> o, lse
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import os
+from typing import Sequence
 
 import torch
 import triton
@@ -50,6 +53,7 @@ import triton.language as tl
 
 from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
+from .naive import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
@@ -195,16 +199,29 @@ def _block_of(block_indices, cu_seqlens, i_blk):
     return i_n, i_m, bos, tl.where(real, eos - bos, 0)
 
 
-# Addressing: k and v are read in place through one set of strides (sk_s, sk_t, sk_h; the last dim
-# contiguous), so they may be views of one kv projection; q, o, lse, do, dq, dk, dv are contiguous, row t
-# head h of source s at ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first
-# row) plus a loop-invariant int32 offset tile r * stride + d, which keeps the 2-D pointer tensors out of
-# 64-bit registers.
+# Addressing: the S <= MAX_SOURCES sources arrive as separate base pointers k0..k3, v0..v3 (unused slots
+# repeat source 0 and are never read), each read in place through one set of strides (sk_t, sk_h; the last
+# dim contiguous), so they may be views of each source's own kv projection; q, o, lse, do, dq are
+# contiguous, and dk, dv one contiguous (S, T, H, D) buffer, row t head h of source s at
+# ((s * T + t) * H + h) * D. Each tile gets one int64 scalar base pointer (its first row) plus a
+# loop-invariant int32 offset tile r * stride + d, which keeps the 2-D pointer tensors out of 64-bit registers.
+MAX_SOURCES = 4
+
+
+@triton.jit
+def _source(i_s, p0, p1, p2, p3):
+    """Base pointer of source i_s (runtime, < 4): a chain of scalar selects, once per source and program. The
+    pointers' 16-byte alignment stays known through the selects: the sm_90 PTX has the same 16-byte loads
+    (cp.async.cg, ld.global.v4) as the kernels had with one (S, T, H, D) pointer. S stays a runtime argument:
+    one compiled kernel serves every S (no more AOT configs)."""
+    return tl.where(i_s == 3, p3, tl.where(i_s == 2, p2, tl.where(i_s == 1, p1, p0)))
+
+
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
-def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
-                     sk_s, sk_t, sk_h,
+def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, block_indices, scale, T, S, W,
+                     sk_t, sk_h,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
@@ -232,9 +249,9 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BM], dtype=ACC)
     b_acc = tl.zeros([BM, BD], dtype=ACC)
-    k_src = k                                            # source i_s starts at k + i_s * sk_s: a 64-bit pointer
-    v_src = v                                            # stepped per source, never an int32 product
     for i_s in range(S):
+        k_src = _source(i_s, k0, k1, k2, k3)                             # the source's own tensor, in place
+        v_src = _source(i_s, v0, v1, v2, v3)
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
@@ -254,8 +271,6 @@ def _attn_fwd_kernel(q, k, v, o, lse, cu_seqlens, block_indices, scale, T, S, W,
             b_l = b_l * b_alpha + tl.sum(b_p, 1)
             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC).to(ACC)
             b_m = b_m_new
-        k_src += sk_s
-        v_src += sk_s
 
     b_empty = b_l == 0.
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
@@ -281,8 +296,8 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
-def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, scale, T, S, W,
-                        sk_s, sk_t, sk_h,
+def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, cu_seqlens, block_indices,
+                        scale, T, S, W, sk_t, sk_h,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
@@ -312,9 +327,9 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
         hi = N
 
     b_dq = tl.zeros([BM, BD], dtype=ACC)
-    k_src = k
-    v_src = v
     for i_s in range(S):
+        k_src = _source(i_s, k0, k1, k2, k3)
+        v_src = _source(i_s, v0, v1, v2, v3)
         for j0 in range(lo, hi, BN):
             pos_k = j0 + tl.arange(0, BN)
             m_k = pos_k < hi
@@ -330,8 +345,6 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
             b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC).to(ACC)
             b_ds = b_p * (b_dp - b_delta[:, None])
             b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
-        k_src += sk_s
-        v_src += sk_s
     b_dq = b_dq * scale
     tl.store(dq + row_q0 * D + tile_q, b_dq.to(dq.dtype.element_ty), mask=m_qd)
 
@@ -339,8 +352,8 @@ def _attn_bwd_dq_kernel(q, k, v, do, lse, delta, dq, cu_seqlens, block_indices, 
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
-def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indices, scale, T, S, W,
-                         sk_s, sk_t, sk_h,
+def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, dv, cu_seqlens,
+                         block_indices, scale, T, S, W, sk_t, sk_h,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                          HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
     # BN keys of source i_s per program; loops over query blocks of BM rows of the same conversation.
@@ -349,24 +362,26 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
     i_s = tl.program_id(2).to(tl.int64)
     i_n, i_j, bos, N = _block_of(block_indices, cu_seqlens, i_blk)
 
-    k0 = i_j * BN
-    pos_k = k0 + tl.arange(0, BN)
+    key0 = i_j * BN                                          # first key of the block (k0 is a pointer)
+    pos_k = key0 + tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     m_k = pos_k < N
     m_d = offs_d < D
     m_kd = m_k[:, None] & m_d[None, :]
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * (H * D) + offs_d[None, :]                 # dk, dv: contiguous
-    row_k = (bos + k0).to(tl.int64)
+    row_k = (bos + key0).to(tl.int64)
     base_k = ((i_s * T.to(tl.int64) + row_k) * H + i_h) * D
-    src_k = i_s * sk_s + row_k * sk_t + i_h * sk_h                                 # k, v: strided, in place
+    k = _source(i_s, k0, k1, k2, k3)                                               # source i_s, in place
+    v = _source(i_s, v0, v1, v2, v3)
+    src_k = row_k * sk_t + i_h * sk_h                                              # k, v: strided
     b_k = tl.load(k + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
     b_v = tl.load(v + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
     qk_scale = scale * 1.4426950408889634
 
     if HAS_WINDOW:
-        lo = tl.maximum(0, k0 - W)
-        hi = tl.minimum(N, k0 + BN + W)
+        lo = tl.maximum(0, key0 - W)
+        hi = tl.minimum(N, key0 + BN + W)
     else:
         lo = 0
         hi = N
@@ -398,14 +413,16 @@ def _attn_bwd_dkv_kernel(q, k, v, do, lse, delta, dk, dv, cu_seqlens, block_indi
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers
+# launchers. k and v are lists of S tensors (T, H, D) (naive.as_sources turns an (S, T, H, D) tensor into
+# such a list of views), read in place.
 # ----------------------------------------------------------------------------------------------------------
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor) -> None:
-    if q.dim() != 3 or k.dim() != 4 or k.shape != v.shape or k.shape[1:] != q.shape:
-        raise ValueError(f"expected q (T, H, D) and k, v (S, T, H, D); got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[0] < 1:
-        raise ValueError("need at least one key/value source (S >= 1)")
+def _check(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor) -> None:
+    if q.dim() != 3 or len(k) != len(v) or any(x.shape != q.shape for x in (*k, *v)):
+        raise ValueError(f"expected q (T, H, D) and k, v as (S, T, H, D) tensors or S tensors (T, H, D) each; got "
+                         f"q {tuple(q.shape)}, k {[tuple(x.shape) for x in k]}, v {[tuple(x.shape) for x in v]}")
+    if not 1 <= len(k) <= MAX_SOURCES:
+        raise ValueError(f"{len(k)} key/value sources: the Triton kernels take 1 to {MAX_SOURCES} (one pointer "
+                         "argument per source); use backend='torch' for more")
     if q.shape[-1] > max(HEAD_DIMS):
         raise ValueError(f"head dim {q.shape[-1]} > {max(HEAD_DIMS)}: the kernel keeps a (block, head dim) "
                          "tile per operand on chip and supports head dims up to 128")
@@ -413,22 +430,27 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
         raise ValueError("cu_seqlens must be a (B+1,) tensor")
     if cu_seqlens.is_floating_point() or cu_seqlens.is_complex():
         raise TypeError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-    check_same_device(q=q, k=k, v=v, cu_seqlens=cu_seqlens)
-
-
-def _strides(k) -> tuple[int, int, int]:
-    """Element strides (s, t, h) of k, which v shares."""
-    return k.stride(0), k.stride(1), k.stride(2)
+    check_same_device(q=q, cu_seqlens=cu_seqlens, **{f"k{i}": x for i, x in enumerate(k)},
+                      **{f"v{i}": x for i, x in enumerate(v)})
 
 
 def _layout(q, k, v):
-    """q contiguous (a projection's output already is: no copy); k and v read in place through one set of
-    strides, as the views of one kv projection are (the last dim contiguous). Other layouts are copied once:
-    one stride set keeps the kernels' offset tiles, and so their registers, as few as with contiguous inputs."""
+    """q contiguous (a projection's output already is: no copy). The sources are read in place through one
+    set of strides, as the views of S projections of one width are (the last dim contiguous). If their
+    strides differ, or the last dim is not contiguous, every source is copied once (contiguous): one stride
+    set keeps the kernels' offset tiles, and so their registers, as few as with contiguous inputs (AOT
+    report)."""
     q = q.contiguous()
-    if k.stride() != v.stride() or k.stride(-1) != 1:
-        k, v = k.contiguous(), v.contiguous()
+    if k[0].stride(-1) != 1 or any(x.stride() != k[0].stride() for x in (*k, *v)):
+        k, v = [x.contiguous() for x in k], [x.contiguous() for x in v]
     return q, k, v
+
+
+def _source_args(k: list[torch.Tensor], v: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Kernel arguments k0..k3, v0..v3, then the shared strides (t, h). Unused slots repeat source 0: a
+    valid pointer the kernels never read (they loop over the first S)."""
+    pad = MAX_SOURCES - len(k)
+    return [*k, *[k[0]] * pad, *v, *[v[0]] * pad, k[0].stride(0), k[0].stride(1)]
 
 
 def _window(window: int, T: int) -> int:
@@ -439,62 +461,68 @@ def _window(window: int, T: int) -> int:
 
 @input_guard
 def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
-    """-> (o, lse); lse (T, H) in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
+    """q (T, H, D) contiguous; k, v lists of S tensors (T, H, D) sharing one stride set -> (o, lse); lse (T, H)
+    in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
     T, H, D = q.shape
-    S = k.shape[0]
+    S = len(k)
     BM, BN = block_sizes(D, q.element_size())["fwd"]
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
     table = block_table(cu_seqlens, BM, T)
     if T > 0:
-        _attn_fwd_kernel[(table.shape[0], H)](q, k, v, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
-                                              *_strides(k), H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
+        *ptrs, st_t, st_h = _source_args(k, v)
+        _attn_fwd_kernel[(table.shape[0], H)](q, *ptrs, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
+                                              st_t, st_h, H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
                                               DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
 
 @input_guard
 def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: float):
+    """-> dq (T, H, D) and dk, dv (S, T, H, D): one buffer each, source s's gradient is its slice s."""
     T, H, D = q.shape
-    S = k.shape[0]
+    S = len(k)
     BD = _block_dim(D)
     blocks = block_sizes(D, q.element_size())
     window = _window(window, T)
     prec = dot_precision(q.dtype)
     delta = torch.empty((T, H), dtype=lse.dtype, device=q.device)
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((S, T, H, D), dtype=k.dtype, device=q.device)
-    dv = torch.empty((S, T, H, D), dtype=v.dtype, device=q.device)
+    dk = torch.empty((S, T, H, D), dtype=k[0].dtype, device=q.device)
+    dv = torch.empty((S, T, H, D), dtype=v[0].dtype, device=q.device)
     if T == 0:
         return dq, dk, dv
     BR = 64
     _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
+    *ptrs, st_t, st_h = _source_args(k, v)
     BM, BN = blocks["dq"]
     table = block_table(cu_seqlens, BM, T)
-    _attn_bwd_dq_kernel[(table.shape[0], H)](q, k, v, do, lse, delta, dq, cu_seqlens, table, scale,
-                                             T, S, window, *_strides(k), H=H, D=D, BD=BD, BM=BM, BN=BN,
+    _attn_bwd_dq_kernel[(table.shape[0], H)](q, *ptrs, do, lse, delta, dq, cu_seqlens, table, scale,
+                                             T, S, window, st_t, st_h, H=H, D=D, BD=BD, BM=BM, BN=BN,
                                              DOT_PREC=prec)
     BM, BN = blocks["dkv"]
     table = block_table(cu_seqlens, BN, T)
-    _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, k, v, do, lse, delta, dk, dv, cu_seqlens, table,
-                                                 scale, T, S, window, *_strides(k), H=H, D=D, BD=BD,
+    _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, *ptrs, do, lse, delta, dk, dv, cu_seqlens, table,
+                                                 scale, T, S, window, st_t, st_h, H=H, D=D, BD=BD,
                                                  BM=BM, BN=BN, DOT_PREC=prec)
     return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the op: forward and backward as PyTorch custom ops (opaque to torch.compile, fake impls for shapes),
-# autograd over them, and the autocast rule (docs/KERNELS.md, precision policy)
+# autograd over them, and the autocast rule (docs/KERNELS.md, precision policy). k and v are `Tensor[]`:
+# S tensors (T, H, D), read in place when they share one stride set with the last dim contiguous (_layout).
 # ----------------------------------------------------------------------------------------------------------
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton", mutates_args=())
-def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, window: int,
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
+                 window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (o (T, H, D), lse (T, H) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
+    _check(q, k, v, cu_seqlens)
     q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
 
@@ -506,9 +534,10 @@ def _(q, k, v, cu_seqlens, window, scale):
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton_backward", mutates_args=())
-def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                          do: torch.Tensor, cu_seqlens: torch.Tensor, window: int, scale: float
+def attention_backward_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], o: torch.Tensor,
+                          lse: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor, window: int, scale: float
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq (T, H, D), dk (S, T, H, D), dv (S, T, H, D)."""
     q, k, v = _layout(q, k, v)
     return attention_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(),
                               cu_seqlens.to(torch.int32), window, scale)
@@ -516,43 +545,49 @@ def attention_backward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: 
 
 @attention_backward_op.register_fake
 def _(q, k, v, o, lse, do, cu_seqlens, window, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return q.new_empty(q.shape), k[0].new_empty((len(k), *q.shape)), v[0].new_empty((len(v), *q.shape))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, cu_seqlens, window, scale = inputs
     o, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
-    ctx.window, ctx.scale = window, scale
+    ctx.save_for_backward(q, o, lse, cu_seqlens, *k, *v)
+    ctx.S, ctx.window, ctx.scale = len(k), window, scale
 
 
 @once_differentiable
 def _autograd_backward(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+    q, o, lse, cu_seqlens, *kv = ctx.saved_tensors
+    k, v = kv[:ctx.S], kv[ctx.S:]
     dq, dk, dv = attention_backward_op(q, k, v, o, lse, do, cu_seqlens, ctx.window, ctx.scale)
-    return dq, dk, dv, None, None, None
+    return dq, list(dk.unbind(0)), list(dv.unbind(0)), None, None, None     # source s: slice s, no copy
 
 
 attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 register_autocast_to_region_dtype("cmath_mer::multi_source_attention_triton", cast=(0, 1, 2))
 
 
-def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
+                                 v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
                                  *, window: int | None = None, scale: float | None = None) -> torch.Tensor:
-    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32. Returns (T, H, D).
+    """q: (T, H, D); k, v: (S, T, H, D) each, or S tensors (T, H, D) each (e.g. views of each source's kv
+    projection: read in place when they share one stride set with the last dim contiguous, see _layout);
+    1 <= S <= MAX_SOURCES; cu_seqlens: (B+1,) int32. Returns (T, H, D).
 
     Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
     (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
     here only when TF32 is allowed (torch.backends.cuda.matmul.allow_tf32); otherwise the fp32-exact
     PyTorch reference runs (see utils.gpu_dots_ok)."""
+    k, v = as_sources(k), as_sources(v)
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0 or None, got {window}")
     autocast = torch.is_autocast_enabled(q.device.type)
-    if not (q.dtype == k.dtype == v.dtype) and not autocast:
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype} (mixed dtypes are accepted "
-                         "in an autocast region)")
+    dtypes = {x.dtype for x in (q, *k, *v)}
+    if len(dtypes) > 1 and not autocast:
+        raise ValueError(f"q, k, v dtypes differ: {sorted(map(str, dtypes))} (mixed dtypes are accepted in an "
+                         "autocast region)")
     if scale is None:
         scale = q.shape[-1] ** -0.5
     run_dtype = torch.get_autocast_dtype(q.device.type) if autocast else q.dtype
@@ -572,7 +607,8 @@ def _unwrap(fn):
     return fn
 
 
-_STRIDE_ARGS = ("sk_s", "sk_t", "sk_h")
+_STRIDE_ARGS = ("sk_t", "sk_h")
+_SOURCE_PTRS = tuple(f"{x}{i}" for x in "kv" for i in range(MAX_SOURCES))     # k0..k3, v0..v3
 
 
 def aot_specs() -> list[dict]:
@@ -595,14 +631,13 @@ def aot_specs() -> list[dict]:
                           "S": "i32", "W": "i32", **{st: "i32" for st in _STRIDE_ARGS}, "H": "i32",
                           "D": "constexpr", "BD": "constexpr", "BM": "constexpr", "BN": "constexpr",
                           "HAS_WINDOW": "constexpr", "ACC": "constexpr", "DOT_PREC": "constexpr"}
+                qkv = {"q": ptr, **{name: ptr for name in _SOURCE_PTRS}}
                 kernels = [
-                    ("attn_fwd", _attn_fwd_kernel, "fwd",
-                     {"q": ptr, "k": ptr, "v": ptr, "o": ptr, "lse": "*fp32"}),
+                    ("attn_fwd", _attn_fwd_kernel, "fwd", {**qkv, "o": ptr, "lse": "*fp32"}),
                     ("attn_bwd_dq", _attn_bwd_dq_kernel, "dq",
-                     {"q": ptr, "k": ptr, "v": ptr, "do": ptr, "lse": "*fp32", "delta": "*fp32", "dq": ptr}),
+                     {**qkv, "do": ptr, "lse": "*fp32", "delta": "*fp32", "dq": ptr}),
                     ("attn_bwd_dkv", _attn_bwd_dkv_kernel, "dkv",
-                     {"q": ptr, "k": ptr, "v": ptr, "do": ptr, "lse": "*fp32", "delta": "*fp32",
-                      "dk": ptr, "dv": ptr}),
+                     {**qkv, "do": ptr, "lse": "*fp32", "delta": "*fp32", "dk": ptr, "dv": ptr}),
                 ]
                 for name, kernel, which, ptrs in kernels:
                     BM, BN = blocks[which]
@@ -613,7 +648,7 @@ def aot_specs() -> list[dict]:
                             # the JIT specialises the k/v strides (multiples of 16 for D = 16..128 and
                             # the kv views) and the pointers as divisible by 16
                             "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", "block_indices",
-                                                                              "sk_s", "sk_t", "sk_h")},
+                                                                              *_STRIDE_ARGS)},
                             "name": f"{name}[{dname},D={D},window={'on' if has_window else 'off'},"
                                     f"BM={BM},BN={BN}]",
                             "fn": _unwrap(kernel),

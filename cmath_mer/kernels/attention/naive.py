@@ -17,6 +17,7 @@ Memory stays linear in the conversation length, and with a window so does time:
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +35,24 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
     return o.squeeze(0).transpose(0, 1)                                   # (n, H, D)
 
 
-def naive_multi_source_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 cu_seqlens: torch.Tensor, *, window: int | None = None,
-                                 scale: float | None = None) -> torch.Tensor:
-    """q: (T, H, D); k, v: (S, T, H, D); cu_seqlens: (B+1,) int32. Returns (T, H, D)."""
+def as_sources(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """k or v in either form of the op -> a list of S tensors (T, H, D). An (S, T, H, D) tensor is unbound
+    into views (no copy); a list or tuple (e.g. views of each source's own kv projection) is taken as is."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 4:
+            raise ValueError(f"k, v: expected an (S, T, H, D) tensor or S tensors (T, H, D), got {tuple(x.shape)}")
+        return list(x.unbind(0))
+    return list(x)
+
+
+def naive_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
+                                 v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
+                                 window: int | None = None, scale: float | None = None) -> torch.Tensor:
+    """q: (T, H, D); k, v: (S, T, H, D), or S tensors (T, H, D) each (any strides); cu_seqlens: (B+1,) int32.
+    Returns (T, H, D)."""
+    if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+        # the list form: the reference stacks it (a copy, linear in T; the Triton kernels read in place)
+        k, v = torch.stack(as_sources(k)), torch.stack(as_sources(v))
     if scale is None:
         scale = q.shape[-1] ** -0.5
     bounds = cu_seqlens.tolist()

@@ -4,23 +4,34 @@ forward and one kernel backward.
 
 Per element (t, j) of the (T, Z) latent, n = t * Z + j, with the C experts read in place from (C, T, Z):
     p_c = exp(-logvar_c),  P = 1 + sum_c p_c,  logvar_f = -log P,  var_f = 1 / P,  mu_f = sum_c mu_c p_c / P
-    z = mu_f + sqrt(var_f) * eps,  eps = tl.randn(seed, eps_offset + n)   (regenerated in the backward, never
-    stored; eps_offset places the batch in a larger one: a rank's share of a distributed step draws the
-    numbers one process draws for those rows of the whole step)
+    z = mu_f + sqrt(var_f) * eps,  eps = word m % 4 of tl.randn4x(seed, m // 4), m = eps_offset + n
+    (philox.py: the same numbers in PyTorch; regenerated in the backward, never stored; eps_offset places the
+    batch in a larger one: a rank's share of a distributed step draws the numbers one process draws for
+    those rows of the whole step, whatever eps_offset % 4)
     kl_prior       = (1/T) sum 0.5 * (-logvar_f + var_f + mu_f^2 - 1)
     kl_consistency = (1/T) sum_c 0.5 * (logvar_c - logvar_f + (var_f + (mu_f - mu_c)^2) p_c - 1)
 Backward, with G_mu / G_lv the total gradient reaching mu_f / logvar_f (from z, mu_f, logvar_f, kl_prior
 and, unless detach_teacher, kl_consistency), d = mu_f - mu_c, w_c = p_c / P, g_kc = grad_kl_consistency / T:
     dmu_c     = G_mu w_c - g_kc d p_c
     dlogvar_c = w_c (G_mu d + G_lv) + 0.5 g_kc (1 - (var_f + d^2) p_c)
-The C experts are one (C_PAD, BLOCK) register tile (C_PAD = next power of two >= C, masked rows never
-touch memory). The scalar KLs are per-program fp32 partials summed on the host (deterministic).
+A program's BLOCK elements are a (BLOCK / 4, 4) tile laid on the Philox counters: row i holds the four words
+of one counter, so a thread keeps the words it draws (_block: at eps_offset % 4 != 0 the tiles start a few
+elements early, a separate build). The C <= 3 experts are unrolled at compile time, one such tile each (C = 3
+costs three; no padded fourth). The scalar KLs are per-program fp32 partials summed on the host
+(deterministic).
 
 Byte floor, e = element bytes, N = T * Z: forward reads mu and logvar (2 C N e) and writes z, mu_f, logvar_f
 (3 N e); backward reads mu, logvar (2 C N e) and the incoming gradients of z, mu_f, logvar_f (up to 3 N e,
 skipped when None) and writes dmu, dlogvar (2 C N e). Each kernel is one pass that moves exactly that
-(plus one fp32 partial per program), so it can reach the bandwidth roofline; Philox costs ~40 integer ops
-per element, below the ridge of an H100 for C >= 1.
+(plus one fp32 partial per program; each expert is read once and kept in registers), so it can reach the
+bandwidth roofline. Arithmetic per element for the eps (SAMPLE), in every build: a quarter of a
+Philox-4x32-10 call (10 rounds of two 32x32->64-bit multiplies, four xors and two adds: ~25 integer ops per
+element, was ~100 with one call per element; the sm_90 PTX of the fp32 C = 3 forward has 4 mul.hi.u32 per
+element, 16 per thread of 4 at BLOCK 1024 with 8 warps, was 14, 112 per thread of 8 at BLOCK 1024 with 4
+warps) and half a Box-Muller transform (one log, sqrt, cos and sin per two elements, was one log, sqrt and
+cos per element). Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below
+the ridge of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until a GPU is
+lent.
 """
 from __future__ import annotations
 
@@ -39,84 +50,169 @@ patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# (BLOCK, num_warps); one config under the interpreter.
-_CONFIGS = [(1024, 4), (512, 4)]      # (2048, 8) spills on sm_80 and sm_90 (AOT check)
-_INTERPRET_CONFIG = (1024, 4)
+# (BLOCK, num_warps); one config under the interpreter. Both hold one row of four lanes (one Philox counter)
+# per thread. (1024, 4), two rows per thread, spilled 8 bytes in fp16/bf16 with sampling when it was tried
+# (inside libdevice's sin/cos Payne-Hanek path, which angles in [0, 2 pi) never take: ptxas keeps the
+# register count low and spills in that cold path); (2048, 8) spilled before that (AOT check).
+_CONFIGS = [(1024, 8), (512, 4)]
+_INTERPRET_CONFIG = (1024, 8)
 _MIN_BLOCK = min(c[0] for c in _CONFIGS + [_INTERPRET_CONFIG])
 _MAX_C = 3
 
 
-@triton.jit(do_not_specialize=["N", "eps_offset"])
-def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, SEED, eps_offset: tl.int64,
-                   C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit
+def _randn4x_block(SEED, ctr0, BLOCK: tl.constexpr):
+    """(BLOCK // 4, 4) float32 normals: [i, w] is word w of tl.randn4x(seed, ctr0 + i), one Philox call and two
+    Box-Muller transforms per row of four lanes. The seed is read from memory: a CUDA graph replays with the
+    buffer's seed."""
+    n1, n2, n3, n4 = tl.randn4x(tl.load(SEED), ctr0 + tl.arange(0, BLOCK // 4))
+    # join(join(n1, n3), join(n2, n4)) is (rows, 2, 2) with [i, a, b] = word 2 a + b. A join keeps a row's words
+    # in the thread that drew them; when the loads want another layout (the misaligned build) the compiler
+    # must move the normals (shared memory), where a select of broadcast rows let triton 3.6 redraw them per
+    # lane in the load layout (four Philox calls per row, and spills in sin/cos's cold path).
+    return tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK // 4, 4))
+
+
+@triton.jit
+def _block(N, eps_ctr, eps_shift, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+    """This program's elements n as a (BLOCK // 4, 4) tile (int64 for large T * Z), their mask, and the
+    Philox counter of its row 0.
+
+    Element n draws word m % 4 of counter m // 4, m = eps_offset + n (philox.py); eps_ctr = eps_offset // 4,
+    eps_shift = eps_offset % 4. The tiles are laid on the counters, not on n: row i of program pid holds
+    m = 4 (eps_ctr + pid * BLOCK / 4 + i) + w, i.e. n = pid * BLOCK - eps_shift + 4 i + w, so a row is the four
+    words of one Philox call, drawn by the one thread that holds the row (_randn4x_block): no word is drawn
+    twice or exchanged between threads. ALIGNED (eps_shift == 0, the usual case: Z % 4 == 0) is its own
+    build, in which the addresses keep the buffers' 16-byte alignment; otherwise the tiles start eps_shift
+    elements early (the first lanes of program 0 are masked, the grid has room for eps_shift more) and the
+    loads and stores lose vector alignment, the price of drawing each number once."""
+    pid = tl.program_id(0).to(tl.int64)
+    lanes = 4 * tl.arange(0, BLOCK // 4)[:, None] + tl.arange(0, 4)[None, :]
+    if ALIGNED:
+        offs = pid * BLOCK + lanes
+        ok = offs < N
+    else:
+        offs = pid * BLOCK - eps_shift + lanes
+        ok = (offs >= 0) & (offs < N)
+    return offs, ok, eps_ctr + pid * (BLOCK // 4)
+
+
+@triton.jit
+def _load_expert(MU, LV, c: tl.constexpr, N, offs, ok, ACC: tl.constexpr):
+    """Expert c's mean, log-variance and precision p = exp(-logvar) on this block, in ACC. Masked lanes read 0
+    (p = 1: finite, and every sum over the block masks them)."""
+    a = tl.load(MU + c * N + offs, mask=ok, other=0.0).to(ACC)
+    lv = tl.load(LV + c * N + offs, mask=ok, other=0.0).to(ACC)
+    return a, lv, tl.exp(-lv)
+
+
+@triton.jit(do_not_specialize=["N", "eps_ctr", "eps_shift"])
+def _vf_fwd_kernel(MU, LV, ZO, MUF, LVF, KLP, KLC, N: tl.int64, SEED, eps_ctr: tl.int64, eps_shift,
+                   C: tl.constexpr, SAMPLE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
                    ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)      # n = t * Z + j, int64 for large T * Z
-    ok = offs < N
-    cs = tl.arange(0, C_PAD)
-    ok2 = (cs[:, None] < C) & ok[None, :]
-    idx = cs[:, None].to(tl.int64) * N + offs[None, :]
-    a = tl.load(MU + idx, mask=ok2, other=0.0).to(ACC)
-    lv = tl.load(LV + idx, mask=ok2, other=0.0).to(ACC)
-    p = tl.where(ok2, tl.exp(-lv), 0.0)
-    prec = 1.0 + tl.sum(p, axis=0)
+    offs, ok, ctr0 = _block(N, eps_ctr, eps_shift, BLOCK, ALIGNED)
+    if SAMPLE:   # drawn first: the Philox and Box-Muller temporaries die before the experts' registers live
+        eps = _randn4x_block(SEED, ctr0, BLOCK).to(ACC)    # (fewer registers, AOT report)
+    # The C <= 3 experts are unrolled at compile time, one block-shaped tile each (C = 3 costs three, where a
+    # (C, BLOCK) tile padded to four). kl_consistency = (1/T) sum 0.5 (lv_c - lv_f - 1 + (var_f + d_c^2) p_c)
+    # is regrouped as 0.5 (sum_c lv_c - C (lv_f + 1) + var_f sum_c p_c + sum_c d_c^2 p_c): only mu_c and p_c
+    # outlive the first use (kept in registers, not re-read), lv_c is summed on arrival.
+    a0, lv0, p0 = _load_expert(MU, LV, 0, N, offs, ok, ACC)
+    s_p = p0
+    s_ap = a0 * p0
+    s_lv = lv0
+    if C > 1:
+        a1, lv1, p1 = _load_expert(MU, LV, 1, N, offs, ok, ACC)
+        s_p += p1
+        s_ap += a1 * p1
+        s_lv += lv1
+    if C > 2:
+        a2, lv2, p2 = _load_expert(MU, LV, 2, N, offs, ok, ACC)
+        s_p += p2
+        s_ap += a2 * p2
+        s_lv += lv2
+    prec = 1.0 + s_p
     var_f = 1.0 / prec
-    mu_f = tl.sum(a * p, axis=0) * var_f
+    mu_f = s_ap * var_f
     lv_f = -tl.log(prec)
     if SAMPLE:
-        eps = tl.randn(tl.load(SEED), offs + eps_offset).to(ACC)   # the seed is read from memory: a CUDA
-        z = mu_f + tl.sqrt(var_f) * eps                               # graph replays with the buffer's seed
+        z = mu_f + tl.sqrt(var_f) * eps
     else:
         z = mu_f
     tl.store(ZO + offs, z.to(ZO.dtype.element_ty), mask=ok)
     tl.store(MUF + offs, mu_f.to(MUF.dtype.element_ty), mask=ok)
     tl.store(LVF + offs, lv_f.to(LVF.dtype.element_ty), mask=ok)
-    kl_p = tl.where(ok, 0.5 * (var_f + mu_f * mu_f - lv_f - 1.0), 0.0)
-    d = mu_f[None, :] - a
-    kl_c = tl.where(ok2, 0.5 * (lv - lv_f[None, :] + (var_f[None, :] + d * d) * p - 1.0), 0.0)
-    tl.store(KLP + pid, tl.sum(kl_p, axis=0))
-    tl.store(KLC + pid, tl.sum(tl.sum(kl_c, axis=1), axis=0))
-
-
-@triton.jit(do_not_specialize=["N", "eps_offset", "T", "has_gz", "has_gmu", "has_glv"])
-def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, SEED, eps_offset: tl.int64,
-                   T, has_gz, has_gmu, has_glv,
-                   C: tl.constexpr, C_PAD: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr,
-                   BLOCK: tl.constexpr, ACC: tl.constexpr):
+    kl_p = 0.5 * (var_f + mu_f * mu_f - lv_f - 1.0)
+    d = mu_f - a0
+    s_ddp = d * d * p0
+    if C > 1:
+        d = mu_f - a1
+        s_ddp += d * d * p1
+    if C > 2:
+        d = mu_f - a2
+        s_ddp += d * d * p2
+    kl_c = 0.5 * (s_lv - C * (lv_f + 1.0) + var_f * s_p + s_ddp)
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    cs = tl.arange(0, C_PAD)
-    ok2 = (cs[:, None] < C) & ok[None, :]
-    idx = cs[:, None].to(tl.int64) * N + offs[None, :]
-    a = tl.load(MU + idx, mask=ok2, other=0.0).to(ACC)
-    lv = tl.load(LV + idx, mask=ok2, other=0.0).to(ACC)
-    p = tl.where(ok2, tl.exp(-lv), 0.0)
-    prec = 1.0 + tl.sum(p, axis=0)
+    tl.store(KLP + pid, tl.sum(tl.sum(tl.where(ok, kl_p, 0.0), axis=1), axis=0))
+    tl.store(KLC + pid, tl.sum(tl.sum(tl.where(ok, kl_c, 0.0), axis=1), axis=0))
+
+
+@triton.jit
+def _store_expert_grads(DMU, DLV, c: tl.constexpr, N, offs, ok, a, p, mu_f, var_f, g_mu, g_lv, g_kc):
+    #   dmu_c = G_mu w_c - g_kc d p_c,  dlogvar_c = w_c (G_mu d + G_lv) + 0.5 g_kc (1 - (var_f + d^2) p_c)
+    d = mu_f - a
+    dp = d * p
+    w = p * var_f
+    d_a = g_mu * w - g_kc * dp
+    d_lv = w * (g_mu * d + g_lv) + 0.5 * g_kc * (1.0 - (var_f + d * d) * p)
+    tl.store(DMU + c * N + offs, d_a.to(DMU.dtype.element_ty), mask=ok)
+    tl.store(DLV + c * N + offs, d_lv.to(DLV.dtype.element_ty), mask=ok)
+
+
+@triton.jit(do_not_specialize=["N", "eps_ctr", "eps_shift", "T", "has_gz", "has_gmu", "has_glv"])
+def _vf_bwd_kernel(MU, LV, GZ, GMU, GLV, GKP, GKC, DMU, DLV, N: tl.int64, SEED, eps_ctr: tl.int64, eps_shift,
+                   T, has_gz, has_gmu, has_glv,
+                   C: tl.constexpr, SAMPLE: tl.constexpr, DETACH: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr, ACC: tl.constexpr):
+    offs, ok, ctr0 = _block(N, eps_ctr, eps_shift, BLOCK, ALIGNED)
+    if SAMPLE:   # the forward's eps, regenerated (first, as in the forward)
+        eps = _randn4x_block(SEED, ctr0, BLOCK).to(ACC)
+    a0, lv0, p0 = _load_expert(MU, LV, 0, N, offs, ok, ACC)
+    s_p = p0
+    s_ap = a0 * p0
+    if C > 1:
+        a1, lv1, p1 = _load_expert(MU, LV, 1, N, offs, ok, ACC)
+        s_p += p1
+        s_ap += a1 * p1
+    if C > 2:
+        a2, lv2, p2 = _load_expert(MU, LV, 2, N, offs, ok, ACC)
+        s_p += p2
+        s_ap += a2 * p2
+    prec = 1.0 + s_p
     var_f = 1.0 / prec
-    mu_f = tl.sum(a * p, axis=0) * var_f
+    mu_f = s_ap * var_f
     # Gradients of absent outputs are not read: a masked-off load moves no bytes.
     zero = offs * 0                                            # (a block-shaped flag keeps the interpreter happy)
     gz = tl.load(GZ + offs, mask=ok & ((zero + has_gz) != 0), other=0.0).to(ACC)
     g_mu = tl.load(GMU + offs, mask=ok & ((zero + has_gmu) != 0), other=0.0).to(ACC) + gz
     g_lv = tl.load(GLV + offs, mask=ok & ((zero + has_glv) != 0), other=0.0).to(ACC)
     if SAMPLE:
-        eps = tl.randn(tl.load(SEED), offs + eps_offset).to(ACC)
         g_lv += 0.5 * gz * tl.sqrt(var_f) * eps
     g_kp = tl.load(GKP).to(ACC) / T
     g_kc = tl.load(GKC).to(ACC) / T
     g_mu += g_kp * mu_f
     g_lv += 0.5 * g_kp * (var_f - 1.0)
-    d = mu_f[None, :] - a
-    dp = d * p
     if not DETACH:
-        g_mu += g_kc * tl.sum(dp, axis=0)
-        g_lv += 0.5 * g_kc * tl.sum(tl.where(ok2, var_f[None, :] * p - 1.0, 0.0), axis=0)
-    w = p * var_f[None, :]
-    d_a = g_mu[None, :] * w - g_kc * dp
-    d_lv = w * (g_mu[None, :] * d + g_lv[None, :]) + 0.5 * g_kc * (1.0 - (var_f[None, :] + d * d) * p)
-    tl.store(DMU + idx, d_a.to(DMU.dtype.element_ty), mask=ok2)
-    tl.store(DLV + idx, d_lv.to(DLV.dtype.element_ty), mask=ok2)
+        # The teacher's share of kl_consistency's gradient needs sum_c d_c p_c and sum_c (var_f p_c - 1);
+        # with mu_f = sum_c a_c p_c / P and P = 1 + sum_c p_c they are -mu_f and 1 - var_f - C (identities;
+        # only the rounding differs), so these need no expert and each expert's tile is used once more, below.
+        g_mu -= g_kc * mu_f
+        g_lv += 0.5 * g_kc * (1.0 - var_f - C)
+    _store_expert_grads(DMU, DLV, 0, N, offs, ok, a0, p0, mu_f, var_f, g_mu, g_lv, g_kc)
+    if C > 1:
+        _store_expert_grads(DMU, DLV, 1, N, offs, ok, a1, p1, mu_f, var_f, g_mu, g_lv, g_kc)
+    if C > 2:
+        _store_expert_grads(DMU, DLV, 2, N, offs, ok, a2, p2, mu_f, var_f, g_mu, g_lv, g_kc)
 
 
 def _configs():
@@ -126,8 +222,8 @@ def _configs():
 if _INTERPRET:
     _fwd_launch, _bwd_launch = _vf_fwd_kernel, _vf_bwd_kernel
 else:  # pragma: no cover - GPU only. Keyed on C and dtype (autotuner adds dtypes), not on T.
-    _fwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE"])(_vf_fwd_kernel)
-    _bwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE", "DETACH"])(_vf_bwd_kernel)
+    _fwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE", "ALIGNED"])(_vf_fwd_kernel)
+    _bwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE", "DETACH", "ALIGNED"])(_vf_bwd_kernel)
 
 
 def _meta() -> dict:
@@ -154,8 +250,9 @@ def _part_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grid(N):
-    return lambda META: (triton.cdiv(N, META["BLOCK"]),)  # noqa: E731
+def _grid(N, eps_shift):
+    # the tiles start eps_shift elements before n = 0 (_block), so eps_shift more lanes are covered
+    return lambda META: (triton.cdiv(N + eps_shift, META["BLOCK"]),)  # noqa: E731
 
 
 @input_guard
@@ -167,17 +264,18 @@ def _forward(mu, logvar, seed: torch.Tensor, sample: bool, eps_offset: int = 0):
     mu_f = torch.empty_like(z)
     lv_f = torch.empty_like(z)
     part_t = _part_dtype(mu.dtype)
-    n_part = max(1, triton.cdiv(N, _MIN_BLOCK))
+    n_part = max(1, triton.cdiv(N + 3, _MIN_BLOCK))     # programs of the smallest BLOCK at any eps_shift
     klp = torch.empty(n_part, device=mu.device, dtype=part_t)
     klc = torch.empty(n_part, device=mu.device, dtype=part_t)
     if N == 0:
         return z, mu_f, lv_f, klp.new_zeros(()), klp.new_zeros(())
     launch = _fwd_launch
-    launch[_grid(N)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, eps_offset, C=C,
-                     C_PAD=triton.next_power_of_2(C), SAMPLE=sample, ACC=_acc(mu.dtype), **_meta())
+    ctr, shift = divmod(eps_offset, 4)
+    launch[_grid(N, shift)](mu, logvar, z, mu_f, lv_f, klp, klc, N, seed, ctr, shift, C=C, SAMPLE=sample,
+                            ALIGNED=shift == 0, ACC=_acc(mu.dtype), **_meta())
     # Only the partials of the config that ran last are this call's: an autotuner benchmarks every config
     # on these same buffers first, and a smaller BLOCK writes partials beyond the chosen config's programs.
-    n = triton.cdiv(N, _launched_block(launch))
+    n = triton.cdiv(N + shift, _launched_block(launch))
     return z, mu_f, lv_f, klp[:n].sum() / T, klc[:n].sum() / T
 
 
@@ -199,10 +297,10 @@ def _backward(mu, logvar, gz, gmu, glv, gkp, gkc, seed: torch.Tensor, sample: bo
         return g.reshape(1).to(part_t).contiguous() if g is not None else torch.zeros(1, device=mu.device,
                                                                                      dtype=part_t)
     (gz_, hz), (gmu_, hm), (glv_, hl) = flat(gz), flat(gmu), flat(glv)
-    _bwd_launch[_grid(N)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, seed,
-                          eps_offset,
-                          T, hz, hm, hl, C=C, C_PAD=triton.next_power_of_2(C), SAMPLE=sample,
-                          DETACH=detach, ACC=_acc(mu.dtype), **_meta())
+    ctr, shift = divmod(eps_offset, 4)
+    _bwd_launch[_grid(N, shift)](mu, logvar, gz_, gmu_, glv_, scalar(gkp), scalar(gkc), dmu, dlv, N, seed,
+                                 ctr, shift, T, hz, hm, hl, C=C, SAMPLE=sample, DETACH=detach,
+                                 ALIGNED=shift == 0, ACC=_acc(mu.dtype), **_meta())
     return dmu, dlv
 
 
@@ -310,45 +408,48 @@ def _unwrap(fn):
 
 
 def aot_specs() -> list[dict]:
-    """Every (config x dtype x C x SAMPLE [x DETACH]) the two kernels launch with on a GPU.
+    """Every (config x dtype x C x SAMPLE [x DETACH] x ALIGNED) the two kernels launch with on a GPU.
 
-    "attrs" carries the pointer divisibility the JIT sees (torch allocations are 16-byte aligned); N is a
-    runtime length (do_not_specialize), so its divisibility is never assumed. SEED points at one int64 (a
-    (1,) tensor: 16-byte aligned like any torch allocation, but not assumed).
+    "attrs" carries the pointer divisibility the JIT sees (torch allocations are 16-byte aligned); N,
+    eps_ctr and eps_shift are runtime integers (do_not_specialize), so their divisibility is never assumed.
+    SEED points at one int64 (a (1,) tensor: 16-byte aligned like any torch allocation, but not assumed).
+    ALIGNED=False is the build for an eps_offset that is not a multiple of 4 (_block).
     """
     fwd, bwd = _unwrap(_vf_fwd_kernel), _unwrap(_vf_bwd_kernel)
     div = lambda fn, names: {n: [["tt.divisibility", 16]] for n in names}  # noqa: E731  (aot.py's format)
     specs = []
     # N is annotated tl.int64 in the kernels: one integer width whatever its value, so the JIT never builds
     # an i32 variant (and the AOT report needs no i32/i64 product). The seed is a pointer to one int64.
-    for ty, n_ty, s_ty in itertools.product(_TL_NAMES.values(), ("i64",), ("p",)):
+    for ty, aligned in itertools.product(_TL_NAMES.values(), (True, False)):
+        al = "" if aligned else "_shift"
         for C in range(1, _MAX_C + 1):
-            cp = triton.next_power_of_2(C)
             for sample in (True, False):
                 for block, warps in _CONFIGS:
                     specs.append({
-                        "name": f"vf_fwd_{ty}_n{n_ty}_s{s_ty}_c{C}_{'sample' if sample else 'mean'}_b{block}_w{warps}",
+                        "name": f"vf_fwd_{ty}_c{C}_{'sample' if sample else 'mean'}{al}_b{block}_w{warps}",
                         "fn": fwd,
                         "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "ZO": f"*{ty}", "MUF": f"*{ty}",
-                                      "LVF": f"*{ty}", "KLP": "*fp32", "KLC": "*fp32", "N": n_ty, "SEED": "*i64",
-                                      "eps_offset": "i64", "C": "constexpr", "C_PAD": "constexpr",
-                                      "SAMPLE": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},
-                        "constexprs": {"C": C, "C_PAD": cp, "SAMPLE": sample, "BLOCK": block, "ACC": tl.float32},
+                                      "LVF": f"*{ty}", "KLP": "*fp32", "KLC": "*fp32", "N": "i64", "SEED": "*i64",
+                                      "eps_ctr": "i64", "eps_shift": "i32", "C": "constexpr",
+                                      "SAMPLE": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr",
+                                      "ACC": "constexpr"},
+                        "constexprs": {"C": C, "SAMPLE": sample, "ALIGNED": aligned, "BLOCK": block,
+                                       "ACC": tl.float32},
                         "attrs": div(fwd, ["MU", "LV", "ZO", "MUF", "LVF", "KLP", "KLC"]),
                         "num_warps": warps, "num_stages": 1})
                     for detach in (True, False):
                         specs.append({
-                            "name": f"vf_bwd_{ty}_n{n_ty}_s{s_ty}_c{C}_{'sample' if sample else 'mean'}_"
-                                    f"{'detach' if detach else 'joint'}_b{block}_w{warps}",
+                            "name": f"vf_bwd_{ty}_c{C}_{'sample' if sample else 'mean'}_"
+                                    f"{'detach' if detach else 'joint'}{al}_b{block}_w{warps}",
                             "fn": bwd,
                             "signature": {"MU": f"*{ty}", "LV": f"*{ty}", "GZ": f"*{ty}", "GMU": f"*{ty}",
                                           "GLV": f"*{ty}", "GKP": "*fp32", "GKC": "*fp32", "DMU": f"*{ty}",
-                                          "DLV": f"*{ty}", "N": n_ty, "SEED": "*i64", "eps_offset": "i64",
-                                          "T": "i32",
+                                          "DLV": f"*{ty}", "N": "i64", "SEED": "*i64", "eps_ctr": "i64",
+                                          "eps_shift": "i32", "T": "i32",
                                           "has_gz": "i32", "has_gmu": "i32", "has_glv": "i32",
-                                          "C": "constexpr", "C_PAD": "constexpr", "SAMPLE": "constexpr",
-                                          "DETACH": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},
-                            "constexprs": {"C": C, "C_PAD": cp, "SAMPLE": sample, "DETACH": detach,
+                                          "C": "constexpr", "SAMPLE": "constexpr", "DETACH": "constexpr",
+                                          "ALIGNED": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},
+                            "constexprs": {"C": C, "SAMPLE": sample, "DETACH": detach, "ALIGNED": aligned,
                                            "BLOCK": block, "ACC": tl.float32},
                             "attrs": div(bwd, ["MU", "LV", "GZ", "GMU", "GLV", "DMU", "DLV"]),
                             "num_warps": warps, "num_stages": 1})

@@ -22,7 +22,8 @@ def naive_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: in
     """mu, logvar: (C, T, Z). Returns (z, mu_f, logvar_f, kl_prior, kl_consistency).
 
     z, mu_f, logvar_f: (T, Z); kl_prior and kl_consistency are scalars (mean over T, sum over C and Z).
-    eps[t, j] = tl.randn(seed, eps_offset + t * Z + j): the Triton kernel draws the very same numbers.
+    eps[t, j] = word m % 4 of tl.randn4x(seed, m // 4), m = eps_offset + t * Z + j (philox.py): the Triton
+    kernel draws the very same numbers.
     eps_offset = (rows before this batch) * Z when the batch is one part of a larger one (a rank's share of a
     distributed step, a micro-batch): the parts together draw what the whole batch draws.
     """

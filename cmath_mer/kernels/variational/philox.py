@@ -1,7 +1,12 @@
-"""Triton's `tl.randn(seed, offset)` written in PyTorch, so the reference and the kernel draw the same eps.
+"""The variational eps in PyTorch, so the reference and the Triton kernel draw the same numbers.
 
-Philox-4x32-10 on the counter (offset_lo, offset_hi, 0, 0) with key (seed_lo, seed_hi), then the first
-two words through `uint_to_uniform_float` and Box-Muller, exactly as triton/language/random.py does.
+The mapping (KERNELS.md section 3): element m of the whole batch's flattened (T, Z) latent (m = eps_offset + n)
+takes word m % 4 of Triton's `tl.randn4x(seed, m // 4)`. Each Philox-4x32-10 call on the counter
+(c_lo, c_hi, 0, 0) with key (seed_lo, seed_hi) gives four uint32 words; `uint_to_uniform_float` turns them
+into four uniforms u1..u4 and two Box-Muller transforms into (n1, n2) = r12 (cos, sin)(2 pi u2) and
+(n3, n4) = r34 (cos, sin)(2 pi u4), exactly as triton/language/random.py does. The mapping depends on m only,
+never on a kernel's block size or the offset a part of a batch starts at, so a rank's share of a step (or a
+micro-batch) draws the numbers of those elements of the whole batch.
 uint32 arithmetic is emulated in int64 (products are split so they never overflow 63 bits).
 """
 from __future__ import annotations
@@ -21,11 +26,12 @@ def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (mid >> 32) + (p_hi >> 16), mid & _MASK32
 
 
-def philox_randint(seed: int | torch.Tensor, offset: torch.Tensor, n_rounds: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """First two uint32 words (as int64) of Philox for each int64 offset, as tl.randint4x gives them. seed: an
+def philox_randint4x(seed: int | torch.Tensor, counter: torch.Tensor, n_rounds: int = 10
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The four uint32 words (as int64) of Philox for each int64 counter, as tl.randint4x gives them. seed: an
     int, or a one-element int64 tensor (read on the device: no host synchronisation)."""
-    offset = offset.to(torch.int64)
-    c0, c1 = offset & _MASK32, (offset >> 32) & _MASK32
+    counter = counter.to(torch.int64)
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
@@ -34,7 +40,7 @@ def philox_randint(seed: int | torch.Tensor, offset: torch.Tensor, n_rounds: int
         hi_a, lo_a = _mul_hi_lo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & _MASK32, (k1 + _KEY_B) & _MASK32
-    return c0, c1
+    return c0, c1, c2, c3
 
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
@@ -43,26 +49,47 @@ def _uniform(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * 4.6566127342e-10
 
 
-# Offsets drawn at a time. The rounds keep ~15 int64 temporaries per offset alive at once (~30x the fp32
-# result), so drawing a whole (T, Z) eps at once held ~30 (T, Z) fp32 tensors' worth of memory (counted at
-# T = 4,096, Z = 256: at 262,144 utterances ~7.5 GiB, much of a long step's peak then). Each eps[i] depends
-# only on (seed, offset + i), so chunks give the very same numbers.
+def _box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # tl.pair_uniform_to_normal
+    r = torch.sqrt(-2.0 * torch.log(torch.clamp(u1, min=1.0e-7)))
+    theta = 6.283185307179586 * u2
+    return r * torch.cos(theta), r * torch.sin(theta)
+
+
+def philox_randn4x(seed: int | torch.Tensor, counter: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """tl.randn4x(seed, counter): four float32 normals per int64 counter."""
+    u1, u2, u3, u4 = (_uniform(w) for w in philox_randint4x(seed, counter))
+    return _box_muller(u1, u2) + _box_muller(u3, u4)
+
+
+# Elements drawn at a time. The rounds keep several int64 temporaries per counter alive at once, so drawing
+# a whole (T, Z) eps at once held many (T, Z) fp32 tensors' worth of memory (~30 with one counter per
+# element, before the randn4x mapping; counted at T = 4,096, Z = 256: ~7.5 GiB at 262,144 utterances, much
+# of a long step's peak then). Each eps[m] depends only on (seed, m), so chunks give the very same numbers.
 CHUNK = 1 << 20
 
 
 def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu",
                  offset: int = 0) -> torch.Tensor:
-    """eps[i] = tl.randn(seed, offset + i) for i in [0, numel), float32. seed: an int, or a one-element int64
-    tensor (read on its device: no host synchronisation)."""
+    """eps[i] for i in [0, numel), float32: element m = offset + i is word m % 4 of tl.randn4x(seed, m // 4)
+    (module docstring). seed: an int, or a one-element int64 tensor (read on its device: no host
+    synchronisation). offset need not be a multiple of 4: the counters start at floor(offset / 4)."""
     if isinstance(seed, torch.Tensor):
         seed = seed.to(device=device, dtype=torch.int64).reshape(())
     else:
         seed = int(seed)
     out = torch.empty(numel, device=device, dtype=torch.float32)
-    for a in range(0, numel, CHUNK):                       # CHUNK offsets at a time (see CHUNK)
+    for a in range(0, numel, CHUNK):                       # CHUNK elements at a time (see CHUNK)
         b = min(numel, a + CHUNK)
-        i1, i2 = philox_randint(seed, torch.arange(offset + a, offset + b, device=device, dtype=torch.int64))
-        u1 = torch.clamp(_uniform(i1), min=1.0e-7)
-        theta = 6.283185307179586 * _uniform(i2)
-        torch.mul(torch.sqrt(-2.0 * torch.log(u1)), torch.cos(theta), out=out[a:b])
+        out[a:b] = _randn_range(seed, offset + a, b - a, device)
     return out
+
+
+def _randn_range(seed, offset: int, numel: int, device) -> torch.Tensor:
+    """eps of the elements offset .. offset + numel - 1 (numel > 0), float32."""
+    first, last = offset // 4, (offset + numel - 1) // 4
+    words = philox_randn4x(seed, torch.arange(first, last + 1, device=device, dtype=torch.int64))
+    flat = torch.stack(words, dim=1).reshape(-1)             # (counter, word) row-major: index m - 4 * first
+    start = offset - 4 * first
+    return flat[start:start + numel]
