@@ -9,6 +9,14 @@ records them with the op that made each one and the phase (forward / backward). 
 optimizer state exist before the step and are not counted: the number is "above setup", as the benchmark's
 VmHWM - RSS after setup is (which also counts allocator slack, so it reads a little higher).
 Memory of a windowed step is linear in T, so the count of (T, d) tensors at the peak carries over to any T.
+
+It also samples the process's RSS after each op. At small T that reads far above the live tensors: most
+tensors are then under 32 MiB, which glibc serves from its heap and keeps when freed (the iemocap step at
+T = 16,384: ~2.2 GiB of RSS above setup, as the benchmark's VmHWM also says, against 0.6 GiB of live
+tensors). From T ~ 131,072 on, (T, d) tensors are mapped on their own and returned at free, and the live
+count is what the measured peak follows (at 262,144: 32 (T, 256) tensors measured, ~31 counted here at
+16,384). A gap that stays at large T is the heap keeping blocks that a step allocates many times over
+(the fusion's pieces were such a case: see VariationalFusion.forward_recomputed).
 """
 from __future__ import annotations
 
@@ -88,6 +96,8 @@ def main(argv=None):
                      input_dims={"text": a.text_dim or cfg.input_dims["text"]})
     torch.manual_seed(0)
     model = CMATH(cfg).train()
+    model(model_batch(cfg, [8, 8], "cpu", seed=1), seed=0).loss.backward()   # first-call costs, as the benchmark
+    model.zero_grad(set_to_none=True)
     batch = model_batch(cfg, [a.T], "cpu")
     d = cfg.d_model
     unit = a.T * d * 4
