@@ -146,9 +146,9 @@ class CMATH(nn.Module):
         if cfg.utterance_skip:      # each view also carries its utterance's own code, free of positions/speakers
             fine = {c: f + self.skip[c](F.dropout(self.embedding.norms[c](codes[c]), cfg.dropout, self.training))
                     for c, f in fine.items()}                                          # c -> (T, d)
-        z, mu_f, logvar_f, kl_prior, kd_latent = run(self.fusion, fine, seed=seed,                      # step 4
-                                                     sample=self.training and cfg.variational_sample,
-                                                     eps_offset=row_offset * cfg.latent)
+        fusion = self.fusion.forward_recomputed if recompute else self.fusion                        # step 4
+        z, mu_f, logvar_f, kl_prior, kd_latent = fusion(fine, seed=seed, sample=self.training and cfg.variational_sample,
+                                                        eps_offset=row_offset * cfg.latent)
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)

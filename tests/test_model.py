@@ -154,6 +154,69 @@ def test_recomputed_blocks_give_the_same_gradients():
         torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_long_batch_memory_savings_give_the_same_step(monkeypatch):
+    # what a long windowed batch does to save memory (the whole transformer recomputed, the fusion recomputed
+    # in pieces of rows, Philox eps drawn in chunks) leaves the step's loss and every gradient as the plain
+    # step's; tiny pieces so that a conversation of 40 spans many of them
+    import cmath_mer.kernels.variational.philox as philox
+    import cmath_mer.variational_fusion as vf
+    monkeypatch.setattr(vf, "RECOMPUTE_ROWS", 7)
+    monkeypatch.setattr(philox, "CHUNK", 50)                 # d_z = 32: a piece of 7 rows is 224 draws
+    seed = int(torch.randint(0, 2**30, ()))
+    torch.manual_seed(seed)
+    plain = CMATH(small_config(dropout=0.1, input_dropout=0.2, window=3, recompute_from=None))
+    saving = CMATH(small_config(dropout=0.1, input_dropout=0.2, window=3, recompute_from=1))
+    saving.load_state_dict(plain.state_dict())
+    batch = random_batch([40, 5, 12], seed=seed + 1)
+    outs, grads = [], []
+    for model in (plain, saving):
+        torch.manual_seed(seed + 2)                                           # the same dropout masks
+        out = model(batch, seed=seed % 1000, row_offset=3)
+        out.loss.backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, value in outs[0].losses.items():
+        torch.testing.assert_close(outs[1].losses[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=f"{name} (seed {seed})")
+
+
+@pytest.mark.parametrize("autocast,rows,exact", [(False, 5, False), (True, 23, True)])
+def test_fusion_in_pieces_equals_the_fusion(autocast, rows, exact):
+    # VariationalFusion.forward_recomputed (run and recomputed in pieces in one autograd function) gives
+    # forward()'s outputs and gradients: in pieces of 5 rows in fp32, and under CPU bf16 autocast in one
+    # piece, where it must be bitwise (its backward recomputes under the forward's autocast state; without
+    # it the gradients differ by ~0.5 %)
+    from cmath_mer.variational_fusion import VariationalFusion
+    seed = int(torch.randint(0, 2**30, ()))
+    torch.manual_seed(seed)
+    fusion = VariationalFusion(("text", "audio"), 16, 12, True, "torch")
+    fine = {c: torch.randn(23, 16) for c in ("text", "audio")}
+    weights = [torch.randn(23, 12), torch.randn(23, 12), torch.randn(23, 12), torch.randn(()), torch.randn(())]
+    results = []
+    for run in (lambda f: fusion(f, seed=seed % 997, sample=True, eps_offset=40),
+                lambda f: fusion.forward_recomputed(f, seed=seed % 997, sample=True, eps_offset=40, rows=rows)):
+        leaves = {c: x.clone().requires_grad_() for c, x in fine.items()}
+        fusion.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = run(leaves)
+        sum((o.float() * w).sum() for o, w in zip(out, weights)).backward()
+        results.append(([o.detach() for o in out], [leaves[c].grad for c in fine],
+                        [p.grad.clone() for p in fusion.parameters()]))
+    tol = dict(rtol=0, atol=0) if exact else dict(rtol=1e-5, atol=1e-6)
+    for got, want in zip(sum(results[1], []), sum(results[0], [])):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol, msg=f"seed {seed}")
+
+
+def test_philox_in_chunks_draws_the_same_numbers(monkeypatch):
+    import cmath_mer.kernels.variational.philox as philox
+    seed, offset = (int(x) for x in torch.randint(0, 2**40, (2,)))
+    whole = philox.philox_randn(seed, 1000, offset=offset)
+    monkeypatch.setattr(philox, "CHUNK", 64)
+    assert torch.equal(philox.philox_randn(seed, 1000, offset=offset), whole)
+
+
 def _perturbed(batch: Batch, row: int, scale: float = 5.0) -> Batch:
     out = Batch({m: x.clone() for m, x in batch.features.items()}, batch.speakers, batch.labels, batch.cu_seqlens)
     for x in out.features.values():

@@ -9,8 +9,9 @@ Cases (registered in cases.sweep(..., long=True); each runs in its own process l
   to measure the speed-up in the same run.
 * `train_window`: one CMATH training step (forward + backward + AdamW), iemocap preset, window 64, one
   conversation of N = 65,536 .. 262,144 utterances with the iemocap widths (text 1,024, audio 1,582, visual 342).
-* `train_window_text`: the same step text-only (the 1,024-wide text features of 1,048,576 utterances take
-  4 GiB; all three modalities would take 12 GiB before the model starts), N = 262,144 .. 1,048,576.
+* `train_window_text`: the step on text alone, as a transcript gives it: 384-d all-MiniLM-L6-v2 features (what
+  `cmath-mer featurize` writes) and the meld preset (d 128, 4 heads, 2 CMA blocks, pointwise step 1), window
+  64, N = 262,144 .. 1,048,576. (Before 2026-11-26 evening it was the iemocap preset on 1,024-d text alone.)
 
 Windowed work is O(N * window), so each doubling of N should cost 2x the time and memory: the report gives
 `time_ratio_per_doubling` (this N's median / the previous N's, per doubling) and a plot against a
@@ -33,6 +34,7 @@ BEFORE_N = (65536, 131072)
 TRAIN_N = (65536, 131072, 262144)
 TEXT_N = (262144, 524288, 1048576)
 LONG_OPS = ("attention_window", "train_window", "train_window_text")
+TEXT_DIM = 384          # train_window_text: all-MiniLM-L6-v2, the text encoder of `cmath-mer featurize`
 
 
 def long_cases(device: str) -> list[dict]:
@@ -124,10 +126,13 @@ def _build_train(case, dev):
     from ..config import preset
     from ..model import CMATH
     impl = "triton" if case["backend"] == "triton" else "torch"
-    cfg = preset("iemocap", backend=impl, window=case["window"])
     if case["op"] == "train_window_text":
-        cfg = preset("iemocap", backend=impl, window=case["window"], modalities=("text",),
-                     input_dims={"text": cfg.input_dims["text"]})
+        # text alone is what a transcript gives: the 384-d all-MiniLM-L6-v2 features `cmath-mer featurize`
+        # writes, and the preset chosen for text-led data (meld: d 128, 2 CMA blocks, pointwise step 1)
+        cfg = preset("meld", backend=impl, window=case["window"], modalities=("text",),
+                     input_dims={"text": TEXT_DIM})
+    else:
+        cfg = preset("iemocap", backend=impl, window=case["window"])
     torch.manual_seed(0)
     model = CMATH(cfg).to(dev).train()
     batch = model_batch(cfg, [case["N"]], dev)

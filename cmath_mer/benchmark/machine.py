@@ -38,8 +38,11 @@ def machine_info(device: str) -> dict:
         info["loadavg_at_start"] = load
     try:
         with open("/proc/meminfo") as f:
-            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except OSError:
+            meminfo = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        info["mem_total_gib"] = round(meminfo["MemTotal"] / 2**20, 1)
+        if "MemAvailable" in meminfo:      # on a shared machine: what the other jobs left to this run
+            info["mem_available_gib_at_start"] = round(meminfo["MemAvailable"] / 2**20, 1)
+    except (OSError, KeyError, ValueError, IndexError):
         pass
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)

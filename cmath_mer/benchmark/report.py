@@ -164,7 +164,7 @@ _TITLES = {
                    "{batch} batch, {dtype}",
     "attention_window": "multi_source_attention S={S} D={D} H={H}, window {W}, {mode}, one conversation, {dtype}",
     "train_window": "CMATH training step, iemocap preset, window {W}, one conversation",
-    "train_window_text": "CMATH training step, iemocap preset text-only, window {W}, one conversation",
+    "train_window_text": "CMATH training step, text only (384-d), meld preset, window {W}, one conversation",
     "inference": "CMATH inference (eval forward), iemocap preset, {batch} batch",
 }
 
@@ -188,6 +188,8 @@ def markdown_report(results: dict) -> str:
         rm = run["machine"]
         lines.append(f"- sitting {i + 1}: {run['timestamp']}, load average at start "
                      f"{' '.join(rm.get('loadavg_at_start', []))}, at end {' '.join(rm.get('loadavg_at_end', []))}"
+                     + (f", {rm['mem_available_gib_at_start']} GiB of memory available at start"
+                        if rm.get("mem_available_gib_at_start") is not None else "")
                      + (f", {run['cases']} cases in {run['total_s']:.0f} s" if run.get("total_s") else ""))
     if results.get("sittings"):
         lines.append("")

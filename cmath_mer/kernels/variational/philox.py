@@ -63,6 +63,13 @@ def philox_randn4x(seed: int | torch.Tensor, counter: torch.Tensor
     return _box_muller(u1, u2) + _box_muller(u3, u4)
 
 
+# Elements drawn at a time. The rounds keep several int64 temporaries per counter alive at once, so drawing
+# a whole (T, Z) eps at once held many (T, Z) fp32 tensors' worth of memory (~30 with one counter per
+# element, before the randn4x mapping; counted at T = 4,096, Z = 256: ~7.5 GiB at 262,144 utterances, much
+# of a long step's peak then). Each eps[m] depends only on (seed, m), so chunks give the very same numbers.
+CHUNK = 1 << 20
+
+
 def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | str = "cpu",
                  offset: int = 0) -> torch.Tensor:
     """eps[i] for i in [0, numel), float32: element m = offset + i is word m % 4 of tl.randn4x(seed, m // 4)
@@ -72,8 +79,15 @@ def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | st
         seed = seed.to(device=device, dtype=torch.int64).reshape(())
     else:
         seed = int(seed)
-    if numel == 0:
-        return torch.empty(0, device=device, dtype=torch.float32)
+    out = torch.empty(numel, device=device, dtype=torch.float32)
+    for a in range(0, numel, CHUNK):                       # CHUNK elements at a time (see CHUNK)
+        b = min(numel, a + CHUNK)
+        out[a:b] = _randn_range(seed, offset + a, b - a, device)
+    return out
+
+
+def _randn_range(seed, offset: int, numel: int, device) -> torch.Tensor:
+    """eps of the elements offset .. offset + numel - 1 (numel > 0), float32."""
     first, last = offset // 4, (offset + numel - 1) // 4
     words = philox_randn4x(seed, torch.arange(first, last + 1, device=device, dtype=torch.int64))
     flat = torch.stack(words, dim=1).reshape(-1)             # (counter, word) row-major: index m - 4 * first
