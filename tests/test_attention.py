@@ -133,6 +133,36 @@ def test_fused_backward_accepts_stride0_grad_and_is_deterministic(fused, monkeyp
     assert_rel_close("dk,dv", runs[0][1], kvd.grad, TOL[torch.float32])
 
 
+def dense_lse2(q, k, cu_seqlens, window=None, scale=None):
+    """Float64 log-sum-exp of each query's scaled scores in log2 units, (H, T) like the kernel's lse."""
+    q, k = q.double(), k.double()
+    S, T, H, D = k.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = []
+    bounds = cu_seqlens.tolist()
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        n = s1 - s0
+        kb = k[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)
+        scores = torch.einsum("ihd,hjd->hij", q[s0:s1], kb) * scale         # (H, n, S*n)
+        pos_q, pos_k = torch.arange(n)[:, None], torch.arange(n).repeat(S)[None, :]
+        if window is not None:
+            scores = scores.masked_fill((pos_q - pos_k).abs() > window, float("-inf"))
+        out.append(scores.logsumexp(-1) / torch.log(torch.tensor(2.0, dtype=torch.float64)))   # (H, n)
+    return torch.cat(out, 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 2])
+def test_saved_lse_is_head_major_log2_sum_exp(fused, monkeypatch, window):
+    """The op's saved statistic is (H, T), row h holding head h's log2-sum-exp2 of every query's scores."""
+    use_blocks(monkeypatch, fused, SMALL)
+    lengths = [int(n) for n in torch.randint(1, 40, (3,))]
+    q, k, v, _, cu = make_inputs(lengths, 2, 3, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
+    o, lse = fused.attention_op(q, list(k), list(v), cu, -1 if window is None else window, 16 ** -0.5)
+    assert lse.shape == (3, sum(lengths)) and lse.is_contiguous()
+    assert_rel_close("lse", lse, dense_lse2(q, k, cu, window=window), TOL[torch.float32])
+
+
 @needs_triton
 def test_nan_poison_fixture_is_live(fused):
     assert torch.isnan(torch.empty(4)).all()

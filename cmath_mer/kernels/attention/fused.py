@@ -15,9 +15,10 @@ own conversation and, with a window, only the key range [q0 - W, q1 + W] that ca
 outside are skipped, not masked. The S sources are read in place, each from its own tensor (one pointer
 argument per source, one shared set of strides).
 
-Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units):
+Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units; lse and delta are (H, T),
+head-major, so a query block's BM statistics are one contiguous load or store, not a stride-H gather):
   _attn_fwd_kernel      grid (query blocks, H)            -> o, lse
-  _attn_bwd_preprocess  grid (row blocks of T*H)           -> delta = rowsum(o * do)
+  _attn_bwd_preprocess  grid (row blocks of T, H)          -> delta = rowsum(o * do)
   _attn_bwd_dq_kernel   grid (query blocks, H)             -> dq   (loops over sources x key blocks)
   _attn_bwd_dkv_kernel  grid (key blocks, H, S)            -> dk, dv (loops over query blocks)
 Every program owns its outputs: no atomics, so the backward is deterministic.
@@ -235,7 +236,8 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     m_d = offs_d < D
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
-    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o / lse
+    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o
+    stat_q0 = i_h * T + bos + q0                                         # lse (H, T): the block's BM rows, contiguous
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_q[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
 
@@ -276,21 +278,25 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
     b_lse = tl.where(b_empty, 0., b_m + tl.log2(tl.where(b_empty, 1., b_l)))
     tl.store(o + row_q0 * D + tile_q, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    tl.store(lse + row_q0 + tl.arange(0, BM) * H, b_lse.to(lse.dtype.element_ty), mask=m_q)
+    tl.store(lse + stat_q0 + tl.arange(0, BM), b_lse.to(lse.dtype.element_ty), mask=m_q)
 
 
 @triton.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
-@triton.jit(do_not_specialize=["R"])
-def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    """delta[r] = sum_d o[r, d] * do[r, d] over the R = T * H rows."""
-    r0 = tl.program_id(0).to(tl.int64) * BR
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_preprocess(o, do, delta, T, H, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d]: grid (row blocks of T, H), so each program stores BR
+    contiguous elements of the (H, T) delta (head-major, like lse)."""
+    t0 = tl.program_id(0).to(tl.int64) * BR
+    i_h = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BR)
     offs_d = tl.arange(0, BD)
-    mask = (r0 + rows < R)[:, None] & (offs_d < D)[None, :]
-    tile = rows[:, None] * D + offs_d[None, :]
-    b_o = tl.load(o + r0 * D + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
-    b_do = tl.load(do + r0 * D + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
-    tl.store(delta + r0 + rows, tl.sum(b_o * b_do, 1), mask=r0 + rows < R)
+    m_t = t0 + rows < T
+    mask = m_t[:, None] & (offs_d < D)[None, :]
+    tile = rows[:, None] * (H * D) + offs_d[None, :]                     # rows t0.. of head i_h in (T, H, D)
+    base = (t0 * H + i_h) * D
+    b_o = tl.load(o + base + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
+    b_do = tl.load(do + base + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
+    tl.store(delta + i_h * T + t0 + rows, tl.sum(b_o * b_do, 1), mask=m_t)
 
 
 @triton.heuristics(_HEURISTICS)
@@ -313,10 +319,11 @@ def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, c
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
     row_q0 = (bos + q0).to(tl.int64) * H + i_h
+    stat_q0 = i_h * T + bos + q0                                         # lse, delta (H, T): contiguous
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
     b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
-    b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
-    b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
+    b_lse = tl.load(lse + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
+    b_delta = tl.load(delta + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
     qk_scale = scale * 1.4426950408889634
 
     if HAS_WINDOW:
@@ -393,10 +400,11 @@ def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, 
         m_q = pos_q < hi
         m_qd = m_q[:, None] & m_d[None, :]
         row_q0 = (bos + i0).to(tl.int64) * H + i_h
+        stat_q0 = i_h * T + bos + i0                                     # lse, delta (H, T): contiguous
         b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
         b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
-        b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
-        b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
+        b_lse = tl.load(lse + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
+        b_delta = tl.load(delta + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(ACC) * qk_scale              # (BN, BM): scores transposed
         valid = m_k[:, None] & m_q[None, :]
         if HAS_WINDOW:
@@ -461,14 +469,15 @@ def _window(window: int, T: int) -> int:
 
 @input_guard
 def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
-    """q (T, H, D) contiguous; k, v lists of S tensors (T, H, D) sharing one stride set -> (o, lse); lse (T, H)
-    in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
+    """q (T, H, D) contiguous; k, v lists of S tensors (T, H, D) sharing one stride set -> (o, lse); lse (H, T)
+    (head-major: a query block's statistics are contiguous) in log2 units, fp32 (fp64 for fp64 inputs).
+    window < 0 means none."""
     T, H, D = q.shape
     S = len(k)
     BM, BN = block_sizes(D, q.element_size())["fwd"]
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
+    lse = torch.empty((H, T), dtype=stat_dtype, device=q.device)
     table = block_table(cu_seqlens, BM, T)
     if T > 0:
         *ptrs, st_t, st_h = _source_args(k, v)
@@ -487,14 +496,14 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     blocks = block_sizes(D, q.element_size())
     window = _window(window, T)
     prec = dot_precision(q.dtype)
-    delta = torch.empty((T, H), dtype=lse.dtype, device=q.device)
+    delta = torch.empty((H, T), dtype=lse.dtype, device=q.device)                 # like lse
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((S, T, H, D), dtype=k[0].dtype, device=q.device)
     dv = torch.empty((S, T, H, D), dtype=v[0].dtype, device=q.device)
     if T == 0:
         return dq, dk, dv
     BR = 64
-    _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
+    _attn_bwd_preprocess[(triton.cdiv(T, BR), H)](o, do, delta, T, H, D=D, BD=BD, BR=BR)
     *ptrs, st_t, st_h = _source_args(k, v)
     BM, BN = blocks["dq"]
     table = block_table(cu_seqlens, BM, T)
@@ -521,7 +530,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton", mutates_args=())
 def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
                  window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o (T, H, D), lse (T, H) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
+    """-> (o (T, H, D), lse (H, T) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
     _check(q, k, v, cu_seqlens)
     q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
@@ -530,7 +539,7 @@ def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], 
 @attention_op.register_fake
 def _(q, k, v, cu_seqlens, window, scale):
     T, H, D = q.shape
-    return q.new_empty((T, H, D)), q.new_empty((T, H), dtype=_stat_dtype(q.dtype))
+    return q.new_empty((T, H, D)), q.new_empty((H, T), dtype=_stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton_backward", mutates_args=())
@@ -622,7 +631,7 @@ def aot_specs() -> list[dict]:
             blocks = block_sizes(D, itemsize)
             for cfg in _attn_bwd_preprocess.configs:
                 specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": _unwrap(_attn_bwd_preprocess),
-                              "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "R": "i32",
+                              "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "T": "i32", "H": "i32",
                                             "D": "constexpr", "BD": "constexpr", "BR": "constexpr"},
                               "constexprs": {"D": D, "BD": BD, "BR": 64},
                               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg})
