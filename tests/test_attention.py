@@ -11,6 +11,11 @@ from cmath_mer.kernels.attention.naive import naive_multi_source_attention
 
 from helpers import assert_rel_close, cu_seqlens_from, needs_triton, rel_err
 
+try:                      # for @triton.jit test kernels, which see module globals (not the `fused` fixture)
+    from cmath_mer.kernels.attention import fused as fused_kernels
+except ImportError:
+    fused_kernels = None
+
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.float64: 1e-10}
 DEFAULT = "default"                     # the interpreter's own (large) blocks, 64 x 64
 SMALL = {"fwd": (16, 16), "dq": (16, 16), "dkv": (16, 16)}
@@ -80,6 +85,11 @@ CASES = [
     ([31, 32, 33, 1],    2, 2,  32, 3,    torch.float32, MIXED),
     ([40, 9],            2, 1,  32, 20,   torch.float32, MIXED),   # window reaching past block edges
     ([17, 23],           2, 1,  48, 0,    torch.float32, SMALL),   # window 0 (self only), D not a power of 2
+    # conversations several blocks long: runs of interior (unmasked) blocks between edge blocks
+    ([100, 37, 64],      2, 1,  16, None, torch.float32, SMALL),   # every full block interior
+    ([150, 9, 96],       2, 1,  16, 40,   torch.float32, SMALL),   # interior band, masked band edges
+    ([130, 70],          2, 2,  32, 25,   torch.float16, MIXED),   # interior runs, query and key blocks differ
+    ([200],              3, 1,  16, 17,   torch.float32, SMALL),   # narrowest window with interior blocks
 ]
 
 
@@ -100,6 +110,21 @@ def test_fused_matches_float64_and_reference_forward_and_gradients(fused, monkey
         assert a.dtype == dtype
         assert_rel_close(f"{name} vs float64 dense", a, b, TOL[dtype])
         assert_rel_close(f"{name} vs reference", a, c, TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 40])
+def test_single_masked_walk_matches_float64(fused, monkeypatch, window):
+    """The kernels without the interior/edge split (fused.split_blocks False: fp32 on a GPU) walk every block
+    masked; same contract, forward and every gradient against float64."""
+    use_blocks(monkeypatch, fused, SMALL)
+    monkeypatch.setattr(fused, "split_blocks", lambda itemsize: False)
+    lengths = [int(n) for n in torch.randint(1, 120, (3,))]
+    q, k, v, do, cu = make_inputs(lengths, 2, 1, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
+    got = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
+    dense = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do.double())
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, dense):
+        assert_rel_close(f"{name} vs float64 dense", a, b, TOL[torch.float32])
 
 
 @needs_triton
@@ -131,6 +156,68 @@ def test_fused_backward_accepts_stride0_grad_and_is_deterministic(fused, monkeyp
     dense_attention(qd, kvd[0], kvd[1], cu, window=2, scale=0.3).sum().backward()
     assert_rel_close("dq", runs[0][0], qd.grad, TOL[torch.float32])
     assert_rel_close("dk,dv", runs[0][1], kvd.grad, TOL[torch.float32])
+
+
+def dense_lse2(q, k, cu_seqlens, window=None, scale=None):
+    """Float64 log-sum-exp of each query's scaled scores in log2 units, (H, T) like the kernel's lse."""
+    q, k = q.double(), k.double()
+    S, T, H, D = k.shape
+    scale = D ** -0.5 if scale is None else scale
+    out = []
+    bounds = cu_seqlens.tolist()
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        n = s1 - s0
+        kb = k[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)
+        scores = torch.einsum("ihd,hjd->hij", q[s0:s1], kb) * scale         # (H, n, S*n)
+        pos_q, pos_k = torch.arange(n)[:, None], torch.arange(n).repeat(S)[None, :]
+        if window is not None:
+            scores = scores.masked_fill((pos_q - pos_k).abs() > window, float("-inf"))
+        out.append(scores.logsumexp(-1) / torch.log(torch.tensor(2.0, dtype=torch.float64)))   # (H, n)
+    return torch.cat(out, 1)
+
+
+@needs_triton
+@pytest.mark.parametrize("window", [None, 2])
+def test_saved_lse_is_head_major_log2_sum_exp(fused, monkeypatch, window):
+    """The op's saved statistic is (H, T), row h holding head h's log2-sum-exp2 of every query's scores."""
+    use_blocks(monkeypatch, fused, SMALL)
+    lengths = [int(n) for n in torch.randint(1, 40, (3,))]
+    q, k, v, _, cu = make_inputs(lengths, 2, 3, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
+    o, lse = fused.attention_op(q, list(k), list(v), cu, -1 if window is None else window, 16 ** -0.5)
+    assert lse.shape == (3, sum(lengths)) and lse.is_contiguous()
+    assert_rel_close("lse", lse, dense_lse2(q, k, cu, window=window), TOL[torch.float32])
+
+
+@needs_triton
+def test_interior_run_is_exactly_the_blocks_that_need_no_mask(fused):
+    """_split(lo, hi, first_ok, last_ok, BLK) -> (a, b): the blocks j0 = lo + i BLK < hi with all rows in
+    [first_ok, last_ok] are exactly a <= j0 < b, on random bounds (the kernels' contract: hi >= lo >= 0,
+    last_ok <= hi - 1)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def split_kernel(args, out, BLK: tl.constexpr):
+        i = tl.program_id(0)
+        a, b = fused_kernels._split(tl.load(args + 4 * i), tl.load(args + 4 * i + 1), tl.load(args + 4 * i + 2),
+                            tl.load(args + 4 * i + 3), BLK)
+        tl.store(out + 2 * i, a)
+        tl.store(out + 2 * i + 1, b)
+
+    blk = 16
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    lo = torch.randint(0, 40, (200,), generator=g)
+    hi = lo + torch.randint(0, 120, (200,), generator=g)
+    first_ok = lo + torch.randint(-30, 120, (200,), generator=g)
+    last_ok = torch.minimum(hi - 1, lo + torch.randint(-30, 120, (200,), generator=g))
+    args = torch.stack([lo, hi, first_ok, last_ok], 1).to(torch.int32).contiguous()
+    out = torch.empty(200, 2, dtype=torch.int32)
+    split_kernel[(200,)](args, out, BLK=blk)
+    for (l, h, f, e), (a, b) in zip(args.tolist(), out.tolist()):
+        starts = list(range(l, h, blk))
+        interior = [j for j in starts if j >= f and j + blk - 1 <= e]
+        assert l <= a <= b and (a - l) % blk == 0 and (b - l) % blk == 0
+        assert [j for j in starts if a <= j < b] == interior, (l, h, f, e, a, b)
 
 
 @needs_triton

@@ -126,7 +126,7 @@ def test_fake_tensors_give_shapes_without_running_kernels():
                                                         torch.empty(1000, 80), True, True)
         outs = vf.variational_fusion_op(torch.empty(3, 1000, 8), torch.empty(3, 1000, 8),
                                         torch.zeros(1, dtype=torch.int64), True, True)
-    assert o.shape == (1000, 4, 32) and lse.shape == (1000, 4) and dk.shape == dv.shape == (2, 1000, 4, 32)
+    assert o.shape == (1000, 4, 32) and lse.shape == (4, 1000) and dk.shape == dv.shape == (2, 1000, 4, 32)
     assert loss.shape == () and dh.shape == (1000, 64) and dw.shape == (80, 64) and db.shape == (80,)
     assert [tuple(x.shape) for x in outs] == [(1000, 8)] * 3 + [()] * 2
 

@@ -48,6 +48,8 @@ def build_attention(case, dev):
 
     cu = cu_seqlens_from(lengths, device=dev)
     q = torch.randn(T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
+    if backend not in ("flex", "varlen"):
+        return _ours(case, dev, q, cu, g, dt, info)
     k = torch.randn(S, T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     v = torch.randn(S, T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     do = torch.randn(T, H, D, generator=g).to(dt).to(dev) if grad else None
@@ -61,12 +63,27 @@ def build_attention(case, dev):
         def forward():
             return baselines.flex_multi_source_attention(q, k, v, block_mask)
         return fwdbwd(forward, (q, k, v), mode, do), info
-    if backend == "varlen":
-        return _varlen(case, q, k, v, cu, do, lengths, info)
+    return _varlen(case, q, k, v, cu, do, lengths, info)
+
+
+def _ours(case, dev, q, cu, g, dt, info):
+    """multi_source_attention (`torch`, `torch_compile`, `triton`) called as the model calls it: k and v as
+    lists of S strided views, source s's k and v the two halves of its own (T, 2 H D) kv projection (strides
+    (2 H D, D, 1); MultiSourceAttention in cma_transformer.py), which the Triton op reads in place. The
+    gradient flows to the S projections, as in training."""
     from ..kernels import multi_source_attention
+    S, D, H, mode, backend = case["S"], case["D"], H_HEADS, case["mode"], case["backend"]
+    T, grad = q.shape[0], mode != "fwd"
+    kv = [torch.randn(T, 2 * H * D, generator=g).to(dt).to(dev).requires_grad_(grad) for _ in range(S)]
+    do = torch.randn(T, H, D, generator=g).to(dt).to(dev) if grad else None
     impl = "triton" if backend == "triton" else "torch"
-    fn = maybe_compile(lambda q, k, v, cu: multi_source_attention(q, k, v, cu, backend=impl), backend)
-    return fwdbwd(lambda: fn(q, k, v, cu), (q, k, v), mode, do), info
+
+    def attend(q, kv, cu):
+        halves = [x.view(T, 2, H, D) for x in kv]                                     # (T, 2, H, D) views
+        k, v = [x[:, 0] for x in halves], [x[:, 1] for x in halves]                   # S x (T, H, D) each
+        return multi_source_attention(q, k, v, cu, backend=impl)
+    fn = maybe_compile(attend, backend)
+    return fwdbwd(lambda: fn(q, kv, cu), (q, *kv), mode, do), info
 
 
 def _varlen(case, q, k, v, cu, do, lengths, info):

@@ -25,7 +25,8 @@ def parity_cases(device: str) -> list[dict]:
     cuda = device == "cuda"
     modes = list(MODES) if cuda else ["fp32", "fp16"]
     att = [([1, 7, 64, 65, 200], 2, 2, 32, None), ([1, 7, 64, 65, 200], 2, 2, 32, 3),
-           ([3, 130, 17], 3, 1, 64, None), ([70, 1, 129], 1, 2, 128, 5)]
+           ([3, 130, 17], 3, 1, 64, None), ([70, 1, 129], 1, 2, 128, 5),
+           ([700, 17, 390], 2, 2, 32, 100)]       # a window wide enough for interior (unmasked) key blocks
     rec = [(257, 80, 256), (1000, 1582, 256), (33, 100, 64)]          # (T, M, K)
     var = [(3, 130, 33, True), (1, 7, 5, False), (2, 1000, 256, True)]  # (C, T, Z, sample)
     if not cuda:

@@ -12,12 +12,15 @@ Layout of the work. A small int32 table of (conversation, block) pairs, built on
 the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
 bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
-outside are skipped, not masked. The S sources are read in place, each from its own tensor (one pointer
-argument per source, one shared set of strides).
+outside are skipped, not masked. Of the blocks it visits, the interior ones (every pair real: inside the
+conversation and the window) run in a loop with no mask arithmetic, the edge ones in a masked loop (`_split`;
+16-bit inputs on a GPU, see split_blocks). The S sources are read in place, each from its own tensor (one
+pointer argument per source, one shared set of strides).
 
-Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units):
+Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units; lse and delta are (H, T),
+head-major, so a query block's BM statistics are one contiguous load or store, not a stride-H gather):
   _attn_fwd_kernel      grid (query blocks, H)            -> o, lse
-  _attn_bwd_preprocess  grid (row blocks of T*H)           -> delta = rowsum(o * do)
+  _attn_bwd_preprocess  grid (row blocks of T, H)          -> delta = rowsum(o * do)
   _attn_bwd_dq_kernel   grid (query blocks, H)             -> dq   (loops over sources x key blocks)
   _attn_bwd_dkv_kernel  grid (key blocks, H, S)            -> dk, dv (loops over query blocks)
 Every program owns its outputs: no atomics, so the backward is deterministic.
@@ -79,6 +82,15 @@ def block_sizes(head_dim: int, itemsize: int = 2) -> dict[str, tuple[int, int]]:
     return {"fwd": (64, 32), "dq": (32, 64), "dkv": (32, 32)}
 
 
+def split_blocks(itemsize: int) -> bool:
+    """Whether the kernels walk interior (unmasked) and edge (masked) blocks in separate loops (see _split).
+    On a GPU only for 2-byte inputs: fp32 tiles hold twice the bytes, and the second loop made the fp32
+    kernels spill (32-228 B on 11 sm_80/sm_90 configs, AOT report) where one masked loop did not; fp32 runs
+    only with TF32 allowed, the 16-bit dtypes are the training path. Under the interpreter always, so the
+    parity tests cover the split for every dtype; tests monkeypatch this to cover the single loop."""
+    return INTERPRET or itemsize <= 2
+
+
 def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
     # autotune with several configs fails under the interpreter ("0 active drivers"): one config there.
     # maxnreg=255: left alone, ptxas sometimes caps these kernels at 80 or 128 registers and spills
@@ -91,7 +103,7 @@ def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
 FWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
 BWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2)])
 PRE_CONFIGS = _configs([(4, 1)])
-AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC"]
+AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC", "SPLIT"]
 
 
 # 4 warps only while the kernel's resident tiles are small; larger tiles spill on sm_80 with 4 warps
@@ -104,6 +116,10 @@ def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, items
     rows = BN if kernel == "dkv" else BM
     if kernel == "fwd" and itemsize == 4 and BD >= 128 and num_stages > 2:
         return False            # fp32 D=128 forward spills on sm_90 with 3 stages (AOT report, strided k/v)
+    if kernel == "dkv" and num_warps < 8 and BN * BD > 64 * 32:
+        # two fp32 (BN, BD) accumulators (dk, dv) beside the k, v tiles: at 64 x 64 (fp16/bf16, D=64) the
+        # kernel sat at sm_80's 255-register cap with 0 spills, and the second (interior) loop spills 24-32 B
+        return False
     return num_warps >= 8 or rows * BD * itemsize // 2 <= _FOUR_WARP_TILE[kernel]
 
 
@@ -120,6 +136,7 @@ def _pruner(kernel: str):
 _HEURISTICS = {
     "HAS_WINDOW": lambda a: a["W"] >= 0,
     "ACC": lambda a: tl.float64 if a["q"].dtype == torch.float64 else tl.float32,
+    "SPLIT": lambda a: split_blocks(a["q"].element_size()),
 }
 
 
@@ -217,13 +234,76 @@ def _source(i_s, p0, p1, p2, p3):
     return tl.where(i_s == 3, p3, tl.where(i_s == 2, p2, tl.where(i_s == 1, p1, p0)))
 
 
+# Interior and edge blocks (FlashAttention-2's split of the causal loop into unmasked blocks and the masked
+# diagonal). A program walks the blocks of the other side (keys for fwd and dq, queries for dkv) from lo to hi
+# in steps of the block; a block is INTERIOR when every pair of its tile and the program's tile is a real
+# pair (both rows inside the conversation, and |i - j| <= W with a window), so its loads take no row mask and
+# its scores no mask arithmetic (no `dist` tile, no where, and in the forward no all-masked-row guard).
+# Because the condition is monotone in the block's first row, the interior blocks form one run [a, b) and
+# each walk is two loops: the edge blocks [lo, a) then [b, hi) in one masked loop that jumps over the run
+# (three loops, edge-interior-edge, spilled on sm_80: AOT report), then the interior run [a, b). Edge blocks
+# keep the full mask: the window's band edges, a conversation's last partial block, and every block when
+# the window is narrower than the tiles (then a = b and the walk is the masked loop it always was). The
+# order of the blocks changes the rounding of the sums only; each program's order is fixed (deterministic).
+@triton.jit
+def _split(lo, hi, first_ok, last_ok, BLK: tl.constexpr):
+    """(a, b): the blocks j0 = lo + i * BLK (j0 < hi) whose rows j0 .. j0 + BLK - 1 all lie in [first_ok,
+    last_ok] are those with a <= j0 < b (lo <= a <= b; a run, possibly empty). Requires hi >= lo >= 0 and
+    last_ok <= hi - 1; only non-negative values are divided (integer division rounds toward zero on the GPU)."""
+    n = tl.cdiv(hi - lo, BLK)                                         # blocks in the walk
+    i_a = tl.minimum(tl.cdiv(tl.maximum(first_ok - lo, 0), BLK), n)   # first block starting at >= first_ok
+    i_b = tl.minimum(tl.maximum(tl.maximum(last_ok + 1 - lo, 0) // BLK, i_a), n)   # blocks ending <= last_ok
+    return lo + i_a * BLK, lo + i_b * BLK
+
+
+@triton.jit
+def _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk_t, pos_q, j_start, j_end,
+                skip_at, skip, hi, W, qk_scale, BN: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over the key blocks j = j_start, j_start + BN, ... < j_end of one source: b_q (BM, BD),
+    running max b_m and sum b_l (BM,) in log2 units, b_acc (BM, BD). MASKED: edge blocks (keys >= hi and
+    pairs outside the window get p = 0), and block j is read at j + skip once j >= skip_at (the jump over
+    the interior run); else interior blocks (every pair real: no mask)."""
+    for j in range(j_start, j_end, BN):
+        j0 = j
+        if MASKED:                                                   # the edge walk jumps the interior run
+            j0 = tl.where(j >= skip_at, j + skip, j)
+        base_k = (bos + j0).to(tl.int64) * sk_t + head_k
+        if MASKED:
+            pos_k = j0 + tl.arange(0, BN)
+            m_k = pos_k < hi
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+        else:
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale     # (BM, BN)
+        if MASKED:
+            valid = m_k[None, :]
+            if HAS_WINDOW:
+                dist = pos_q[:, None] - pos_k[None, :]
+                valid = valid & (dist <= W) & (dist >= -W)
+            b_s = tl.where(valid, b_s, float("-inf"))
+            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+            b_pivot = tl.where(b_m_new == float("-inf"), 0., b_m_new)   # finite: all-masked row -> p = 0
+        else:
+            b_pivot = tl.maximum(b_m, tl.max(b_s, 1))                   # finite: every score is real
+            b_m_new = b_pivot
+        b_p = tl.exp2(b_s - b_pivot[:, None])
+        b_alpha = tl.exp2(b_m - b_pivot)                                # 0 while b_m is still -inf
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC).to(ACC)
+        b_m = b_m_new
+    return b_m, b_l, b_acc
+
+
 @triton.heuristics(_HEURISTICS)
 @triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      sk_t, sk_h,
                      H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+                     HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     i_n, i_m, bos, N = _block_of(block_indices, cu_seqlens, i_blk)
@@ -235,16 +315,29 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     m_d = offs_d < D
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
-    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o / lse
+    row_q0 = (bos + q0).to(tl.int64) * H + i_h                           # packed (t, h) row of q / o
+    stat_q0 = i_h * T + bos + q0                                         # lse (H, T): the block's BM rows, contiguous
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_q[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
 
+    # Key range [lo, hi) and its interior run [j_a, j_b). Query rows past N (a partial last block) are zero
+    # rows whose output is never stored, so only the real rows q0 .. min(q0 + BM, N) - 1 decide what is interior.
     if HAS_WINDOW:
         lo = tl.maximum(0, q0 - W)
         hi = tl.minimum(N, q0 + BM + W)
     else:
         lo = 0
         hi = N
+    if SPLIT:
+        if HAS_WINDOW:
+            j_a, j_b = _split(lo, hi, tl.minimum(q0 + BM, N) - 1 - W, tl.minimum(N - 1, q0 + W), BN)
+        else:
+            j_a = 0
+            j_b = (N // BN) * BN                                         # every full key block
+    else:
+        j_a = hi                                                         # one masked walk over [lo, hi)
+        j_b = hi
+    head_k = i_h * sk_h
 
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
     b_l = tl.zeros([BM], dtype=ACC)
@@ -252,45 +345,72 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     for i_s in range(S):
         k_src = _source(i_s, k0, k1, k2, k3)                             # the source's own tensor, in place
         v_src = _source(i_s, v0, v1, v2, v3)
-        for j0 in range(lo, hi, BN):
-            pos_k = j0 + tl.arange(0, BN)
-            m_k = pos_k < hi
-            base_k = (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
-            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
-            valid = m_k[None, :]
-            if HAS_WINDOW:
-                dist = pos_q[:, None] - pos_k[None, :]
-                valid = valid & (dist <= W) & (dist >= -W)
-            b_s = tl.where(valid, b_s, float("-inf"))
-            b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-            b_pivot = tl.where(b_m_new == float("-inf"), 0., b_m_new)   # finite: all-masked row -> p = 0
-            b_p = tl.exp2(b_s - b_pivot[:, None])
-            b_alpha = tl.exp2(b_m - b_pivot)
-            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PREC).to(ACC)
-            b_m = b_m_new
+        b_m, b_l, b_acc = _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk_t, pos_q,
+                                      lo, hi - (j_b - j_a), j_a, j_b - j_a, hi, W, qk_scale, BN, True, HAS_WINDOW,
+                                      ACC, DOT_PREC)
+        if SPLIT:
+            b_m, b_l, b_acc = _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk_t,
+                                          pos_q, j_a, j_b, 0, 0, hi, W, qk_scale, BN, False, HAS_WINDOW, ACC, DOT_PREC)
 
     b_empty = b_l == 0.
     b_o = b_acc / tl.where(b_empty, 1., b_l)[:, None]
     b_lse = tl.where(b_empty, 0., b_m + tl.log2(tl.where(b_empty, 1., b_l)))
     tl.store(o + row_q0 * D + tile_q, b_o.to(o.dtype.element_ty), mask=m_q[:, None] & m_d[None, :])
-    tl.store(lse + row_q0 + tl.arange(0, BM) * H, b_lse.to(lse.dtype.element_ty), mask=m_q)
+    tl.store(lse + stat_q0 + tl.arange(0, BM), b_lse.to(lse.dtype.element_ty), mask=m_q)
 
 
 @triton.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
-@triton.jit(do_not_specialize=["R"])
-def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
-    """delta[r] = sum_d o[r, d] * do[r, d] over the R = T * H rows."""
-    r0 = tl.program_id(0).to(tl.int64) * BR
+@triton.jit(do_not_specialize=["T"])
+def _attn_bwd_preprocess(o, do, delta, T, H, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
+    """delta[h, t] = sum_d o[t, h, d] * do[t, h, d]: grid (row blocks of T, H), so each program stores BR
+    contiguous elements of the (H, T) delta (head-major, like lse)."""
+    t0 = tl.program_id(0).to(tl.int64) * BR
+    i_h = tl.program_id(1).to(tl.int64)
     rows = tl.arange(0, BR)
     offs_d = tl.arange(0, BD)
-    mask = (r0 + rows < R)[:, None] & (offs_d < D)[None, :]
-    tile = rows[:, None] * D + offs_d[None, :]
-    b_o = tl.load(o + r0 * D + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
-    b_do = tl.load(do + r0 * D + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
-    tl.store(delta + r0 + rows, tl.sum(b_o * b_do, 1), mask=r0 + rows < R)
+    m_t = t0 + rows < T
+    mask = m_t[:, None] & (offs_d < D)[None, :]
+    tile = rows[:, None] * (H * D) + offs_d[None, :]                     # rows t0.. of head i_h in (T, H, D)
+    base = (t0 * H + i_h) * D
+    b_o = tl.load(o + base + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
+    b_do = tl.load(do + base + tile, mask=mask, other=0.).to(delta.dtype.element_ty)
+    tl.store(delta + i_h * T + t0 + rows, tl.sum(b_o * b_do, 1), mask=m_t)
+
+
+
+@triton.jit
+def _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, bos, head_k, sk_t, pos_q,
+               j_start, j_end, skip_at, skip, hi, W, qk_scale, BN: tl.constexpr, MASKED: tl.constexpr,
+               HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """b_dq (BM, BD) += dS K over the key blocks j = j_start, ... < j_end of one source (unscaled). MASKED:
+    edge blocks, jumping as in _fwd_blocks; else interior (no mask: a padding query row has q = do = lse =
+    delta = 0, so p = 1 and dS = 0 there, and its dq row is never stored)."""
+    for j in range(j_start, j_end, BN):
+        j0 = j
+        if MASKED:                                                   # the edge walk jumps the interior run
+            j0 = tl.where(j >= skip_at, j + skip, j)
+        base_k = (bos + j0).to(tl.int64) * sk_t + head_k
+        if MASKED:
+            pos_k = j0 + tl.arange(0, BN)
+            m_k = pos_k < hi
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+        else:
+            b_k = tl.load(k_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+            b_v = tl.load(v_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale     # (BM, BN)
+        if MASKED:
+            valid = m_q[:, None] & m_k[None, :]
+            if HAS_WINDOW:
+                dist = pos_q[:, None] - pos_k[None, :]
+                valid = valid & (dist <= W) & (dist >= -W)
+            b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.)
+        else:
+            b_p = tl.exp2(b_s - b_lse[:, None])
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC).to(ACC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
+    return b_dq
 
 
 @triton.heuristics(_HEURISTICS)
@@ -299,7 +419,7 @@ def _attn_bwd_preprocess(o, do, delta, R, D: tl.constexpr, BD: tl.constexpr, BR:
 def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, cu_seqlens, block_indices,
                         scale, T, S, W, sk_t, sk_h,
                         H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                        HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+                        HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     i_blk = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
     i_n, i_m, bos, N = _block_of(block_indices, cu_seqlens, i_blk)
@@ -313,40 +433,83 @@ def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, c
     tile_q = tl.arange(0, BM)[:, None] * (H * D) + offs_d[None, :]
     tile_k = tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :]
     row_q0 = (bos + q0).to(tl.int64) * H + i_h
+    stat_q0 = i_h * T + bos + q0                                         # lse, delta (H, T): contiguous
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
     b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
-    b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
-    b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
+    b_lse = tl.load(lse + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
+    b_delta = tl.load(delta + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
     qk_scale = scale * 1.4426950408889634
 
-    if HAS_WINDOW:
+    if HAS_WINDOW:                                                       # as in the forward
         lo = tl.maximum(0, q0 - W)
         hi = tl.minimum(N, q0 + BM + W)
     else:
         lo = 0
         hi = N
+    if SPLIT:
+        if HAS_WINDOW:
+            j_a, j_b = _split(lo, hi, tl.minimum(q0 + BM, N) - 1 - W, tl.minimum(N - 1, q0 + W), BN)
+        else:
+            j_a = 0
+            j_b = (N // BN) * BN
+    else:
+        j_a = hi
+        j_b = hi
+    head_k = i_h * sk_h
 
     b_dq = tl.zeros([BM, BD], dtype=ACC)
     for i_s in range(S):
         k_src = _source(i_s, k0, k1, k2, k3)
         v_src = _source(i_s, v0, v1, v2, v3)
-        for j0 in range(lo, hi, BN):
-            pos_k = j0 + tl.arange(0, BN)
-            m_k = pos_k < hi
-            base_k = (bos + j0).to(tl.int64) * sk_t + i_h * sk_h
-            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale
-            valid = m_q[:, None] & m_k[None, :]
-            if HAS_WINDOW:
-                dist = pos_q[:, None] - pos_k[None, :]
-                valid = valid & (dist <= W) & (dist >= -W)
-            b_p = tl.where(valid, tl.exp2(b_s - b_lse[:, None]), 0.)
-            b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC).to(ACC)
-            b_ds = b_p * (b_dp - b_delta[:, None])
-            b_dq += tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
+        b_dq = _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, bos, head_k, sk_t, pos_q,
+                          lo, hi - (j_b - j_a), j_a, j_b - j_a, hi, W, qk_scale, BN, True, HAS_WINDOW, ACC, DOT_PREC)
+        if SPLIT:
+            b_dq = _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, bos, head_k, sk_t,
+                              pos_q, j_a, j_b, 0, 0, hi, W, qk_scale, BN, False, HAS_WINDOW, ACC, DOT_PREC)
     b_dq = b_dq * scale
     tl.store(dq + row_q0 * D + tile_q, b_dq.to(dq.dtype.element_ty), mask=m_qd)
+
+
+@triton.jit
+def _dkv_blocks(b_dk, b_dv, b_k, b_v, q, do, lse, delta, tile_q, m_k, m_d, bos, i_h, T, H, pos_k, i_start, i_end,
+                skip_at, skip, hi, W, qk_scale, D: tl.constexpr, BM: tl.constexpr, MASKED: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """b_dv (BN, BD) += P^T dO and b_dk += dS^T Q (unscaled) over the query blocks i = i_start, ... < i_end.
+    MASKED: edge blocks (queries >= hi and pairs outside the window get p = 0), jumping as in _fwd_blocks;
+    else interior (no mask)."""
+    for i in range(i_start, i_end, BM):
+        i0 = i
+        if MASKED:                                                   # the edge walk jumps the interior run
+            i0 = tl.where(i >= skip_at, i + skip, i)
+        row_q0 = (bos + i0).to(tl.int64) * H + i_h
+        stat_q0 = i_h * T + bos + i0                                     # lse, delta (H, T): contiguous
+        if MASKED:
+            pos_q = i0 + tl.arange(0, BM)
+            m_q = pos_q < hi
+            m_qd = m_q[:, None] & m_d[None, :]
+            b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
+            b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
+            b_lse = tl.load(lse + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
+            b_delta = tl.load(delta + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
+        else:
+            b_q = tl.load(q + row_q0 * D + tile_q, mask=m_d[None, :], other=0.)
+            b_do = tl.load(do + row_q0 * D + tile_q, mask=m_d[None, :], other=0.)
+            b_lse = tl.load(lse + stat_q0 + tl.arange(0, BM)).to(ACC)
+            b_delta = tl.load(delta + stat_q0 + tl.arange(0, BM)).to(ACC)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(ACC) * qk_scale   # (BN, BM): scores^T
+        if MASKED:
+            valid = m_k[:, None] & m_q[None, :]
+            if HAS_WINDOW:
+                dist = pos_q[None, :] - pos_k[:, None]
+                valid = valid & (dist <= W) & (dist >= -W)
+            b_pt = tl.where(valid, tl.exp2(b_st - b_lse[None, :]), 0.)
+        else:
+            b_pt = tl.exp2(b_st - b_lse[None, :])
+        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC).to(ACC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(ACC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC).to(ACC)
+    return b_dk, b_dv
 
 
 @triton.heuristics(_HEURISTICS)
@@ -355,7 +518,7 @@ def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, c
 def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, dv, cu_seqlens,
                          block_indices, scale, T, S, W, sk_t, sk_h,
                          H, D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+                         HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
     # BN keys of source i_s per program; loops over query blocks of BM rows of the same conversation.
     i_blk = tl.program_id(0).to(tl.int64)
     i_h = tl.program_id(1).to(tl.int64)
@@ -379,34 +542,33 @@ def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, 
     b_v = tl.load(v + src_k + tl.arange(0, BN)[:, None] * sk_t + offs_d[None, :], mask=m_kd, other=0.)
     qk_scale = scale * 1.4426950408889634
 
+    # Query range and its interior run. A partial key block (key0 + BN > N) has no interior: its padding key
+    # rows are zero, so their p = exp2(-lse) is unbounded (their dk, dv rows are never stored, but an edge
+    # block keeps them at p = 0 rather than reason about inf * 0 in rows nobody reads).
+    full_k = key0 + BN <= N
     if HAS_WINDOW:
         lo = tl.maximum(0, key0 - W)
         hi = tl.minimum(N, key0 + BN + W)
     else:
         lo = 0
         hi = N
-
+    if SPLIT:
+        if HAS_WINDOW:
+            i_a, i_b = _split(lo, hi, key0 + BN - 1 - W, tl.where(full_k, tl.minimum(N - 1, key0 + W), lo - 1), BM)
+        else:
+            i_a = 0
+            i_b = tl.where(full_k, (N // BM) * BM, 0)                    # every full query block
+    else:
+        i_a = hi                                                         # one masked walk over [lo, hi)
+        i_b = hi
     b_dk = tl.zeros([BN, BD], dtype=ACC)
     b_dv = tl.zeros([BN, BD], dtype=ACC)
-    for i0 in range(lo, hi, BM):
-        pos_q = i0 + tl.arange(0, BM)
-        m_q = pos_q < hi
-        m_qd = m_q[:, None] & m_d[None, :]
-        row_q0 = (bos + i0).to(tl.int64) * H + i_h
-        b_q = tl.load(q + row_q0 * D + tile_q, mask=m_qd, other=0.)
-        b_do = tl.load(do + row_q0 * D + tile_q, mask=m_qd, other=0.)
-        b_lse = tl.load(lse + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
-        b_delta = tl.load(delta + row_q0 + tl.arange(0, BM) * H, mask=m_q, other=0.).to(ACC)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(ACC) * qk_scale              # (BN, BM): scores transposed
-        valid = m_k[:, None] & m_q[None, :]
-        if HAS_WINDOW:
-            dist = pos_q[None, :] - pos_k[:, None]
-            valid = valid & (dist <= W) & (dist >= -W)
-        b_pt = tl.where(valid, tl.exp2(b_st - b_lse[None, :]), 0.)
-        b_dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC).to(ACC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(ACC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC).to(ACC)
+    b_dk, b_dv = _dkv_blocks(b_dk, b_dv, b_k, b_v, q, do, lse, delta, tile_q, m_k, m_d, bos, i_h, T, H, pos_k,
+                             lo, hi - (i_b - i_a), i_a, i_b - i_a, hi, W, qk_scale, D, BM, True, HAS_WINDOW, ACC,
+                             DOT_PREC)
+    if SPLIT:
+        b_dk, b_dv = _dkv_blocks(b_dk, b_dv, b_k, b_v, q, do, lse, delta, tile_q, m_k, m_d, bos, i_h, T, H, pos_k,
+                                 i_a, i_b, 0, 0, hi, W, qk_scale, D, BM, False, HAS_WINDOW, ACC, DOT_PREC)
     b_dk = b_dk * scale
     tl.store(dk + base_k + tile_k, b_dk.to(dk.dtype.element_ty), mask=m_kd)
     tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
@@ -461,14 +623,15 @@ def _window(window: int, T: int) -> int:
 
 @input_guard
 def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
-    """q (T, H, D) contiguous; k, v lists of S tensors (T, H, D) sharing one stride set -> (o, lse); lse (T, H)
-    in log2 units, fp32 (fp64 for fp64 inputs). window < 0 means none."""
+    """q (T, H, D) contiguous; k, v lists of S tensors (T, H, D) sharing one stride set -> (o, lse); lse (H, T)
+    (head-major: a query block's statistics are contiguous) in log2 units, fp32 (fp64 for fp64 inputs).
+    window < 0 means none."""
     T, H, D = q.shape
     S = len(k)
     BM, BN = block_sizes(D, q.element_size())["fwd"]
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((T, H), dtype=stat_dtype, device=q.device)
+    lse = torch.empty((H, T), dtype=stat_dtype, device=q.device)
     table = block_table(cu_seqlens, BM, T)
     if T > 0:
         *ptrs, st_t, st_h = _source_args(k, v)
@@ -487,14 +650,14 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     blocks = block_sizes(D, q.element_size())
     window = _window(window, T)
     prec = dot_precision(q.dtype)
-    delta = torch.empty((T, H), dtype=lse.dtype, device=q.device)
+    delta = torch.empty((H, T), dtype=lse.dtype, device=q.device)                 # like lse
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((S, T, H, D), dtype=k[0].dtype, device=q.device)
     dv = torch.empty((S, T, H, D), dtype=v[0].dtype, device=q.device)
     if T == 0:
         return dq, dk, dv
     BR = 64
-    _attn_bwd_preprocess[(triton.cdiv(T * H, BR),)](o, do, delta, T * H, D=D, BD=BD, BR=BR)
+    _attn_bwd_preprocess[(triton.cdiv(T, BR), H)](o, do, delta, T, H, D=D, BD=BD, BR=BR)
     *ptrs, st_t, st_h = _source_args(k, v)
     BM, BN = blocks["dq"]
     table = block_table(cu_seqlens, BM, T)
@@ -521,7 +684,7 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton", mutates_args=())
 def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
                  window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o (T, H, D), lse (T, H) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
+    """-> (o (T, H, D), lse (H, T) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
     _check(q, k, v, cu_seqlens)
     q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
@@ -530,7 +693,7 @@ def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], 
 @attention_op.register_fake
 def _(q, k, v, cu_seqlens, window, scale):
     T, H, D = q.shape
-    return q.new_empty((T, H, D)), q.new_empty((T, H), dtype=_stat_dtype(q.dtype))
+    return q.new_empty((T, H, D)), q.new_empty((H, T), dtype=_stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton_backward", mutates_args=())
@@ -622,7 +785,7 @@ def aot_specs() -> list[dict]:
             blocks = block_sizes(D, itemsize)
             for cfg in _attn_bwd_preprocess.configs:
                 specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": _unwrap(_attn_bwd_preprocess),
-                              "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "R": "i32",
+                              "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "T": "i32", "H": "i32",
                                             "D": "constexpr", "BD": "constexpr", "BR": "constexpr"},
                               "constexprs": {"D": D, "BD": BD, "BR": 64},
                               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg})
@@ -630,7 +793,8 @@ def aot_specs() -> list[dict]:
                 common = {"cu_seqlens": "*i32", "block_indices": "*i32", "scale": "fp32", "T": "i32",
                           "S": "i32", "W": "i32", **{st: "i32" for st in _STRIDE_ARGS}, "H": "i32",
                           "D": "constexpr", "BD": "constexpr", "BM": "constexpr", "BN": "constexpr",
-                          "HAS_WINDOW": "constexpr", "ACC": "constexpr", "DOT_PREC": "constexpr"}
+                          "HAS_WINDOW": "constexpr", "ACC": "constexpr", "SPLIT": "constexpr",
+                          "DOT_PREC": "constexpr"}
                 qkv = {"q": ptr, **{name: ptr for name in _SOURCE_PTRS}}
                 kernels = [
                     ("attn_fwd", _attn_fwd_kernel, "fwd", {**qkv, "o": ptr, "lse": "*fp32"}),
@@ -655,6 +819,7 @@ def aot_specs() -> list[dict]:
                             "signature": {**ptrs, **common},
                             "constexprs": {"D": D, "BD": BD, "BM": BM, "BN": BN,
                                            "HAS_WINDOW": has_window, "ACC": tl.float32,
+                                           "SPLIT": split_blocks(itemsize),
                                            # a GPU launch with fp32 inputs happens only when TF32 is allowed
                                            "DOT_PREC": "tf32"},
                             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
