@@ -99,8 +99,8 @@ def onepass_max_rows(head_dim: int, itemsize: int = 2) -> int:
     if INTERPRET:
         return 64
     if itemsize <= 2:
-        return 128 if head_dim <= 32 else 64 if head_dim <= 64 else 32
-    return 64 if head_dim <= 32 else 32
+        return 64 if head_dim <= 32 else 32      # BL = 128 spilled at D = 16, 32 (24-2568 B); 64 at D = 64 (60 B)
+    return 64 if head_dim <= 16 else 32          # fp32 (TF32 only): BL = 64 sat at 234-243 registers at D = 32
 
 
 def onepass_block(max_seqlen: int, head_dim: int, itemsize: int = 2) -> int:
@@ -115,8 +115,9 @@ def onepass_block(max_seqlen: int, head_dim: int, itemsize: int = 2) -> int:
 
 def onepass_warps(BL: int, BD: int, itemsize: int) -> int:
     """num_warps of the one-pass kernel (one config, no autotuning: nothing to time on a first call, and one
-    order of operations per shape). From the AOT report: the fewest warps that compile without spills."""
-    return 4 if BL * max(BL, BD * itemsize // 2) <= 64 * 64 else 8
+    order of operations per shape). From the AOT report: 4 warps for the small tiles, 8 from (32, 32) 16-bit
+    or (16, 32) fp32 tiles up, where 4 warps took 30-70 more registers (or spilled: fp32, D = 128)."""
+    return 4 if BL * BD * itemsize <= 32 * 32 * 2 else 8
 
 
 def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
@@ -614,8 +615,8 @@ def _poison_rows(ptr, base, n, rows_stride, tile, m_d, BL: tl.constexpr, BD: tl.
     nan = tl.full([BL, BD], float("nan"), dtype=tl.float32)
     for r0 in range(0, n, BL):
         m_r = r0 + tl.arange(0, BL) < n
-        tl.store(ptr + base + r0.to(tl.int64) * rows_stride + tile, nan.to(ptr.dtype.element_ty),
-                 mask=m_r[:, None] & m_d[None, :])
+        tl.store(ptr + base + tile, nan.to(ptr.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+        base += BL * rows_stride                                         # int64: the row offset of r0 + BL
 
 
 @triton.heuristics({"HAS_WINDOW": _HEURISTICS["HAS_WINDOW"], "ACC": _HEURISTICS["ACC"]})
@@ -950,6 +951,33 @@ def aot_specs() -> list[dict]:
                                            "DOT_PREC": "tf32"},
                             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                             "maxnreg": cfg.maxnreg})
+            specs += onepass_aot_specs(dname, ptr, itemsize, D)
+    return specs
+
+
+def onepass_aot_specs(dname: str, ptr: str, itemsize: int, D: int, warps: int | None = None) -> list[dict]:
+    """The one-pass backward as attention_backward launches it: every tile BL (16 .. onepass_max_rows) for
+    the head dim and element size, window on/off, its one config (onepass_warps, 1 stage, maxnreg 255).
+    warps: another num_warps (to compare configs in the report)."""
+    BD = _block_dim(D)
+    ptrs = {"q": ptr, **{name: ptr for name in _SOURCE_PTRS}, "o": ptr, "do": ptr, "lse": "*fp32",
+            "dq": ptr, "dk": ptr, "dv": ptr}
+    specs = []
+    BL = 16
+    while BL <= onepass_max_rows(D, itemsize):
+        for has_window in (False, True):
+            specs.append({
+                "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", *_STRIDE_ARGS)},
+                "name": f"attn_bwd_onepass[{dname},D={D},window={'on' if has_window else 'off'},BL={BL}]",
+                "fn": _unwrap(_attn_bwd_onepass_kernel),
+                "signature": {**ptrs, "cu_seqlens": "*i32", "scale": "fp32", "T": "i32", "S": "i32", "W": "i32",
+                              **{st: "i32" for st in _STRIDE_ARGS}, "H": "i32", "D": "constexpr",
+                              "BD": "constexpr", "BL": "constexpr", "HAS_WINDOW": "constexpr", "ACC": "constexpr",
+                              "DOT_PREC": "constexpr"},
+                "constexprs": {"D": D, "BD": BD, "BL": BL, "HAS_WINDOW": has_window, "ACC": tl.float32,
+                               "DOT_PREC": "tf32"},
+                "num_warps": warps or onepass_warps(BL, BD, itemsize), "num_stages": 1, "maxnreg": 255})
+        BL *= 2
     return specs
 
 
