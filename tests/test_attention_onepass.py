@@ -104,7 +104,7 @@ def test_tile_limit_per_head_dim_and_dtype(fused, monkeypatch):
     monkeypatch.setattr(fused, "INTERPRET", False)              # the GPU's limits (from the AOT report)
     assert fused.onepass_block(64, 32, 2) == 64 and fused.onepass_block(65, 32, 2) == 0
     assert fused.onepass_block(33, 64, 2) == 0 and fused.onepass_block(32, 128, 2) == 32
-    assert fused.onepass_block(64, 16, 4) == 64 and fused.onepass_block(33, 32, 4) == 0
+    assert fused.onepass_block(32, 16, 4) == 32 and fused.onepass_block(33, 16, 4) == 0
     assert fused.onepass_block(-1, 32, 2) == 0 and fused.onepass_block(0, 32, 2) == 16
 
 

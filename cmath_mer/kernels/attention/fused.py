@@ -23,6 +23,8 @@ head-major, so a query block's BM statistics are one contiguous load or store, n
   _attn_bwd_preprocess  grid (row blocks of T, H)          -> delta = rowsum(o * do)
   _attn_bwd_dq_kernel   grid (query blocks, H)             -> dq   (loops over sources x key blocks)
   _attn_bwd_dkv_kernel  grid (key blocks, H, S)            -> dk, dv (loops over query blocks)
+  _attn_bwd_onepass_kernel grid (conversations, H)         -> dq, dk, dv in one pass, instead of the three
+                        above when the caller's host bound max_seqlen fits one tile (onepass_block)
 Every program owns its outputs: no atomics, so the backward is deterministic.
 
 Cost model (per head, per real (query, key) pair; b = bytes per element, BM = query block):
@@ -100,7 +102,7 @@ def onepass_max_rows(head_dim: int, itemsize: int = 2) -> int:
         return 64
     if itemsize <= 2:
         return 64 if head_dim <= 32 else 32      # BL = 128 spilled at D = 16, 32 (24-2568 B); 64 at D = 64 (60 B)
-    return 64 if head_dim <= 16 else 32          # fp32 (TF32 only): BL = 64 sat at 234-243 registers at D = 32
+    return 32                                    # fp32 (TF32 only): BL = 64 sat at 234-255 registers
 
 
 def onepass_block(max_seqlen: int, head_dim: int, itemsize: int = 2) -> int:
