@@ -29,15 +29,17 @@ class MultiSourceAttention(nn.Module):
         self.o = nn.Linear(d_model, d_model)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
-        # x: (T, d); sources: S tensors (T, d) -> (T, d)
+    def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        # x: (T, d); sources: S tensors (T, d) -> (T, d). max_seqlen: the batch's host bound on the lengths
         q = rearrange(self.q(x), "t (h e) -> t h e", h=self.n_heads)                      # (T, H, D)
         # each source's k and v are views of its own (T, 2d) projection, handed over as lists: no stack, the
         # Triton op reads them in place (strides (2d, D, 1))
         kv = [rearrange(proj(s), "t (two h e) -> two t h e", two=2, h=self.n_heads)       # (2, T, H, D) views
               for proj, s in zip(self.kv, sources)]
         k, v = [x[0] for x in kv], [x[1] for x in kv]                                     # S x (T, H, D) each
-        o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, backend=self.backend)
+        o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, max_seqlen=max_seqlen,
+                                   backend=self.backend)
         return self.drop(self.o(rearrange(o, "t h e -> t (h e)")))
 
 
@@ -57,21 +59,21 @@ class CMABlock(nn.Module):
                                  nn.Linear(ffn_mult * d_model, d_model), nn.Dropout(dropout))
 
     def forward(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor,
-                recompute: bool = False) -> torch.Tensor:
+                recompute: bool = False, max_seqlen: int | None = None) -> torch.Tensor:
         # h: (T, d) central stream; aux: n_aux tensors (T, d), not updated. recompute: each of the three
         # residual branches keeps only its input and redoes the rest in the backward (see CMATransformer)
         run = _recomputed if recompute else (lambda fn, *args: fn(*args))
-        h = h + run(self._self_branch, h, cu_seqlens)
+        h = h + run(self._self_branch, h, cu_seqlens, max_seqlen)
         if self.n_aux:
-            h = h + run(self._cross_branch, h, aux, cu_seqlens)
+            h = h + run(self._cross_branch, h, aux, cu_seqlens, max_seqlen)
         return h + run(self._ffn_branch, h)
 
-    def _self_branch(self, h, cu_seqlens):
+    def _self_branch(self, h, cu_seqlens, max_seqlen=None):
         x = self.ln_self(h)
-        return self.self_attn(x, [x], cu_seqlens)
+        return self.self_attn(x, [x], cu_seqlens, max_seqlen)
 
-    def _cross_branch(self, h, aux, cu_seqlens):
-        return self.cross_attn(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)], cu_seqlens)
+    def _cross_branch(self, h, aux, cu_seqlens, max_seqlen=None):
+        return self.cross_attn(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)], cu_seqlens, max_seqlen)
 
     def _ffn_branch(self, h):
         return self.ffn(self.ln_ffn(h))
@@ -114,7 +116,8 @@ class CMATransformer(nn.Module):
                                     for _ in range(n_layers))
         self.ln_out = nn.LayerNorm(d_model)
 
-    def forward(self, h_central: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, h_central: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor,
+                max_seqlen: int | None = None) -> torch.Tensor:
         # Long batches keep only each residual branch's input and its whole-conversation attention output,
         # and recompute the rest of the branch in the backward: a block keeps ~4 (T, d) tensors instead of
         # ~36, and the backward rebuilds one branch at a time (at most ~16 (T, d) tensors, the cross branch).
@@ -124,10 +127,11 @@ class CMATransformer(nn.Module):
         recompute = (self.recompute_from is not None and self.training and torch.is_grad_enabled()
                      and h_central.shape[0] >= self.recompute_from)
         if recompute and self.window is not None:
-            return checkpoint(self._layers, h_central, aux, cu_seqlens, True, use_reentrant=False)
-        return self._layers(h_central, aux, cu_seqlens, recompute)
+            return checkpoint(self._layers, h_central, aux, cu_seqlens, True, max_seqlen, use_reentrant=False)
+        return self._layers(h_central, aux, cu_seqlens, recompute, max_seqlen)
 
-    def _layers(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor, recompute: bool):
+    def _layers(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor, recompute: bool,
+                max_seqlen: int | None = None):
         for block in self.blocks:
-            h = block(h, aux, cu_seqlens, recompute)
+            h = block(h, aux, cu_seqlens, recompute, max_seqlen)
         return self.ln_out(h)

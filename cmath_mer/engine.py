@@ -242,13 +242,14 @@ class DeviceCorpus:
         from .packing import cu_seqlens_from
         b = self.bounds
         rows = torch.cat([torch.arange(b[i], b[i + 1]) for i in group])
-        cu = cu_seqlens_from([b[i + 1] - b[i] for i in group])
+        lengths = [b[i + 1] - b[i] for i in group]
+        cu = cu_seqlens_from(lengths)
         if self.device.type == "cuda":
             rows, cu = rows.pin_memory(), cu.pin_memory()
         rows = rows.to(self.device, non_blocking=True)
         return Batch({m: x.index_select(0, rows) for m, x in self.features.items()},
                      self.speakers.index_select(0, rows), self.labels.index_select(0, rows),
-                     cu.to(self.device, non_blocking=True), [self.ids[i] for i in group])
+                     cu.to(self.device, non_blocking=True), [self.ids[i] for i in group], max(lengths, default=0))
 
 
 class Prefetcher:

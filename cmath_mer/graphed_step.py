@@ -26,19 +26,24 @@ import time
 import torch
 
 from .engine import in_step, step_seed
+from .packing import length_bound
 
 
 def batch_shape(batch) -> tuple:
-    """What a captured graph is specialised to: every tensor's shape (T utterances, B conversations)."""
+    """What a captured graph is specialised to: every tensor's shape (T utterances, B conversations) and the
+    bound on the conversation lengths, rounded (packing.length_bound): the attention backward picks its kernels
+    from the bound on the host, so a graph replays only for batches within the bound it was captured with."""
     return (batch.num_utterances, batch.cu_seqlens.numel(),
-            tuple((m, tuple(x.shape), x.dtype) for m, x in sorted(batch.features.items())))
+            tuple((m, tuple(x.shape), x.dtype) for m, x in sorted(batch.features.items())),
+            length_bound(batch.max_seqlen))
 
 
 def static_copy(batch):
-    """Buffers a graph reads its batch from, filled with this batch."""
+    """Buffers a graph reads its batch from, filled with this batch; its bound is the rounded one, true for
+    every batch of the shape."""
     from .data.dataset import Batch
     return Batch({m: x.clone() for m, x in batch.features.items()}, batch.speakers.clone(), batch.labels.clone(),
-                 batch.cu_seqlens.clone(), list(batch.conversation_ids))
+                 batch.cu_seqlens.clone(), list(batch.conversation_ids), length_bound(batch.max_seqlen))
 
 
 def fill(static, batch) -> None:

@@ -141,8 +141,8 @@ class CMATH(nn.Module):
             codes[m], rec[m] = run(self.reconstruction[m], self.standardized(m, batch.features[m]), has_prev,
                                    has_next, with_loss, cfg.input_dropout)
         h = run(self.embedding, codes, batch.speakers, positions(cu, T))               # step 2: m -> (T, d)
-        fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu)    # step 3: c -> (T, d)
-                for c in cfg.centrals}
+        fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu,    # step 3: c -> (T, d)
+                               batch.max_seqlen) for c in cfg.centrals}
         if cfg.utterance_skip:      # each view also carries its utterance's own code, free of positions/speakers
             fine = {c: f + self.skip[c](F.dropout(self.embedding.norms[c](codes[c]), cfg.dropout, self.training))
                     for c, f in fine.items()}                                          # c -> (T, d)

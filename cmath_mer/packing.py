@@ -12,6 +12,15 @@ def cu_seqlens_from(lengths, dtype: torch.dtype = torch.int32, device=None) -> t
     return cu.to(device=device, dtype=dtype)
 
 
+def length_bound(max_seqlen: int | None) -> int | None:
+    """A power of two >= max_seqlen (at least 16; None stays None): a batch's bound on its conversation lengths
+    rounded so that batches of one (utterances, conversations) shape share it (a CUDA graph is captured once per
+    shape and bound; the one-pass attention tiles are powers of two from 16, so rounding changes no tile)."""
+    if max_seqlen is None:
+        return None
+    return 1 << max(4, (int(max_seqlen) - 1).bit_length())
+
+
 def positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(T,) int64: index of each packed row within its own conversation."""
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()

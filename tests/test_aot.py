@@ -33,11 +33,13 @@ def test_aot_attention_subset_compiles_for_sm90_and_sm80_without_spills():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     got = rows(proc.stdout)
     kernels = {line.split("[")[0] for line in got}
-    assert {"attn_fwd", "attn_bwd_dq", "attn_bwd_dkv"} <= kernels, proc.stdout
+    assert {"attn_fwd", "attn_bwd_dq", "attn_bwd_dkv", "attn_bwd_onepass"} <= kernels, proc.stdout
     assert any(" sm_90 " in r for r in got) and any(" sm_80 " in r for r in got)
     assert all(r.rstrip().endswith("ok") for r in got), proc.stdout
-    # the Hopper build of the fp16 attention uses wgmma tensor-core instructions
-    assert all(r.split()[-2] == "yes" for r in got if " sm_90 " in r), proc.stdout
+    # the Hopper build of the fp16 attention uses wgmma tensor-core instructions (64-row tiles and up: the
+    # one-pass kernel's 16- and 32-row tiles, for short conversations, are below a warpgroup MMA's 64 rows)
+    assert all(r.split()[-2] == "yes" for r in got if " sm_90 " in r and "BL=16]" not in r and "BL=32]" not in r), \
+        proc.stdout
 
 
 @needs_triton

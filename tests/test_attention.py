@@ -249,7 +249,7 @@ def test_public_op_dispatches_to_triton(monkeypatch):
     monkeypatch.setattr(mod, "fused_multi_source_attention", spy)
     q, k, v, _, cu = make_inputs([3, 4], 2, 1, 16, torch.float32, seed=3)
     out = multi_source_attention(q, k, v, cu, window=1, scale=0.5, backend="triton")
-    assert calls == [{"window": 1, "scale": 0.5}]
+    assert calls == [{"window": 1, "scale": 0.5, "max_seqlen": None}]
     assert_rel_close("o", out, dense_attention(q, k, v, cu, window=1, scale=0.5), TOL[torch.float32])
     multi_source_attention(q, k, v, cu, window=1, scale=0.5, backend="torch")
     assert len(calls) == 1

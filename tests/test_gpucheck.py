@@ -36,6 +36,9 @@ def test_cuda_parity_plan_covers_every_op_in_every_precision_mode():
     assert any(c["op"] == "attention" and c["window"] is not None for c in cases)
     # interior key blocks with a window need 2 W >= BM + BN - 2 (fused._split): 190 for the (128, 64) forward
     assert any(c["op"] == "attention" and (c["window"] or 0) >= 95 and max(c["lengths"]) > 256 for c in cases)
+    for mode in gpucheck.MODES:      # the one-pass backward (max_seqlen within one tile) in every mode
+        assert any(c["op"] == "attention" and c.get("max_seqlen") and c["mode"] == mode and max(c["lengths"]) <= 32
+                   for c in cases), mode
     assert any(c["op"] == "reconstruction_exact" for c in cases)       # the TF32-bias case of issue 8
     assert any(c["op"] == "variational" and c.get("eps_offset", 0) % 4 for c in cases)   # misaligned eps build
 

@@ -72,6 +72,13 @@ def test_a_new_shape_is_a_real_eager_step_then_a_capture():
     assert graphs.captures == 1 and graphed.replayed == 0
     assert any(not torch.equal(p, q) for p, q in zip(before, b.parameters()))     # the eager step updated
     assert batch_shape(_model_batch(cfg, [7], "cpu")) != batch_shape(_model_batch(cfg, [3, 4], "cpu"))
+    # the bound on the lengths picks the attention backward's kernels: rounded (a power of two >= 16) it is
+    # part of the shape, and the static batch of a capture holds the rounded bound, true for every batch of it
+    assert batch_shape(_model_batch(cfg, [15, 15], "cpu")) != batch_shape(_model_batch(cfg, [5, 25], "cpu"))
+    assert batch_shape(_model_batch(cfg, [10, 20], "cpu")) == batch_shape(_model_batch(cfg, [2, 28], "cpu"))
+    graphed([_model_batch(cfg, [2, 28], "cpu")], 0, 1)
+    (_, static), = [v for k, v in graphed.graphs.items() if k[0] == 30]
+    assert static.max_seqlen == 32
     with pytest.raises(ValueError, match="one micro-batch"):
         graphed([_model_batch(cfg, [7], "cpu")] * 2, 0, 1)
 

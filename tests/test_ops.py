@@ -70,6 +70,8 @@ def _opcheck_cases():
         ("attention_triton", attn.attention_op, (*_source_lists(S=2), 1, 0.3)),
         ("attention_triton_nowindow_S1", attn.attention_op, (*_source_lists(S=1), -1, 0.25)),
         ("attention_triton_S3", attn.attention_op, (*_source_lists(S=3), 2, 0.25)),
+        # a host bound on the lengths (3, 1, 6): the one-pass backward
+        ("attention_triton_onepass", attn.attention_op, (*_source_lists(S=2), 1, 0.3, 6)),
         ("attention_ref", reference_ops.attention_ref_op, (*_source_lists(S=2), 2, 0.25)),
         ("attention_ref_nowindow_S3", reference_ops.attention_ref_op, (*_source_lists(S=3), -1, 0.3)),
         ("reconstruction_triton", recon.reconstruction_loss_op, (*rg(h, w, b), t, True, True)),
@@ -81,7 +83,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(11))
+@pytest.mark.parametrize("index", range(12))
 def test_opcheck(index):
     name, op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)
@@ -122,11 +124,13 @@ def test_fake_tensors_give_shapes_without_running_kernels():
         cu = torch.tensor([0, 400, 1000], dtype=torch.int32)
         o, lse = attn.attention_op(q, k, k, cu, 5, 0.2)
         dq, dk, dv = attn.attention_backward_op(q, k, k, o, lse, o, cu, 5, 0.2)
+        dq1, dk1, dv1 = attn.attention_backward_op(q, k, k, o, lse, o, cu, 5, 0.2, 600)     # one-pass bound
         loss, dh, dw, db = recon.reconstruction_loss_op(torch.empty(1000, 64), torch.empty(80, 64), torch.empty(80),
                                                         torch.empty(1000, 80), True, True)
         outs = vf.variational_fusion_op(torch.empty(3, 1000, 8), torch.empty(3, 1000, 8),
                                         torch.zeros(1, dtype=torch.int64), True, True)
     assert o.shape == (1000, 4, 32) and lse.shape == (4, 1000) and dk.shape == dv.shape == (2, 1000, 4, 32)
+    assert dq1.shape == dq.shape and dk1.shape == dv1.shape == dk.shape
     assert loss.shape == () and dh.shape == (1000, 64) and dw.shape == (80, 64) and db.shape == (80,)
     assert [tuple(x.shape) for x in outs] == [(1000, 8)] * 3 + [()] * 2
 
@@ -158,12 +162,13 @@ def no_interpreter_reads(monkeypatch):
 
 
 @pytest.mark.parametrize("window", [None, 2])
-def test_attention_launcher_never_reads_device_values(no_interpreter_reads, window):
+@pytest.mark.parametrize("lengths,max_seqlen", [((5, 70, 1), None), ((5, 7, 1), 7)])   # max_seqlen: one pass
+def test_attention_launcher_never_reads_device_values(no_interpreter_reads, window, lengths, max_seqlen):
     attn, _, _ = _fused()
-    q, k, v, cu = _attn_inputs(lengths=(5, 70, 1), D=32)
+    q, k, v, cu = _attn_inputs(lengths=lengths, D=32)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     with _HostReads() as rec:
-        o = attn.fused_multi_source_attention(q, k, v, cu, window=window)
+        o = attn.fused_multi_source_attention(q, k, v, cu, window=window, max_seqlen=max_seqlen)
         o.sum().backward()
     assert rec.reads == [], rec.reads
 

@@ -49,7 +49,7 @@ def build_attention(case, dev):
     cu = cu_seqlens_from(lengths, device=dev)
     q = torch.randn(T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     if backend not in ("flex", "varlen"):
-        return _ours(case, dev, q, cu, g, dt, info)
+        return _ours(case, dev, q, cu, g, dt, info, max(lengths))
     k = torch.randn(S, T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     v = torch.randn(S, T, H, D, generator=g).to(dt).to(dev).requires_grad_(grad)
     do = torch.randn(T, H, D, generator=g).to(dt).to(dev) if grad else None
@@ -66,22 +66,25 @@ def build_attention(case, dev):
     return _varlen(case, q, k, v, cu, do, lengths, info)
 
 
-def _ours(case, dev, q, cu, g, dt, info):
+def _ours(case, dev, q, cu, g, dt, info, max_seqlen):
     """multi_source_attention (`torch`, `torch_compile`, `triton`) called as the model calls it: k and v as
     lists of S strided views, source s's k and v the two halves of its own (T, 2 H D) kv projection (strides
-    (2 H D, D, 1); MultiSourceAttention in cma_transformer.py), which the Triton op reads in place. The
-    gradient flows to the S projections, as in training."""
+    (2 H D, D, 1); MultiSourceAttention in cma_transformer.py), which the Triton op reads in place, and the
+    batch's max_seqlen (a host int, as Batch carries it). The gradient flows to the S projections, as in
+    training. `triton_multipass`: the Triton op without max_seqlen (the multi-kernel backward)."""
     from ..kernels import multi_source_attention
     S, D, H, mode, backend = case["S"], case["D"], H_HEADS, case["mode"], case["backend"]
     T, grad = q.shape[0], mode != "fwd"
     kv = [torch.randn(T, 2 * H * D, generator=g).to(dt).to(dev).requires_grad_(grad) for _ in range(S)]
     do = torch.randn(T, H, D, generator=g).to(dt).to(dev) if grad else None
-    impl = "triton" if backend == "triton" else "torch"
+    impl = "triton" if backend.startswith("triton") else "torch"
+    bound = None if backend == "triton_multipass" else max_seqlen
+    info["max_seqlen"] = bound
 
     def attend(q, kv, cu):
         halves = [x.view(T, 2, H, D) for x in kv]                                     # (T, 2, H, D) views
         k, v = [x[:, 0] for x in halves], [x[:, 1] for x in halves]                   # S x (T, H, D) each
-        return multi_source_attention(q, k, v, cu, backend=impl)
+        return multi_source_attention(q, k, v, cu, max_seqlen=bound, backend=impl)
     fn = maybe_compile(attend, backend)
     return fwdbwd(lambda: fn(q, kv, cu), (q, *kv), mode, do), info
 

@@ -53,7 +53,7 @@ def model_batch(cfg, lengths, dev, seed=0):
     feats = {m: torch.randn(T, cfg.input_dims[m], generator=g).to(dev) for m in cfg.modalities}
     speakers = torch.randint(0, cfg.num_speakers, (T,), generator=g).to(dev)
     labels = torch.randint(0, cfg.num_classes, (T,), generator=g).to(dev)
-    return Batch(feats, speakers, labels, cu_seqlens_from(lengths, device=dev))
+    return Batch(feats, speakers, labels, cu_seqlens_from(lengths, device=dev), max_seqlen=max(lengths))
 
 
 def training_step(model, cfg, batch, dev, forward=None):

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import random
 
-ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "varlen", "triton")
+# triton: multi_source_attention with the batch's max_seqlen, as the model calls it (one-pass backward for
+# conversations within one tile); triton_multipass: without it (the delta, dq and dk/dv kernels), for comparison
+ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "varlen", "triton",
+                 "triton_multipass")
+ONEPASS_MAX_N = 128             # triton_multipass differs from triton only where the one-pass backward can run
 OP_BACKENDS = ("torch", "torch_compile", "triton")
 COMPILED_BACKENDS = ("torch_compile", "flex")     # their first call compiles: run once outside the clock
 H_HEADS = 8                     # attention heads in the op benchmarks (the iemocap model: 8 x 32)
@@ -85,7 +89,7 @@ def _attention_cases(quick: bool, device: str, dtype: str, mode: str) -> list[di
     and the Triton kernel (CUDA). On a CPU, where flex_attention has no backward, the quick sweep adds
     forward-only rows of the reference and flex, so flex is measured against ours in the same run."""
     cuda = device == "cuda"
-    backends = ATTN_BACKENDS if cuda else tuple(b for b in ATTN_BACKENDS if b != "triton")
+    backends = ATTN_BACKENDS if cuda else tuple(b for b in ATTN_BACKENDS if not b.startswith("triton"))
     if quick:
         attn_N = {"equal": (256, 2048, 8192), "ragged": (256, 2048)}
         compile_N, Ds = (2048,), (32,)
@@ -96,6 +100,8 @@ def _attention_cases(quick: bool, device: str, dtype: str, mode: str) -> list[di
         attn_N = {"equal": (128, 512, 2048, 8192, 32768, 65536, 131072),
                   "ragged": (128, 512, 2048, 8192, 32768, 65536)}
         compile_N, Ds, math_max_N = None, (32, 64), None
+    if cuda:                   # short conversations (MELD ~10, IEMOCAP ~50-110): the one-pass backward's regime
+        attn_N = {**attn_N, "equal": (64, *attn_N["equal"])}
     cases = []
     for S in (1, 2):
         for D in Ds:
@@ -106,6 +112,8 @@ def _attention_cases(quick: bool, device: str, dtype: str, mode: str) -> list[di
                                 (N not in compile_N or batch != "equal"):
                             continue
                         if backend == "sdpa_math" and math_max_N is not None and N > math_max_N:
+                            continue
+                        if backend == "triton_multipass" and N > ONEPASS_MAX_N:
                             continue
                         cases.append(make_case("attention", backend, N, mode=mode, batch=batch, D=D, S=S,
                                                dtype=dtype, device=device))

@@ -150,7 +150,7 @@ def _probe_unavailable(case: dict, probes: dict) -> str | None:
     """Whether the backend can run at all here, so that an unavailable kernel costs no subprocess: the known
     rules (Triton and varlen on CUDA only, flex without a backward on a CPU), then for SDPA and varlen a tiny
     in-process call, once per backend and batch kind."""
-    if case["backend"] == "triton" and case["device"] != "cuda":
+    if case["backend"].startswith("triton") and case["device"] != "cuda":
         return "triton is benchmarked on CUDA only (the CPU interpreter measures nothing)"
     if case["op"] != "attention":
         return None

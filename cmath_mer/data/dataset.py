@@ -23,6 +23,9 @@ class Batch:
     labels: torch.Tensor                 # (T,) int64, IGNORE_INDEX where unlabelled
     cu_seqlens: torch.Tensor             # (B+1,) int32
     conversation_ids: list[str] = field(default_factory=list)
+    # a host int >= every conversation's length (None: unknown), set where the batch is packed, where the lengths
+    # are host numbers: the attention op takes it for its one-pass backward without reading cu_seqlens
+    max_seqlen: int | None = None
 
     @property
     def num_utterances(self) -> int:
@@ -32,7 +35,7 @@ class Batch:
         """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins)."""
         return Batch({m: x.to(device, non_blocking=True) for m, x in self.features.items()},
                      self.speakers.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
-                     self.cu_seqlens.to(device, non_blocking=True), self.conversation_ids)
+                     self.cu_seqlens.to(device, non_blocking=True), self.conversation_ids, self.max_seqlen)
 
 
 @dataclass
@@ -77,10 +80,11 @@ class ConversationDataset:
         """Pack the given conversations (indices) into one Batch."""
         bounds = self.cu_seqlens.tolist()
         rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
-        cu = cu_seqlens_from([bounds[i + 1] - bounds[i] for i in conversations])
+        lengths = [bounds[i + 1] - bounds[i] for i in conversations]
+        cu = cu_seqlens_from(lengths)
         mods = self.modalities if modalities is None else modalities
         return Batch({m: self.features[m][rows] for m in mods}, self.speakers[rows], self.labels[rows], cu,
-                     [self.conversation_ids[i] for i in conversations])
+                     [self.conversation_ids[i] for i in conversations], max(lengths, default=0))
 
     def bucketed_batches(self, conversations: list[int], max_utterances: int, *, shuffle: bool,
                          seed: int = 0) -> list[list[int]]:

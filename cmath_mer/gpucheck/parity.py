@@ -27,13 +27,19 @@ def parity_cases(device: str) -> list[dict]:
     att = [([1, 7, 64, 65, 200], 2, 2, 32, None), ([1, 7, 64, 65, 200], 2, 2, 32, 3),
            ([3, 130, 17], 3, 1, 64, None), ([70, 1, 129], 1, 2, 128, 5),
            ([700, 17, 390], 2, 2, 32, 100)]       # a window wide enough for interior (unmasked) key blocks
+    # max_seqlen passed (the batch's bound, as the model passes it): the one-pass backward where the tile fits
+    # (fused.onepass_max_rows: 16-bit 64 rows at D <= 32, 32 at D = 64, 128; TF32 32 at D >= 32)
+    onepass = [([1, 7, 31, 32], 2, 2, 32, None), ([64, 3, 50, 1], 2, 2, 32, 5), ([5, 17, 30, 2], 3, 1, 64, 3),
+               ([9, 32, 1], 1, 2, 128, None)]
     rec = [(257, 80, 256), (1000, 1582, 256), (33, 100, 64)]          # (T, M, K)
     var = [(3, 130, 33, True), (1, 7, 5, False), (2, 1000, 256, True)]  # (C, T, Z, sample)
     if not cuda:
-        att, rec, var = att[:2], rec[::2], var[:2]
+        att, onepass, rec, var = att[:2], onepass[:1], rec[::2], var[:2]
     cases = []
     for mode in modes:
         cases += [dict(op="attention", mode=mode, lengths=L, S=S, H=H, D=D, window=w) for L, S, H, D, w in att]
+        cases += [dict(op="attention", mode=mode, lengths=L, S=S, H=H, D=D, window=w, max_seqlen=True)
+                  for L, S, H, D, w in onepass]
         cases += [dict(op="reconstruction", mode=mode, T=T, M=M, K=K) for T, M, K in rec]
         cases += [dict(op="reconstruction_chunked", mode=mode, T=T, M=M, K=K) for T, M, K in rec[:2]]
         cases += [dict(op="variational", mode=mode, C=C, T=T, Z=Z, sample=s, detach=True) for C, T, Z, s in var]
@@ -87,7 +93,7 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
 
         def fn(x, backend, dev):
             return [multi_source_attention(*x, cu_seqlens_from(L, device=dev), window=case["window"],
-                                           backend=backend)]
+                                           max_seqlen=max(L) if case.get("max_seqlen") else None, backend=backend)]
     elif op in ("reconstruction", "reconstruction_exact", "reconstruction_chunked"):
         T, M, K = case["T"], case["M"], case["K"]
         h, w, b = r(T, K), r(M, K) / K ** 0.5, r(M)

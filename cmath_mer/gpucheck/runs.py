@@ -107,6 +107,9 @@ def bench_cases(device: str) -> list[dict]:
                 if b in ("torch", "flex", "varlen") and N > 8192:
                     continue
                 c.append(_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
+        for N in (32, 64):     # short conversations: the one-pass backward (triton) against the multi-kernel one
+            for b in ("triton", "triton_multipass"):
+                c.append(_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
         for b in ("torch", "triton", "chunked"):
             c.append(_case("reconstruction", b, 32768, batch="one", dtype="bf16", device=device))
             c.append(_case("reconstruction", b, 32768, batch="one", dtype="fp32", device=device))

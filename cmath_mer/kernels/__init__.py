@@ -1,7 +1,8 @@
 """The three hot ops of CMATH (shared/design/KERNELS.md), each a PyTorch reference beside a Triton kernel.
 
-    multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None)      -> (T, H, D)
-        (k, v: (S, T, H, D) tensors, or lists of S tensors (T, H, D) read in place)
+    multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None, max_seqlen=None) -> (T, H, D)
+        (k, v: (S, T, H, D) tensors, or lists of S tensors (T, H, D) read in place; max_seqlen: a host bound
+        on the conversation lengths, for the one-pass Triton backward)
     reconstruction_loss(h, weight, bias, target)                                  -> scalar
     variational_fusion(mu, logvar, *, seed, sample, detach_teacher=True, eps_offset=0) -> 5-tuple
         (seed: an int, or a one-element int64 tensor on the inputs' device, read there: CUDA graphs)
@@ -34,20 +35,22 @@ __all__ = ["multi_source_attention", "reconstruction_loss", "variational_fusion"
 def multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
                            v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
                            *, window: int | None = None, scale: float | None = None,
-                           backend: str | None = None) -> torch.Tensor:
+                           max_seqlen: int | None = None, backend: str | None = None) -> torch.Tensor:
     """q: (T, H, D); k, v: (S, T, H, D), or S tensors (T, H, D) each (any strides; the Triton kernels read them
     in place when they share one stride set with the last dim contiguous); cu_seqlens: (B+1,) int32
-    -> (T, H, D)."""
+    -> (T, H, D). max_seqlen: None or a host int >= every conversation's length, known to the caller (the
+    batch builder) without reading cu_seqlens; the Triton backward runs in one pass when it fits one tile.
+    The reference ignores it but for a check where it reads the bounds anyway (eager mode)."""
     if resolve_backend(backend, q.device) == "triton":
         from .attention.fused import fused_multi_source_attention
-        return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
+        return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen)
     if torch.compiler.is_compiling():
         if window is not None and window < 0:
             raise ValueError(f"window must be >= 0 or None, got {window}")
         return reference_ops.attention_ref_op(q, as_sources(k), as_sources(v), cu_seqlens,
                                               -1 if window is None else int(window),
                                               float(q.shape[-1] ** -0.5 if scale is None else scale))
-    return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale)
+    return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen)
 
 
 def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,

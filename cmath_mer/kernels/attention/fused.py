@@ -1,6 +1,6 @@
 """Triton multi-source varlen attention, forward and backward (shared/design/KERNELS.md section 1).
 
-    fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None) -> (T, H, D)
+    fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None, max_seqlen=None) -> (T, H, D)
 
 Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D) or lists of S tensors
 (T, H, D), 1 <= S <= MAX_SOURCES = 4; a query of conversation b attends in one softmax to the keys of
@@ -23,6 +23,8 @@ head-major, so a query block's BM statistics are one contiguous load or store, n
   _attn_bwd_preprocess  grid (row blocks of T, H)          -> delta = rowsum(o * do)
   _attn_bwd_dq_kernel   grid (query blocks, H)             -> dq   (loops over sources x key blocks)
   _attn_bwd_dkv_kernel  grid (key blocks, H, S)            -> dk, dv (loops over query blocks)
+  _attn_bwd_onepass_kernel grid (conversations, H)         -> dq, dk, dv in one pass, instead of the three
+                        above when the caller's host bound max_seqlen fits one tile (onepass_block)
 Every program owns its outputs: no atomics, so the backward is deterministic.
 
 Cost model (per head, per real (query, key) pair; b = bytes per element, BM = query block):
@@ -89,6 +91,35 @@ def split_blocks(itemsize: int) -> bool:
     only with TF32 allowed, the 16-bit dtypes are the training path. Under the interpreter always, so the
     parity tests cover the split for every dtype; tests monkeypatch this to cover the single loop."""
     return INTERPRET or itemsize <= 2
+
+
+def onepass_max_rows(head_dim: int, itemsize: int = 2) -> int:
+    """The longest conversation (rows, a power of two) the one-pass backward takes for a head dim and input
+    element size; 0: none. Chosen with the AOT report: the program holds q, o, do, k, v (BL, D) tiles, the
+    (BL, BL) fp32 score tile and three (BL, D) fp32 accumulators, so the rows shrink as D grows. Tests
+    monkeypatch this."""
+    if INTERPRET:
+        return 64
+    if itemsize <= 2:
+        return 64 if head_dim <= 32 else 32      # BL = 128 spilled at D = 16, 32 (24-2568 B); 64 at D = 64 (60 B)
+    return 32                                    # fp32 (TF32 only): BL = 64 sat at 234-255 registers
+
+
+def onepass_block(max_seqlen: int, head_dim: int, itemsize: int = 2) -> int:
+    """Tile rows BL of the one-pass backward for conversations of at most max_seqlen rows: the power of two
+    >= max_seqlen (at least 16, tl.dot's minimum), or 0 (the multi-kernel backward) when max_seqlen is unknown
+    (< 0) or longer than onepass_max_rows."""
+    if max_seqlen < 0:
+        return 0
+    rows = max(16, triton.next_power_of_2(max(int(max_seqlen), 1)))
+    return rows if rows <= onepass_max_rows(head_dim, itemsize) else 0
+
+
+def onepass_warps(BL: int, BD: int, itemsize: int) -> int:
+    """num_warps of the one-pass kernel (one config, no autotuning: nothing to time on a first call, and one
+    order of operations per shape). From the AOT report: 4 warps for the small tiles, 8 from (32, 32) 16-bit
+    or (16, 32) fp32 tiles up, where 4 warps took 30-70 more registers (or spilled: fp32, D = 128)."""
+    return 4 if BL * BD * itemsize <= 32 * 32 * 2 else 8
 
 
 def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
@@ -574,6 +605,81 @@ def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, 
     tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
+# One pass (issue 9): conversations no longer than one block. A program per (conversation, head) holds the
+# conversation's q, o, do, lse and, one source at a time, its k and v for that head in one BL-row tile each,
+# computes P and dS once and writes dq, dk, dv: no delta preprocess, no second kernel, no atomics (every
+# output row has one owner), one fixed order of operations (deterministic). It is chosen on the host from a
+# bound the caller passes (max_seqlen, a host int: see attention_backward), never from cu_seqlens.
+@triton.jit
+def _poison_rows(ptr, base, n, rows_stride, tile, m_d, BL: tl.constexpr, BD: tl.constexpr):
+    """NaN into rows 0 .. n-1 (row r at ptr + base + r * rows_stride + d) of one head: the cold path of a
+    conversation longer than the tile (a broken max_seqlen contract), so its gradients cannot pass for real."""
+    nan = tl.full([BL, BD], float("nan"), dtype=tl.float32)
+    for r0 in range(0, n, BL):
+        m_r = r0 + tl.arange(0, BL) < n
+        tl.store(ptr + base + tile, nan.to(ptr.dtype.element_ty), mask=m_r[:, None] & m_d[None, :])
+        base += BL * rows_stride                                         # int64: the row offset of r0 + BL
+
+
+@triton.heuristics({"HAS_WINDOW": _HEURISTICS["HAS_WINDOW"], "ACC": _HEURISTICS["ACC"]})
+@triton.jit(do_not_specialize=["T", "S", "W"])
+def _attn_bwd_onepass_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, do, lse, dq, dk, dv, cu_seqlens, scale, T, S, W,
+                             sk_t, sk_h,
+                             H, D: tl.constexpr, BD: tl.constexpr, BL: tl.constexpr,
+                             HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, DOT_PREC: tl.constexpr):
+    """grid (B, H): conversation i_n, head i_h, N <= BL rows. Scores are computed keys x queries (BL, BL), as
+    in the dk/dv kernel, so P^T and dS^T feed dv = P^T dO and dk = dS^T Q directly and only dq = dS K needs
+    the transpose. delta = rowsum(o * do) is computed here from the o and do tiles (fp32, as the preprocess)."""
+    i_n = tl.program_id(0).to(tl.int64)
+    i_h = tl.program_id(1).to(tl.int64)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+    N = tl.load(cu_seqlens + i_n + 1).to(tl.int32) - bos
+
+    rows = tl.arange(0, BL)
+    offs_d = tl.arange(0, BD)
+    m_r = rows < N
+    m_d = offs_d < D
+    m_rd = m_r[:, None] & m_d[None, :]
+    tile = rows[:, None] * (H * D) + offs_d[None, :]                      # q, o, do, dq, dk, dv rows
+    tile_k = rows[:, None] * sk_t + offs_d[None, :]                       # k, v: strided, in place
+    row0 = bos.to(tl.int64) * H + i_h                                     # packed (t, h) row of the first query
+    src0 = bos.to(tl.int64) * sk_t + i_h * sk_h
+    if N > BL:                                 # max_seqlen was not a bound: NaN gradients, never wrong numbers
+        _poison_rows(dq, row0 * D, N, H * D, tile, m_d, BL, BD)
+        for i_s in range(S):
+            base = ((i_s * T.to(tl.int64) + bos) * H + i_h) * D
+            _poison_rows(dk, base, N, H * D, tile, m_d, BL, BD)
+            _poison_rows(dv, base, N, H * D, tile, m_d, BL, BD)
+    else:
+        b_q = tl.load(q + row0 * D + tile, mask=m_rd, other=0.)
+        b_do = tl.load(do + row0 * D + tile, mask=m_rd, other=0.)
+        b_o = tl.load(o + row0 * D + tile, mask=m_rd, other=0.)
+        b_delta = tl.sum(b_o.to(ACC) * b_do.to(ACC), 1)                                    # (BL,) queries
+        b_lse = tl.load(lse + i_h * T + bos + rows, mask=m_r, other=0.).to(ACC)
+        qk_scale = scale * 1.4426950408889634
+        valid = m_r[:, None] & m_r[None, :]                                                # (keys, queries)
+        if HAS_WINDOW:
+            dist = rows[None, :] - rows[:, None]
+            valid = valid & (dist <= W) & (dist >= -W)
+        b_dq = tl.zeros([BL, BD], dtype=ACC)
+        for i_s in range(S):
+            k_src = _source(i_s, k0, k1, k2, k3)
+            v_src = _source(i_s, v0, v1, v2, v3)
+            b_k = tl.load(k_src + src0 + tile_k, mask=m_rd, other=0.)
+            b_v = tl.load(v_src + src0 + tile_k, mask=m_rd, other=0.)
+            b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC).to(ACC) * qk_scale      # scores^T
+            b_pt = tl.where(valid, tl.exp2(b_st - b_lse[None, :]), 0.)
+            b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=DOT_PREC).to(ACC)
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC).to(ACC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=DOT_PREC).to(ACC) * scale
+            b_dq += tl.dot(tl.trans(b_dst).to(b_k.dtype), b_k, input_precision=DOT_PREC).to(ACC)
+            base = ((i_s * T.to(tl.int64) + bos) * H + i_h) * D                           # dk, dv (S, T, H, D)
+            tl.store(dk + base + tile, b_dk.to(dk.dtype.element_ty), mask=m_rd)
+            tl.store(dv + base + tile, b_dv.to(dv.dtype.element_ty), mask=m_rd)
+        tl.store(dq + row0 * D + tile, (b_dq * scale).to(dq.dtype.element_ty), mask=m_rd)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # launchers. k and v are lists of S tensors (T, H, D) (naive.as_sources turns an (S, T, H, D) tensor into
 # such a list of views), read in place.
@@ -642,20 +748,31 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
 
 
 @input_guard
-def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: float):
-    """-> dq (T, H, D) and dk, dv (S, T, H, D): one buffer each, source s's gradient is its slice s."""
+def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: float, max_seqlen: int = -1):
+    """-> dq (T, H, D) and dk, dv (S, T, H, D): one buffer each, source s's gradient is its slice s.
+    max_seqlen: a host bound on every conversation's length (-1: unknown). When it fits one tile
+    (onepass_block) one kernel computes dq, dk and dv, one program per (conversation, head); otherwise the
+    delta preprocess, the dq kernel and the dk/dv kernel run. The bound is the caller's: cu_seqlens is never
+    read here. A conversation longer than the bound gets NaN gradients (its own rows, every source)."""
     T, H, D = q.shape
     S = len(k)
     BD = _block_dim(D)
     blocks = block_sizes(D, q.element_size())
     window = _window(window, T)
     prec = dot_precision(q.dtype)
-    delta = torch.empty((H, T), dtype=lse.dtype, device=q.device)                 # like lse
     dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     dk = torch.empty((S, T, H, D), dtype=k[0].dtype, device=q.device)
     dv = torch.empty((S, T, H, D), dtype=v[0].dtype, device=q.device)
     if T == 0:
         return dq, dk, dv
+    BL = onepass_block(max_seqlen, D, q.element_size())
+    if BL:
+        *ptrs, st_t, st_h = _source_args(k, v)
+        _attn_bwd_onepass_kernel[(cu_seqlens.numel() - 1, H)](
+            q, *ptrs, o, do, lse, dq, dk, dv, cu_seqlens, scale, T, S, window, st_t, st_h, H=H, D=D, BD=BD, BL=BL,
+            DOT_PREC=prec, num_warps=onepass_warps(BL, BD, q.element_size()), num_stages=1, maxnreg=255)
+        return dq, dk, dv
+    delta = torch.empty((H, T), dtype=lse.dtype, device=q.device)                 # like lse
     BR = 64
     _attn_bwd_preprocess[(triton.cdiv(T, BR), H)](o, do, delta, T, H, D=D, BD=BD, BR=BR)
     *ptrs, st_t, st_h = _source_args(k, v)
@@ -683,48 +800,52 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton", mutates_args=())
 def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
-                 window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (o (T, H, D), lse (H, T) in log2 units). window < 0: none. q, k, v are read in place (strides)."""
+                 window: int, scale: float, max_seqlen: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (o (T, H, D), lse (H, T) in log2 units). window < 0: none. q, k, v are read in place (strides).
+    max_seqlen (-1: unknown) is a host bound on the conversation lengths, used by the backward only."""
     _check(q, k, v, cu_seqlens)
     q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
 
 
 @attention_op.register_fake
-def _(q, k, v, cu_seqlens, window, scale):
+def _(q, k, v, cu_seqlens, window, scale, max_seqlen=-1):
     T, H, D = q.shape
     return q.new_empty((T, H, D)), q.new_empty((H, T), dtype=_stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_triton_backward", mutates_args=())
 def attention_backward_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], o: torch.Tensor,
-                          lse: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor, window: int, scale: float
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> dq (T, H, D), dk (S, T, H, D), dv (S, T, H, D)."""
+                          lse: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor, window: int, scale: float,
+                          max_seqlen: int = -1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq (T, H, D), dk (S, T, H, D), dv (S, T, H, D). max_seqlen: see attention_backward."""
     q, k, v = _layout(q, k, v)
     return attention_backward(q, k, v, o.contiguous(), lse.contiguous(), do.contiguous(),
-                              cu_seqlens.to(torch.int32), window, scale)
+                              cu_seqlens.to(torch.int32), window, scale, max_seqlen)
 
 
 @attention_backward_op.register_fake
-def _(q, k, v, o, lse, do, cu_seqlens, window, scale):
+def _(q, k, v, o, lse, do, cu_seqlens, window, scale, max_seqlen=-1):
     return q.new_empty(q.shape), k[0].new_empty((len(k), *q.shape)), v[0].new_empty((len(v), *q.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, window, scale = inputs
+    q, k, v, cu_seqlens, window, scale, *rest = inputs                 # max_seqlen: in rest, or its default
     o, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, o, lse, cu_seqlens, *k, *v)
-    ctx.S, ctx.window, ctx.scale = len(k), window, scale
+    ctx.S, ctx.window, ctx.scale, ctx.max_seqlen = len(k), window, scale, (*rest, -1)[0]
 
 
 @once_differentiable
 def _autograd_backward(ctx, do, _dlse):
     q, o, lse, cu_seqlens, *kv = ctx.saved_tensors
     k, v = kv[:ctx.S], kv[ctx.S:]
-    dq, dk, dv = attention_backward_op(q, k, v, o, lse, do, cu_seqlens, ctx.window, ctx.scale)
-    return dq, list(dk.unbind(0)), list(dv.unbind(0)), None, None, None     # source s: slice s, no copy
+    dq, dk, dv = attention_backward_op(q, k, v, o, lse, do, cu_seqlens, ctx.window, ctx.scale, ctx.max_seqlen)
+    # one None per other argument as the op was called: a trailing argument equal to its default (max_seqlen
+    # -1) is left out of the call's structure (needs_input_grad has it), though setup_context sees it
+    return (dq, list(dk.unbind(0)), list(dv.unbind(0)),                           # source s: slice s, no copy
+            *[None] * (len(ctx.needs_input_grad) - 3))
 
 
 attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -733,10 +854,15 @@ register_autocast_to_region_dtype("cmath_mer::multi_source_attention_triton", ca
 
 def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
                                  v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor,
-                                 *, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+                                 *, window: int | None = None, scale: float | None = None,
+                                 max_seqlen: int | None = None) -> torch.Tensor:
     """q: (T, H, D); k, v: (S, T, H, D) each, or S tensors (T, H, D) each (e.g. views of each source's kv
     projection: read in place when they share one stride set with the last dim contiguous, see _layout);
     1 <= S <= MAX_SOURCES; cu_seqlens: (B+1,) int32. Returns (T, H, D).
+
+    max_seqlen: None, or a host int >= every conversation's length (the caller's bound, as FlashAttention's
+    varlen max_seqlen; never read from cu_seqlens). When it fits one tile the backward runs in one pass
+    (attention_backward); a conversation longer than the bound gets NaN gradients.
 
     Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
     (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
@@ -746,6 +872,8 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 0:
         raise ValueError(f"window must be >= 0 or None, got {window}")
+    if max_seqlen is not None and max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0 or None, got {max_seqlen}")
     autocast = torch.is_autocast_enabled(q.device.type)
     dtypes = {x.dtype for x in (q, *k, *v)}
     if len(dtypes) > 1 and not autocast:
@@ -756,9 +884,10 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
     run_dtype = torch.get_autocast_dtype(q.device.type) if autocast else q.dtype
     if not gpu_dots_ok(run_dtype, q.device):       # fp32 without TF32 allowed, float64: the exact reference
         from .. import multi_source_attention
-        return multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, backend="torch")
+        return multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen,
+                                      backend="torch")
     window = -1 if window is None else int(window)
-    return attention_op(q, k, v, cu_seqlens, window, float(scale))[0]
+    return attention_op(q, k, v, cu_seqlens, window, float(scale), -1 if max_seqlen is None else max_seqlen)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -824,6 +953,33 @@ def aot_specs() -> list[dict]:
                                            "DOT_PREC": "tf32"},
                             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                             "maxnreg": cfg.maxnreg})
+            specs += onepass_aot_specs(dname, ptr, itemsize, D)
+    return specs
+
+
+def onepass_aot_specs(dname: str, ptr: str, itemsize: int, D: int, warps: int | None = None) -> list[dict]:
+    """The one-pass backward as attention_backward launches it: every tile BL (16 .. onepass_max_rows) for
+    the head dim and element size, window on/off, its one config (onepass_warps, 1 stage, maxnreg 255).
+    warps: another num_warps (to compare configs in the report)."""
+    BD = _block_dim(D)
+    ptrs = {"q": ptr, **{name: ptr for name in _SOURCE_PTRS}, "o": ptr, "do": ptr, "lse": "*fp32",
+            "dq": ptr, "dk": ptr, "dv": ptr}
+    specs = []
+    BL = 16
+    while BL <= onepass_max_rows(D, itemsize):
+        for has_window in (False, True):
+            specs.append({
+                "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", *_STRIDE_ARGS)},
+                "name": f"attn_bwd_onepass[{dname},D={D},window={'on' if has_window else 'off'},BL={BL}]",
+                "fn": _unwrap(_attn_bwd_onepass_kernel),
+                "signature": {**ptrs, "cu_seqlens": "*i32", "scale": "fp32", "T": "i32", "S": "i32", "W": "i32",
+                              **{st: "i32" for st in _STRIDE_ARGS}, "H": "i32", "D": "constexpr",
+                              "BD": "constexpr", "BL": "constexpr", "HAS_WINDOW": "constexpr", "ACC": "constexpr",
+                              "DOT_PREC": "constexpr"},
+                "constexprs": {"D": D, "BD": BD, "BL": BL, "HAS_WINDOW": has_window, "ACC": tl.float32,
+                               "DOT_PREC": "tf32"},
+                "num_warps": warps or onepass_warps(BL, BD, itemsize), "num_stages": 1, "maxnreg": 255})
+        BL *= 2
     return specs
 
 

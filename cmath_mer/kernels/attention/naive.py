@@ -47,9 +47,11 @@ def as_sources(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def naive_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
                                  v: torch.Tensor | Sequence[torch.Tensor], cu_seqlens: torch.Tensor, *,
-                                 window: int | None = None, scale: float | None = None) -> torch.Tensor:
+                                 window: int | None = None, scale: float | None = None,
+                                 max_seqlen: int | None = None) -> torch.Tensor:
     """q: (T, H, D); k, v: (S, T, H, D), or S tensors (T, H, D) each (any strides); cu_seqlens: (B+1,) int32.
-    Returns (T, H, D)."""
+    Returns (T, H, D). max_seqlen (the Triton backward's bound on the conversation lengths) changes nothing
+    here; a conversation longer than it is the caller's error, raised here since the bounds are read anyway."""
     if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
         # the list form: the reference stacks it (a copy, linear in T; the Triton kernels read in place)
         k, v = torch.stack(as_sources(k)), torch.stack(as_sources(v))
@@ -57,6 +59,8 @@ def naive_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
         scale = q.shape[-1] ** -0.5
     bounds = cu_seqlens.tolist()
     longest = max((b - a for a, b in zip(bounds[:-1], bounds[1:])), default=0)
+    if max_seqlen is not None and longest > max_seqlen:
+        raise ValueError(f"max_seqlen {max_seqlen} is not a bound: a conversation has {longest} utterances")
     if window is not None and window < longest - 1:
         return banded_attention(q, k, v, cu_seqlens, window, scale)
     out = [_attend(q[a:b], k[:, a:b], v[:, a:b], scale) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
