@@ -163,3 +163,27 @@ def test_public_op_passes_the_bound(fused, launches):
         assert torch.equal(a, b)                              # the reference ignores a true bound
     with pytest.raises(ValueError, match="max_seqlen"):
         fused.fused_multi_source_attention(q, k, v, cu, max_seqlen=-2)
+
+
+def test_compiled_caller_follows_a_changing_bound(fused, launches):
+    """Under torch.compile the bound reaches the op as an input, not a constant baked into the first graph: a
+    later batch with a longer conversation gets its own bound's tile (no NaN from a stale one), the gradients
+    equal the eager op's, and one graph serves both bounds."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+
+    @torch.compile(fullgraph=True, dynamic=True)
+    def attend(q, k, v, cu, bound):
+        return multi_source_attention(q, k, v, cu, window=2, max_seqlen=bound, backend="triton")
+
+    for i, lengths in enumerate(([5, 10], [50, 7], [3, 12])):
+        q, k, v, do, cu = make_inputs(lengths, 2, 1, 16, torch.float32, seed=100 + i + torch.randint(1000, ()).item())
+        launches.clear()
+        got = grads(lambda q, k, v: attend(q, k, v, cu, max(lengths)), q, k, v, do)
+        assert [(n, bl) for n, _, bl in launches] == [("_attn_bwd_onepass_kernel", max(16, 1 << (max(lengths) - 1).bit_length()))]
+        want = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, window=2), q, k, v, do)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            assert torch.isfinite(a).all(), name
+            assert_rel_close(name, a, b, TOL[torch.float32])
+    assert counters["stats"]["unique_graphs"] == 1
