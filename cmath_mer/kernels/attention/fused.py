@@ -288,6 +288,27 @@ def _split(lo, hi, first_ok, last_ok, BLK: tl.constexpr):
 
 
 @triton.jit
+def _key_block(k_src, v_src, tile_k, m_d, bos, head_k, sk_t, j, skip_at, skip, hi, BN: tl.constexpr,
+               MASKED: tl.constexpr):
+    """Key and value block j of one source for the forward and dq walks -> b_k, b_v (BN, BD), pos_k, m_k (BN,).
+    MASKED: an edge block, read at j + skip once j >= skip_at (the jump over the interior run), rows >= hi
+    read as 0; else an interior block, every row real (pos_k and m_k then go unused)."""
+    j0 = j
+    if MASKED:
+        j0 = tl.where(j >= skip_at, j + skip, j)
+    base_k = (bos + j0).to(tl.int64) * sk_t + head_k
+    pos_k = j0 + tl.arange(0, BN)
+    m_k = pos_k < hi
+    if MASKED:
+        b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+        b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
+    else:
+        b_k = tl.load(k_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+        b_v = tl.load(v_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+    return b_k, b_v, pos_k, m_k
+
+
+@triton.jit
 def _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk_t, pos_q, j_start, j_end,
                 skip_at, skip, hi, W, qk_scale, BN: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
                 ACC: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -296,18 +317,8 @@ def _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk
     pairs outside the window get p = 0), and block j is read at j + skip once j >= skip_at (the jump over
     the interior run); else interior blocks (every pair real: no mask)."""
     for j in range(j_start, j_end, BN):
-        j0 = j
-        if MASKED:                                                   # the edge walk jumps the interior run
-            j0 = tl.where(j >= skip_at, j + skip, j)
-        base_k = (bos + j0).to(tl.int64) * sk_t + head_k
-        if MASKED:
-            pos_k = j0 + tl.arange(0, BN)
-            m_k = pos_k < hi
-            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-        else:
-            b_k = tl.load(k_src + base_k + tile_k, mask=m_d[None, :], other=0.)
-            b_v = tl.load(v_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+        b_k, b_v, pos_k, m_k = _key_block(k_src, v_src, tile_k, m_d, bos, head_k, sk_t, j, skip_at, skip, hi,
+                                          BN, MASKED)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale     # (BM, BN)
         if MASKED:
             valid = m_k[None, :]
@@ -417,18 +428,8 @@ def _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, 
     edge blocks, jumping as in _fwd_blocks; else interior (no mask: a padding query row has q = do = lse =
     delta = 0, so p = 1 and dS = 0 there, and its dq row is never stored)."""
     for j in range(j_start, j_end, BN):
-        j0 = j
-        if MASKED:                                                   # the edge walk jumps the interior run
-            j0 = tl.where(j >= skip_at, j + skip, j)
-        base_k = (bos + j0).to(tl.int64) * sk_t + head_k
-        if MASKED:
-            pos_k = j0 + tl.arange(0, BN)
-            m_k = pos_k < hi
-            b_k = tl.load(k_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-            b_v = tl.load(v_src + base_k + tile_k, mask=m_k[:, None] & m_d[None, :], other=0.)
-        else:
-            b_k = tl.load(k_src + base_k + tile_k, mask=m_d[None, :], other=0.)
-            b_v = tl.load(v_src + base_k + tile_k, mask=m_d[None, :], other=0.)
+        b_k, b_v, pos_k, m_k = _key_block(k_src, v_src, tile_k, m_d, bos, head_k, sk_t, j, skip_at, skip, hi,
+                                          BN, MASKED)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC).to(ACC) * qk_scale     # (BM, BN)
         if MASKED:
             valid = m_q[:, None] & m_k[None, :]
