@@ -88,7 +88,8 @@ _KEEP_IN_RECOMPUTE = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
 }
-_KEEP_CUSTOM_OPS = {"cmath_mer::multi_source_attention_triton", "cmath_mer::multi_source_attention_ref"}
+_KEEP_CUSTOM_OPS = {"cmath_mer::multi_source_attention_triton", "cmath_mer::multi_source_attention_ref",
+                    "cmath_mer::multi_source_attention_ref_cpu"}
 
 
 def _keep_attention(ctx, op, *args, **kwargs):

@@ -146,7 +146,10 @@ class CMATH(nn.Module):
         if cfg.utterance_skip:      # each view also carries its utterance's own code, free of positions/speakers
             fine = {c: f + self.skip[c](F.dropout(self.embedding.norms[c](codes[c]), cfg.dropout, self.training))
                     for c, f in fine.items()}                                          # c -> (T, d)
-        fusion = self.fusion.forward_recomputed if recompute else self.fusion                        # step 4
+        # the fusion in pieces is an autograd.Function whose backward calls autograd.grad, which dynamo cannot
+        # trace: under torch.compile the fusion is traced whole (the partitioner decides what it keeps)
+        pieces = recompute and not torch.compiler.is_compiling()
+        fusion = self.fusion.forward_recomputed if pieces else self.fusion                           # step 4
         z, mu_f, logvar_f, kl_prior, kd_latent = fusion(fine, seed=seed, sample=self.training and cfg.variational_sample,
                                                         eps_offset=row_offset * cfg.latent)
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)

@@ -11,9 +11,13 @@
 see backend.py. The Triton modules are imported only when used, so a CPU-only install needs no triton.
 
 Every path is a torch.library custom op where it matters (reference_ops.py, */fused.py): the Triton forward
-and backward always; the PyTorch references under torch.compile (opaque ops with fake impls, so the
-attention reference's per-conversation loop does not break the graph). In eager mode the references run
-as plain PyTorch. Autocast and the fp32/TF32 rules: docs/KERNELS.md, "Precision policy".
+and backward always. On the torch backend under torch.compile, the attention reference is an opaque op with a
+fake impl (its per-conversation loop reads cu_seqlens on the host, which would break the graph); on the CPU
+without a window it keeps SDPA's log-sum-exp for the backward, elsewhere its backward recomputes. The
+reconstruction and variational references are traced as plain PyTorch, so inductor fuses them with the rest
+of the step (the variational eps stays one opaque op: inductor cannot lower Philox's ten rounds in reasonable
+time). In eager mode the references run as plain PyTorch. Autocast and the fp32/TF32 rules: docs/KERNELS.md,
+"Precision policy".
 """
 from __future__ import annotations
 
@@ -45,6 +49,9 @@ def multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Ten
         from .attention.fused import fused_multi_source_attention
         return fused_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen)
     if torch.compiler.is_compiling():
+        if window is None and q.device.type == "cpu":           # SDPA's CPU flash kernels, lse kept: no recompute
+            return reference_ops.attention_ref_cpu_op(q, as_sources(k), as_sources(v), cu_seqlens,
+                                                      float(q.shape[-1] ** -0.5 if scale is None else scale))[0]
         if window is not None and window < 0:
             raise ValueError(f"window must be >= 0 or None, got {window}")
         return reference_ops.attention_ref_op(q, as_sources(k), as_sources(v), cu_seqlens,
@@ -62,8 +69,6 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             return chunked_reconstruction_loss(h, weight, bias, target)
         from .reconstruction.fused import fused_reconstruction_loss
         return fused_reconstruction_loss(h, weight, bias, target)
-    if torch.compiler.is_compiling():
-        return reference_ops.reconstruction_ref_op(h, weight, bias, target)
     return naive_reconstruction_loss(h, weight, bias, target)
 
 
@@ -77,10 +82,9 @@ def variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: int | to
         from .variational.fused import fused_variational_fusion
         return fused_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
                                         eps_offset=eps_offset)
-    if torch.compiler.is_compiling():
-        return reference_ops.variational_ref_op(mu, logvar, seed_tensor(seed, mu.device), bool(sample),
-                                                bool(detach_teacher), int(eps_offset))
-    if isinstance(seed, torch.Tensor):
-        seed = seed_tensor(seed, mu.device)                   # checked like the ops check it
+    if isinstance(seed, torch.Tensor) or torch.compiler.is_compiling():
+        # checked like the ops check it; traced, an int seed becomes a tensor (a symbolic int, not a constant
+        # that would recompile every step), and the eps an opaque op (variational/philox.py)
+        seed = seed_tensor(seed, mu.device)
     return naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
                                     eps_offset=eps_offset)

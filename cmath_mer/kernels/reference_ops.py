@@ -88,6 +88,88 @@ register_autocast_to_region_dtype("cmath_mer::multi_source_attention_ref", cast=
 
 
 # ----------------------------------------------------------------------------------------------------------
+# multi_source_attention on the CPU without a window: SDPA's CPU flash kernel per conversation, as in eager mode,
+# with its log-sum-exp kept for the backward, which runs the flash backward on it (nothing recomputed; the
+# recomputing pair above serves windows and other devices). lse: (H, T) fp32.
+def _conversation_heads(q, k, v, a, b):
+    """Rows a..b-1 as SDPA's (1, H, n, D) query and (1, H, S*n, D) keys/values (sources one after the other,
+    as the reference's one softmax over S*n keys)."""
+    qh = q[a:b].transpose(0, 1).unsqueeze(0)
+    kh = (k[0][a:b] if len(k) == 1 else torch.cat([x[a:b] for x in k])).transpose(0, 1).unsqueeze(0)
+    vh = (v[0][a:b] if len(v) == 1 else torch.cat([x[a:b] for x in v])).transpose(0, 1).unsqueeze(0)
+    return qh, kh, vh
+
+
+@torch.library.custom_op("cmath_mer::multi_source_attention_ref_cpu", mutates_args=())
+def attention_ref_cpu_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    T, H, D = q.shape
+    o = q.new_zeros(T, H, D)
+    lse = torch.zeros(H, T, dtype=torch.float32, device=q.device)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_conversation_heads(q, k, v, a, b),
+                                                                               scale=scale)
+            o[a:b] = out[0].transpose(0, 1)
+            lse[:, a:b] = l[0]
+    return o, lse
+
+
+@attention_ref_cpu_op.register_fake
+def _(q, k, v, cu_seqlens, scale):
+    T, H, D = q.shape
+    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("cmath_mer::multi_source_attention_ref_cpu_backward", mutates_args=())
+def attention_ref_cpu_backward_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], o: torch.Tensor,
+                                  lse: torch.Tensor, do: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> dq (T, H, D), dk (S, T, H, D), dv (S, T, H, D), as the recomputing backward op."""
+    S, (T, H, D) = len(k), q.shape
+    dq = q.new_zeros(T, H, D)
+    dk = k[0].new_zeros(S, T, H, D)
+    dv = v[0].new_zeros(S, T, H, D)
+    do = do.to(o.dtype)
+    bounds = cu_seqlens.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            n = b - a
+            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                do[a:b].transpose(0, 1).unsqueeze(0), *_conversation_heads(q, k, v, a, b),
+                o[a:b].transpose(0, 1).unsqueeze(0), lse[:, a:b].unsqueeze(0), 0.0, False, scale=scale)
+            dq[a:b] = gq[0].transpose(0, 1)
+            dk[:, a:b] = gk[0].reshape(H, S, n, D).permute(1, 2, 0, 3)
+            dv[:, a:b] = gv[0].reshape(H, S, n, D).permute(1, 2, 0, 3)
+    return dq, dk, dv
+
+
+@attention_ref_cpu_backward_op.register_fake
+def _(q, k, v, o, lse, do, cu_seqlens, scale):
+    return q.new_empty(q.shape), k[0].new_empty((len(k), *q.shape)), v[0].new_empty((len(v), *q.shape))
+
+
+def _attention_cpu_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, o, lse, cu_seqlens, *k, *v)
+    ctx.S, ctx.scale = len(k), scale
+
+
+@once_differentiable
+def _attention_cpu_backward(ctx, do, _dlse):
+    q, o, lse, cu_seqlens, *kv = ctx.saved_tensors
+    dq, dk, dv = attention_ref_cpu_backward_op(q, kv[:ctx.S], kv[ctx.S:], o, lse, do.contiguous(), cu_seqlens,
+                                               ctx.scale)
+    return dq, list(dk.unbind(0)), list(dv.unbind(0)), None, None
+
+
+attention_ref_cpu_op.register_autograd(_attention_cpu_backward, setup_context=_attention_cpu_setup)
+register_autocast_to_region_dtype("cmath_mer::multi_source_attention_ref_cpu", cast=(0, 1, 2))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # reconstruction_loss
 @torch.library.custom_op("cmath_mer::reconstruction_loss_ref", mutates_args=())
 def reconstruction_ref_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -79,6 +79,13 @@ def philox_randn(seed: int | torch.Tensor, numel: int, device: torch.device | st
         seed = seed.to(device=device, dtype=torch.int64).reshape(())
     else:
         seed = int(seed)
+    if torch.compiler.is_compiling():
+        # an opaque op under torch.compile: inductor inlines the ten rounds into one expression whose size
+        # explodes (it did not finish lowering in minutes), and a loop over a symbolic numel would make dynamo
+        # guard on (and recompile for) the number of chunks
+        if not isinstance(seed, torch.Tensor):
+            seed = torch.full((), seed, dtype=torch.int64, device=device)
+        return philox_randn_op(seed, numel, offset)
     out = torch.empty(numel, device=device, dtype=torch.float32)
     for a in range(0, numel, CHUNK):                       # CHUNK elements at a time (see CHUNK)
         b = min(numel, a + CHUNK)
@@ -93,3 +100,14 @@ def _randn_range(seed, offset: int, numel: int, device) -> torch.Tensor:
     flat = torch.stack(words, dim=1).reshape(-1)             # (counter, word) row-major: index m - 4 * first
     start = offset - 4 * first
     return flat[start:start + numel]
+
+
+@torch.library.custom_op("cmath_mer::philox_randn", mutates_args=())
+def philox_randn_op(seed: torch.Tensor, numel: int, offset: int) -> torch.Tensor:
+    """philox_randn as an op (torch.compile sees it as one opaque call); seed: a one-element int64 tensor."""
+    return philox_randn(seed, numel, seed.device, offset)
+
+
+@philox_randn_op.register_fake
+def _(seed, numel, offset):
+    return seed.new_empty((numel,), dtype=torch.float32)
