@@ -76,35 +76,24 @@ def _opcheck_cases():
         ("attention_ref_nowindow_S3", reference_ops.attention_ref_op, (*_source_lists(S=3), -1, 0.3)),
         ("reconstruction_triton", recon.reconstruction_loss_op, (*rg(h, w, b), t, True, True)),
         ("reconstruction_triton_nograd", recon.reconstruction_loss_op, (h, w, b, t, False, False)),
-        ("reconstruction_ref", reference_ops.reconstruction_ref_op, (*rg(h, w, b), t)),
         ("variational_triton", vf.variational_fusion_op, (*rg(mu, lv), seed, True, False)),
         ("variational_triton_mean", vf.variational_fusion_op, (*rg(mu, lv), seed, False, True)),
-        ("variational_ref", reference_ops.variational_ref_op, (*rg(mu, lv), seed, True, False)),
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(index):
     name, op, args = _opcheck_cases()[index]
     torch.library.opcheck(op, args)
 
 
-def test_reference_ops_gradients_equal_the_references():
-    """opcheck checks the autograd registration, not the numbers: the reference ops' recomputing backwards
-    must give the reference functions' own gradients."""
+def test_reference_op_gradients_equal_the_reference():
+    """opcheck checks the autograd registration, not the numbers: the attention reference op's recomputing
+    backward must give the reference function's own gradients (the CPU op keeping SDPA's lse: test_compile)."""
     q, k, v, cu = _attn_inputs(dtype=torch.float64)
-    h, w, b, t = _recon_inputs(dtype=torch.float64)
-    mu, lv = _vf_inputs(dtype=torch.float64)
     cases = [
         (lambda q, k, v: reference_ops.attention_ref_op(q, list(k.unbind(0)), list(v.unbind(0)), cu, 1, 0.3),
          lambda q, k, v: K.naive_multi_source_attention(q, k, v, cu, window=1, scale=0.3), (q, k, v)),
-        (lambda h, w, b: reference_ops.reconstruction_ref_op(h, w, b, t),
-         lambda h, w, b: K.naive_reconstruction_loss(h, w, b, t), (h, w, b)),
-        (lambda m, l: sum(o.sum() * (i + 1) for i, o in enumerate(reference_ops.variational_ref_op(
-            m, l, torch.tensor([4]), True, True))),
-         lambda m, l: sum(o.sum() * (i + 1) for i, o in enumerate(K.naive_variational_fusion(m, l, seed=4, sample=True,
-                                                                                            detach_teacher=True))),
-         (mu, lv)),
     ]
     for op, ref, inputs in cases:
         a = [x.clone().requires_grad_() for x in inputs]

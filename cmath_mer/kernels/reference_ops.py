@@ -1,11 +1,14 @@
-"""The PyTorch references of the three ops registered as custom ops, for torch.compile.
+"""The PyTorch attention reference registered as custom ops, for torch.compile.
 
 In eager mode the torch backend calls the reference functions directly (autograd through their aten ops:
-SDPA's own backward, nothing recomputed). Under torch.compile it calls these ops instead: the attention
-reference loops over conversations with `cu_seqlens.tolist()`, a data-dependent host read that would break
-the graph; as an opaque op with a fake impl it traces like any aten op. Each backward is an op too: it runs
-the reference again with autograd on and takes its gradients (recomputation: the reference keeps nothing
-between forward and backward). The autocast rule is the Triton ops' (utils.register_autocast_to_region_dtype).
+SDPA's own backward, nothing recomputed). Under torch.compile the attention reference loops over
+conversations with `cu_seqlens.tolist()`, a data-dependent host read that would break the graph; as an
+opaque op with a fake impl it traces like any aten op. `multi_source_attention_ref` serves windows and any
+device: its backward op runs the reference again under torch.func.vjp and takes its gradients. On the CPU
+without a window `multi_source_attention_ref_cpu` calls SDPA's CPU flash kernels per conversation and keeps
+their log-sum-exp, so its backward recomputes nothing. The reconstruction and variational references need no
+op: compile traces them as plain PyTorch (inductor fuses them; issue 10). The autocast rule is the Triton
+ops' (utils.register_autocast_to_region_dtype).
 
 This module imports no triton.
 """
@@ -16,9 +19,7 @@ from typing import Optional
 import torch
 
 from .attention.naive import naive_multi_source_attention
-from .reconstruction.naive import naive_reconstruction_loss
 from .utils import once_differentiable, register_autocast_to_region_dtype
-from .variational.naive import naive_variational_fusion
 
 
 def _recompute_grads(fn, inputs: list[torch.Tensor], grads: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
@@ -167,101 +168,3 @@ def _attention_cpu_backward(ctx, do, _dlse):
 
 attention_ref_cpu_op.register_autograd(_attention_cpu_backward, setup_context=_attention_cpu_setup)
 register_autocast_to_region_dtype("cmath_mer::multi_source_attention_ref_cpu", cast=(0, 1, 2))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# reconstruction_loss
-@torch.library.custom_op("cmath_mer::reconstruction_loss_ref", mutates_args=())
-def reconstruction_ref_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                          target: torch.Tensor) -> torch.Tensor:
-    return naive_reconstruction_loss(h, weight, bias, target)
-
-
-@reconstruction_ref_op.register_fake
-def _(h, weight, bias, target):
-    return h.new_empty(())
-
-
-@torch.library.custom_op("cmath_mer::reconstruction_loss_ref_backward", mutates_args=())
-def reconstruction_ref_backward_op(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,
-                                   grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    def fn(h_, w_, b_):
-        return naive_reconstruction_loss(h_, w_, b_, target)
-    dh, dw, db = _recompute_grads(fn, [h, weight, bias], [grad])
-    return dh, dw, db
-
-
-@reconstruction_ref_backward_op.register_fake
-def _(h, weight, bias, target, grad):
-    return h.new_empty(h.shape), weight.new_empty(weight.shape), bias.new_empty(bias.shape)
-
-
-def _reconstruction_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-@once_differentiable
-def _reconstruction_backward(ctx, grad):
-    h, weight, bias, target = ctx.saved_tensors
-    dh, dw, db = reconstruction_ref_backward_op(h, weight, bias, target, grad)
-    return dh, dw, db, None
-
-
-reconstruction_ref_op.register_autograd(_reconstruction_backward, setup_context=_reconstruction_setup)
-register_autocast_to_region_dtype("cmath_mer::reconstruction_loss_ref", cast=(0, 1, 2, 3), post=lambda x: x.float())
-
-
-# ----------------------------------------------------------------------------------------------------------
-# variational_fusion
-_Tensors5 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-@torch.library.custom_op("cmath_mer::variational_fusion_ref", mutates_args=())
-def variational_ref_op(mu: torch.Tensor, logvar: torch.Tensor, seed: torch.Tensor, sample: bool,
-                       detach_teacher: bool, eps_offset: int = 0) -> _Tensors5:
-    outs = naive_variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
-                                    eps_offset=eps_offset)
-    return tuple(o.clone() if i == 0 and not sample else o for i, o in enumerate(outs))  # z is mu_f: no alias
-
-
-@variational_ref_op.register_fake
-def _(mu, logvar, seed, sample, detach_teacher, eps_offset=0):
-    C, T, Z = mu.shape
-    return (mu.new_empty((T, Z)), mu.new_empty((T, Z)), mu.new_empty((T, Z)), mu.new_empty(()), mu.new_empty(()))
-
-
-@torch.library.custom_op("cmath_mer::variational_fusion_ref_backward", mutates_args=())
-def variational_ref_backward_op(mu: torch.Tensor, logvar: torch.Tensor, gz: Optional[torch.Tensor],
-                                gmu: Optional[torch.Tensor], glv: Optional[torch.Tensor],
-                                gkp: Optional[torch.Tensor], gkc: Optional[torch.Tensor], seed: torch.Tensor,
-                                sample: bool, detach_teacher: bool, eps_offset: int = 0
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    def fn(m, lv):
-        return naive_variational_fusion(m, lv, seed=seed, sample=sample, detach_teacher=detach_teacher,
-                                        eps_offset=eps_offset)
-    dmu, dlv = _recompute_grads(fn, [mu, logvar], [gz, gmu, glv, gkp, gkc])
-    return dmu, dlv
-
-
-@variational_ref_backward_op.register_fake
-def _(mu, logvar, gz, gmu, glv, gkp, gkc, seed, sample, detach_teacher, eps_offset=0):
-    return mu.new_empty(mu.shape), logvar.new_empty(logvar.shape)
-
-
-def _variational_setup(ctx, inputs, output):
-    mu, logvar, seed, sample, detach_teacher, eps_offset = inputs
-    ctx.save_for_backward(mu, logvar, seed)
-    ctx.args = (sample, detach_teacher, eps_offset)
-    ctx.set_materialize_grads(False)
-
-
-@once_differentiable
-def _variational_backward(ctx, gz, gmu, glv, gkp, gkc):
-    mu, logvar, seed = ctx.saved_tensors
-    dmu, dlv = variational_ref_backward_op(mu, logvar, gz, gmu, glv, gkp, gkc, seed, *ctx.args)
-    return dmu, dlv, None, None, None, None
-
-
-variational_ref_op.register_autograd(_variational_backward, setup_context=_variational_setup)
-register_autocast_to_region_dtype("cmath_mer::variational_fusion_ref", cast=(0, 1),
-                                  post=lambda outs: (*outs[:3], outs[3].float(), outs[4].float()))
