@@ -14,7 +14,7 @@ from cmath_mer import engine
 from cmath_mer.kernels import reference_ops
 from cmath_mer.kernels.variational.philox import philox_randn, philox_randn_op
 from cmath_mer.model import CMATH
-from helpers import assert_rel_close, cu_seqlens_from
+from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from
 from test_model import random_batch, small_config
 
 
@@ -78,17 +78,7 @@ def test_compiled_torch_backend_traces_fullgraph_and_matches_eager():
     torch.manual_seed(3)
     model = CMATH(small_config(backend="torch")).train()
     batch = random_batch([4, 9, 1, 12], seed=2)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-    out = compiled(batch, seed=11)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    eager = model(batch, seed=11)
-    eager.loss.backward()
-    assert_rel_close("loss", out.loss.detach(), eager.loss.detach(), 1e-5)
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            assert_rel_close(f"grad {n}", grads[n], p.grad, 1e-4)
+    assert_compiled_step_equals_eager(model, batch, seed=11, dynamic=True)
 
 
 def _step_grads(forward, model, batch, seed, precision="fp32"):

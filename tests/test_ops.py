@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cmath_mer.kernels as K
 from cmath_mer.kernels import reference_ops
 from cmath_mer.model import CMATH
-from helpers import assert_rel_close, cu_seqlens_from, needs_triton
+from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from, needs_triton
 from test_model import random_batch, small_config
 
 pytestmark = needs_triton
@@ -330,17 +330,7 @@ def test_whole_model_compiles_fullgraph_forward_and_backward(backend):
     model = CMATH(small_config(backend=backend, window=2))
     model.train()
     batch = random_batch([4, 9, 1], seed=8)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")   # fullgraph: a graph break raises
-    out = compiled(batch, seed=3)
-    out.loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    eager = model(batch, seed=3)
-    eager.loss.backward()
-    assert_rel_close("loss", out.loss.detach(), eager.loss.detach(), 1e-5)
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            assert_rel_close(f"grad {n}", grads[n], p.grad, 1e-4)
+    assert_compiled_step_equals_eager(model, batch, seed=3)
     explain = torch._dynamo.explain(model)(batch, seed=3)
     assert explain.graph_break_count == 0, explain.break_reasons
 
