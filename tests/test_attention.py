@@ -22,22 +22,29 @@ SMALL = {"fwd": (16, 16), "dq": (16, 16), "dkv": (16, 16)}
 MIXED = {"fwd": (32, 16), "dq": (16, 32), "dkv": (32, 16)}   # (query block, key block) differ per kernel
 
 
-def dense_attention(q, k, v, cu_seqlens, window=None, scale=None):
-    """Float64 explicit masked softmax over the S * N_b keys of each conversation (the definition)."""
-    q, k, v = q.double(), k.double(), v.double()
+def _dense_scores(q, k, cu_seqlens, window, scale):
+    """Per conversation (s0, s1, its float64 scaled scores (H, n, S*n) over the S sources' keys, source-major,
+    -inf outside the window): the definition both float64 references below start from."""
+    q, k = q.double(), k.double()
     S, T, H, D = k.shape
     scale = D ** -0.5 if scale is None else scale
-    out = []
     bounds = cu_seqlens.tolist()
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
         n = s1 - s0
         kb = k[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)          # (H, S*n, D), source-major
-        vb = v[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)
         scores = torch.einsum("ihd,hjd->hij", q[s0:s1], kb) * scale         # (H, n, S*n)
-        pos_q = torch.arange(n)[:, None]
-        pos_k = torch.arange(n).repeat(S)[None, :]
-        mask = torch.ones(n, S * n, dtype=torch.bool) if window is None else (pos_q - pos_k).abs() <= window
-        scores = scores.masked_fill(~mask, float("-inf"))
+        pos_q, pos_k = torch.arange(n)[:, None], torch.arange(n).repeat(S)[None, :]
+        if window is not None:
+            scores = scores.masked_fill((pos_q - pos_k).abs() > window, float("-inf"))
+        yield s0, s1, scores
+
+
+def dense_attention(q, k, v, cu_seqlens, window=None, scale=None):
+    """Float64 explicit masked softmax over the S * N_b keys of each conversation (the definition)."""
+    S, T, H, D = v.shape
+    out = []
+    for s0, s1, scores in _dense_scores(q, k, cu_seqlens, window, scale):
+        vb = v[:, s0:s1].double().permute(2, 0, 1, 3).reshape(H, S * (s1 - s0), D)
         out.append(torch.einsum("hij,hjd->ihd", scores.softmax(-1), vb))
     return torch.cat(out, 0)
 
@@ -160,20 +167,9 @@ def test_fused_backward_accepts_stride0_grad_and_is_deterministic(fused, monkeyp
 
 def dense_lse2(q, k, cu_seqlens, window=None, scale=None):
     """Float64 log-sum-exp of each query's scaled scores in log2 units, (H, T) like the kernel's lse."""
-    q, k = q.double(), k.double()
-    S, T, H, D = k.shape
-    scale = D ** -0.5 if scale is None else scale
-    out = []
-    bounds = cu_seqlens.tolist()
-    for s0, s1 in zip(bounds[:-1], bounds[1:]):
-        n = s1 - s0
-        kb = k[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)
-        scores = torch.einsum("ihd,hjd->hij", q[s0:s1], kb) * scale         # (H, n, S*n)
-        pos_q, pos_k = torch.arange(n)[:, None], torch.arange(n).repeat(S)[None, :]
-        if window is not None:
-            scores = scores.masked_fill((pos_q - pos_k).abs() > window, float("-inf"))
-        out.append(scores.logsumexp(-1) / torch.log(torch.tensor(2.0, dtype=torch.float64)))   # (H, n)
-    return torch.cat(out, 1)
+    ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
+    return torch.cat([scores.logsumexp(-1) / ln2 for _, _, scores in _dense_scores(q, k, cu_seqlens, window, scale)],
+                     1)                                                                   # (H, n) each
 
 
 @needs_triton
