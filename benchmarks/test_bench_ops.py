@@ -82,6 +82,20 @@ def test_registry_lists_every_op_and_lengths_are_deterministic():
     steps = {(c["backend"], c["dtype"], c["batch"], c["N"]) for c in quick if c["op"] == "engine_step"}
     assert {(b, d, batch, N) for b in ("torch", "torch_compile") for d in ("fp32", "bf16")
             for batch, N in (("mix16x100", 100), ("one", 4096))} == steps
+    cuda_steps = {(c["backend"], c["dtype"], c["batch"], c["N"]) for c in B.sweep(True, "cuda")
+                  if c["op"] == "engine_step"}
+    assert {(b, d, batch, N) for b in ("torch", "torch_compile", "triton", "triton_compile", "triton_graphs")
+            for d in ("fp32", "bf16") for batch, N in (("mix16x100", 100), ("one", 4096))} == cuda_steps
+
+
+def test_every_compiling_or_capturing_backend_builds_outside_the_clock():
+    """A backend whose first call compiles (`*_compile`, flex) or captures a CUDA graph (`*_graphs`) is run
+    once before measure() and its time recorded as compile_s; one missing from COMPILED_BACKENDS would have
+    its compile inside the first timed call and no compile_s."""
+    from cmath_mer.benchmark.cases import COMPILED_BACKENDS
+    backends = {c["backend"] for quick in (True, False) for dev in ("cpu", "cuda") for c in B.sweep(quick, dev)}
+    building = {b for b in backends if b.endswith(("_compile", "_graphs")) or b == "flex"}
+    assert building and building <= set(COMPILED_BACKENDS)
 
 
 def test_attention_baselines_are_planned_and_a_cpu_row_says_why_it_cannot_run():

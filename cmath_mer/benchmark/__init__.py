@@ -26,7 +26,7 @@ What is measured (docs/KERNELS.md, "Speed targets"; benchmarks/README.md says wh
   concatenation inside the call) and `triton` (CUDA only: the interpreter on a CPU measures nothing).
 * model: one CMATH training step (forward + backward + AdamW step) and inference (eval forward without
   the loss), iemocap preset dimensions, on one conversation of N utterances or a ragged mix; and
-  train.py's whole engine step.
+  train.py's whole engine step (eager, compiled, and on CUDA replayed from a CUDA graph: `triton_graphs`).
 * batches: `equal` = max(1, 2048 // N) conversations of exactly N utterances; `ragged` = conversation
   lengths drawn uniformly from [N/8, N] (the first one is N) until at least max(2048, 2N) utterances;
   `mix16x100` = 16 conversations of 80..120 utterances (an IEMOCAP-like training batch).

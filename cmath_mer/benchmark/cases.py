@@ -13,7 +13,8 @@ ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa
                  "triton_multipass")
 ONEPASS_MAX_N = 128             # triton_multipass differs from triton only where the one-pass backward can run
 OP_BACKENDS = ("torch", "torch_compile", "triton")
-COMPILED_BACKENDS = ("torch_compile", "flex")     # their first call compiles: run once outside the clock
+# their first call compiles (or captures a CUDA graph): run once outside the clock, timed as compile_s
+COMPILED_BACKENDS = ("torch_compile", "flex", "triton_compile", "triton_graphs")
 H_HEADS = 8                     # attention heads in the op benchmarks (the iemocap model: 8 x 32)
 REC_K, REC_M = 256, 1582        # reconstruction: d_hidden -> the audio width of the iemocap preset
 VAR_C, VAR_Z = 3, 256           # variational fusion: 3 central modalities, latent width 256
@@ -163,7 +164,8 @@ def _model_cases(quick: bool, device: str) -> list[dict]:
               for batch, N, backend in infer]
     # the whole training step as train.py runs it (engine.Stepper: autocast, loss scaling where fp16, clip,
     # AdamW, device-side meters), eager and compiled, fp32 and bf16 (issue 10); triton on CUDA
-    step_backends = ("torch", "torch_compile", "triton", "triton_compile") if cuda else ("torch", "torch_compile")
+    step_backends = (("torch", "torch_compile", "triton", "triton_compile", "triton_graphs") if cuda
+                     else ("torch", "torch_compile"))
     for batch, N in (("mix16x100", 100), ("one", 4096)):
         for backend in step_backends:
             for dtype in ("fp32", "bf16"):

@@ -224,7 +224,7 @@ def markdown_report(results: dict) -> str:
             if r.get("mem_upper_bound"):
                 note.append("peak ≤ (setup peaked higher)")
             if r.get("compile_s") is not None:
-                note.append(f"compile {r['compile_s']:.1f} s")
+                note.append(f"{'capture' if r['backend'].endswith('_graphs') else 'compile'} {r['compile_s']:.1f} s")
             if r.get("block_mask_s") is not None:
                 note.append(f"BlockMask (once per batch) {_fmt_time(r['block_mask_s'])}")
             if r.get("key_copy_in_call"):
