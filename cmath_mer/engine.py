@@ -102,15 +102,13 @@ class Precision:
             self.scaler.load_state_dict(state)
 
 
-def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, precision: str):
-    """AdamW, the fused implementation on CUDA: one kernel for all parameters (the multi-tensor default was
-    17% of a training step's GPU time in the H100 profile of 2026-11-26), and under fp16 the GradScaler hands
-    it the inf flag so a step is skipped on the device instead of the scaler reading the flag on the host.
-    On the CPU, fp16 also takes the fused one (the scaler needs it); otherwise PyTorch's default."""
-    on_cuda = next(model.parameters()).is_cuda
-    if on_cuda or precision == "fp16":
-        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
+    """AdamW, the fused implementation on every device: one kernel for all parameters. On CUDA the
+    multi-tensor default was 17% of a training step's GPU time (H100 profile of 2026-11-26); on a 2-core
+    CPU (iemocap preset, 11.7 M parameters in 219 tensors) the fused step took 5.8 ms against 17.8 ms.
+    Under fp16 the GradScaler hands the fused step its inf flag, so a step is skipped on the device instead
+    of the scaler reading the flag on the host."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
 
 
 # ------------------------------------------------------------------------------------ device-side meters

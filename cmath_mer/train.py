@@ -271,7 +271,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     dev = torch.device(device)
     torch.manual_seed(tcfg.seed)
     model = CMATH(config).to(device)
-    optimizer = engine.make_optimizer(model, tcfg.lr, tcfg.weight_decay, tcfg.precision)
+    optimizer = engine.make_optimizer(model, tcfg.lr, tcfg.weight_decay)
     precision = engine.Precision(tcfg.precision, dev)
     state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
              "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}

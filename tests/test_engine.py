@@ -127,7 +127,7 @@ def test_fp16_grad_scaler_skips_steps_with_inf_gradients_without_touching_the_we
     config = build_config(data, "iemocap", **SMALL)
     torch.manual_seed(0)
     model = CMATH(config)
-    optimizer = engine.make_optimizer(model, 1e-3, 0.01, "fp16")
+    optimizer = engine.make_optimizer(model, 1e-3, 0.01)
     precision = engine.Precision("fp16", "cpu")
     meter = engine.StepMeter("cpu")
     step = engine.Stepper(model, model, optimizer, precision, 1.0, meter)

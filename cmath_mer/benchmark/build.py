@@ -114,7 +114,7 @@ def _build_engine_step(case, dev):
                 recompute_from=cfg.recompute_from)
     forward = engine.compile_model(model) if backend.endswith("_compile") else model
     meter = engine.StepMeter(dev)
-    optimizer = engine.make_optimizer(model, 1e-4, 0.01, case["dtype"])
+    optimizer = engine.make_optimizer(model, 1e-4, 0.01)
     precision = engine.Precision(case["dtype"], dev)
     if backend.endswith("_graphs"):                           # train --cuda-graphs: one graph per batch shape
         from ..graphed_step import GraphedStepper

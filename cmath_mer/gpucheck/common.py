@@ -39,7 +39,7 @@ def training_stepper(model, device, precision: str, graphed: bool = False):
     clip 1.0, a fresh meter; eager (engine.Stepper) or replayed from CUDA graphs (graphed_step.py)."""
     from .. import engine
     from ..graphed_step import GraphedStepper
-    optimizer = engine.make_optimizer(model, 1e-3, 0.01, precision)
+    optimizer = engine.make_optimizer(model, 1e-3, 0.01)
     prec, meter = engine.Precision(precision, device), engine.StepMeter(device)
     if graphed:
         return GraphedStepper(model, optimizer, prec, 1.0, meter)
