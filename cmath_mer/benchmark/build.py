@@ -99,9 +99,11 @@ def _build_model(case, dev):
 
 def _build_engine_step(case, dev):
     """One optimizer step of train.py's engine on a fixed batch: `torch`/`triton` = the ops' backend,
-    `*_compile` = engine.compile_model; dtype = the autocast precision (weights stay fp32)."""
+    `*_compile` = engine.compile_model, `triton_graphs` = --cuda-graphs (graphed_step.GraphedStepper: the step
+    replayed from a CUDA graph); dtype = the autocast precision (weights stay fp32)."""
     from .. import engine
     from ..config import preset
+    from ..graphed_step import GraphedStepper
     from ..model import CMATH
     backend = case["backend"]
     cfg = preset("iemocap", backend="triton" if backend.startswith("triton") else "torch")
@@ -113,8 +115,12 @@ def _build_engine_step(case, dev):
                 recompute_from=cfg.recompute_from)
     forward = engine.compile_model(model) if backend.endswith("_compile") else model
     meter = engine.StepMeter(dev)
-    step = engine.Stepper(model, forward, engine.make_optimizer(model, 1e-4, 0.01, case["dtype"]),
-                          engine.Precision(case["dtype"], dev), 1.0, meter)
+    optimizer = engine.make_optimizer(model, 1e-4, 0.01, case["dtype"])
+    precision = engine.Precision(case["dtype"], dev)
+    if backend == "triton_graphs":
+        step = GraphedStepper(model, optimizer, precision, 1.0, meter)
+    else:
+        step = engine.Stepper(model, forward, optimizer, precision, 1.0, meter)
     step([model_batch(cfg, [8, 8], dev, seed=1)], 0, 0)     # AdamW state exists before the memory baseline
     counter = [1]
 
