@@ -1,6 +1,7 @@
 """The GPU check (python -m cmath_mer.gpucheck): its plan is complete, and its parity and determinism checks
-catch what they claim to catch. The stages themselves run on a CUDA machine; here their comparisons run on
-CPU tensors under the interpreter."""
+catch what they claim to catch, and the targets stage's gap analysis and verdicts are right. The stages
+themselves run on a CUDA machine; here their comparisons run on CPU tensors under the interpreter, and the
+targets stage runs whole on tiny CPU shapes."""
 from __future__ import annotations
 
 import subprocess
@@ -85,3 +86,138 @@ def test_sized_cases_stay_small_on_the_cpu_and_untouched_on_cuda():
     assert gpucheck.sized(case, "cuda") == case
     small = gpucheck.sized(case, "cpu")
     assert max(small["lengths"]) <= 40 and small["mode"] == "fp32"
+
+
+# ------------------------------------------------------------------------------ issue 10's targets stage
+
+def test_targets_stage_follows_profile_and_owns_the_4096_engine_steps():
+    names = gpucheck.STAGE_NAMES
+    assert names.index("targets") == names.index("profile") + 1
+    rows = gpucheck.targets.step_rows("cuda")
+    for needed in [("torch", "fp32"), ("torch_compile", "bf16"), ("triton", "bf16"), ("triton_compile", "bf16")]:
+        assert needed in rows, needed
+    assert not [c for c in gpucheck.bench_cases("cuda") if c["op"] == "engine_step" and c["N"] == 4096]
+
+
+def test_merge_intervals_joins_overlapping_nested_and_abutting():
+    got = gpucheck.merge_intervals([(20, 25), (0, 10), (5, 8), (10, 12), (22, 30), (40, 41), (2, 3)])
+    assert got == [(0, 12), (20, 30), (40, 41)]
+
+
+def _covering(rng, start: float, length: float) -> list[tuple[float, float]]:
+    """Random intervals (overlapping, nested, abutting) whose union is exactly [start, start + length]."""
+    out, reach = [], start
+    while reach < start + length:
+        s = rng.uniform(max(start, reach - 20.0), reach)          # starts at or before the reach: no hole
+        e = min(s + rng.uniform(0.5, 30.0), start + length)
+        out.append((s, e))
+        if rng.random() < 0.3:                                      # a nested one
+            out.append((s + (e - s) * 0.25, s + (e - s) * 0.5))
+        reach = max(reach, e)
+    return out
+
+
+@pytest.mark.parametrize("inside", [False, True])
+def test_idle_gaps_finds_a_planted_gap_and_where_it_falls(inside):
+    import random
+    seed = int(torch.randint(0, 10_000, ()).item())
+    rng = random.Random(seed)
+    a, gap, b = rng.uniform(500, 2000), rng.uniform(150, 900), rng.uniform(500, 2000)
+    first, second = _covering(rng, 0.0, a), _covering(rng, a + gap, b)
+    intervals = first + second
+    rng.shuffle(intervals)
+    # steps: one per busy region (the gap lies between them), or one step over both (the gap is inside it)
+    steps = [(0.0, a + gap + b)] if inside else [(0.0, a), (a + gap, a + gap + b)]
+    got = gpucheck.idle_gaps(intervals, steps, threshold_us=100.0)
+    assert got["gaps"] == 1, seed
+    assert got["largest_gap"]["us"] == pytest.approx(gap), seed
+    assert got["largest_gap"]["at_us"] == pytest.approx(a), seed
+    assert got["busy_fraction"] == pytest.approx((a + b) / (a + gap + b)), seed
+    assert got["gaps_over_threshold"] == 1
+    if inside:
+        assert got["largest_gap"]["where"] == "inside step 0"
+        assert got["between_steps_gaps_over_threshold"] == 0 and got["largest_between_steps_gap_us"] == 0.0
+    else:
+        assert got["largest_gap"]["where"] == "between steps 0 and 1"
+        assert got["between_steps_gaps_over_threshold"] == 1
+        assert got["largest_between_steps_gap_us"] == pytest.approx(gap)
+
+
+def test_idle_gaps_of_a_gapless_trace_is_fully_busy():
+    import random
+    seed = int(torch.randint(0, 10_000, ()).item())
+    got = gpucheck.idle_gaps(_covering(random.Random(seed), 5.0, 300.0), [(5.0, 305.0)])
+    assert got["gaps"] == 0 and got["busy_fraction"] == pytest.approx(1.0) and got["largest_gap"] is None, seed
+
+
+def test_activity_intervals_assign_kernels_to_steps_by_their_launch():
+    """A chrome trace as Kineto writes it on CUDA: a kernel belongs to the step whose host range holds the
+    launch with the same correlation id, wherever the kernel itself runs on the device timeline."""
+    ann = [dict(cat="user_annotation", name=f"gpucheck step {k}", ts=100.0 * k, dur=100.0, tid=1) for k in (0, 1)]
+    launches = [dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=t, dur=2.0, args=dict(correlation=c))
+                for t, c in ((10.0, 1), (60.0, 2), (120.0, 3))]
+    launches.append(dict(cat="cuda_driver", name="cuLaunchKernel", ts=190.0, dur=2.0, args=dict(correlation=4)))
+    kernels = [dict(cat="kernel", name="k1", ts=30.0, dur=20.0, args=dict(correlation=1)),
+               dict(cat="gpu_memcpy", name="Memcpy HtoD", ts=70.0, dur=40.0, args=dict(correlation=2)),
+               dict(cat="kernel", name="k3", ts=150.0, dur=20.0, args=dict(correlation=3)),
+               dict(cat="gpu_memset", name="Memset", ts=200.0, dur=5.0, args=dict(correlation=4)),
+               dict(cat="kernel", name="stray", ts=400.0, dur=1.0, args=dict(correlation=99))]
+    intervals, names, steps, unassigned = gpucheck.targets.activity_intervals(ann + launches + kernels, cuda=True)
+    assert len(intervals) == 5 and names[0] == "k1"
+    assert steps == [(30.0, 110.0), (150.0, 205.0)] and unassigned == 1
+    got = gpucheck.idle_gaps(intervals, steps)
+    assert got["largest_gap"]["where"] == "after step 1" and got["largest_gap"]["us"] == pytest.approx(195.0)
+    assert got["largest_between_steps_gap_us"] == pytest.approx(40.0)
+
+
+def _row(backend, dtype, median_s=None, status="ok"):
+    return dict(backend=backend, dtype=dtype, status=status, median_s=median_s,
+                **({} if status == "ok" else {"reason": "RuntimeError: boom"}))
+
+
+def test_speedup_verdicts_pass_fail_and_not_measured():
+    ref = float(torch.empty(()).uniform_(0.05, 0.5))
+    rows = [_row("torch", "fp32", ref), _row("torch_compile", "bf16", ref / 2),
+            _row("triton", "bf16", ref / 1.2), _row("triton_compile", "bf16", ref / 2.5),
+            _row("triton_graphs", "bf16", ref / 4)]
+    gpucheck.targets.add_speedups(rows)
+    v = gpucheck.speedup_verdicts(rows, cuda=True)
+    fp32, comp = v["speedup_vs_eager_fp32"], v["speedup_vs_torch_compile_bf16"]
+    assert fp32["verdict"] == "pass" and fp32["best"] == "triton_graphs" and fp32["measured"] == pytest.approx(4.0)
+    assert comp["verdict"] == "pass" and comp["measured"] == pytest.approx(2.0)
+    assert fp32["ours"]["triton"] == pytest.approx(1.2)
+
+    slow = [dict(r, median_s=ref / 1.1) if r["backend"].startswith("triton") else r for r in rows]
+    gpucheck.targets.add_speedups(slow)
+    assert gpucheck.speedup_verdicts(slow, cuda=True)["speedup_vs_eager_fp32"]["verdict"] == "fail"
+
+    # an errored row of ours that might have reached the target: not measured, never pass or fail
+    broken = [_row(r["backend"], r["dtype"], status="error") if r["backend"] == "triton_graphs" else r for r in slow]
+    gpucheck.targets.add_speedups(broken)
+    got = gpucheck.speedup_verdicts(broken, cuda=True)["speedup_vs_eager_fp32"]
+    assert got["verdict"] == "not measured" and got["not_measured"] == ["triton_graphs"]
+    # an errored reference: not measured
+    no_ref = [_row("torch_compile", "bf16", status="error") if r["backend"] == "torch_compile" else r for r in rows]
+    gpucheck.targets.add_speedups(no_ref)
+    got = gpucheck.speedup_verdicts(no_ref, cuda=True)["speedup_vs_torch_compile_bf16"]
+    assert got["verdict"] == "not measured" and got["measured"] is None
+    assert all(x["verdict"] == "cpu: not a target" for x in gpucheck.speedup_verdicts(rows, cuda=False).values())
+
+
+def test_targets_stage_runs_on_the_cpu(tmp_path):
+    import json
+    import os
+    env = dict(os.environ, CMATH_BENCH_THREADS="1", OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--device", "cpu", "--stages", "targets",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, (p.stdout, p.stderr[-3000:])
+    res = json.loads((tmp_path / "targets.json").read_text())
+    assert res["ok"], res
+    assert set(res["targets"]) == {"speedup_vs_eager_fp32", "speedup_vs_torch_compile_bf16", "gpu_busy_eager"}
+    assert all(v["verdict"] == "cpu: not a target" for v in res["targets"].values())
+    rows = {(r["backend"], r["dtype"]): r for r in res["rows"]}
+    assert rows[("torch", "fp32")]["status"] == "ok" and rows[("torch", "fp32")]["median_s"] > 0
+    assert rows[("torch_compile", "bf16")]["status"] == "skipped" and rows[("torch_compile", "bf16")]["reason"]
+    busy = res["gpu_busy"]["eager"]
+    assert busy["steps_found"] == 3 and 0 < busy["busy_fraction"] <= 1 and busy["threshold_us"] == 100.0
+    assert "Issue 10 targets" in (tmp_path / "summary.md").read_text()

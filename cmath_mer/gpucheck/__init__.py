@@ -1,6 +1,7 @@
-"""One command for a lent GPU: parity on CUDA, cold autotune, determinism, a CUDA-graph step, the demo on both
-backends, the benchmark. Every stage runs in its own process with its own time limit and writes
-DIR/<stage>.json (and .log), so one failing stage costs nothing of the others; summary.md is written last.
+"""One command for a lent GPU: parity on CUDA, cold autotune, determinism, a CUDA-graph step, a profile, issue
+10's targets (step speedups, GPU idle gaps), the demo on both backends, the benchmark. Every stage runs in its
+own process with its own time limit and writes DIR/<stage>.json (and .log), so one failing stage costs nothing
+of the others; summary.md is written last.
 
     python -m cmath_mer.gpucheck --out benchmarks/results/<date>-<card>     # on the GPU machine
     python -m cmath_mer.gpucheck --dry-run                                   # the plan (CI checks it)
@@ -16,6 +17,8 @@ from .graphs import stage_cuda_graph, stage_graph_train
 from .parity import (MODES, parity_cases, run_parity_case, sized, stage_autotune_cold, stage_determinism,
                      stage_parity)
 from .runs import bench_cases, stage_bench, stage_env, stage_profile, stage_train_demo
+from .targets import idle_gaps, merge_intervals, speedup_verdicts, stage_targets
 
 __all__ = ["STAGES", "STAGE_NAMES", "MODES", "main", "parity_cases", "sized", "run_parity_case", "digest",
-           "rel_err", "bench_cases"] + [f"stage_{name}" for name in STAGE_NAMES]
+           "rel_err", "bench_cases", "idle_gaps", "merge_intervals", "speedup_verdicts"] + \
+    [f"stage_{name}" for name in STAGE_NAMES]

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import graphs, parity, runs
+from . import graphs, parity, runs, targets
 from .common import write_json
 
 
@@ -25,6 +25,8 @@ STAGES = [
     ("graph_train", "--cuda-graphs: graphed steps equal eager ones (two shapes, a new seed and lr each step), "
                     "step times, and the demo trained both ways", 150),
     ("profile", "torch.profiler over train.py's step (Triton ops, bf16): where the time goes, host syncs", 60),
+    ("targets", "issue 10's targets: the whole step at 4,096 utterances (eager fp32 and torch.compile references "
+                "against ours, bf16), and idle gaps between steps in a trace of train.py's loop on 16 x ~100", 180),
     ("train_demo", "the synthetic demo for 3 epochs on both backends; the loss curves agree", 100),
     ("bench", "ops, model and engine step, torch/SDPA/Triton, and the device's copy and matmul ceilings", 130),
 ]
@@ -34,7 +36,7 @@ STAGE_NAMES = [s[0] for s in STAGES]
 # ------------------------------------------------------------------------------------------------ driver
 
 def run_stage(name: str, args) -> dict:
-    module = next(m for m in (parity, graphs, runs) if hasattr(m, f"stage_{name}"))
+    module = next(m for m in (parity, graphs, runs, targets) if hasattr(m, f"stage_{name}"))
     return getattr(module, f"stage_{name}")(args)
 
 
@@ -58,6 +60,7 @@ def _summary_md(out: Path, results: dict) -> str:
                      if k in r}
             lines.append(f"| {r['op']} | {r['mode']} | {shape} | {r.get('worst', r.get('error'))} | "
                          f"{r.get('tol')} | {r.get('ok')} |")
+    lines += targets.summary_lines(results.get("targets", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -71,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=int, default=8, help="parity worker processes")
     p.add_argument("--bench-budget", type=float, default=95.0, help="seconds for the bench cases")
     p.add_argument("--stage", help=argparse.SUPPRESS)
+    p.add_argument("--stage-limit", type=float, help=argparse.SUPPRESS)     # the stage's own time limit, seconds
     p.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -82,7 +86,7 @@ def main(argv=None) -> int:
             if name in stages:
                 print(f"{name:14s} {limit:4d} s  {what}")
         print(f"plan: {len(parity.parity_cases('cuda'))} parity cases on CUDA, "
-              f"{len(runs.bench_cases('cuda'))} bench cases")
+              f"{len(runs.bench_cases('cuda'))} bench cases, {len(targets.step_rows('cuda'))} target step rows")
         print(f"total limit: {sum(s[2] for s in STAGES if s[0] in stages)} s")
         return 0
     if args.stage:                                     # inside a stage's process
@@ -102,7 +106,8 @@ def main(argv=None) -> int:
     for name in stages:
         t0 = time.perf_counter()
         cmd = [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device,
-               "--out", str(out), "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget)]
+               "--out", str(out), "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget),
+               "--stage-limit", str(limits[name])]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limits[name])
             (out / f"{name}.log").write_text(proc.stdout[-200000:] + "\n--- stderr ---\n" + proc.stderr[-200000:])
