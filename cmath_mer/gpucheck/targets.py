@@ -112,8 +112,8 @@ def _guarded(fn) -> dict:
 
 def time_step_row(backend: str, dtype: str, device: str, N: int) -> dict:
     """The benchmark's engine_step case (benchmark/build.py), built and measured here rather than through
-    run_case: the build runs one step on a 2 x 8 batch, which is where a compiled row compiles, and run_case
-    times neither the build nor (for triton_compile, not in its COMPILED_BACKENDS) the compile apart."""
+    run_case: the build runs one step on a 2 x 8 batch, which is where a compiled row first compiles, and
+    run_case's compile_s counts only the first full-size call after the build."""
     import torch
 
     from .. import benchmark as B
