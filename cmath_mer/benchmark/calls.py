@@ -59,8 +59,9 @@ def model_batch(cfg, lengths, dev, seed=0):
 def training_step(model, cfg, batch, dev, forward=None):
     """The call for one training step (forward + backward + AdamW) of `model` on `batch`. One tiny step runs
     first, so AdamW's state exists before the memory baseline is taken."""
+    from ..engine import make_optimizer
     forward = model if forward is None else forward
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = make_optimizer(model, 1e-4, 0.01)                  # train.py's AdamW (the fused one)
     model(model_batch(cfg, [8, 8], dev, seed=1), seed=0).loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
