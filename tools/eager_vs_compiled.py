@@ -1,10 +1,13 @@
-"""train.py's whole step, eager and torch.compile'd, interleaved step by step in one process: a ratio that a
-noisy machine cannot bias (two sittings of `cmath-mer bench` an hour apart differed by up to 9% on a 2-core VM).
+"""train.py's whole step in several modes, interleaved step by step in one process: ratios that a noisy
+machine cannot bias (two sittings of `cmath-mer bench` an hour apart differed by up to 9% on a 2-core VM).
 
-    PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 10      # DTYPE BATCH N ROUNDS
+    PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 10                 # DTYPE BATCH N ROUNDS
+    PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 8 compiled,static  # [MODES]
 
-Both steppers start from the same initialisation; the first step of each (the compile) is not timed.
-Prints the median step of each and compiled/eager speedup, then every timed step."""
+Modes: eager; compiled (engine.compile_model: dynamic shapes, what `train --compile` runs); static
+(dynamic=False, the variational seed passed as a tensor: as an int it is a constant of a static graph and every
+step would recompile). Every mode starts from the same initialisation; its first step (the compile) is not
+timed. Prints each mode's median step, the speedup of each over the first mode, then every timed step."""
 import statistics
 import sys
 import time
@@ -19,7 +22,28 @@ from cmath_mer.config import preset
 from cmath_mer.model import CMATH
 
 
-def main(dtype: str, batch_kind: str, N: int, rounds: int, device: str = "cpu") -> None:
+class TensorSeed(torch.nn.Module):
+    """Calls `compiled` with the seed as a tensor (engine.Stepper passes an int)."""
+
+    def __init__(self, compiled):
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, batch, seed, **kw):
+        return self.compiled(batch, seed=torch.tensor(seed, dtype=torch.int64), **kw)
+
+
+def forward_of(model, mode: str):
+    if mode == "eager":
+        return model
+    if mode == "compiled":
+        return engine.compile_model(model)
+    if mode == "static":
+        return TensorSeed(torch.compile(model, fullgraph=True, dynamic=False, options={"fallback_random": True}))
+    raise SystemExit(f"unknown mode {mode!r}: eager, compiled or static")
+
+
+def main(dtype: str, batch_kind: str, N: int, rounds: int, modes: list[str], device: str = "cpu") -> None:
     if device == "cpu":
         torch.set_num_threads(B.cpu_threads())
     cfg = preset("iemocap", backend="torch")
@@ -27,11 +51,10 @@ def main(dtype: str, batch_kind: str, N: int, rounds: int, device: str = "cpu") 
                                        dtype=dtype, device=device))
     batch = model_batch(cfg, lengths, device)
     steps = {}
-    for mode in ("eager", "compiled"):
+    for mode in modes:
         torch.manual_seed(0)
         model = CMATH(cfg).to(device).train()
-        forward = engine.compile_model(model) if mode == "compiled" else model
-        steps[mode] = engine.Stepper(model, forward, engine.make_optimizer(model, 1e-4, 0.01),
+        steps[mode] = engine.Stepper(model, forward_of(model, mode), engine.make_optimizer(model, 1e-4, 0.01),
                                      engine.Precision(dtype, device), 1.0, engine.StepMeter(device))
         t0 = time.perf_counter()
         steps[mode]([batch], 0, 0)
@@ -45,10 +68,12 @@ def main(dtype: str, batch_kind: str, N: int, rounds: int, device: str = "cpu") 
                 torch.cuda.synchronize()
             times[mode].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) * 1e3 for m, v in times.items()}
+    first = modes[0]
     print(dtype, batch_kind, N, sum(lengths), {m: round(v, 1) for m, v in med.items()},
-          "compiled/eager speedup", round(med["eager"] / med["compiled"], 3),
+          f"speedup over {first}", {m: round(med[first] / v, 3) for m, v in med.items() if m != first},
           {m: [round(x * 1e3) for x in v] for m, v in times.items()})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 8)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 8,
+         sys.argv[5].split(",") if len(sys.argv) > 5 else ["eager", "compiled"])
