@@ -429,9 +429,9 @@ class Stepper:
 
 def compile_model(model: torch.nn.Module):
     """torch.compile of the model's forward: fullgraph, dynamic shapes over the number of utterances (one
-    graph for every batch size, instead of one per bucket; static shapes, the seed a tensor, ran no faster and
-    compile once per shape: README, issue 10), and
-    inductor's `fallback_random`: dropout draws from torch's generator with aten's vectorised bernoulli, as in
-    eager mode (inductor's own per-element Philox on the CPU cost about twice as much: 70 ms of a 1.5 s step
-    at one thread), so the compiled step also draws eager's dropout masks."""
+    graph for every batch size, instead of one per bucket; static shapes, the seed a tensor, ran no faster
+    and compile once per shape: README, issue 10), and inductor's `fallback_random`: dropout draws from
+    torch's generator with aten's vectorised bernoulli, as in eager mode (inductor's own per-element Philox on
+    the CPU cost about twice as much: 70 ms of a 1.5 s step at one thread), so the compiled step also draws
+    eager's dropout masks."""
     return torch.compile(model, fullgraph=True, dynamic=True, options={"fallback_random": True})
