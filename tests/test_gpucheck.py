@@ -221,3 +221,65 @@ def test_targets_stage_runs_on_the_cpu(tmp_path):
     busy = res["gpu_busy"]["eager"]
     assert busy["steps_found"] == 3 and 0 < busy["busy_fraction"] <= 1 and busy["threshold_us"] == 100.0
     assert "Issue 10 targets" in (tmp_path / "summary.md").read_text()
+
+
+def test_partial_rows_of_a_stage_stopped_at_its_limit_give_verdicts():
+    """A targets stage killed at its limit leaves only the rows it reached: a target one of them reaches is a
+    pass, one none of them reaches is not measured (the missing rows might), never a fail."""
+    ref = float(torch.empty(()).uniform_(0.05, 0.5))
+    reached = [_row("torch", "fp32", ref), _row("torch_compile", "bf16", ref / 2), _row("triton", "bf16", ref / 4)]
+    got = gpucheck.targets.with_verdicts(dict(ok=False, timeout=True, partial=dict(rows=reached)), "cuda")
+    assert got["targets"]["speedup_vs_eager_fp32"]["verdict"] == "pass"
+    assert got["targets"]["speedup_vs_eager_fp32"]["measured"] == pytest.approx(4.0)
+    slow = [_row("torch", "fp32", ref), _row("torch_compile", "bf16", ref / 2), _row("triton", "bf16", ref / 1.1)]
+    got = gpucheck.targets.with_verdicts(dict(ok=False, timeout=True, partial=dict(rows=slow)), "cuda")
+    v = got["targets"]["speedup_vs_eager_fp32"]
+    assert v["verdict"] == "not measured" and set(v["not_measured"]) == {"triton_compile", "triton_graphs"}
+    lines = "\n".join(gpucheck.targets.summary_lines(got))
+    assert "Issue 10 targets" in lines and "not measured" in lines
+    done = dict(ok=True, targets=dict(x=1))
+    assert gpucheck.targets.with_verdicts(done, "cuda") is done          # a finished stage keeps its own
+
+
+def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypatch):
+    """--budget: each stage runs under min(its limit, what is left); none starts with under MIN_STAGE_S left."""
+    import json
+    from cmath_mer.gpucheck import driver
+    seen, clock = [], [0.0]
+    monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
+
+    def fake_run(cmd, capture_output, text, timeout):
+        seen.append((cmd[cmd.index("--stage") + 1], timeout, float(cmd[cmd.index("--stage-limit") + 1])))
+        clock[0] += 70.0                                          # every stage takes 70 s of the budget
+
+        class Done:
+            returncode, stderr = 0, ""
+            stdout = "RESULT " + json.dumps(dict(ok=True))
+        return Done()
+    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+    budget = 100 + int(torch.randint(0, 30, ()))
+    rc = driver.main(["--device", "cuda", "--stages", "env,determinism,cuda_graph", "--out", str(tmp_path),
+                      "--budget", str(budget)])
+    assert [s[0] for s in seen] == ["env", "determinism"]
+    assert seen[0][1] == 30 and seen[1][1] == min(60, budget - 70) == seen[1][2]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["cuda_graph"]["skipped"] and not summary["cuda_graph"]["ok"] and rc == 1
+    assert "| cuda_graph | SKIPPED |" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_path, monkeypatch):
+    import json
+    from cmath_mer.gpucheck import driver
+    ref = float(torch.empty(()).uniform_(0.05, 0.5))
+    rows = [_row("torch", "fp32", ref), _row("triton_graphs", "bf16", ref / 5)]
+
+    def fake_run(cmd, capture_output, text, timeout):
+        (tmp_path / "targets").mkdir(exist_ok=True)
+        (tmp_path / "targets" / "results.json").write_text(json.dumps(dict(rows=rows, gpu_busy={})))
+        raise driver.subprocess.TimeoutExpired(cmd, timeout)
+    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+    assert driver.main(["--device", "cuda", "--stages", "targets", "--out", str(tmp_path)]) == 1
+    res = json.loads((tmp_path / "targets.json").read_text())
+    assert res["timeout"] and res["partial"]["rows"] == rows
+    md = (tmp_path / "summary.md").read_text()
+    assert "| targets | TIMEOUT |" in md and "5.00x (triton_graphs" in md and "| pass |" in md

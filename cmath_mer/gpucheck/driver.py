@@ -31,6 +31,7 @@ STAGES = [
     ("bench", "ops, model and engine step, torch/SDPA/Triton, and the device's copy and matmul ceilings", 130),
 ]
 STAGE_NAMES = [s[0] for s in STAGES]
+MIN_STAGE_S = 20           # with --budget, a stage is not started with less than this left
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -49,7 +50,8 @@ def _summary_md(out: Path, results: dict) -> str:
         r = results.get(name)
         if r is None:
             continue
-        verdict = "PASS" if r.get("ok") else ("TIMEOUT" if r.get("timeout") else "FAIL")
+        verdict = ("PASS" if r.get("ok") else "TIMEOUT" if r.get("timeout") else
+                   "SKIPPED" if r.get("skipped") else "FAIL")
         lines.append(f"| {name} | {verdict} | {r.get('seconds', 0):.0f} | {what} |")
     par = results.get("parity", {})
     if par.get("rows"):
@@ -60,8 +62,13 @@ def _summary_md(out: Path, results: dict) -> str:
                      if k in r}
             lines.append(f"| {r['op']} | {r['mode']} | {shape} | {r.get('worst', r.get('error'))} | "
                          f"{r.get('tol')} | {r.get('ok')} |")
-    lines += targets.summary_lines(results.get("targets", {}))
+    lines += targets.summary_lines(targets.with_verdicts(results.get("targets", {}), results.get("device")))
     return "\n".join(lines) + "\n"
+
+
+def _save(out: Path, results: dict) -> None:
+    write_json(out / "summary.json", results)
+    (out / "summary.md").write_text(_summary_md(out, results))
 
 
 def main(argv=None) -> int:
@@ -73,6 +80,9 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="print the plan and check it, run nothing")
     p.add_argument("--jobs", type=int, default=8, help="parity worker processes")
     p.add_argument("--bench-budget", type=float, default=95.0, help="seconds for the bench cases")
+    p.add_argument("--budget", type=float, help="seconds for the whole run (a device lease): each stage's limit "
+                                                "is cut to what is left, and none starts with under "
+                                                f"{MIN_STAGE_S} s left")
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--stage-limit", type=float, help=argparse.SUPPRESS)     # the stage's own time limit, seconds
     p.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
@@ -103,8 +113,18 @@ def main(argv=None) -> int:
     results = dict(started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), device=args.device)
     # the limits are sized for one H100; the interpreter on a CPU runs the small cases slower
     limits = {n: lim * (1 if args.device == "cuda" else 4) for n, _, lim in STAGES}
+    deadline = None if args.budget is None else time.perf_counter() + args.budget
     for name in stages:
         t0 = time.perf_counter()
+        if deadline is not None:
+            left = deadline - t0
+            if left < MIN_STAGE_S:
+                results[name] = dict(ok=False, skipped=True, seconds=0.0,
+                                     error=f"not started: {max(left, 0):.0f} s of the --budget left")
+                print(f"{name:14s} SKIPPED (budget)", flush=True)
+                _save(out, results)
+                continue
+            limits[name] = min(limits[name], int(left))
         cmd = [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device,
                "--out", str(out), "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget),
                "--stage-limit", str(limits[name])]
@@ -118,10 +138,12 @@ def main(argv=None) -> int:
             (out / f"{name}.log").write_text(str(err.stdout or "")[-200000:] + "\n--- stderr ---\n"
                                              + str(err.stderr or "")[-200000:])
             res = dict(ok=False, timeout=True, error=f"over its {limits[name]} s limit")
+            partial = out / name / "results.json"          # what a stage saved as it went (bench, targets)
+            if partial.exists():
+                res["partial"] = json.loads(partial.read_text())
         res["seconds"] = time.perf_counter() - t0
         results[name] = res
         write_json(out / f"{name}.json", res)
         print(f"{name:14s} {'PASS' if res.get('ok') else 'FAIL'}  {res['seconds']:6.1f} s", flush=True)
-        write_json(out / "summary.json", results)
-        (out / "summary.md").write_text(_summary_md(out, results))
+        _save(out, results)
     return 0 if all(results[n].get("ok") for n in stages) else 1

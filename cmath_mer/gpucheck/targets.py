@@ -158,9 +158,8 @@ def _row(rows: list[dict], key: tuple[str, str]) -> dict | None:
 def speedup_verdicts(rows: list[dict], cuda: bool) -> dict:
     """Per target: the best of OURS (bf16) over the reference. pass when a measured row reaches the target;
     fail only when every one of OURS and the reference were measured and none reaches it; else not measured."""
-    ours = [r for r in rows if r["backend"] in OURS and r["dtype"] == "bf16"]
-    done = [r for r in ours if r.get("status") == "ok"]
-    missing = [r["backend"] for r in ours if r.get("status") != "ok"] or ([] if ours else list(OURS))
+    done = [r for r in rows if r["backend"] in OURS and r["dtype"] == "bf16" and r.get("status") == "ok"]
+    missing = [b for b in OURS if b not in {r["backend"] for r in done}]     # errored, skipped or not reached
     verdicts = {}
     for key, (ref_key, need) in SPEEDUP_TARGETS.items():
         ref = _row(rows, ref_key)
@@ -376,6 +375,20 @@ def busy_verdicts(busy: dict, cuda: bool) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ summary.md
+
+def with_verdicts(res: dict, device: str | None) -> dict:
+    """The stage's result with its verdicts; a stage stopped at its time limit has none, so they are worked
+    out from the rows it saved as it went (the driver puts them under `partial`): a row it did not reach
+    counts as not measured."""
+    if res.get("targets") or not (res.get("partial") or {}).get("rows"):
+        return res
+    part, cuda = res["partial"], device == "cuda"
+    rows = [dict(r) for r in part["rows"]]
+    add_speedups(rows)
+    verdicts = speedup_verdicts(rows, cuda)
+    verdicts.update(busy_verdicts(part.get("gpu_busy") or {}, cuda))
+    return dict(part, rows=rows, targets=verdicts)
+
 
 def summary_lines(res: dict) -> list[str]:
     """The 'Issue 10 targets' table of summary.md."""
