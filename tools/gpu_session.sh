@@ -10,10 +10,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD
 BUDGET=${1:-480}
 STAGES=${2:-env,parity,targets,graph_train,cuda_graph,determinism,autotune_cold,profile,train_demo,bench}
+PY=${PYTHON:-python3}                 # the device image: python3 is the one that holds PyTorch
 DEVICE=${DEVICE:-cuda}                 # DEVICE=cpu: a smoke run of this script where there is no GPU
-CARD=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if '$DEVICE' == 'cuda' else 'cpu')")
+CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if '$DEVICE' == 'cuda' else 'cpu')")
 RESULTS=${RESULTS:-benchmarks/results/$(date -u +%F)-$CARD}
-python -m cmath_mer.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
+"$PY" -m cmath_mer.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
 rc=$?
 tar czf "${OUT:-/tmp}/gpucheck.tgz" --exclude='*.safetensors' --exclude='*.pt' "$RESULTS"
 cat "$RESULTS/summary.md"
