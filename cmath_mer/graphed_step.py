@@ -13,7 +13,9 @@ How (PyTorch's whole-network capture, once per (utterances, conversations) shape
   (the kernels load it), the learning rate (a tensor in fused, capturable AdamW). Dropout draws new numbers
   on every replay (PyTorch's generator is graph-safe), so a run is as random as an eager one, not equal to it.
 - All graphs share one memory pool: nothing allocated inside a capture outlives its replay (gradients,
-  optimizer state and meters exist before the first capture), so one graph may reuse another's memory.
+  optimizer state and meters exist before the first capture), so one graph may reuse another's memory. The
+  static batches' features are views of one buffer per modality (SharedFeatures): about one batch of
+  features on the GPU, however many shapes are captured.
 
 Limits (checked by train.check_cuda_graphs): a CUDA device, the Triton ops (the reference attention reads
 cu_seqlens on the host), bf16 or fp32 (fp16's loss scaler reads its inf flag on the host), no gradient
@@ -38,12 +40,41 @@ def batch_shape(batch) -> tuple:
             length_bound(batch.max_seqlen))
 
 
-def static_copy(batch):
-    """Buffers a graph reads its batch from, filled with this batch; its bound is the rounded one, true for
-    every batch of the shape."""
+class SharedFeatures:
+    """One buffer per modality that the static batches of all graphs view: a replay's features sit in its first
+    T rows. Steps run one after another on one stream, so one buffer serves every batch shape, and the static
+    inputs of a run hold about one batch, not one copy per captured shape (a corpus whose batches all differ
+    in size would otherwise sit on the GPU once more, in pieces). A batch longer than the buffer gets a new one
+    of at least 1.5x the rows; graphs captured before keep the old one alive through their views, so all the
+    buffers together stay under 3x the last one, itself under 1.5x the longest batch (a bucketed epoch's
+    batches are about `batch_utterances` each: one or two buffers)."""
+
+    GROWTH = 1.5
+
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def view(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(modality)
+        if buf is None or buf.shape[1:] != x.shape[1:] or buf.dtype != x.dtype or buf.device != x.device:
+            buf = None
+        if buf is None or buf.shape[0] < x.shape[0]:
+            rows = x.shape[0] if buf is None else max(x.shape[0], int(buf.shape[0] * self.GROWTH))
+            buf = self.buffers[modality] = x.new_empty((rows, *x.shape[1:]))
+        return buf[:x.shape[0]]
+
+
+def static_copy(batch, shared: SharedFeatures):
+    """Buffers a graph reads its batch from, filled with this batch: the features as views of the shared
+    buffers, the rest (a few ints per utterance) its own; its bound is the rounded one, true for every batch of
+    the shape."""
     from .data.dataset import Batch
-    return Batch({m: x.clone() for m, x in batch.features.items()}, batch.speakers.clone(), batch.labels.clone(),
-                 batch.cu_seqlens.clone(), list(batch.conversation_ids), length_bound(batch.max_seqlen))
+    features = {}
+    for m, x in batch.features.items():
+        features[m] = shared.view(m, x)
+        features[m].copy_(x)
+    return Batch(features, batch.speakers.clone(), batch.labels.clone(), batch.cu_seqlens.clone(),
+                 list(batch.conversation_ids), length_bound(batch.max_seqlen))
 
 
 def fill(static, batch) -> None:
@@ -100,6 +131,7 @@ class GraphedStepper:
         make_capturable(optimizer, device)
         self.seed = torch.zeros(1, dtype=torch.int64, device=device)   # written before every step
         self.graphs: dict[tuple, tuple[object, object]] = {}
+        self.shared = SharedFeatures()
         self.captured = self.replayed = 0
         self.first_step_seconds: float | None = None
 
@@ -132,7 +164,7 @@ class GraphedStepper:
             entry = self.graphs.get(shape)
             if entry is None:
                 self.graphs_api.eager(lambda: self._step(batch))
-                static = static_copy(batch)
+                static = static_copy(batch, self.shared)
                 self.graphs[shape] = (self.graphs_api.capture(lambda: self._step(static)), static)
                 self.captured += 1
             else:

@@ -91,3 +91,30 @@ def test_cuda_graphs_refuse_what_they_cannot_capture(settings, why):
     with pytest.raises(ConfigError, match=why):
         check_cuda_graphs(TrainConfig(cuda_graphs=True, **settings), cfg)
     check_cuda_graphs(TrainConfig(cuda_graphs=False, **settings), cfg)       # off: nothing to check
+
+
+def test_static_batches_of_every_shape_view_one_feature_buffer_per_modality():
+    """Captures of several shapes keep one copy of the features (views of one buffer per modality, a new one
+    when a longer batch comes), and replays still read each step's own batch: the parameters equal eager
+    steps."""
+    seed = int(torch.randint(0, 1000, ()))
+    cfg, (a, eager), (b, graphed), graphs = _steppers(seed)
+    sizes = [int(n) for n in torch.randint(2, 14, (3,))]
+    shapes = [[20, 20], [sizes[0]], [sizes[0], sizes[1]], [sizes[0], sizes[1], sizes[2]], [35, 35]]
+    plan = shapes + shapes[::-1]                               # every shape captured, then every one replayed
+    for step, lengths in enumerate(plan):
+        batch = _model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
+        for stepper in (eager, graphed):
+            torch.manual_seed(step)
+            stepper([batch], seed, step)
+    assert graphed.captured == 5 and graphed.replayed == 5
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    statics = [static for _, static in graphed.graphs.values()]
+    for m in statics[0].features:
+        storages = {x.features[m].untyped_storage().data_ptr(): x.features[m].untyped_storage().nbytes()
+                    for x in statics}
+        assert len(storages) == 2          # the four batches up to 40 utterances share one; the 70 a second
+        assert all(x.features[m].data_ptr() == x.features[m].untyped_storage().data_ptr() for x in statics)
+        row_bytes = statics[0].features[m][0].nbytes
+        assert sum(storages.values()) <= 4.5 * 70 * row_bytes                     # SharedFeatures' bound
