@@ -288,6 +288,31 @@ def _split(lo, hi, first_ok, last_ok, BLK: tl.constexpr):
 
 
 @triton.jit
+def _query_block_keys(q0, N, W, BM: tl.constexpr, BN: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                      SPLIT: tl.constexpr):
+    """(lo, hi, j_a, j_b) for the query block of rows q0 .. q0 + BM - 1 of a conversation of N: the keys
+    [lo, hi) it sees and their interior run [j_a, j_b) (blocks of BN keys that need no mask; empty, j_a = j_b =
+    hi, without SPLIT: one masked walk). Query rows past N (a partial last block) are zero rows whose output is
+    never stored, so only the real rows q0 .. min(q0 + BM, N) - 1 decide what is interior."""
+    if HAS_WINDOW:
+        lo = tl.maximum(0, q0 - W)
+        hi = tl.minimum(N, q0 + BM + W)
+    else:
+        lo = 0
+        hi = N
+    if SPLIT:
+        if HAS_WINDOW:
+            j_a, j_b = _split(lo, hi, tl.minimum(q0 + BM, N) - 1 - W, tl.minimum(N - 1, q0 + W), BN)
+        else:
+            j_a = 0
+            j_b = (N // BN) * BN                                         # every full key block
+    else:
+        j_a = hi
+        j_b = hi
+    return lo, hi, j_a, j_b
+
+
+@triton.jit
 def _key_block(k_src, v_src, tile_k, m_d, bos, head_k, sk_t, j, skip_at, skip, hi, BN: tl.constexpr,
                MASKED: tl.constexpr):
     """Key and value block j of one source for the forward and dq walks -> b_k, b_v (BN, BD), pos_k, m_k (BN,).
@@ -362,23 +387,7 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     b_q = tl.load(q + row_q0 * D + tile_q, mask=m_q[:, None] & m_d[None, :], other=0.)
     qk_scale = scale * 1.4426950408889634                                 # scores in log2 units
 
-    # Key range [lo, hi) and its interior run [j_a, j_b). Query rows past N (a partial last block) are zero
-    # rows whose output is never stored, so only the real rows q0 .. min(q0 + BM, N) - 1 decide what is interior.
-    if HAS_WINDOW:
-        lo = tl.maximum(0, q0 - W)
-        hi = tl.minimum(N, q0 + BM + W)
-    else:
-        lo = 0
-        hi = N
-    if SPLIT:
-        if HAS_WINDOW:
-            j_a, j_b = _split(lo, hi, tl.minimum(q0 + BM, N) - 1 - W, tl.minimum(N - 1, q0 + W), BN)
-        else:
-            j_a = 0
-            j_b = (N // BN) * BN                                         # every full key block
-    else:
-        j_a = hi                                                         # one masked walk over [lo, hi)
-        j_b = hi
+    lo, hi, j_a, j_b = _query_block_keys(q0, N, W, BM, BN, HAS_WINDOW, SPLIT)
     head_k = i_h * sk_h
 
     b_m = tl.full([BM], float("-inf"), dtype=ACC)
@@ -472,21 +481,7 @@ def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, c
     b_delta = tl.load(delta + stat_q0 + tl.arange(0, BM), mask=m_q, other=0.).to(ACC)
     qk_scale = scale * 1.4426950408889634
 
-    if HAS_WINDOW:                                                       # as in the forward
-        lo = tl.maximum(0, q0 - W)
-        hi = tl.minimum(N, q0 + BM + W)
-    else:
-        lo = 0
-        hi = N
-    if SPLIT:
-        if HAS_WINDOW:
-            j_a, j_b = _split(lo, hi, tl.minimum(q0 + BM, N) - 1 - W, tl.minimum(N - 1, q0 + W), BN)
-        else:
-            j_a = 0
-            j_b = (N // BN) * BN
-    else:
-        j_a = hi
-        j_b = hi
+    lo, hi, j_a, j_b = _query_block_keys(q0, N, W, BM, BN, HAS_WINDOW, SPLIT)      # as in the forward
     head_k = i_h * sk_h
 
     b_dq = tl.zeros([BM, BD], dtype=ACC)
