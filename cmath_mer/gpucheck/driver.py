@@ -26,7 +26,8 @@ STAGES = [
                     "step times, and the demo trained both ways", 150),
     ("profile", "torch.profiler over train.py's step (Triton ops, bf16): where the time goes, host syncs", 60),
     ("targets", "issue 10's targets: the whole step at 4,096 utterances (eager fp32 and torch.compile references "
-                "against ours, bf16), and idle gaps between steps in a trace of train.py's loop on 16 x ~100", 180),
+                "against ours, bf16), and idle gaps between steps in a trace of train.py's loop on 16 x ~100",
+     300),            # two cold inductor compiles of the whole step (53-58 s each on a 2-core CPU, warm cache)
     ("train_demo", "the synthetic demo for 3 epochs on both backends; the loss curves agree", 100),
     ("bench", "ops, model and engine step, torch/SDPA/Triton, and the device's copy and matmul ceilings", 130),
 ]

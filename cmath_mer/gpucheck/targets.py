@@ -65,7 +65,7 @@ def stage_targets(args) -> dict:
     cuda = args.device == "cuda"
     out = Path(args.out) / "targets"
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + (getattr(args, "stage_limit", None) or 180.0)
+    deadline = time.perf_counter() + (getattr(args, "stage_limit", None) or 300.0)
     res: dict = dict(device=args.device, utterances=4096 if cuda else 12, busy_lengths=busy_lengths(args.device),
                      gap_threshold_us=GAP_THRESHOLD_US, rows=[], gpu_busy={})
 
