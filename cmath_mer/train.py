@@ -185,6 +185,15 @@ def check_cuda_graphs(tcfg: TrainConfig, config: CMATHConfig) -> None:
         raise ConfigError(f"--cuda-graphs needs {why}")
 
 
+def cuda_graphs_would_run(tcfg: TrainConfig, config: CMATHConfig) -> bool:
+    """Whether this eager run could take --cuda-graphs (everything check_cuda_graphs asks holds)."""
+    try:
+        check_cuda_graphs(dataclasses.replace(tcfg, cuda_graphs=True), config)
+    except ConfigError:
+        return False
+    return True
+
+
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
           *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
           run_info: dict | None = None) -> dict:
@@ -326,6 +335,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
            f"over all of them" if ctx.active else "")
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
+    if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):
+        log("tip: this run could take --cuda-graphs, which replays each batch shape's step from a CUDA graph "
+            "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, README)")
     corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
                         else None)
     compiled = engine.compile_model(model) if tcfg.compile else None

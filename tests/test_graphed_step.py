@@ -118,3 +118,15 @@ def test_static_batches_of_every_shape_view_one_feature_buffer_per_modality():
         assert all(x.features[m].data_ptr() == x.features[m].untyped_storage().data_ptr() for x in statics)
         row_bytes = statics[0].features[m][0].nbytes
         assert sum(storages.values()) <= 4.5 * 70 * row_bytes                     # SharedFeatures' bound
+
+
+def test_an_eager_run_that_could_take_cuda_graphs_is_told_so():
+    """train() logs a tip when every condition of --cuda-graphs holds and the run is eager; never otherwise."""
+    from cmath_mer.train import cuda_graphs_would_run
+    cfg = preset("iemocap", backend="triton")
+    assert cuda_graphs_would_run(TrainConfig(device="cuda", precision="bf16"), cfg)
+    for settings in (dict(device="cpu", precision="fp32"), dict(device="cuda", precision="fp16"),
+                     dict(device="cuda", precision="bf16", accumulate=2),
+                     dict(device="cuda", precision="bf16", compile=True)):
+        assert not cuda_graphs_would_run(TrainConfig(**settings), cfg), settings
+    assert not cuda_graphs_would_run(TrainConfig(device="cuda", precision="bf16"), preset("iemocap", backend="torch"))
