@@ -56,10 +56,10 @@ class SharedFeatures:
 
     def view(self, modality: str, x: torch.Tensor) -> torch.Tensor:
         buf = self.buffers.get(modality)
-        if buf is None or buf.shape[1:] != x.shape[1:] or buf.dtype != x.dtype or buf.device != x.device:
-            buf = None
-        if buf is None or buf.shape[0] < x.shape[0]:
-            rows = x.shape[0] if buf is None else max(x.shape[0], int(buf.shape[0] * self.GROWTH))
+        same_kind = (buf is not None and buf.shape[1:] == x.shape[1:] and buf.dtype == x.dtype
+                     and buf.device == x.device)
+        if not same_kind or buf.shape[0] < x.shape[0]:
+            rows = max(x.shape[0], int(buf.shape[0] * self.GROWTH)) if same_kind else x.shape[0]
             buf = self.buffers[modality] = x.new_empty((rows, *x.shape[1:]))
         return buf[:x.shape[0]]
 
