@@ -1,5 +1,6 @@
 """train.py's whole step in several modes, interleaved step by step in one process: ratios that a noisy
-machine cannot bias (two sittings of `cmath-mer bench` an hour apart differed by up to 9% on a 2-core VM).
+machine cannot bias (on a 2-core VM the same step measured 878 ms in a `cmath-mer bench` sweep and 779 ms
+here minutes later).
 
     PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 10                 # DTYPE BATCH N ROUNDS
     PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 8 compiled,static  # [MODES]
