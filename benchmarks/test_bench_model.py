@@ -53,3 +53,20 @@ def test_bench_pipeline_writes_json_table_and_plots(tmp_path, device):
     assert "multi_source_attention" in md and data["machine"]["device_name"] in md
     assert (tmp_path / "attention_fwdbwd_fp32.png").stat().st_size > 0
     assert results["rows"] == data["rows"] or len(results["rows"]) == len(data["rows"])
+
+
+@pytest.mark.slow
+def test_compiled_engine_step_compiles_in_its_build_and_not_again(device):
+    """The compiled engine_step compiles in its build, on the case's own batch: the timed calls after it run
+    the same graph (a small warm-up batch gave a graph guarded to 5..16 utterances and a second compile)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    N = int(torch.randint(20, 40, ()))
+    call, info = B.build_case(B.make_case("engine_step", "torch_compile", N, mode="train", batch="one",
+                                          dtype="fp32", device=device))
+    built = counters["stats"]["unique_graphs"]
+    assert built >= 1 and info["build_compile_s"] > 0
+    for _ in range(2):
+        assert torch.isfinite(call()).all()
+    assert counters["stats"]["unique_graphs"] == built, dict(counters["stats"])

@@ -112,8 +112,8 @@ def _guarded(fn) -> dict:
 
 def time_step_row(backend: str, dtype: str, device: str, N: int) -> dict:
     """The benchmark's engine_step case (benchmark/build.py), built and measured here rather than through
-    run_case: the build runs one step on a 2 x 8 batch, which is where a compiled row first compiles, and
-    run_case's compile_s counts only the first full-size call after the build."""
+    run_case, so that this stage holds its own time limit and reports the build (where a compiled row
+    compiles, on the case's own batch) and the first call apart."""
     import torch
 
     from .. import benchmark as B
@@ -127,8 +127,8 @@ def time_step_row(backend: str, dtype: str, device: str, N: int) -> dict:
         row["build_s"] = time.perf_counter() - t0
         row.update(B.measure(call, device, reps=5, budget_s=3.0, long_call_s=3.0), status="ok")
         if backend.endswith("_compile"):
-            # the build's step compiles; a shape guard may recompile in the first 4,096 step: the time before
-            # the compiled step runs at speed (two steps' own time included, small beside the compile)
+            # the build's step compiles (on the case's own batch: no second compile at the first call); the
+            # time before the compiled step runs at speed (two steps' own time included, small beside it)
             row["compile_s"] = row["build_s"] + row["first_call_s"]
     except B.Unavailable as err:
         row.update(status="unavailable", reason=str(err))
