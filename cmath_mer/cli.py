@@ -104,6 +104,35 @@ def _load(data: str, preset_name: str, seed: int, class_names: str | None = None
     return load_dataset(_input_file("--data", data), **options)
 
 
+def _data_seed(state: dict) -> int:
+    """The seed a run's `--data synthetic` corpus was built with: the one its run info records, else (runs
+    from before it was recorded) the run's --seed, which a single-seed run builds its corpus with."""
+    run = state.get("run") or {}
+    if run.get("data_seed") is not None:
+        return run["data_seed"]
+    return (state.get("train_config") or {}).get("seed", 0)
+
+
+def _load_for_run(data: str, checkpoint: Path, modalities: tuple[str, ...], class_names: str | None = None):
+    """--data of evaluate and predict. 'synthetic' is the run's own synthetic corpus, rebuilt with the preset
+    and seed its training built it with, and checked against the run's data fingerprint."""
+    from .checkpoint import read_metadata
+    from .data import DataError
+    from .run_folder import data_fingerprint
+    if data != "synthetic":
+        return _load(data, "iemocap", 0, class_names)
+    state = read_metadata(checkpoint / "best.safetensors")["state"]
+    run = state.get("run") or {}
+    seed = _data_seed(state)
+    corpus = _load(data, run.get("preset") or "iemocap", seed, class_names)
+    trained_on = (state.get("data") or {}).get("sha256")
+    if trained_on is not None and data_fingerprint(corpus, modalities)["sha256"] != trained_on:
+        raise DataError(f"--data synthetic: the synthetic corpus rebuilt with seed {seed} is not the one the run in "
+                        f"{checkpoint} trained on (another SHA-256); save the corpus with `cmath-mer synth` and "
+                        f"give its file")
+    return corpus
+
+
 def _train_options(args) -> None:
     """Check every training option that was given, before anything is read or written."""
     if args.out == "":
@@ -228,7 +257,8 @@ def _cmd_train(args, distributed) -> int:
             folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
         # the run folder is rank 0's: it reads the settings and hands them to the other ranks
         saved, config, tcfg, preset_name, notes = distributed.on_main(_resume_settings, args, folder)
-        data = distributed.agree(_load, args.data, preset_name, tcfg.seed, args.class_names)
+        data_seed = _data_seed(saved.state)
+        data = distributed.agree(_load, args.data, preset_name, data_seed, args.class_names)
         check_compatible(data, config)
         distributed.on_main(check_resume, saved, config, tcfg,              # before saying anything
                             data_fingerprint(data, config.modalities))
@@ -248,14 +278,15 @@ def _cmd_train(args, distributed) -> int:
         _check_device(args.device if args.device is not None else "auto", overrides.get("backend"))
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         # every rank reads the data; one that cannot (a missing or bad file on its machine) stops them all
-        data = distributed.agree(_load, args.data, preset_name, seed, args.class_names)
+        data_seed = seed                           # --seeds: every seed's run on the corpus of seed 0
+        data = distributed.agree(_load, args.data, preset_name, data_seed, args.class_names)
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
                  "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
                  "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
         tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
-    run_info = {"preset": preset_name, "data": args.data}
+    run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed}   # evaluate rebuilds synthetic
     try:
         if seeds is not None:
             from .seeds import train_seeds
@@ -332,7 +363,7 @@ def _load_for_model(args):
         _names_option("--class-names", args.class_names)
     _input_file("--data", args.data)
     model = load_trained(_input_file("--checkpoint", args.checkpoint), device)
-    data = _load(args.data, "iemocap", 0, args.class_names)
+    data = _load_for_run(args.data, Path(args.checkpoint), model.config.modalities, args.class_names)
     check_compatible(data, model.config)
     return model, data
 
@@ -406,7 +437,7 @@ def cmd_predict(args) -> int:
                                            device=device, progress=not args.no_progress,
                                            **_table_options(args))
     else:
-        data = _load(args.data, "iemocap", 0, args.class_names)
+        data = _load_for_run(args.data, ckpt, model.config.modalities, args.class_names)
     check_compatible(data, model.config)
     precision = _eval_precision(args, device)
     y, p, prob = predict_conversations(model, data, list(range(len(data))), precision=precision)   # file order

@@ -25,6 +25,7 @@ from .errors import ConfigError
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 LOG_EVERY = 25            # optimizer steps between two reads of the device-side meters
 PREFETCH_DEPTH = 2        # batches built ahead of the one the model is working on
+FP16_INIT_SCALE = 2.0**16  # fp16: the GradScaler's first loss scale (torch's default; tests raise it)
 
 
 # ---------------------------------------------------------------------------------- device and precision
@@ -86,7 +87,7 @@ class Precision:
         self.name = name
         self.device_type = torch.device(device).type
         self.dtype = DTYPES[name]
-        self.scaler = torch.amp.GradScaler(self.device_type, enabled=name == "fp16")
+        self.scaler = torch.amp.GradScaler(self.device_type, init_scale=FP16_INIT_SCALE, enabled=name == "fp16")
 
     def autocast(self):
         if self.name == "fp32":

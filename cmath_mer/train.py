@@ -391,6 +391,12 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         train_seconds = time.perf_counter() - t0
         if tcfg.cuda_graphs:
             log(f"CUDA graphs: {len(stepper.graphs)} batch shapes captured, {stepper.replayed} steps replayed so far")
+        if tcfg.precision == "fp16" and steps and skipped == steps:
+            # the scaler skipped every step (halving the scale at each): the epoch changed nothing and the next
+            # would not either; a skipped step now and then is the scaler's normal work
+            raise _stopped(f"every step of epoch {epoch} (steps {state['global_step'] - steps + 1}-"
+                           f"{state['global_step']}, lr {tcfg.lr}, precision fp16) was skipped: the gradients "
+                           f"were inf/NaN at every loss scale tried, down to {precision.scaler.get_scale():g}", out)
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
         # evaluated as selected (the weight average, if any), in the training precision
         with ema.applied(model) if ema is not None else nullcontext(), precision.autocast():
@@ -450,14 +456,18 @@ def _read_meter(meter: engine.StepMeter, epoch: int, step: int, tcfg: TrainConfi
     seen = meter.read()
     where = f"in epoch {epoch} (steps {seen['first_step']}-{step}, lr {tcfg.lr}, precision {tcfg.precision})"
     if seen["bad_loss"]:
-        raise FloatingPointError(f"training stopped: the loss became non-finite (NaN/inf) {where}, in "
-                                 f"{seen['bad_loss']} of {seen['steps']} step(s); nothing of this epoch was "
-                                 f"saved, the checkpoints in {out} keep the last good epoch; try a smaller --lr")
+        raise _stopped(f"the loss became non-finite (NaN/inf) {where}, in {seen['bad_loss']} of {seen['steps']} "
+                       f"step(s)", out)
     if seen["bad_grad"] and tcfg.precision != "fp16":        # fp16: the scaler skipped those steps
-        raise FloatingPointError(f"training stopped: the gradients became non-finite (NaN/inf) {where}; "
-                                 f"nothing of this epoch was saved, the checkpoints in {out} keep the last good "
-                                 f"epoch; try a smaller --lr")
+        raise _stopped(f"the gradients became non-finite (NaN/inf) {where}", out)
     return seen
+
+
+def _stopped(what: str, out: Path) -> FloatingPointError:
+    """The error that stops training during an epoch, before anything of it is written (the checkpoints are
+    written after the epoch), so the run folder keeps the last good epoch."""
+    return FloatingPointError(f"training stopped: {what}; nothing of this epoch was saved, the checkpoints in "
+                              f"{out} keep the last good epoch; try a smaller --lr")
 
 
 def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> None:
@@ -465,10 +475,8 @@ def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig
     before the optimizer step, so it cannot see this)."""
     for name, param in model.named_parameters():
         if not bool(torch.isfinite(param).all()):
-            raise FloatingPointError(
-                f"training stopped: the weights became non-finite (NaN/inf, first in {name}) in epoch {epoch} "
-                f"(step {step}, lr {tcfg.lr}); nothing of this epoch was saved, the checkpoints in {out} keep "
-                f"the last good epoch; try a smaller --lr")
+            raise _stopped(f"the weights became non-finite (NaN/inf, first in {name}) in epoch {epoch} (step "
+                           f"{step}, lr {tcfg.lr})", out)
 
 
 def _write_run_files(out: Path, config: dict, tcfg: dict) -> None:

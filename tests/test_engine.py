@@ -1,23 +1,30 @@
-"""Issue 10, the training engine, on the CPU: no host read inside a training step (a spy on Tensor.item and
-friends), bf16 autocast learns as well as fp32, fp16 with GradScaler skips steps with inf gradients
-without touching the weights, resume under bf16/fp16 equals an uninterrupted run, --deterministic repeats
-a run bit for bit, gradient accumulation gives the gradients of the whole batch, and the CLI stores and
-keeps the new settings."""
+"""Issue 10, the training engine, on the CPU: no host read inside a training step and none between steps but
+the logging points' (a spy on Tensor.item and friends), bf16 autocast learns as well as fp32, fp16 with
+GradScaler skips steps with inf gradients without touching the weights (and stops an epoch that skipped them
+all), resume under bf16/fp16 equals an uninterrupted run (the loss scale included), --deterministic repeats a
+run bit for bit, gradient accumulation gives the gradients of the whole batch, the default precision, and the
+CLI stores and keeps the new settings, evaluate and predict in the run's precision."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import re
 import sys
+import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from cmath_mer import engine
+from cmath_mer import train as train_module
+from cmath_mer.checkpoint import read_metadata
 from cmath_mer.cli import main
 from cmath_mer.config import TrainConfig
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.model import CMATH
-from cmath_mer.train import build_config, train
+from cmath_mer.train import build_config, resolve_train_config, train
 from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
@@ -41,44 +48,104 @@ def same_files(a, b):
         assert torch.equal(ta[k], tb[k]), k
 
 
+def random_seed() -> int:
+    return int(torch.randint(0, 10_000, ()))
+
+
+def folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def nan_gradients(monkeypatch, when=lambda call: True):
+    """Every CMATH built from now on gets a hook on its first parameter that makes that gradient NaN in the
+    backward passes `when(call)` picks (call: 1, 2, ...); returns {"calls", "nan"}, the counts."""
+    real = CMATH.__init__
+    seen = {"calls": 0, "nan": 0}
+
+    def hook(grad):
+        seen["calls"] += 1
+        if not when(seen["calls"]):
+            return grad
+        seen["nan"] += 1
+        return grad * float("nan")
+
+    def init(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        next(self.parameters()).register_hook(hook)
+    monkeypatch.setattr(CMATH, "__init__", init)
+    return seen
+
+
+@contextlib.contextmanager
+def training_linear_dtypes():
+    """The set of (output dtype, weight dtype) of every nn.Linear called in training mode meanwhile."""
+    seen = set()
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.training:
+            seen.add((output.dtype, module.weight.dtype))
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 # ------------------------------------------------------------------------------------- no host sync
 
 HOST_READS = ("item", "cpu", "numpy", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_the_training_step_reads_no_tensor_on_the_host(tmp_path, monkeypatch, precision):
-    """Every host read of a tensor during a training step is recorded; only the logging points (between
-    steps) may read. torch's own AdamW reads its step counter, a host tensor by design (state_steps stay on
-    the CPU unless capturable), and the reference attention's per-conversation loop reads cu_seqlens
-    (the Triton path does not; the custom-op issue removes it from the reference under compile): those two
-    callers are named and allowed, nothing else."""
+def test_the_training_loop_reads_tensors_on_the_host_only_at_the_logging_points(tmp_path, monkeypatch, precision):
+    """Every host read of a tensor in the training loop is recorded. Inside a step: torch's own AdamW reads
+    its step counter, a host tensor by design (state_steps stay on the CPU unless capturable), and the
+    reference attention's per-conversation loop reads cu_seqlens (the Triton path does not; the custom-op
+    issue removes it from the reference under compile): those two callers are named and allowed, nothing
+    else. Between the first step and the end of the epoch's loop (the training thread; the prefetcher's thread
+    builds host batches): exactly the meter's one read (StepMeter.read: sums.tolist) at each logging point,
+    every LOG_EVERY steps and at the epoch's last step, nothing else."""
     allowed_callers = ("torch/optim/", "kernels/attention/naive.py")
-    bad, logged = [], []
+    monkeypatch.setattr(engine, "LOG_EVERY", 3)
+    bad, between, loop = [], [], {"open": False, "steps": 0}
 
     def spy(name):
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, **k):
             where = engine.phase()
+            caller = sys._getframe(1)
             if where == "step":
-                caller = sys._getframe(1).f_code.co_filename
-                if not any(c in caller for c in allowed_callers):
-                    bad.append(f"Tensor.{name} from {caller}:{sys._getframe(1).f_lineno}")
-            elif where == "logging":
-                logged.append(name)
+                if not any(c in caller.f_code.co_filename for c in allowed_callers):
+                    bad.append(f"Tensor.{name} from {caller.f_code.co_filename}:{caller.f_lineno}")
+            elif loop["open"] and threading.current_thread() is threading.main_thread():
+                between.append(f"{where}: Tensor.{name}")
             return real(self, *a, **k)
         return wrapper
 
+    real_step, real_check = engine.Stepper.__call__, train_module._check_finite_weights
+
+    def step(self, *args, **kwargs):                 # the loop starts with the first step
+        loop["open"] = True
+        loop["steps"] += 1
+        return real_step(self, *args, **kwargs)
+
+    def loop_ended(*args, **kwargs):                 # the first thing after the epoch's loop
+        loop["open"] = False
+        return real_check(*args, **kwargs)
+    monkeypatch.setattr(engine.Stepper, "__call__", step)
+    monkeypatch.setattr(train_module, "_check_finite_weights", loop_ended)
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, spy(name))
     data = corpus(conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    train(data, config, TrainConfig(epochs=1, batch_utterances=48, precision=precision, baseline=False),
+    train(data, config, TrainConfig(epochs=1, batch_utterances=24, precision=precision, baseline=False),
           tmp_path, **quiet)
     monkeypatch.undo()
     assert not bad, bad[:5]
-    assert logged, "the meters were never read at a logging point"
+    steps = loop["steps"]
+    assert steps > 3 and steps % 3, steps             # both kinds of logging point: every 3 steps, and the last
+    assert between == ["logging: Tensor.tolist"] * (steps // 3 + 1), between
 
 
 def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoch_kept(tmp_path, monkeypatch):
@@ -104,6 +171,41 @@ def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoc
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
+def test_an_fp16_epoch_that_skipped_every_step_stops_training_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
+    """fp16: gradients NaN at every loss scale (a hook) make the scaler skip every step of epoch 2, halving
+    the scale at each; training stops naming the epoch, its steps and the last scale tried, and the run
+    folder keeps epoch 1 byte for byte."""
+    seed = random_seed()
+    data = corpus(seed=seed, conversations=16)
+    config = build_config(data, "iemocap", **SMALL)
+    tc = TrainConfig(epochs=1, batch_utterances=32, seed=seed, precision="fp16", baseline=False)
+    train(data, config, tc, tmp_path, **quiet)
+    before = folder_bytes(tmp_path)
+    state = read_metadata(tmp_path / "last.safetensors")["state"]
+    n = state["global_step"]                                   # steps per epoch
+    last_scale = re.escape(f"{state['scaler']['scale'] * 0.5**n:g}")    # halved at each skipped step
+    nan_gradients(monkeypatch)
+    with pytest.raises(FloatingPointError, match=rf"every step of epoch 2 \(steps {n + 1}-{2 * n},.* was skipped: "
+                       rf"the gradients were inf/NaN at every loss scale tried, down to {last_scale};.*keep the "
+                       rf"last good epoch"):
+        train(data, config, dataclasses.replace(tc, epochs=2), tmp_path, resume=True, **quiet)
+    assert folder_bytes(tmp_path) == before
+
+
+def test_fp16_steps_skipped_now_and_then_are_no_error(tmp_path, monkeypatch):
+    """fp16: NaN gradients at every other step. The scaler skips those steps, the others train, the run
+    finishes, and the history counts the skipped steps."""
+    seed = random_seed()
+    data = corpus(seed=seed, conversations=16)
+    config = build_config(data, "iemocap", **SMALL)
+    seen = nan_gradients(monkeypatch, when=lambda call: call % 2 == 1)
+    metrics = train(data, config, TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision="fp16",
+                                              baseline=False), tmp_path, **quiet)
+    skipped = [row["skipped_steps"] for row in metrics["history"]]
+    assert len(skipped) == 2 and all(s > 0 for s in skipped), skipped
+    assert sum(skipped) == seen["nan"] == (seen["calls"] + 1) // 2, (skipped, seen)
+
+
 # ------------------------------------------------------------------------------------------ precision
 
 def test_bf16_autocast_learns_within_a_small_margin_of_fp32(tmp_path):
@@ -113,7 +215,10 @@ def test_bf16_autocast_learns_within_a_small_margin_of_fp32(tmp_path):
     f1 = {}
     for precision in ("fp32", "bf16"):
         tc = TrainConfig(epochs=6, lr=3e-3, batch_utterances=64, seed=3, precision=precision, baseline=False)
-        metrics = train(data, config, tc, tmp_path / precision, **quiet)
+        with training_linear_dtypes() as linear:
+            metrics = train(data, config, tc, tmp_path / precision, **quiet)
+        # the training forward's Linear layers compute in the autocast dtype, on fp32 weights
+        assert linear == {(engine.DTYPES[precision], torch.float32)}, (precision, linear)
         f1[precision] = metrics["selected_by_validation"]["weighted_f1"]
         assert json.loads((tmp_path / precision / "train_config.json").read_text())["precision"] == precision
         weights = load_file(str(tmp_path / precision / "best.safetensors"))
@@ -151,14 +256,24 @@ def test_fp16_grad_scaler_skips_steps_with_inf_gradients_without_touching_the_we
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, precision):
-    data = corpus(seed=5, conversations=16)
+def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, monkeypatch, precision):
+    """Losses, skipped steps, weights and optimizer state of a run interrupted after epoch 1 and resumed equal
+    those of the uninterrupted run. fp16 starts at a loss scale of 2**19, so the first steps overflow and are
+    skipped, halving the scale: the resumed epoch 2 skips none only if the checkpoint kept the scale."""
+    monkeypatch.setattr(engine, "FP16_INIT_SCALE", 2.0**19)
+    seed = random_seed()
+    data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=2, batch_utterances=64, seed=5, precision=precision, baseline=False)
+    tc = TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision=precision, baseline=False)
     full = train(data, config, tc, tmp_path / "full", **quiet)
+    if precision == "fp16":
+        skipped = [row["skipped_steps"] for row in full["history"]]
+        assert skipped[0] > 0 and skipped[1] == 0, skipped          # the scale moved in epoch 1, then held
     resumed = train_interrupted_after_epoch_1(data, config, tc, tmp_path / "cut")
     assert strip(resumed["history"]) == strip(full["history"])
     same_files(tmp_path / "full" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
+    scaler = [read_metadata(tmp_path / run / "last.safetensors")["state"].get("scaler") for run in ("full", "cut")]
+    assert scaler[0] == scaler[1] and (scaler[0] is not None) == (precision == "fp16"), scaler
     # the run's precision is part of it: resuming with another one is refused
     from cmath_mer.errors import RunFolderError
     with pytest.raises(RunFolderError, match="precision"):
@@ -168,15 +283,29 @@ def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, pr
 
 # ------------------------------------------------------------------------------ determinism, accumulation
 
-def test_deterministic_runs_are_identical(tmp_path):
-    data = corpus(seed=2, conversations=16)
+def test_deterministic_runs_are_identical(tmp_path, monkeypatch):
+    """Two --deterministic runs give the same history and weights; torch's deterministic algorithms are on in
+    every training step of such a run, off in a run without it, and off again after the run."""
+    seed = random_seed()
+    data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=2, batch_utterances=64, seed=9, deterministic=True, accumulate=2, baseline=False)
+    tc = TrainConfig(epochs=2, batch_utterances=64, seed=seed, deterministic=True, accumulate=2, baseline=False)
+    real = engine.Stepper.__call__
+    in_steps = []
+
+    def step(self, *args, **kwargs):
+        in_steps.append(torch.are_deterministic_algorithms_enabled())
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(engine.Stepper, "__call__", step)
     a = train(data, config, tc, tmp_path / "a", **quiet)
     b = train(data, config, tc, tmp_path / "b", **quiet)
+    assert in_steps and all(in_steps)
+    assert not torch.are_deterministic_algorithms_enabled()          # restored after the run
     assert strip(a["history"]) == strip(b["history"])
     same_files(tmp_path / "a" / "best.safetensors", tmp_path / "b" / "best.safetensors")
-    assert not torch.are_deterministic_algorithms_enabled()          # restored after the run
+    in_steps.clear()
+    train(data, config, dataclasses.replace(tc, deterministic=False, epochs=1), tmp_path / "c", **quiet)
+    assert in_steps and not any(in_steps)
 
 
 def test_micro_batches_split_by_utterances_without_cutting_a_conversation():
@@ -250,6 +379,29 @@ def test_prefetcher_and_device_corpus_give_the_batches_of_the_plan_and_pass_erro
     assert feed.thread is None                              # the thread was stopped and joined
 
 
+# ------------------------------------------------------------------------------------------ default precision
+
+def test_the_default_precision_is_fp32_on_the_cpu_and_bf16_on_cuda_cards_with_native_bfloat16(monkeypatch):
+    """Without a GPU: torch.cuda's answers are stubbed. A card with native bfloat16 gets bf16, one that has it
+    only emulated (torch says yes only when emulation counts) gets fp32, and so does the CPU; a precision that
+    was given is kept."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine.default_precision("cpu") == "fp32"
+    assert resolve_train_config(TrainConfig()).precision == "fp32"                    # auto: the CPU here
+    assert resolve_train_config(TrainConfig(precision="bf16")).precision == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    for native, emulated, expected in ((True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True: native or (including_emulation and emulated))
+        assert engine.default_precision("cuda") == expected
+        assert engine.default_precision("cuda:0") == expected
+        tc = resolve_train_config(TrainConfig())
+        assert (tc.device, tc.precision) == ("cuda", expected)
+        assert resolve_train_config(TrainConfig(precision="fp16")).precision == "fp16"
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 
 def test_cli_stores_the_engine_settings_and_resume_keeps_them(tmp_path, capsys):
@@ -275,6 +427,39 @@ def test_cli_stores_the_engine_settings_and_resume_keeps_them(tmp_path, capsys):
     assert main(["train", "--data", str(path), "--out", str(tmp_path / "o"), "--accumulate", "0"]) == 2
     assert "--accumulate" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_evaluate_and_predict_run_in_the_runs_precision_unless_told(tmp_path, monkeypatch, capsys):
+    """A bf16 run: evaluate reproduces the test metrics of metrics.json for the selected epoch, and evaluate and
+    predict run the forward under bf16 autocast by default, without autocast under --precision fp32 (a spy
+    on the model's forward records the autocast state)."""
+    path = tmp_path / "d.safetensors"
+    save_dataset(corpus(seed=random_seed(), conversations=12), path)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(path), "--epochs", "2", "--set", json.dumps(SMALL), "--precision", "bf16",
+                 "--out", str(out), "--no-progress"]) == 0
+    selected = json.loads((out / "metrics.json").read_text())["selected_by_validation"]
+    capsys.readouterr()
+    real = CMATH.forward
+    autocast = []
+
+    def forward(self, *args, **kwargs):
+        autocast.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(CMATH, "forward", forward)
+    for option, dtype in (([], torch.bfloat16), (["--precision", "fp32"], None)):
+        autocast.clear()
+        assert main(["evaluate", "--checkpoint", str(out), "--data", str(path), *option]) == 0
+        assert autocast and set(autocast) == {dtype}, (option, autocast)
+        if not option:
+            evaluated = json.loads(capsys.readouterr().out)
+            assert {k: evaluated[k] for k in ("weighted_f1", "accuracy", "per_class_f1")} == \
+                {k: selected[k] for k in ("weighted_f1", "accuracy", "per_class_f1")}
+        autocast.clear()
+        assert main(["predict", "--checkpoint", str(out), "--data", str(path), "--out", str(tmp_path / "p.csv"),
+                     *option]) == 0
+        assert autocast and set(autocast) == {dtype}, (option, autocast)
+        capsys.readouterr()
 
 
 @pytest.mark.slow
