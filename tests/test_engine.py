@@ -153,7 +153,7 @@ def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoc
     config = build_config(data, "iemocap", **SMALL)
     tc = TrainConfig(epochs=1, batch_utterances=48, baseline=False)
     train(data, config, tc, tmp_path, **quiet)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    before = folder_bytes(tmp_path)
     real = CMATH.forward
     calls = {"n": 0}
 
@@ -168,7 +168,7 @@ def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoc
     with pytest.raises(FloatingPointError, match=r"non-finite.*epoch 2 \(steps \d+-\d+"):
         train(data, config, TrainConfig(epochs=2, batch_utterances=48, baseline=False), tmp_path, resume=True,
               **quiet)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert folder_bytes(tmp_path) == before
 
 
 def test_an_fp16_epoch_that_skipped_every_step_stops_training_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
@@ -259,7 +259,8 @@ def test_fp16_grad_scaler_skips_steps_with_inf_gradients_without_touching_the_we
 def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, monkeypatch, precision):
     """Losses, skipped steps, weights and optimizer state of a run interrupted after epoch 1 and resumed equal
     those of the uninterrupted run. fp16 starts at a loss scale of 2**19, so the first steps overflow and are
-    skipped, halving the scale: the resumed epoch 2 skips none only if the checkpoint kept the scale."""
+    skipped, halving the scale: the resumed epoch 2 skips what the uninterrupted one skips only if the
+    checkpoint kept the scale."""
     monkeypatch.setattr(engine, "FP16_INIT_SCALE", 2.0**19)
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
@@ -268,7 +269,7 @@ def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, mo
     full = train(data, config, tc, tmp_path / "full", **quiet)
     if precision == "fp16":
         skipped = [row["skipped_steps"] for row in full["history"]]
-        assert skipped[0] > 0 and skipped[1] == 0, skipped          # the scale moved in epoch 1, then held
+        assert skipped[0] > 0, skipped                               # the scale moved before the interruption
     resumed = train_interrupted_after_epoch_1(data, config, tc, tmp_path / "cut")
     assert strip(resumed["history"]) == strip(full["history"])
     same_files(tmp_path / "full" / "last.safetensors", tmp_path / "cut" / "last.safetensors")
