@@ -392,11 +392,16 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         if tcfg.cuda_graphs:
             log(f"CUDA graphs: {len(stepper.graphs)} batch shapes captured, {stepper.replayed} steps replayed so far")
         if tcfg.precision == "fp16" and steps and skipped == steps:
-            # the scaler skipped every step (halving the scale at each): the epoch changed nothing and the next
-            # would not either; a skipped step now and then is the scaler's normal work
-            raise _stopped(f"every step of epoch {epoch} (steps {state['global_step'] - steps + 1}-"
-                           f"{state['global_step']}, lr {tcfg.lr}, precision fp16) was skipped: the gradients "
-                           f"were inf/NaN at every loss scale tried, down to {precision.scaler.get_scale():g}", out)
+            # the scaler skipped every step, halving the loss scale at each. A short epoch (a small corpus) may
+            # skip all its steps while the scaler comes down from 2**16; below a scale of 1 the gradients are
+            # inf/NaN even unscaled, and no scale will help
+            scale = precision.scaler.get_scale()
+            what = (f"every step of epoch {epoch} (steps {state['global_step'] - steps + 1}-{state['global_step']}, "
+                    f"lr {tcfg.lr}, precision fp16) was skipped: the gradients were inf/NaN at every loss scale "
+                    f"tried, down to {scale:g}")
+            if scale < 1:
+                raise _stopped(what, out)
+            log(f"warning: {what}; training goes on (it stops if the scale falls below 1)")
         _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
         # evaluated as selected (the weight average, if any), in the training precision
         with ema.applied(model) if ema is not None else nullcontext(), precision.autocast():

@@ -173,8 +173,9 @@ def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoc
 
 def test_an_fp16_epoch_that_skipped_every_step_stops_training_and_keeps_the_last_good_epoch(tmp_path, monkeypatch):
     """fp16: gradients NaN at every loss scale (a hook) make the scaler skip every step of epoch 2, halving
-    the scale at each; training stops naming the epoch, its steps and the last scale tried, and the run
-    folder keeps epoch 1 byte for byte."""
+    the scale at each down below 1 (it starts at 2 here); training stops naming the epoch, its steps and the
+    last scale tried, and the run folder keeps epoch 1 byte for byte."""
+    monkeypatch.setattr(engine, "FP16_INIT_SCALE", 2.0)
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
@@ -190,6 +191,27 @@ def test_an_fp16_epoch_that_skipped_every_step_stops_training_and_keeps_the_last
                        rf"last good epoch"):
         train(data, config, dataclasses.replace(tc, epochs=2), tmp_path, resume=True, **quiet)
     assert folder_bytes(tmp_path) == before
+
+
+def test_an_fp16_epoch_skipped_whole_above_scale_1_warns_and_training_goes_on(tmp_path, monkeypatch):
+    """A short fp16 epoch can skip every step while the scaler comes down from 2**16 (a small corpus): with the
+    scale still >= 1 that is a warning naming the epoch, not the end of the run."""
+    seed = random_seed()
+    data = corpus(seed=seed, conversations=16)
+    config = build_config(data, "iemocap", **SMALL)
+    tc = TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision="fp16", baseline=False)
+    seen = nan_gradients(monkeypatch, when=lambda call: call <= 2)     # epoch 1 has more than 2 steps
+    lines = []
+    metrics = train(data, config, tc, tmp_path, progress=False, log=lines.append)
+    skipped = [row["skipped_steps"] for row in metrics["history"]]
+    assert skipped == [2, 0] and seen["nan"] == 2, (skipped, seen)
+    assert not [line for line in lines if "warning: every step" in line], lines          # 2 of more: no warning
+    nan_gradients(monkeypatch)                                          # now every step of epoch 3
+    lines.clear()
+    metrics = train(data, config, dataclasses.replace(tc, epochs=3), tmp_path, resume=True, progress=False,
+                    log=lines.append)
+    assert len(metrics["history"]) == 3 and metrics["history"][2]["skipped_steps"] > 0
+    assert [line for line in lines if line.startswith("warning: every step of epoch 3 (steps ")], lines
 
 
 def test_fp16_steps_skipped_now_and_then_are_no_error(tmp_path, monkeypatch):
