@@ -278,7 +278,7 @@ def _cmd_train(args, distributed) -> int:
         _check_device(args.device if args.device is not None else "auto", overrides.get("backend"))
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         # every rank reads the data; one that cannot (a missing or bad file on its machine) stops them all
-        data_seed = seed                           # --seeds: every seed's run on the corpus of seed 0
+        data_seed = seed           # a synthetic corpus is built with --seed (under --seeds: for every run)
         data = distributed.agree(_load, args.data, preset_name, data_seed, args.class_names)
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
