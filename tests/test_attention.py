@@ -340,3 +340,37 @@ def test_reference_refuses_cu_seqlens_that_do_not_cover_the_rows(cut):
         bad[-1] -= 1
     with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T = 7"):
         naive_multi_source_attention(q, k, v, bad)
+
+
+def test_equal_length_runs_group_consecutive_conversations_of_one_length():
+    lengths = [int(n) for n in torch.randint(0, 4, (int(torch.randint(1, 30, ())),))]
+    runs = naive.equal_length_runs(lengths)
+    assert [n for n, c in runs for _ in range(c)] == lengths                 # in order, nothing lost
+    assert all(a[0] != b[0] for a, b in zip(runs, runs[1:]))                 # maximal: neighbours differ
+    assert naive.equal_length_runs([]) == []
+
+
+def test_reference_attends_each_run_of_equal_lengths_in_one_sdpa_call(monkeypatch):
+    """A batch in order of length (as the loader builds them) attends with one SDPA call per run of equal
+    lengths, not one per conversation; unsorted batches, empty conversations and every source still match the
+    float64 definition."""
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return real(q, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    for order in ("sorted", "shuffled"):
+        lengths = [int(n) for n in torch.randint(0, 7, (int(torch.randint(8, 40, ())),))]
+        lengths = sorted(lengths) if order == "sorted" else lengths
+        lengths[-1] = max(lengths[-1], 1)
+        S = int(torch.randint(1, 4, ()))
+        q, k, v, do, cu = make_inputs(lengths, S, 2, 8, torch.float64, seed=int(torch.randint(0, 999, ())))
+        calls.clear()
+        got = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu), q, k, v, do)
+        runs = [(n, c) for n, c in naive.equal_length_runs(lengths) if n]
+        assert calls == [c for n, c in runs], (order, lengths)              # one batched call per run
+        want = grads(lambda q, k, v: dense_attention(q, k, v, cu), q, k, v, do)
+        for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+            assert rel_err(a, b) < 1e-12, (order, name)

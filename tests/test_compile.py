@@ -1,8 +1,9 @@
 """torch.compile of the torch backend (issue 10): the ops it sees and the compiled step.
 
 Under torch.compile the attention reference on the CPU is `attention_ref_cpu_op` (SDPA's CPU flash kernels per
-conversation, the log-sum-exp kept for the backward instead of a recomputed forward), the reconstruction and
-variational references are traced as plain PyTorch, and the variational eps is the opaque `philox_randn` op.
+run of equal-length conversations, the log-sum-exp kept for the backward instead of a recomputed forward), the
+reconstruction and variational references are traced as plain PyTorch, and the variational eps is the opaque
+`philox_randn` op.
 The op tests are fast; the inductor ones compile the whole model (about a minute each on a CPU): `-m slow`."""
 from __future__ import annotations
 
@@ -43,6 +44,25 @@ def test_attention_cpu_op_forward_and_gradients_equal_the_reference(S, lengths):
     assert_rel_close("o", o, want_o, 1e-6)
     for name, a, b in zip(["dq"] + [f"dproj{s}" for s in range(S)], got, want):
         assert_rel_close(name, a, b, 1e-5)
+
+
+def test_attention_cpu_op_matches_the_float64_definition_on_runs_of_equal_lengths():
+    """Runs of equal-length conversations (one batched flash call each) and empty conversations, forward and
+    every gradient, in float64 (whose log-sum-exp the flash kernel keeps in float64) against the explicit
+    masked softmax."""
+    from test_attention import dense_attention
+    lengths = sorted(int(n) for n in torch.randint(0, 6, (int(torch.randint(6, 30, ())),)))
+    lengths[-1] = max(lengths[-1], 1)
+    S = int(torch.randint(1, 4, ()))
+    q, proj, k, v, cu = _sources(lengths, S, dtype=torch.float64, seed=int(torch.randint(0, 999, ())))
+    o, lse = reference_ops.attention_ref_cpu_op(q, k, v, cu, 0.3)
+    assert lse.dtype == torch.float64
+    do = torch.randn_like(o)
+    got = torch.autograd.grad(o, [q, *proj], do)
+    want_o = dense_attention(q, torch.stack(k), torch.stack(v), cu, scale=0.3)
+    want = torch.autograd.grad(want_o, [q, *proj], do)
+    for name, a, b in zip(["o", "dq"] + [f"dproj{s}" for s in range(S)], [o, *got], [want_o, *want]):
+        assert_rel_close(name, a, b, 1e-12)
 
 
 def test_attention_cpu_op_under_bf16_autocast_returns_the_region_dtype():

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .attention.naive import naive_multi_source_attention
+from .attention.naive import equal_length_runs, naive_multi_source_attention
 from .utils import once_differentiable, register_autocast_to_region_dtype
 
 
@@ -89,16 +89,35 @@ register_autocast_to_region_dtype("cmath_mer::multi_source_attention_ref", cast=
 
 
 # ----------------------------------------------------------------------------------------------------------
-# multi_source_attention on the CPU without a window: SDPA's CPU flash kernel per conversation, as in eager mode,
-# with its log-sum-exp kept for the backward, which runs the flash backward on it (nothing recomputed; the
-# recomputing pair above serves windows and other devices). lse: (H, T) fp32.
-def _conversation_heads(q, k, v, a, b):
-    """Rows a..b-1 as SDPA's (1, H, n, D) query and (1, H, S*n, D) keys/values (sources one after the other,
-    as the reference's one softmax over S*n keys)."""
-    qh = q[a:b].transpose(0, 1).unsqueeze(0)
-    kh = (k[0][a:b] if len(k) == 1 else torch.cat([x[a:b] for x in k])).transpose(0, 1).unsqueeze(0)
-    vh = (v[0][a:b] if len(v) == 1 else torch.cat([x[a:b] for x in v])).transpose(0, 1).unsqueeze(0)
-    return qh, kh, vh
+# multi_source_attention on the CPU without a window: SDPA's CPU flash kernel per run of equal-length
+# conversations (one batch of c conversations), as in eager mode, with its log-sum-exp kept for the backward,
+# which runs the flash backward on it (nothing recomputed; the recomputing pair above serves windows and other
+# devices). lse: (H, T) fp32 (fp64 for fp64 inputs).
+def _run_heads(x, a: int, n: int, c: int) -> torch.Tensor:
+    """Rows a .. a+c*n-1 of a (T, H, D) tensor as SDPA's (c, H, n, D): c conversations of n utterances."""
+    return x[a:a + c * n].unflatten(0, (c, n)).transpose(1, 2)
+
+
+def _run_sources(xs, a: int, n: int, c: int) -> torch.Tensor:
+    """The S sources' rows a .. a+c*n-1 as SDPA's (c, H, S*n, D) keys or values (sources one after the other:
+    the reference's one softmax over S*n keys)."""
+    heads = [_run_heads(x, a, n, c) for x in xs]
+    return heads[0] if len(heads) == 1 else torch.cat(heads, dim=2)
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    # SDPA's CPU flash kernels keep the log-sum-exp in their accumulation type
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _runs(cu_seqlens: torch.Tensor):
+    """(a, n, c) for each run of c consecutive conversations of n > 0 utterances starting at row a."""
+    bounds = cu_seqlens.tolist()
+    a = bounds[0]
+    for n, c in equal_length_runs([y - x for x, y in zip(bounds[:-1], bounds[1:])]):
+        if n:
+            yield a, n, c
+        a += n * c
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_ref_cpu", mutates_args=())
@@ -106,21 +125,19 @@ def attention_ref_cpu_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.T
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     T, H, D = q.shape
     o = q.new_zeros(T, H, D)
-    lse = torch.zeros(H, T, dtype=torch.float32, device=q.device)
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            out, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*_conversation_heads(q, k, v, a, b),
-                                                                               scale=scale)
-            o[a:b] = out[0].transpose(0, 1)
-            lse[:, a:b] = l[0]
+    lse = torch.zeros(H, T, dtype=_lse_dtype(q), device=q.device)
+    for a, n, c in _runs(cu_seqlens):
+        out, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _run_heads(q, a, n, c), _run_sources(k, a, n, c), _run_sources(v, a, n, c), scale=scale)
+        o[a:a + c * n] = out.transpose(1, 2).flatten(0, 1)                   # (c, H, n, D) -> (c*n, H, D)
+        lse[:, a:a + c * n] = l.transpose(0, 1).flatten(1)                   # (c, H, n) -> (H, c*n)
     return o, lse
 
 
 @attention_ref_cpu_op.register_fake
 def _(q, k, v, cu_seqlens, scale):
     T, H, D = q.shape
-    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((H, T), dtype=_lse_dtype(q))
 
 
 @torch.library.custom_op("cmath_mer::multi_source_attention_ref_cpu_backward", mutates_args=())
@@ -133,16 +150,14 @@ def attention_ref_cpu_backward_op(q: torch.Tensor, k: list[torch.Tensor], v: lis
     dk = k[0].new_zeros(S, T, H, D)
     dv = v[0].new_zeros(S, T, H, D)
     do = do.to(o.dtype)
-    bounds = cu_seqlens.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
-            n = b - a
-            gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do[a:b].transpose(0, 1).unsqueeze(0), *_conversation_heads(q, k, v, a, b),
-                o[a:b].transpose(0, 1).unsqueeze(0), lse[:, a:b].unsqueeze(0), 0.0, False, scale=scale)
-            dq[a:b] = gq[0].transpose(0, 1)
-            dk[:, a:b] = gk[0].reshape(H, S, n, D).permute(1, 2, 0, 3)
-            dv[:, a:b] = gv[0].reshape(H, S, n, D).permute(1, 2, 0, 3)
+    for a, n, c in _runs(cu_seqlens):
+        b = a + c * n
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _run_heads(do, a, n, c), _run_heads(q, a, n, c), _run_sources(k, a, n, c), _run_sources(v, a, n, c),
+            _run_heads(o, a, n, c), lse[:, a:b].unflatten(1, (c, n)).transpose(0, 1), 0.0, False, scale=scale)
+        dq[a:b] = gq.transpose(1, 2).flatten(0, 1)                             # (c, H, n, D) -> (c*n, H, D)
+        dk[:, a:b] = gk.unflatten(2, (S, n)).permute(2, 0, 3, 1, 4).flatten(1, 2)  # (c, H, S*n, D) -> (S, c*n, H, D)
+        dv[:, a:b] = gv.unflatten(2, (S, n)).permute(2, 0, 3, 1, 4).flatten(1, 2)
     return dq, dk, dv
 
 

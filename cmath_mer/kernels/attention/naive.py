@@ -5,8 +5,9 @@ S sources (S * N_b keys), or only to those with |pos(query) - pos(key)| <= windo
 
 Memory stays linear in the conversation length, and with a window so does time:
 * whole conversations (no window, or a window that reaches across every conversation) go through
-  `scaled_dot_product_attention` one conversation at a time (its CPU and CUDA flash kernels keep only the
-  log-sum-exp for the backward), so no N_b x N_b score matrix is ever built;
+  `scaled_dot_product_attention` once per run of neighbouring conversations of equal length, as one SDPA
+  batch (batches hold conversations in order of length); its CPU and CUDA flash kernels keep only the
+  log-sum-exp for the backward, so no N_b x N_b score matrix is ever built;
 * with a window, `banded_attention` works on the packed rows directly: query block i of `block` rows sees
   only key blocks i - r .. i + r (r = ceil(window / block)), a band of (2r + 1) * block keys per source,
   masked down to the keys of its own conversation within the window. The blocks are taken a chunk at a
@@ -26,13 +27,27 @@ CHUNK_SCORES = 1 << 22   # score elements per chunk of query blocks (16 MiB in f
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # q: (n, H, D); k, v: (S, m, H, D) -> (n, H, D); the S sources are one softmax over S*m keys.
-    S, m, H, D = k.shape
-    qh = q.transpose(0, 1).unsqueeze(0)                                   # (1, H, n, D)
-    kh = k.permute(2, 0, 1, 3).reshape(1, H, S * m, D)                    # (1, H, S*m, D)
-    vh = v.permute(2, 0, 1, 3).reshape(1, H, S * m, D)
+    # q: (c, n, H, D); k, v: (S, c, n, H, D) -> (c, n, H, D): c conversations of n utterances, each query
+    # attending in one softmax to the S*n keys of its own conversation.
+    S, c, n, H, D = k.shape
+    qh = q.transpose(1, 2)                                                # (c, H, n, D)
+    kh = k.permute(1, 3, 0, 2, 4).reshape(c, H, S * n, D)                 # (c, H, S*n, D)
+    vh = v.permute(1, 3, 0, 2, 4).reshape(c, H, S * n, D)
     o = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
-    return o.squeeze(0).transpose(0, 1)                                   # (n, H, D)
+    return o.transpose(1, 2)                                              # (c, n, H, D)
+
+
+def equal_length_runs(lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """(n, c) for each run of c consecutive conversations of n utterances each. Batches hold conversations
+    in order of length, so a few runs cover a batch of short conversations, and each run attends as one SDPA
+    batch: one call per conversation spent more time dispatching than computing (MELD's ~10 utterances)."""
+    runs: list[tuple[int, int]] = []
+    for n in lengths:
+        if runs and runs[-1][0] == n:
+            runs[-1] = (n, runs[-1][1] + 1)
+        else:
+            runs.append((n, 1))
+    return runs
 
 
 def as_sources(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -69,8 +84,10 @@ def naive_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
                          f"{bounds[-1]}")
     # split, not a slice per conversation: a slice's backward writes a zero-filled gradient of the whole
     # tensor, B of them per call (4x the time of the attention itself at 128 conversations of ~12 utterances)
-    out = [_attend(qc, kc, vc, scale) for qc, kc, vc in zip(q.split(lengths), k.split(lengths, 1),
-                                                                 v.split(lengths, 1)) if qc.shape[0]]
+    runs = equal_length_runs(lengths)
+    rows = [n * c for n, c in runs]
+    out = [_attend(qr.unflatten(0, (c, n)), kr.unflatten(1, (c, n)), vr.unflatten(1, (c, n)), scale).flatten(0, 1)
+           for (n, c), qr, kr, vr in zip(runs, q.split(rows), k.split(rows, 1), v.split(rows, 1)) if n]
     if not out:
         return q.new_zeros(q.shape)
     return torch.cat(out, dim=0)
