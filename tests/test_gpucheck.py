@@ -248,15 +248,14 @@ def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypa
     seen, clock = [], [0.0]
     monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
 
-    def fake_run(cmd, capture_output, text, timeout):
-        seen.append((cmd[cmd.index("--stage") + 1], timeout, float(cmd[cmd.index("--stage-limit") + 1])))
-        clock[0] += 70.0                                          # every stage takes 70 s of the budget
+    monkeypatch.setattr(driver.time, "time", lambda: 1000.0 + clock[0])
 
-        class Done:
-            returncode, stderr = 0, ""
-            stdout = "RESULT " + json.dumps(dict(ok=True))
-        return Done()
-    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+    def fake_run(cmd, limit_s):
+        deadline = float(cmd[cmd.index("--stage-deadline") + 1]) - 1000.0 - clock[0]
+        seen.append((cmd[cmd.index("--stage") + 1], limit_s, deadline))
+        clock[0] += 70.0                                          # every stage takes 70 s of the budget
+        return 0, "RESULT " + json.dumps(dict(ok=True)), ""
+    monkeypatch.setattr(driver, "run_with_limit", fake_run)
     budget = 100 + int(torch.randint(0, 30, ()))
     rc = driver.main(["--device", "cuda", "--stages", "env,determinism,cuda_graph", "--out", str(tmp_path),
                       "--budget", str(budget)])
@@ -273,13 +272,71 @@ def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_
     ref = float(torch.empty(()).uniform_(0.05, 0.5))
     rows = [_row("torch", "fp32", ref), _row("triton_graphs", "bf16", ref / 5)]
 
-    def fake_run(cmd, capture_output, text, timeout):
+    def fake_run(cmd, limit_s):
         (tmp_path / "targets").mkdir(exist_ok=True)
         (tmp_path / "targets" / "results.json").write_text(json.dumps(dict(rows=rows, gpu_busy={})))
-        raise driver.subprocess.TimeoutExpired(cmd, timeout)
-    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+        return None, "", ""                                       # stopped at its limit
+    monkeypatch.setattr(driver, "run_with_limit", fake_run)
     assert driver.main(["--device", "cuda", "--stages", "targets", "--out", str(tmp_path)]) == 1
     res = json.loads((tmp_path / "targets.json").read_text())
     assert res["timeout"] and res["partial"]["rows"] == rows
     md = (tmp_path / "summary.md").read_text()
     assert "| targets | TIMEOUT |" in md and "5.00x (triton_graphs" in md and "| pass |" in md
+
+
+# ------------------------------------------------------------------------------------- the stages' processes
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a reaped or dead child of a killed stage does not run)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_stage_stopped_at_its_limit_takes_its_children_with_it(tmp_path, monkeypatch):
+    """What a stage starts (a demo training run, workers) must not go on using the GPU after the stage was
+    stopped at its limit; the stage's log is what it printed, as text."""
+    import json
+    import os
+    import signal
+    import time
+    from cmath_mer.gpucheck import driver
+    word = f"partial-{int(torch.randint(0, 10_000, ()))}-é"
+    stage = (f"import subprocess, sys, time\n"
+             f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],\n"
+             f"                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+             f"print('CHILD', child.pid, {word!r}, flush=True)\n"
+             f"time.sleep(600)\n")
+    monkeypatch.setattr(driver, "stage_command", lambda name, args, out, deadline: [sys.executable, "-c", stage])
+    monkeypatch.setattr(driver, "STAGES", [("env", "a stage that outlives its limit", 3)])
+    assert driver.main(["--device", "cuda", "--stages", "env", "--out", str(tmp_path)]) == 1
+    log = (tmp_path / "env.log").read_text()
+    line = next(ln for ln in log.splitlines() if ln.startswith("CHILD"))
+    pid = int(line.split()[1])
+    try:
+        for _ in range(50):                     # SIGKILL is delivered at once; the reaping may take a moment
+            if not _running(pid):
+                break
+            time.sleep(0.1)
+        assert not _running(pid), "the stage's child outlived the stage"
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert word in line and "b'" not in log
+    res = json.loads((tmp_path / "env.json").read_text())
+    assert res["timeout"] and not res["ok"]
+
+
+def test_a_process_a_stage_starts_stops_before_the_stage_limit():
+    """common.run_child: a demo run or worker gets what is left of the stage's limit less a margin, so the stage
+    records it as stopped (returncode None, its output kept as text) instead of being killed with it."""
+    import time
+    from types import SimpleNamespace
+    from cmath_mer.gpucheck.common import run_child, seconds_left
+    word = f"started-{int(torch.randint(0, 10_000, ()))}"
+    args = SimpleNamespace(stage_deadline=time.time() + 6.0)               # 1 s once the 5 s margin is kept
+    p = run_child([sys.executable, "-c", f"import time; print({word!r}, flush=True); time.sleep(600)"], args)
+    assert p.returncode is None and word in p.stdout and "time limit" in p.stderr
+    assert seconds_left(SimpleNamespace()) is None                          # called directly: no limit

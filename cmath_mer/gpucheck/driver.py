@@ -4,13 +4,15 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from . import graphs, parity, runs, targets
-from .common import write_json
+from .common import as_text, write_json
 
 
 STAGES = [
@@ -40,6 +42,35 @@ MIN_STAGE_S = 20           # with --budget, a stage is not started with less tha
 def run_stage(name: str, args) -> dict:
     module = next(m for m in (parity, graphs, runs, targets) if hasattr(m, f"stage_{name}"))
     return getattr(module, f"stage_{name}")(args)
+
+
+def run_with_limit(cmd: list[str], limit_s: float) -> tuple[int | None, str, str]:
+    """(returncode, None when stopped at the limit; stdout; stderr) of a stage's process. The stage runs in a
+    session of its own and at its limit the whole process group is killed: subprocess.run's timeout kills only
+    the stage, and what it started (a demo training run, parity or determinism workers) would go on using the
+    GPU under the next stages."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=limit_s)
+            return proc.returncode, as_text(out), as_text(err)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            out, err = proc.communicate()
+            return None, as_text(out), as_text(err)
+        except BaseException:          # SIGTERM (as SystemExit), Ctrl-C: not sent to the stage's own session
+            _kill_group(proc)
+            raise
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)      # its own session: the group id is its pid
+    except ProcessLookupError:
+        pass                                      # the group ended meanwhile
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)                # so that run_with_limit kills the running stage's group
 
 
 def _summary_md(out: Path, results: dict) -> str:
@@ -85,7 +116,7 @@ def main(argv=None) -> int:
                                                 "is cut to what is left, and none starts with under "
                                                 f"{MIN_STAGE_S} s left")
     p.add_argument("--stage", help=argparse.SUPPRESS)
-    p.add_argument("--stage-limit", type=float, help=argparse.SUPPRESS)     # the stage's own time limit, seconds
+    p.add_argument("--stage-deadline", type=float, help=argparse.SUPPRESS)  # the stage's, time.time() seconds
     p.add_argument("--worker", nargs=2, type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
@@ -111,6 +142,19 @@ def main(argv=None) -> int:
         args.out = f"benchmarks/results/{_dt.date.today().isoformat()}-{card}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        return run_stages(stages, args, out)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stage_command(name: str, args, out: Path, deadline: float) -> list[str]:
+    return [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device, "--out", str(out),
+            "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget), "--stage-deadline", str(deadline)]
+
+
+def run_stages(stages: list[str], args, out: Path) -> int:
     results = dict(started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), device=args.device)
     # the limits are sized for one H100; the interpreter on a CPU runs the small cases slower
     limits = {n: lim * (1 if args.device == "cuda" else 4) for n, _, lim in STAGES}
@@ -126,22 +170,18 @@ def main(argv=None) -> int:
                 _save(out, results)
                 continue
             limits[name] = min(limits[name], int(left))
-        cmd = [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device,
-               "--out", str(out), "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget),
-               "--stage-limit", str(limits[name])]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limits[name])
-            (out / f"{name}.log").write_text(proc.stdout[-200000:] + "\n--- stderr ---\n" + proc.stderr[-200000:])
-            got = [ln[7:] for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            res = json.loads(got[-1]) if got else dict(ok=False, error=f"exit {proc.returncode}: "
-                                                                         f"{proc.stderr[-1500:]}")
-        except subprocess.TimeoutExpired as err:
-            (out / f"{name}.log").write_text(str(err.stdout or "")[-200000:] + "\n--- stderr ---\n"
-                                             + str(err.stderr or "")[-200000:])
+        # the stage's deadline in wall-clock time: the processes it starts stop before it (common.seconds_left)
+        cmd = stage_command(name, args, out, time.time() + limits[name])
+        code, stdout, stderr = run_with_limit(cmd, limits[name])
+        (out / f"{name}.log").write_text(stdout[-200000:] + "\n--- stderr ---\n" + stderr[-200000:])
+        if code is None:
             res = dict(ok=False, timeout=True, error=f"over its {limits[name]} s limit")
             partial = out / name / "results.json"          # what a stage saved as it went (bench, targets)
             if partial.exists():
                 res["partial"] = json.loads(partial.read_text())
+        else:
+            got = [ln[7:] for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            res = json.loads(got[-1]) if got else dict(ok=False, error=f"exit {code}: {stderr[-1500:]}")
         res["seconds"] = time.perf_counter() - t0
         results[name] = res
         write_json(out / f"{name}.json", res)

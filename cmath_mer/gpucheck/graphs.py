@@ -3,13 +3,12 @@ engine.Stepper, with step times and the demo trained both ways."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from .common import rel_err, training_stepper
+from .common import rel_err, run_child, training_stepper
 
 
 # ------------------------------------------------------------------------------------------- CUDA graph
@@ -175,9 +174,8 @@ def stage_graph_train(args) -> dict:
     runs = {}
     for flag in ("--no-cuda-graphs", "--cuda-graphs"):
         run = out / flag.strip("-")
-        p = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--data", "synthetic", "--epochs", "3",
-                            "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run)],
-                           capture_output=True, text=True)
+        p = run_child([sys.executable, "-m", "cmath_mer", "train", "--data", "synthetic", "--epochs", "3",
+                       "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run)], args)
         (out / f"{flag.strip('-')}.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
         if p.returncode != 0:
             runs[flag] = dict(error=p.stderr[-1500:])

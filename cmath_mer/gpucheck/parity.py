@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from .common import digest, rel_err, training_stepper
+from .common import digest, rel_err, run_child, seconds_left, training_stepper
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -160,7 +160,12 @@ def stage_parity(args) -> dict:
                               stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for i in range(jobs)]
     rows, errors = [], []
     for p in procs:
-        out, err = p.communicate()
+        try:
+            out, err = p.communicate(timeout=seconds_left(args))
+        except subprocess.TimeoutExpired:               # stopped before the stage's limit: the others' rows count
+            p.kill()
+            out, err = p.communicate()
+            err += "\n(stopped: the stage's time limit)"
         lines = [ln for ln in out.splitlines() if ln.startswith("[")]
         if p.returncode != 0 or not lines:
             errors.append(f"worker exit {p.returncode}: {err[-800:]}")
@@ -257,8 +262,8 @@ def stage_determinism(args) -> dict:
         return {}
     runs = []
     for i in range(2):
-        p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--stage", "determinism", "--device",
-                            args.device, "--worker", str(i), "2"], capture_output=True, text=True)
+        p = run_child([sys.executable, "-m", "cmath_mer.gpucheck", "--stage", "determinism", "--device",
+                       args.device, "--worker", str(i), "2"], args)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode != 0 or not lines:
             return dict(ok=False, error=f"process {i} exit {p.returncode}: {p.stderr[-1500:]}")

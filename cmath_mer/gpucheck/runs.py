@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import training_stepper, write_json
+from .common import run_child, training_stepper, write_json
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -73,15 +73,17 @@ def stage_train_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.device != "cuda":                  # the interpreter is slow: a corpus of 6 short conversations
         data = str(out / "tiny.safetensors")
-        subprocess.run([sys.executable, "-m", "cmath_mer", "synth", "--conversations", "6", "--min-length", "4",
-                        "--max-length", "12", data], check=True, capture_output=True)
+        p = run_child([sys.executable, "-m", "cmath_mer", "synth", "--conversations", "6", "--min-length", "4",
+                       "--max-length", "12", data], args)
+        if p.returncode != 0:
+            return dict(ok=False, error=f"synth: {p.stderr[-2000:]}")
     backends = ("torch", "triton") if args.device == "cuda" else ("torch",)   # the CLI refuses triton on a CPU
     for backend in backends:
         run = out / backend
         cmd = [sys.executable, "-m", "cmath_mer", "train", "--data", data, "--epochs", "3", "--no-progress",
                "--device", args.device, "--backend", backend, "--out", str(run), "--seed", "0"]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = run_child(cmd, args)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             return dict(ok=False, backend=backend, error=p.stderr[-2000:])

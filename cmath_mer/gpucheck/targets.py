@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import training_stepper, write_json
+from .common import seconds_left, training_stepper, write_json
 
 CPU_VERDICT = "cpu: not a target"
 NOT_MEASURED = "not measured"
@@ -65,7 +65,8 @@ def stage_targets(args) -> dict:
     cuda = args.device == "cuda"
     out = Path(args.out) / "targets"
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + (getattr(args, "stage_limit", None) or 300.0)
+    # the driver's deadline, set before this process started: the imports and the interpreter's start count
+    deadline = time.perf_counter() + (seconds_left(args, margin=0.0) or 300.0)
     res: dict = dict(device=args.device, utterances=4096 if cuda else 12, busy_lengths=busy_lengths(args.device),
                      gap_threshold_us=GAP_THRESHOLD_US, rows=[], gpu_busy={})
 
