@@ -242,28 +242,37 @@ def test_partial_rows_of_a_stage_stopped_at_its_limit_give_verdicts():
 
 
 def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypatch):
-    """--budget: each stage runs under min(its limit, what is left); none starts with under MIN_STAGE_S left."""
+    """--budget: each stage runs under min(its limit, what is left); a stage with less left than the least time
+    it needs is SKIPPED (a later one that needs less still runs); the summary names the stages a second call
+    should run, the SKIPPED and the TIMEOUT ones."""
     import json
     from cmath_mer.gpucheck import driver
     seen, clock = [], [0.0]
     monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
-
     monkeypatch.setattr(driver.time, "time", lambda: 1000.0 + clock[0])
+    # (name, what, limit, least time) and the seconds each takes here; profile is stopped at its limit
+    monkeypatch.setattr(driver, "STAGES", [("env", "e", 30, 10), ("graph_train", "g", 150, 120),
+                                           ("train_demo", "t", 100, 80), ("profile", "p", 60, 30)])
+    takes = {"env": 20.0, "graph_train": 70.0, "profile": 60.0}
 
     def fake_run(cmd, limit_s):
-        deadline = float(cmd[cmd.index("--stage-deadline") + 1]) - 1000.0 - clock[0]
-        seen.append((cmd[cmd.index("--stage") + 1], limit_s, deadline))
-        clock[0] += 70.0                                          # every stage takes 70 s of the budget
-        return 0, "RESULT " + json.dumps(dict(ok=True)), ""
+        name = cmd[cmd.index("--stage") + 1]
+        seen.append((name, limit_s, float(cmd[cmd.index("--stage-deadline") + 1]) - 1000.0 - clock[0]))
+        clock[0] += takes[name]
+        return (None, "", "") if name == "profile" else (0, "RESULT " + json.dumps(dict(ok=True)), "")
     monkeypatch.setattr(driver, "run_with_limit", fake_run)
-    budget = 100 + int(torch.randint(0, 30, ()))
-    rc = driver.main(["--device", "cuda", "--stages", "env,determinism,cuda_graph", "--out", str(tmp_path),
+    budget = 150 + int(torch.randint(0, 10, ()))      # graph_train gets 130-139 s of its 150; train_demo 60-69
+    rc = driver.main(["--device", "cuda", "--stages", "env,graph_train,train_demo,profile", "--out", str(tmp_path),
                       "--budget", str(budget)])
-    assert [s[0] for s in seen] == ["env", "determinism"]
-    assert seen[0][1] == 30 and seen[1][1] == min(60, budget - 70) == seen[1][2]
+    assert [s[0] for s in seen] == ["env", "graph_train", "profile"] and rc == 1
+    assert seen[0][1] == 30 and seen[1][1] == budget - 20 == seen[1][2] and seen[2][1] == 60
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["cuda_graph"]["skipped"] and not summary["cuda_graph"]["ok"] and rc == 1
-    assert "| cuda_graph | SKIPPED |" in (tmp_path / "summary.md").read_text()
+    assert summary["train_demo"]["skipped"] and not summary["train_demo"]["ok"]
+    assert "needs about 80 s" in summary["train_demo"]["error"]
+    assert summary["rerun"] == ["train_demo", "profile"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| train_demo | SKIPPED |" in md and "| profile | TIMEOUT |" in md
+    assert "`--stages train_demo,profile`" in md
 
 
 def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_path, monkeypatch):
@@ -310,7 +319,7 @@ def test_a_stage_stopped_at_its_limit_takes_its_children_with_it(tmp_path, monke
              f"print('CHILD', child.pid, {word!r}, flush=True)\n"
              f"time.sleep(600)\n")
     monkeypatch.setattr(driver, "stage_command", lambda name, args, out, deadline: [sys.executable, "-c", stage])
-    monkeypatch.setattr(driver, "STAGES", [("env", "a stage that outlives its limit", 3)])
+    monkeypatch.setattr(driver, "STAGES", [("env", "a stage that outlives its limit", 3, 0)])
     assert driver.main(["--device", "cuda", "--stages", "env", "--out", str(tmp_path)]) == 1
     log = (tmp_path / "env.log").read_text()
     line = next(ln for ln in log.splitlines() if ln.startswith("CHILD"))
