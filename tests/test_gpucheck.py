@@ -349,3 +349,49 @@ def test_a_process_a_stage_starts_stops_before_the_stage_limit():
     p = run_child([sys.executable, "-c", f"import time; print({word!r}, flush=True); time.sleep(600)"], args)
     assert p.returncode is None and word in p.stdout and "time limit" in p.stderr
     assert seconds_left(SimpleNamespace()) is None                          # called directly: no limit
+
+
+# ------------------------------------------------------------------------------------ tools/gpu_session.sh
+
+def test_the_demo_stage_reruns_into_a_folder_that_holds_its_earlier_run(tmp_path):
+    """A second call into the same results folder: `cmath-mer train` refuses a folder that holds a run, so the
+    stage's demo runs replace their own (--overwrite)."""
+    from types import SimpleNamespace
+    from cmath_mer.gpucheck import runs
+    earlier = tmp_path / "train_demo" / "torch"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.json").write_text("{}")                      # what a run folder holds
+    res = runs.stage_train_demo(SimpleNamespace(device="cpu", out=str(tmp_path)))
+    assert res["ok"], res.get("error")
+
+
+def test_gpu_session_smoke_on_the_cpu(tmp_path):
+    """DEVICE=cpu: the caller's PYTHONPATH is kept, TRITON_INTERPRET is set, checkpoints and their temporaries
+    stay out of the tarball, and the last line printed is the second call for the stages not finished."""
+    import json
+    import os
+    import tarfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    results = tmp_path / "results"
+    (results / "train_demo" / "torch").mkdir(parents=True)
+    for name in ("best.safetensors", ".best.safetensors.ab12cd.tmp", "x.pt", "keep.json"):
+        (results / "train_demo" / "torch" / name).write_text("x")
+    log, extra = tmp_path / "python.log", f"/nowhere/{int(torch.randint(0, 10_000, ()))}"
+    wrapper = tmp_path / "python"              # records the environment every python of the script starts in
+    wrapper.write_text(f'#!/bin/sh\necho "$PYTHONPATH|$TRITON_INTERPRET" >> {log}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path), RESULTS=str(results), PYTHON=str(wrapper),
+               PYTHONPATH=extra, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    # graph_train needs 600 s on a CPU (4x its H100 time): SKIPPED under a 100 s budget
+    p = subprocess.run([str(root / "tools" / "gpu_session.sh"), "100", "env,graph_train"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]                         # graph_train not run
+    assert p.stdout.strip().splitlines()[-1] == "not finished; second call: tools/gpu_session.sh 100 graph_train"
+    assert set(log.read_text().splitlines()) == {f"{root}:{extra}|1"}
+    assert json.loads((results / "env.json").read_text())["interpret"] == "1"
+    with tarfile.open(tmp_path / "gpucheck.tgz") as tar:
+        names = [Path(n).name for n in tar.getnames()]
+    assert "keep.json" in names and "summary.md" in names
+    assert not [n for n in names if ".safetensors" in n or n.endswith((".tmp", ".pt"))], names

@@ -174,8 +174,11 @@ def stage_graph_train(args) -> dict:
     runs = {}
     for flag in ("--no-cuda-graphs", "--cuda-graphs"):
         run = out / flag.strip("-")
+        # --overwrite: a rerun of this stage into the same --out replaces its own demo run (train refuses a
+        # folder that holds one)
         p = run_child([sys.executable, "-m", "cmath_mer", "train", "--data", "synthetic", "--epochs", "3",
-                       "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run)], args)
+                       "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run),
+                       "--overwrite"], args)
         (out / f"{flag.strip('-')}.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
         if p.returncode != 0:
             runs[flag] = dict(error=p.stderr[-1500:])

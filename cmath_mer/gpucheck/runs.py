@@ -80,8 +80,10 @@ def stage_train_demo(args) -> dict:
     backends = ("torch", "triton") if args.device == "cuda" else ("torch",)   # the CLI refuses triton on a CPU
     for backend in backends:
         run = out / backend
+        # --overwrite: a rerun of this stage into the same --out replaces its own demo run (train refuses a
+        # folder that holds one)
         cmd = [sys.executable, "-m", "cmath_mer", "train", "--data", data, "--epochs", "3", "--no-progress",
-               "--device", args.device, "--backend", backend, "--out", str(run), "--seed", "0"]
+               "--device", args.device, "--backend", backend, "--out", str(run), "--seed", "0", "--overwrite"]
         t0 = time.perf_counter()
         p = run_child(cmd, args)
         wall = time.perf_counter() - t0
