@@ -395,3 +395,39 @@ def test_gpu_session_smoke_on_the_cpu(tmp_path):
         names = [Path(n).name for n in tar.getnames()]
     assert "keep.json" in names and "summary.md" in names
     assert not [n for n in names if ".safetensors" in n or n.endswith((".tmp", ".pt"))], names
+
+
+# ------------------------------------------------------------------------- one error keeps the earlier rows
+
+def test_autotune_cold_keeps_its_first_call_rows_when_the_config_sequence_fails(monkeypatch):
+    from types import SimpleNamespace
+    from cmath_mer.gpucheck import parity
+    word = f"boom-{int(torch.randint(0, 10_000, ()))}"
+    monkeypatch.setattr(parity, "run_parity_case", lambda case, device, seed: dict(case, ok=True))
+
+    def fails(device):
+        raise RuntimeError(word)
+    monkeypatch.setattr(parity, "_configs_in_sequence", fails)
+    res = parity.stage_autotune_cold(SimpleNamespace(device="cpu"))
+    assert not res["ok"] and len(res["first_calls"]) == 6 and all(r["ok"] for r in res["first_calls"])
+    assert word in res["configs_in_sequence"]["error"]
+
+
+def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    import cmath_mer.benchmark as B
+    import cmath_mer.config as C
+    from cmath_mer.gpucheck import runs
+    word = f"boom-{int(torch.randint(0, 10_000, ()))}"
+    real, real_preset = B._model_batch, C.preset
+    small = dict(backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16)
+    monkeypatch.setattr(C, "preset", lambda name, **kw: real_preset(name, **small))     # minutes -> seconds
+
+    def second_fails(cfg, lengths, device, *a, **k):       # the second shape is one conversation
+        if len(lengths) == 1:
+            raise RuntimeError(word)
+        return real(cfg, lengths, device, *a, **k)
+    monkeypatch.setattr(B, "_model_batch", second_fails)
+    res = runs.stage_profile(SimpleNamespace(device="cpu", out=str(tmp_path)))
+    assert not res["ok"] and word in res["one4096"]["error"]
+    assert res["mix16x100"]["wall_ms_per_step"] > 0 and (tmp_path / "profile_mix16x100.txt").exists()

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
 
@@ -27,6 +28,15 @@ def digest(tensors) -> str:
     for t in tensors:
         h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def guarded(fn):
+    """fn(), or its exception as a row (error and trace): one failing part of a stage costs the stage nothing
+    of the rows it measured before."""
+    try:
+        return fn()
+    except Exception as err:                                           # noqa: BLE001 - recorded, not raised
+        return dict(error=f"{type(err).__name__}: {err}"[:1500], trace=traceback.format_exc()[-2500:])
 
 
 def write_json(path: Path, obj) -> None:

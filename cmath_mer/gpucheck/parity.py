@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from .common import digest, rel_err, run_child, seconds_left, training_stepper
+from .common import digest, guarded, rel_err, run_child, seconds_left, training_stepper
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -193,7 +193,7 @@ def stage_autotune_cold(args) -> dict:
             rows.append(run_parity_case(sized(case, args.device), args.device, seed=7))
         except Exception as err:                                       # noqa: BLE001
             rows.append(dict(case, ok=False, error=f"{type(err).__name__}: {err}"[:600]))
-    seq = _configs_in_sequence(args.device)
+    seq = guarded(lambda: _configs_in_sequence(args.device))          # the first calls' rows survive its error
     return dict(ok=all(r.get("ok") for r in rows) and seq.get("ok", False), first_calls=rows,
                 configs_in_sequence=seq)
 

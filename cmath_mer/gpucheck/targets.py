@@ -17,10 +17,9 @@ import gc
 import gzip
 import json
 import time
-import traceback
 from pathlib import Path
 
-from .common import seconds_left, training_stepper, write_json
+from .common import guarded, seconds_left, training_stepper, write_json
 
 CPU_VERDICT = "cpu: not a target"
 NOT_MEASURED = "not measured"
@@ -79,7 +78,7 @@ def stage_targets(args) -> dict:
         res["rows"].append(time_step_row(backend, dtype, args.device, res["utterances"]))
         save()
     for variant in (("eager", "cuda_graphs") if cuda else ("eager",)):
-        res["gpu_busy"][variant] = _guarded(lambda: gpu_busy(args.device, variant, out))
+        res["gpu_busy"][variant] = guarded(lambda: gpu_busy(args.device, variant, out))
         save()
     for backend, dtype in (p for p in plan if p not in eager):
         if not cuda:
@@ -100,13 +99,6 @@ def stage_targets(args) -> dict:
     res["ok"] = (len(measured) + len(skipped_on_purpose) == len(res["rows"])
                  and all("error" not in b for b in res["gpu_busy"].values()))
     return res
-
-
-def _guarded(fn) -> dict:
-    try:
-        return fn()
-    except Exception as err:                                           # noqa: BLE001 - recorded, not raised
-        return dict(error=f"{type(err).__name__}: {err}"[:1500], trace=traceback.format_exc()[-2500:])
 
 
 # ------------------------------------------------------------------------------------------ step speed
