@@ -157,17 +157,50 @@ def test_activity_intervals_assign_kernels_to_steps_by_their_launch():
     launches = [dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=t, dur=2.0, args=dict(correlation=c))
                 for t, c in ((10.0, 1), (60.0, 2), (120.0, 3))]
     launches.append(dict(cat="cuda_driver", name="cuLaunchKernel", ts=190.0, dur=2.0, args=dict(correlation=4)))
+    launches.append(dict(cat="cuda_runtime", name="cudaDeviceSynchronize", ts=200.0, dur=210.0))   # after the loop
     kernels = [dict(cat="kernel", name="k1", ts=30.0, dur=20.0, args=dict(correlation=1)),
                dict(cat="gpu_memcpy", name="Memcpy HtoD", ts=70.0, dur=40.0, args=dict(correlation=2)),
                dict(cat="kernel", name="k3", ts=150.0, dur=20.0, args=dict(correlation=3)),
                dict(cat="gpu_memset", name="Memset", ts=200.0, dur=5.0, args=dict(correlation=4)),
                dict(cat="kernel", name="stray", ts=400.0, dur=1.0, args=dict(correlation=99))]
-    intervals, names, steps, unassigned = gpucheck.targets.activity_intervals(ann + launches + kernels, cuda=True)
+    intervals, names, steps, unassigned, dropped = gpucheck.targets.activity_intervals(ann + launches + kernels,
+                                                                                       cuda=True)
     assert len(intervals) == 5 and names[0] == "k1"
-    assert steps == [(30.0, 110.0), (150.0, 205.0)] and unassigned == 1
+    assert steps == [(30.0, 110.0), (150.0, 205.0)] and unassigned == 1 and dropped == 0
     got = gpucheck.idle_gaps(intervals, steps)
     assert got["largest_gap"]["where"] == "after step 1" and got["largest_gap"]["us"] == pytest.approx(195.0)
     assert got["largest_between_steps_gap_us"] == pytest.approx(40.0)
+
+
+def test_device_records_outside_the_session_are_dropped_and_counted():
+    """A later profiler session in one process may carry device records ~1e11 us off (Kineto). Kept, one of
+    step 0 placed after step 1 would stretch step 0's range over the gap between the steps, and the gap
+    target would pass spuriously; they are dropped (outside the first step's start to the last host event's
+    end) and counted, and the count shows in the summary."""
+    import random
+    seed = int(torch.randint(0, 10_000, ()).item())
+    rng = random.Random(seed)
+    gap = rng.uniform(150.0, 900.0)                          # between the steps' device work, over 100 us
+    b = 70.0 + gap                          # step 1's host range; its first kernel runs at b + 30 = 100 + gap
+    ann = [dict(cat="user_annotation", name="gpucheck step 0", ts=0.0, dur=100.0),
+           dict(cat="user_annotation", name="gpucheck step 1", ts=b, dur=100.0)]
+    launches = [dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=t, dur=2.0, args=dict(correlation=c))
+                for t, c in ((10.0, 1), (20.0, 2), (b + 10.0, 3), (b + 20.0, 4))]
+    launches.append(dict(cat="cuda_runtime", name="cudaDeviceSynchronize", ts=b + 100.0, dur=50.0))
+    off = rng.uniform(0.5e11, 2e11)
+    kernels = [dict(cat="kernel", name="k1", ts=30.0, dur=70.0, args=dict(correlation=1)),
+               dict(cat="kernel", name="k2", ts=100.0 + off, dur=5.0, args=dict(correlation=2)),     # corrupted
+               dict(cat="kernel", name="k3", ts=b + 30.0, dur=20.0, args=dict(correlation=3)),
+               dict(cat="kernel", name="k4", ts=b + 50.0 - off, dur=5.0, args=dict(correlation=4))]  # corrupted
+    intervals, names, steps, unassigned, dropped = gpucheck.targets.activity_intervals(ann + launches + kernels,
+                                                                                       cuda=True)
+    assert dropped == 2 and names == ["k1", "k3"] and unassigned == 0, seed
+    res = dict(gpucheck.idle_gaps(intervals, steps), dropped_out_of_session=dropped)
+    assert res["largest_between_steps_gap_us"] == pytest.approx(gap), seed
+    v = gpucheck.targets.busy_verdicts(dict(eager=res), cuda=True)
+    assert v["gpu_busy_eager"]["verdict"] == "fail", seed
+    lines = "\n".join(gpucheck.targets.summary_lines(dict(device="cuda", targets=v)))
+    assert "2 records outside the profiled steps dropped" in lines
 
 
 def _row(backend, dtype, median_s=None, status="ok"):
