@@ -337,9 +337,11 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_stage_stopped_at_its_limit_takes_its_children_with_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ending", ["over its limit", "crashed"])
+def test_a_stage_takes_its_children_with_it(ending, tmp_path, monkeypatch):
     """What a stage starts (a demo training run, workers) must not go on using the GPU after the stage was
-    stopped at its limit; the stage's log is what it printed, as text."""
+    stopped at its limit, or after it crashed and left them running; the stage's log is what it printed, as
+    text."""
     import json
     import os
     import signal
@@ -350,9 +352,9 @@ def test_a_stage_stopped_at_its_limit_takes_its_children_with_it(tmp_path, monke
              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],\n"
              f"                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
              f"print('CHILD', child.pid, {word!r}, flush=True)\n"
-             f"time.sleep(600)\n")
+             + ("time.sleep(600)\n" if ending == "over its limit" else "raise SystemExit(3)\n"))
     monkeypatch.setattr(driver, "stage_command", lambda name, args, out, deadline: [sys.executable, "-c", stage])
-    monkeypatch.setattr(driver, "STAGES", [("env", "a stage that outlives its limit", 3, 0)])
+    monkeypatch.setattr(driver, "STAGES", [("env", "a stage that leaves a child running", 3, 0)])
     assert driver.main(["--device", "cuda", "--stages", "env", "--out", str(tmp_path)]) == 1
     log = (tmp_path / "env.log").read_text()
     line = next(ln for ln in log.splitlines() if ln.startswith("CHILD"))
@@ -368,7 +370,7 @@ def test_a_stage_stopped_at_its_limit_takes_its_children_with_it(tmp_path, monke
             os.kill(pid, signal.SIGKILL)
     assert word in line and "b'" not in log
     res = json.loads((tmp_path / "env.json").read_text())
-    assert res["timeout"] and not res["ok"]
+    assert not res["ok"] and bool(res.get("timeout")) == (ending == "over its limit")
 
 
 def test_a_process_a_stage_starts_stops_before_the_stage_limit():

@@ -57,14 +57,16 @@ def run_with_limit(cmd: list[str], limit_s: float) -> tuple[int | None, str, str
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:
         try:
             out, err = proc.communicate(timeout=limit_s)
-            return proc.returncode, as_text(out), as_text(err)
+            code = proc.returncode
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             out, err = proc.communicate()
-            return None, as_text(out), as_text(err)
-        except BaseException:          # SIGTERM (as SystemExit), Ctrl-C: not sent to the stage's own session
+            code = None
+        finally:
+            # also what a stage that crashed left running (its workers), and on SIGTERM (as SystemExit) or
+            # Ctrl-C to the driver: neither reaches the stage's own session
             _kill_group(proc)
-            raise
+    return code, as_text(out), as_text(err)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
