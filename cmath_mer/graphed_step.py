@@ -102,7 +102,10 @@ class CudaGraphs:
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: engine.Prefetcher's thread pins the next batches (a pinned host allocation, event
+        # queries) while this thread captures, and in the default "global" mode such a call from any thread
+        # during a capture invalidates it; the capture's own thread is still checked
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             fn()
         return graph
 

@@ -157,17 +157,50 @@ def test_activity_intervals_assign_kernels_to_steps_by_their_launch():
     launches = [dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=t, dur=2.0, args=dict(correlation=c))
                 for t, c in ((10.0, 1), (60.0, 2), (120.0, 3))]
     launches.append(dict(cat="cuda_driver", name="cuLaunchKernel", ts=190.0, dur=2.0, args=dict(correlation=4)))
+    launches.append(dict(cat="cuda_runtime", name="cudaDeviceSynchronize", ts=200.0, dur=210.0))   # after the loop
     kernels = [dict(cat="kernel", name="k1", ts=30.0, dur=20.0, args=dict(correlation=1)),
                dict(cat="gpu_memcpy", name="Memcpy HtoD", ts=70.0, dur=40.0, args=dict(correlation=2)),
                dict(cat="kernel", name="k3", ts=150.0, dur=20.0, args=dict(correlation=3)),
                dict(cat="gpu_memset", name="Memset", ts=200.0, dur=5.0, args=dict(correlation=4)),
                dict(cat="kernel", name="stray", ts=400.0, dur=1.0, args=dict(correlation=99))]
-    intervals, names, steps, unassigned = gpucheck.targets.activity_intervals(ann + launches + kernels, cuda=True)
+    intervals, names, steps, unassigned, dropped = gpucheck.targets.activity_intervals(ann + launches + kernels,
+                                                                                       cuda=True)
     assert len(intervals) == 5 and names[0] == "k1"
-    assert steps == [(30.0, 110.0), (150.0, 205.0)] and unassigned == 1
+    assert steps == [(30.0, 110.0), (150.0, 205.0)] and unassigned == 1 and dropped == 0
     got = gpucheck.idle_gaps(intervals, steps)
     assert got["largest_gap"]["where"] == "after step 1" and got["largest_gap"]["us"] == pytest.approx(195.0)
     assert got["largest_between_steps_gap_us"] == pytest.approx(40.0)
+
+
+def test_device_records_outside_the_session_are_dropped_and_counted():
+    """A later profiler session in one process may carry device records ~1e11 us off (Kineto). Kept, one of
+    step 0 placed after step 1 would stretch step 0's range over the gap between the steps, and the gap
+    target would pass spuriously; they are dropped (outside the first step's start to the last host event's
+    end) and counted, and the count shows in the summary."""
+    import random
+    seed = int(torch.randint(0, 10_000, ()).item())
+    rng = random.Random(seed)
+    gap = rng.uniform(150.0, 900.0)                          # between the steps' device work, over 100 us
+    b = 70.0 + gap                          # step 1's host range; its first kernel runs at b + 30 = 100 + gap
+    ann = [dict(cat="user_annotation", name="gpucheck step 0", ts=0.0, dur=100.0),
+           dict(cat="user_annotation", name="gpucheck step 1", ts=b, dur=100.0)]
+    launches = [dict(cat="cuda_runtime", name="cudaLaunchKernel", ts=t, dur=2.0, args=dict(correlation=c))
+                for t, c in ((10.0, 1), (20.0, 2), (b + 10.0, 3), (b + 20.0, 4))]
+    launches.append(dict(cat="cuda_runtime", name="cudaDeviceSynchronize", ts=b + 100.0, dur=50.0))
+    off = rng.uniform(0.5e11, 2e11)
+    kernels = [dict(cat="kernel", name="k1", ts=30.0, dur=70.0, args=dict(correlation=1)),
+               dict(cat="kernel", name="k2", ts=100.0 + off, dur=5.0, args=dict(correlation=2)),     # corrupted
+               dict(cat="kernel", name="k3", ts=b + 30.0, dur=20.0, args=dict(correlation=3)),
+               dict(cat="kernel", name="k4", ts=b + 50.0 - off, dur=5.0, args=dict(correlation=4))]  # corrupted
+    intervals, names, steps, unassigned, dropped = gpucheck.targets.activity_intervals(ann + launches + kernels,
+                                                                                       cuda=True)
+    assert dropped == 2 and names == ["k1", "k3"] and unassigned == 0, seed
+    res = dict(gpucheck.idle_gaps(intervals, steps), dropped_out_of_session=dropped)
+    assert res["largest_between_steps_gap_us"] == pytest.approx(gap), seed
+    v = gpucheck.targets.busy_verdicts(dict(eager=res), cuda=True)
+    assert v["gpu_busy_eager"]["verdict"] == "fail", seed
+    lines = "\n".join(gpucheck.targets.summary_lines(dict(device="cuda", targets=v)))
+    assert "2 records outside the profiled steps dropped" in lines
 
 
 def _row(backend, dtype, median_s=None, status="ok"):
@@ -242,29 +275,37 @@ def test_partial_rows_of_a_stage_stopped_at_its_limit_give_verdicts():
 
 
 def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypatch):
-    """--budget: each stage runs under min(its limit, what is left); none starts with under MIN_STAGE_S left."""
+    """--budget: each stage runs under min(its limit, what is left); a stage with less left than the least time
+    it needs is SKIPPED (a later one that needs less still runs); the summary names the stages a second call
+    should run, the SKIPPED and the TIMEOUT ones."""
     import json
     from cmath_mer.gpucheck import driver
     seen, clock = [], [0.0]
     monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(driver.time, "time", lambda: 1000.0 + clock[0])
+    # (name, what, limit, least time) and the seconds each takes here; profile is stopped at its limit
+    monkeypatch.setattr(driver, "STAGES", [("env", "e", 30, 10), ("graph_train", "g", 150, 120),
+                                           ("train_demo", "t", 100, 80), ("profile", "p", 60, 30)])
+    takes = {"env": 20.0, "graph_train": 70.0, "profile": 60.0}
 
-    def fake_run(cmd, capture_output, text, timeout):
-        seen.append((cmd[cmd.index("--stage") + 1], timeout, float(cmd[cmd.index("--stage-limit") + 1])))
-        clock[0] += 70.0                                          # every stage takes 70 s of the budget
-
-        class Done:
-            returncode, stderr = 0, ""
-            stdout = "RESULT " + json.dumps(dict(ok=True))
-        return Done()
-    monkeypatch.setattr(driver.subprocess, "run", fake_run)
-    budget = 100 + int(torch.randint(0, 30, ()))
-    rc = driver.main(["--device", "cuda", "--stages", "env,determinism,cuda_graph", "--out", str(tmp_path),
+    def fake_run(cmd, limit_s):
+        name = cmd[cmd.index("--stage") + 1]
+        seen.append((name, limit_s, float(cmd[cmd.index("--stage-deadline") + 1]) - 1000.0 - clock[0]))
+        clock[0] += takes[name]
+        return (None, "", "") if name == "profile" else (0, "RESULT " + json.dumps(dict(ok=True)), "")
+    monkeypatch.setattr(driver, "run_with_limit", fake_run)
+    budget = 150 + int(torch.randint(0, 10, ()))      # graph_train gets 130-139 s of its 150; train_demo 60-69
+    rc = driver.main(["--device", "cuda", "--stages", "env,graph_train,train_demo,profile", "--out", str(tmp_path),
                       "--budget", str(budget)])
-    assert [s[0] for s in seen] == ["env", "determinism"]
-    assert seen[0][1] == 30 and seen[1][1] == min(60, budget - 70) == seen[1][2]
+    assert [s[0] for s in seen] == ["env", "graph_train", "profile"] and rc == 1
+    assert seen[0][1] == 30 and seen[1][1] == budget - 20 == seen[1][2] and seen[2][1] == 60
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["cuda_graph"]["skipped"] and not summary["cuda_graph"]["ok"] and rc == 1
-    assert "| cuda_graph | SKIPPED |" in (tmp_path / "summary.md").read_text()
+    assert summary["train_demo"]["skipped"] and not summary["train_demo"]["ok"]
+    assert "needs about 80 s" in summary["train_demo"]["error"]
+    assert summary["rerun"] == ["train_demo", "profile"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "| train_demo | SKIPPED |" in md and "| profile | TIMEOUT |" in md
+    assert "`--stages train_demo,profile`" in md
 
 
 def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_path, monkeypatch):
@@ -273,13 +314,155 @@ def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_
     ref = float(torch.empty(()).uniform_(0.05, 0.5))
     rows = [_row("torch", "fp32", ref), _row("triton_graphs", "bf16", ref / 5)]
 
-    def fake_run(cmd, capture_output, text, timeout):
+    def fake_run(cmd, limit_s):
         (tmp_path / "targets").mkdir(exist_ok=True)
         (tmp_path / "targets" / "results.json").write_text(json.dumps(dict(rows=rows, gpu_busy={})))
-        raise driver.subprocess.TimeoutExpired(cmd, timeout)
-    monkeypatch.setattr(driver.subprocess, "run", fake_run)
+        return None, "", ""                                       # stopped at its limit
+    monkeypatch.setattr(driver, "run_with_limit", fake_run)
     assert driver.main(["--device", "cuda", "--stages", "targets", "--out", str(tmp_path)]) == 1
     res = json.loads((tmp_path / "targets.json").read_text())
     assert res["timeout"] and res["partial"]["rows"] == rows
     md = (tmp_path / "summary.md").read_text()
     assert "| targets | TIMEOUT |" in md and "5.00x (triton_graphs" in md and "| pass |" in md
+
+
+# ------------------------------------------------------------------------------------- the stages' processes
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a reaped or dead child of a killed stage does not run)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("ending", ["over its limit", "crashed"])
+def test_a_stage_takes_its_children_with_it(ending, tmp_path, monkeypatch):
+    """What a stage starts (a demo training run, workers) must not go on using the GPU after the stage was
+    stopped at its limit, or after it crashed and left them running; the stage's log is what it printed, as
+    text."""
+    import json
+    import os
+    import signal
+    import time
+    from cmath_mer.gpucheck import driver
+    word = f"partial-{int(torch.randint(0, 10_000, ()))}-é"
+    stage = (f"import subprocess, sys, time\n"
+             f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],\n"
+             f"                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+             f"print('CHILD', child.pid, {word!r}, flush=True)\n"
+             + ("time.sleep(600)\n" if ending == "over its limit" else "raise SystemExit(3)\n"))
+    monkeypatch.setattr(driver, "stage_command", lambda name, args, out, deadline: [sys.executable, "-c", stage])
+    monkeypatch.setattr(driver, "STAGES", [("env", "a stage that leaves a child running", 3, 0)])
+    assert driver.main(["--device", "cuda", "--stages", "env", "--out", str(tmp_path)]) == 1
+    log = (tmp_path / "env.log").read_text()
+    line = next(ln for ln in log.splitlines() if ln.startswith("CHILD"))
+    pid = int(line.split()[1])
+    try:
+        for _ in range(50):                     # SIGKILL is delivered at once; the reaping may take a moment
+            if not _running(pid):
+                break
+            time.sleep(0.1)
+        assert not _running(pid), "the stage's child outlived the stage"
+    finally:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+    assert word in line and "b'" not in log
+    res = json.loads((tmp_path / "env.json").read_text())
+    assert not res["ok"] and bool(res.get("timeout")) == (ending == "over its limit")
+
+
+def test_a_process_a_stage_starts_stops_before_the_stage_limit():
+    """common.run_child: a demo run or worker gets what is left of the stage's limit less a margin, so the stage
+    records it as stopped (returncode None, its output kept as text) instead of being killed with it."""
+    import time
+    from types import SimpleNamespace
+    from cmath_mer.gpucheck.common import run_child, seconds_left
+    word = f"started-{int(torch.randint(0, 10_000, ()))}"
+    args = SimpleNamespace(stage_deadline=time.time() + 6.0)               # 1 s once the 5 s margin is kept
+    p = run_child([sys.executable, "-c", f"import time; print({word!r}, flush=True); time.sleep(600)"], args)
+    assert p.returncode is None and word in p.stdout and "time limit" in p.stderr
+    assert seconds_left(SimpleNamespace()) is None                          # called directly: no limit
+
+
+# ------------------------------------------------------------------------------------ tools/gpu_session.sh
+
+def test_the_demo_stage_reruns_into_a_folder_that_holds_its_earlier_run(tmp_path):
+    """A second call into the same results folder: `cmath-mer train` refuses a folder that holds a run, so the
+    stage's demo runs replace their own (--overwrite)."""
+    from types import SimpleNamespace
+    from cmath_mer.gpucheck import runs
+    earlier = tmp_path / "train_demo" / "torch"
+    earlier.mkdir(parents=True)
+    (earlier / "metrics.json").write_text("{}")                      # what a run folder holds
+    res = runs.stage_train_demo(SimpleNamespace(device="cpu", out=str(tmp_path)))
+    assert res["ok"], res.get("error")
+
+
+def test_gpu_session_smoke_on_the_cpu(tmp_path):
+    """DEVICE=cpu: the caller's PYTHONPATH is kept, TRITON_INTERPRET is set, checkpoints and their temporaries
+    stay out of the tarball, and the last line printed is the second call for the stages not finished."""
+    import json
+    import os
+    import tarfile
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    results = tmp_path / "results"
+    (results / "train_demo" / "torch").mkdir(parents=True)
+    for name in ("best.safetensors", ".best.safetensors.ab12cd.tmp", "x.pt", "keep.json"):
+        (results / "train_demo" / "torch" / name).write_text("x")
+    log, extra = tmp_path / "python.log", f"/nowhere/{int(torch.randint(0, 10_000, ()))}"
+    wrapper = tmp_path / "python"              # records the environment every python of the script starts in
+    wrapper.write_text(f'#!/bin/sh\necho "$PYTHONPATH|$TRITON_INTERPRET" >> {log}\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path), RESULTS=str(results), PYTHON=str(wrapper),
+               PYTHONPATH=extra, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    # graph_train needs 600 s on a CPU (4x its H100 time): SKIPPED under a 100 s budget
+    p = subprocess.run([str(root / "tools" / "gpu_session.sh"), "100", "env,graph_train"], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]                         # graph_train not run
+    assert p.stdout.strip().splitlines()[-1] == "not finished; second call: tools/gpu_session.sh 100 graph_train"
+    assert set(log.read_text().splitlines()) == {f"{root}:{extra}|1"}
+    assert json.loads((results / "env.json").read_text())["interpret"] == "1"
+    with tarfile.open(tmp_path / "gpucheck.tgz") as tar:
+        names = [Path(n).name for n in tar.getnames()]
+    assert "keep.json" in names and "summary.md" in names
+    assert not [n for n in names if ".safetensors" in n or n.endswith((".tmp", ".pt"))], names
+
+
+# ------------------------------------------------------------------------- one error keeps the earlier rows
+
+def test_autotune_cold_keeps_its_first_call_rows_when_the_config_sequence_fails(monkeypatch):
+    from types import SimpleNamespace
+    from cmath_mer.gpucheck import parity
+    word = f"boom-{int(torch.randint(0, 10_000, ()))}"
+    monkeypatch.setattr(parity, "run_parity_case", lambda case, device, seed: dict(case, ok=True))
+
+    def fails(device):
+        raise RuntimeError(word)
+    monkeypatch.setattr(parity, "_configs_in_sequence", fails)
+    res = parity.stage_autotune_cold(SimpleNamespace(device="cpu"))
+    assert not res["ok"] and len(res["first_calls"]) == 6 and all(r["ok"] for r in res["first_calls"])
+    assert word in res["configs_in_sequence"]["error"]
+
+
+def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    import cmath_mer.benchmark as B
+    import cmath_mer.config as C
+    from cmath_mer.gpucheck import runs
+    word = f"boom-{int(torch.randint(0, 10_000, ()))}"
+    real, real_preset = B._model_batch, C.preset
+    small = dict(backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16)
+    monkeypatch.setattr(C, "preset", lambda name, **kw: real_preset(name, **small))     # minutes -> seconds
+
+    def second_fails(cfg, lengths, device, *a, **k):       # the second shape is one conversation
+        if len(lengths) == 1:
+            raise RuntimeError(word)
+        return real(cfg, lengths, device, *a, **k)
+    monkeypatch.setattr(B, "_model_batch", second_fails)
+    res = runs.stage_profile(SimpleNamespace(device="cpu", out=str(tmp_path)))
+    assert not res["ok"] and word in res["one4096"]["error"]
+    assert res["mix16x100"]["wall_ms_per_step"] > 0 and (tmp_path / "profile_mix16x100.txt").exists()

@@ -130,3 +130,24 @@ def test_an_eager_run_that_could_take_cuda_graphs_is_told_so():
                      dict(device="cuda", precision="bf16", compile=True)):
         assert not cuda_graphs_would_run(TrainConfig(**settings), cfg), settings
     assert not cuda_graphs_would_run(TrainConfig(device="cuda", precision="bf16"), preset("iemocap", backend="torch"))
+
+
+def test_captures_let_the_prefetcher_thread_pin_memory(monkeypatch):
+    """engine.Prefetcher pins the next batches on its own thread during a capture: CudaGraphs captures in the
+    thread_local mode, where only the capturing thread's unsafe calls invalidate the graph (the default,
+    global, fails the capture on a pin_memory from any thread)."""
+    import contextlib
+
+    from cmath_mer.graphed_step import CudaGraphs
+    seen = []
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, **kwargs):                     # torch.cuda.graph's signature, recorded
+        seen.append(kwargs)
+        yield
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: "pool")
+    ran = []
+    CudaGraphs(torch.device("cuda")).capture(lambda: ran.append(1))
+    assert ran == [1] and seen == [dict(pool="pool", capture_error_mode="thread_local")]

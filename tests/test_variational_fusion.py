@@ -346,3 +346,17 @@ def test_eps_do_not_depend_on_the_config_or_on_configs_run_before(monkeypatch, b
         torch.testing.assert_close(z, ref, rtol=1e-6, atol=1e-6, msg=f"seed {seed} offset {offset}")
         torch.testing.assert_close(dlv / (0.5 * math.exp(-_LOGVAR)), ref, rtol=1e-5, atol=1e-5,
                                    msg=f"seed {seed} offset {offset}")
+
+
+def test_a_seed_on_another_device_of_the_same_type_is_refused(monkeypatch):
+    """The seed's whole device (type and index) must be the inputs': a seed on cuda:0 with inputs on cuda:1
+    would have the kernel read another device's pointer. Devices compared without a GPU."""
+    from cmath_mer.kernels.utils import same_device, seed_tensor
+    i = int(torch.randint(0, 4, ()))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: i)      # "cuda" without an index: the current one
+    assert not same_device(torch.device("cuda", i), torch.device("cuda", i + 1))
+    assert same_device(torch.device("cuda", i), torch.device("cuda", i)) and same_device("cuda", f"cuda:{i}")
+    assert not same_device("cuda", f"cuda:{i + 1}") and not same_device("cpu", f"cuda:{i}")
+    assert same_device(torch.device("cpu"), "cpu")
+    with pytest.raises(ValueError, match=r"seed is on meta but the inputs are on cpu"):
+        seed_tensor(torch.zeros(1, dtype=torch.int64, device="meta"), torch.device("cpu"))

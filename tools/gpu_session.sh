@@ -4,18 +4,30 @@
 # root on the device machine:  tools/gpu_session.sh [BUDGET_SECONDS] [STAGES]
 # Order: parity first (kernels changed since the last GPU run have never run on a GPU), then issue 10's
 # targets, the --cuda-graphs training path, and the rest. A second call with the stages the summary lists as
-# SKIPPED finishes the check. Results: benchmarks/results/<date>-<card>/ (commit them from $OUT).
+# not finished (TIMEOUT or SKIPPED; the last line printed is that call) finishes the check. Results:
+# benchmarks/results/<date>-<card>-<time>/ (commit them from $OUT, as <date>-<card>/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}       # the caller's own path kept after the repository
 BUDGET=${1:-480}
 STAGES=${2:-env,parity,targets,graph_train,cuda_graph,determinism,autotune_cold,profile,train_demo,bench}
 PY=${PYTHON:-python3}                 # the device image: python3 is the one that holds PyTorch
 DEVICE=${DEVICE:-cuda}                 # DEVICE=cpu: a smoke run of this script where there is no GPU
+if [ "$DEVICE" = cpu ]; then
+  export TRITON_INTERPRET=1            # the Triton kernels run in the interpreter (autotune_cold, parity, ...)
+fi
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if '$DEVICE' == 'cuda' else 'cpu')")
-RESULTS=${RESULTS:-benchmarks/results/$(date -u +%F)-$CARD}
+# the time as well: a second call on the same day and card gets a folder of its own
+RESULTS=${RESULTS:-benchmarks/results/$(date -u "+%F-$CARD-%H%M%S")}
 "$PY" -m cmath_mer.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
 rc=$?
-tar czf "${OUT:-/tmp}/gpucheck.tgz" --exclude='*.safetensors' --exclude='*.pt' "$RESULTS"
+# no checkpoints, nor their temporaries (.best.safetensors.XXXX.tmp): a demo checkpoint is ~188 MB, and the
+# device tool brings back no file over ~16 MiB, so the whole tarball would be lost
+tar czf "${OUT:-/tmp}/gpucheck.tgz" --exclude='*.safetensors*' --exclude='*.pt' --exclude='*.tmp' "$RESULTS"
 cat "$RESULTS/summary.md"
+RERUN=$("$PY" -c "import json, sys; print(','.join(json.load(open(sys.argv[1])).get('rerun', [])))" \
+        "$RESULTS/summary.json" 2>/dev/null)
+if [ -n "$RERUN" ]; then
+  echo "not finished; second call: tools/gpu_session.sh $BUDGET $RERUN"
+fi
 exit $rc

@@ -3,13 +3,12 @@ engine.Stepper, with step times and the demo trained both ways."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from .common import rel_err, training_stepper
+from .common import guarded, rel_err, run_child, training_stepper
 
 
 # ------------------------------------------------------------------------------------------- CUDA graph
@@ -50,13 +49,9 @@ def stage_cuda_graph(args) -> dict:
 
     eager, graphed = make_step(twin), make_step(model)
     res: dict = {}
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):                                     # warm-up: autotune, allocator, AdamW state
-            graphed()
-            eager()
-    torch.cuda.current_stream().wait_stream(side)
+    failed = guarded(lambda: _warm_up(graphed, eager))         # None, or the error as the stage's finding
+    if failed:
+        return dict(ok=False, captured=False, where="warm-up", **failed)
     g = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(g):
@@ -88,6 +83,18 @@ def stage_cuda_graph(args) -> dict:
                captured=True, losses_graph=lg, losses_eager=le, param_rel_err_after_5=perr,
                utterances=batch.num_utterances, step_time=t)
     return res
+
+
+def _warm_up(*steps) -> None:
+    """The capture recipe's warm-up, on a side stream: autotune, the allocator, AdamW's state."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            for step in steps:
+                step()
+    torch.cuda.current_stream().wait_stream(side)
 
 
 # -------------------------------------------------------------------------------------- graphed training
@@ -175,9 +182,11 @@ def stage_graph_train(args) -> dict:
     runs = {}
     for flag in ("--no-cuda-graphs", "--cuda-graphs"):
         run = out / flag.strip("-")
-        p = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--data", "synthetic", "--epochs", "3",
-                            "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run)],
-                           capture_output=True, text=True)
+        # --overwrite: a rerun of this stage into the same --out replaces its own demo run (train refuses a
+        # folder that holds one)
+        p = run_child([sys.executable, "-m", "cmath_mer", "train", "--data", "synthetic", "--epochs", "3",
+                       "--no-progress", "--device", "cuda", "--backend", "triton", flag, "--out", str(run),
+                       "--overwrite"], args)
         (out / f"{flag.strip('-')}.log").write_text(p.stdout[-20000:] + "\n--- stderr ---\n" + p.stderr[-20000:])
         if p.returncode != 0:
             runs[flag] = dict(error=p.stderr[-1500:])

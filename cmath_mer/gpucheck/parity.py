@@ -9,7 +9,7 @@ import sys
 import time
 import traceback
 
-from .common import digest, rel_err, training_stepper
+from .common import digest, guarded, rel_err, run_child, seconds_left, training_stepper
 
 
 # ------------------------------------------------------------------------------------------------ parity
@@ -160,7 +160,12 @@ def stage_parity(args) -> dict:
                               stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for i in range(jobs)]
     rows, errors = [], []
     for p in procs:
-        out, err = p.communicate()
+        try:
+            out, err = p.communicate(timeout=seconds_left(args))
+        except subprocess.TimeoutExpired:               # stopped before the stage's limit: the others' rows count
+            p.kill()
+            out, err = p.communicate()
+            err += "\n(stopped: the stage's time limit)"
         lines = [ln for ln in out.splitlines() if ln.startswith("[")]
         if p.returncode != 0 or not lines:
             errors.append(f"worker exit {p.returncode}: {err[-800:]}")
@@ -188,7 +193,7 @@ def stage_autotune_cold(args) -> dict:
             rows.append(run_parity_case(sized(case, args.device), args.device, seed=7))
         except Exception as err:                                       # noqa: BLE001
             rows.append(dict(case, ok=False, error=f"{type(err).__name__}: {err}"[:600]))
-    seq = _configs_in_sequence(args.device)
+    seq = guarded(lambda: _configs_in_sequence(args.device))          # the first calls' rows survive its error
     return dict(ok=all(r.get("ok") for r in rows) and seq.get("ok", False), first_calls=rows,
                 configs_in_sequence=seq)
 
@@ -257,8 +262,8 @@ def stage_determinism(args) -> dict:
         return {}
     runs = []
     for i in range(2):
-        p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--stage", "determinism", "--device",
-                            args.device, "--worker", str(i), "2"], capture_output=True, text=True)
+        p = run_child([sys.executable, "-m", "cmath_mer.gpucheck", "--stage", "determinism", "--device",
+                       args.device, "--worker", str(i), "2"], args)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode != 0 or not lines:
             return dict(ok=False, error=f"process {i} exit {p.returncode}: {p.stderr[-1500:]}")

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import training_stepper, write_json
+from .common import guarded, run_child, training_stepper, write_json
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -18,6 +18,15 @@ from .common import training_stepper, write_json
 def stage_profile(args) -> dict:
     """Three profiled steps of engine.Stepper (after three warm-up steps) per batch shape: the top ops by
     device time and by host time, and the count of host-device synchronisations (the step should have none)."""
+    res = {}
+    for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
+        if args.device != "cuda":
+            lengths = [min(n, 12) for n in lengths[:3]]
+        res[name] = guarded(lambda: _profile_shape(args, name, lengths))    # an error keeps the other shape's row
+    return dict(ok=all("error" not in r for r in res.values()), **res)
+
+
+def _profile_shape(args, name: str, lengths: list[int]) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -25,43 +34,36 @@ def stage_profile(args) -> dict:
     from ..config import preset
     from ..model import CMATH
     cuda = args.device == "cuda"
-    out = Path(args.out)
-    res = {}
-    for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
-        if not cuda:
-            lengths = [min(n, 12) for n in lengths[:3]]
-        cfg = preset("iemocap", backend="triton")
-        torch.manual_seed(0)
-        model = CMATH(cfg).to(args.device).train()
-        prec = "bf16" if cuda else "fp32"
-        step = training_stepper(model, args.device, prec)
-        batch = _model_batch(cfg, lengths, args.device)
-        for s in range(3):
+    cfg = preset("iemocap", backend="triton")
+    torch.manual_seed(0)
+    model = CMATH(cfg).to(args.device).train()
+    prec = "bf16" if cuda else "fp32"
+    step = training_stepper(model, args.device, prec)
+    batch = _model_batch(cfg, lengths, args.device)
+    for s in range(3):
+        step([batch], 0, s)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for s in range(3, 6):
             step([batch], 0, s)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         if cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with profile(activities=acts) as prof:
-            for s in range(3, 6):
-                step([batch], 0, s)
-            if cuda:
-                torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / 3
-        ka = prof.key_averages()
-        dev_key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        tables = {"by_device_time": ka.table(sort_by=dev_key, row_limit=30, max_name_column_width=70),
-                  "by_host_time": ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)}
-        (out / f"profile_{name}.txt").write_text("\n\n".join(f"== {k} ==\n{v}" for k, v in tables.items()))
-        syncs = {e.key: e.count for e in ka if any(w in e.key for w in ("Synchronize", "Memcpy", "item",
-                                                                           "_local_scalar_dense"))}
-        dev_total = sum(getattr(e, dev_key) for e in ka) / 3 / 1e3          # ms per step (self times)
-        launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
-                                                        "cudaLaunchKernelExC", "cuLaunchKernelEx")) / 3
-        res[name] = dict(utterances=sum(lengths), wall_ms_per_step=wall * 1e3,
-                         device_self_ms_per_step=dev_total, kernel_launches_per_step=launches,
-                         sync_like_calls=syncs)
-    return dict(ok=True, **res)
+    wall = (time.perf_counter() - t0) / 3
+    ka = prof.key_averages()
+    dev_key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    tables = {"by_device_time": ka.table(sort_by=dev_key, row_limit=30, max_name_column_width=70),
+              "by_host_time": ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=70)}
+    (Path(args.out) / f"profile_{name}.txt").write_text("\n\n".join(f"== {k} ==\n{v}" for k, v in tables.items()))
+    syncs = {e.key: e.count for e in ka if any(w in e.key for w in ("Synchronize", "Memcpy", "item",
+                                                                       "_local_scalar_dense"))}
+    dev_total = sum(getattr(e, dev_key) for e in ka) / 3 / 1e3          # ms per step (self times)
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                    "cudaLaunchKernelExC", "cuLaunchKernelEx")) / 3
+    return dict(utterances=sum(lengths), wall_ms_per_step=wall * 1e3, device_self_ms_per_step=dev_total,
+                kernel_launches_per_step=launches, sync_like_calls=syncs)
 
 
 # ------------------------------------------------------------------------------------------- demo training
@@ -73,15 +75,19 @@ def stage_train_demo(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if args.device != "cuda":                  # the interpreter is slow: a corpus of 6 short conversations
         data = str(out / "tiny.safetensors")
-        subprocess.run([sys.executable, "-m", "cmath_mer", "synth", "--conversations", "6", "--min-length", "4",
-                        "--max-length", "12", data], check=True, capture_output=True)
+        p = run_child([sys.executable, "-m", "cmath_mer", "synth", "--conversations", "6", "--min-length", "4",
+                       "--max-length", "12", data], args)
+        if p.returncode != 0:
+            return dict(ok=False, error=f"synth: {p.stderr[-2000:]}")
     backends = ("torch", "triton") if args.device == "cuda" else ("torch",)   # the CLI refuses triton on a CPU
     for backend in backends:
         run = out / backend
+        # --overwrite: a rerun of this stage into the same --out replaces its own demo run (train refuses a
+        # folder that holds one)
         cmd = [sys.executable, "-m", "cmath_mer", "train", "--data", data, "--epochs", "3", "--no-progress",
-               "--device", args.device, "--backend", backend, "--out", str(run), "--seed", "0"]
+               "--device", args.device, "--backend", backend, "--out", str(run), "--seed", "0", "--overwrite"]
         t0 = time.perf_counter()
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        p = run_child(cmd, args)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
             return dict(ok=False, backend=backend, error=p.stderr[-2000:])

@@ -17,10 +17,9 @@ import gc
 import gzip
 import json
 import time
-import traceback
 from pathlib import Path
 
-from .common import training_stepper, write_json
+from .common import guarded, seconds_left, training_stepper, write_json
 
 CPU_VERDICT = "cpu: not a target"
 NOT_MEASURED = "not measured"
@@ -30,6 +29,7 @@ GAP_THRESHOLD_US = 100.0
 STEP_PREFIX = "gpucheck step "
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")      # Kineto's device activity in a chrome trace
 LAUNCH_CATS = ("cuda_runtime", "cuda_driver")             # host launches: their correlation id names the kernel
+HOST_CATS = ("cpu_op", "user_annotation", "python_function") + LAUNCH_CATS    # timed by the host's clock
 
 REFERENCE = ("torch", "fp32")                      # the eager fp32 reference
 COMPILED_REFERENCE = ("torch_compile", "bf16")     # torch.compile of the reference, same precision as ours
@@ -65,7 +65,8 @@ def stage_targets(args) -> dict:
     cuda = args.device == "cuda"
     out = Path(args.out) / "targets"
     out.mkdir(parents=True, exist_ok=True)
-    deadline = time.perf_counter() + (getattr(args, "stage_limit", None) or 300.0)
+    # the driver's deadline, set before this process started: the imports and the interpreter's start count
+    deadline = time.perf_counter() + (seconds_left(args, margin=0.0) or 300.0)
     res: dict = dict(device=args.device, utterances=4096 if cuda else 12, busy_lengths=busy_lengths(args.device),
                      gap_threshold_us=GAP_THRESHOLD_US, rows=[], gpu_busy={})
 
@@ -78,7 +79,7 @@ def stage_targets(args) -> dict:
         res["rows"].append(time_step_row(backend, dtype, args.device, res["utterances"]))
         save()
     for variant in (("eager", "cuda_graphs") if cuda else ("eager",)):
-        res["gpu_busy"][variant] = _guarded(lambda: gpu_busy(args.device, variant, out))
+        res["gpu_busy"][variant] = guarded(lambda: gpu_busy(args.device, variant, out))
         save()
     for backend, dtype in (p for p in plan if p not in eager):
         if not cuda:
@@ -99,13 +100,6 @@ def stage_targets(args) -> dict:
     res["ok"] = (len(measured) + len(skipped_on_purpose) == len(res["rows"])
                  and all("error" not in b for b in res["gpu_busy"].values()))
     return res
-
-
-def _guarded(fn) -> dict:
-    try:
-        return fn()
-    except Exception as err:                                           # noqa: BLE001 - recorded, not raised
-        return dict(error=f"{type(err).__name__}: {err}"[:1500], trace=traceback.format_exc()[-2500:])
 
 
 # ------------------------------------------------------------------------------------------ step speed
@@ -228,13 +222,13 @@ def gpu_busy(device: str, variant: str, out: Path, warmup: int | None = None, pr
                 run(s)
             sync()
     events = _trace_events(prof, out / f"trace_{variant}.json")
-    intervals, names, step_ranges, unassigned = activity_intervals(events, cuda)
+    intervals, names, step_ranges, unassigned, dropped = activity_intervals(events, cuda)
     _save_compact(out / f"busy_{variant}.json.gz", intervals, step_ranges)
     res = dict(variant=variant, lengths=lengths, utterances_per_step=sum(lengths), profiled_steps=profiled,
                wall_ms_per_step_unprofiled=wall * 1e3,
                activity="CUDA kernels, memcpy and memset (all streams)" if cuda else
                         "CPU ops of the training thread (no device on a CPU run)",
-               unassigned_intervals=unassigned)
+               unassigned_intervals=unassigned, dropped_out_of_session=dropped)
     res.update(idle_gaps(intervals, step_ranges))
     name_gaps(res["largest_gaps"], intervals, names)
     res["device_busy_ms_per_step"] = res["busy_us"] / 1e3 / profiled
@@ -254,13 +248,13 @@ def _trace_events(prof, path: Path) -> list[dict]:
 
 
 def activity_intervals(events: list[dict], cuda: bool):
-    """(intervals, names, step_ranges, unassigned) from chrome-trace events. intervals: (start_us, end_us) of
-    device activity (CUDA) or of the training thread's CPU ops (CPU); names: the event of each. An interval
-    belongs to the step whose host range (the record_function STEP_PREFIX range) holds its anchor: for a
-    kernel, memcpy or memset, the host launch with the same correlation id (the device runs it later); for a
+    """(intervals, names, step_ranges, unassigned, dropped) from chrome-trace events. intervals: (start_us,
+    end_us) of device activity (CUDA) or of the training thread's CPU ops (CPU); names: the event of each. An
+    interval belongs to the step whose host range (the record_function STEP_PREFIX range) holds its anchor: for
+    a kernel, memcpy or memset, the host launch with the same correlation id (the device runs it later); for a
     CPU op, its own start. step_ranges: per step, in order, the first start and last end of its intervals
     (steps with none are left out). unassigned: intervals whose anchor lies in no step range (they still count
-    in the union)."""
+    in the union). dropped: activity left out for lying outside the session (session_window)."""
     marks = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
                    if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith(STEP_PREFIX))
     if cuda:
@@ -272,10 +266,14 @@ def activity_intervals(events: list[dict], cuda: bool):
                 and str(e.get("name", "")).startswith(STEP_PREFIX)}
         acts = [(e, e["ts"]) for e in events if e.get("cat") == "cpu_op" and e.get("tid") in tids]
     starts = [m[0] for m in marks]
+    lo, hi = session_window(events, marks)
     per_step: dict[int, list] = {}
-    intervals, names, unassigned = [], [], 0
+    intervals, names, unassigned, dropped = [], [], 0, 0
     for e, anchor in acts:
         iv = (float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0)))
+        if not lo <= iv[0] <= iv[1] <= hi:
+            dropped += 1
+            continue
         intervals.append(iv)
         names.append(str(e.get("name", ""))[:120])
         k = bisect.bisect_right(starts, anchor) - 1 if anchor is not None else -1
@@ -284,7 +282,19 @@ def activity_intervals(events: list[dict], cuda: bool):
         else:
             unassigned += 1
     step_ranges = [(min(s for s, _ in ivs), max(e for _, e in ivs)) for _, ivs in sorted(per_step.items())]
-    return intervals, names, step_ranges, unassigned
+    return intervals, names, step_ranges, unassigned, dropped
+
+
+def session_window(events: list[dict], marks) -> tuple[float, float]:
+    """(first step's start, end of the last host event): where the session's activity can lie. The device runs
+    nothing of the steps before the first one starts (the loop synchronises before the profiler starts) and
+    finishes before the synchronisation after the last step returns, a host event. A later profiler session in
+    one process can carry device records whose timestamps are ~1e11 us off (a known Kineto issue): kept, one
+    would stretch a step's range over the gaps after it and pass the gap target spuriously."""
+    host_ends = [e["ts"] + e.get("dur", 0) for e in events if e.get("cat") in HOST_CATS and e.get("ph", "X") == "X"]
+    if not marks or not host_ends:
+        return float("-inf"), float("inf")
+    return float(marks[0][0]), float(max(host_ends))
 
 
 def _save_compact(path: Path, intervals, step_ranges) -> None:
@@ -363,7 +373,8 @@ def busy_verdicts(busy: dict, cuda: bool) -> dict:
         measured = "error" not in r and (r.get("steps_found") or 0) >= 2
         v = dict(target=f"no idle gap between steps > {GAP_THRESHOLD_US:g} us",
                  measured=r.get("largest_between_steps_gap_us") if measured else None,
-                 busy_fraction=r.get("busy_fraction"), largest_gap=r.get("largest_gap"))
+                 busy_fraction=r.get("busy_fraction"), largest_gap=r.get("largest_gap"),
+                 dropped_out_of_session=r.get("dropped_out_of_session"))
         if not cuda:
             v["verdict"] = CPU_VERDICT
         elif not measured:
@@ -414,5 +425,7 @@ def summary_lines(res: dict) -> list[str]:
         gap = v.get("largest_gap") or {}
         got = (f"largest between steps {v['measured']:.0f} us; busy {frac:.0%}; largest gap {gap.get('us', 0):.0f} us "
                f"({gap.get('where')})" if v["measured"] is not None and frac is not None else "-")
+        if v.get("dropped_out_of_session"):
+            got += f"; {v['dropped_out_of_session']} records outside the profiled steps dropped"
         lines.append(f"| GPU busy, {key[9:]}: {v['target']} | {got} | {v['verdict']} |")
     return lines

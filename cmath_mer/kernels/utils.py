@@ -58,6 +58,15 @@ def check_same_device(**tensors: torch.Tensor) -> None:
 # so a double backward through the op always raises (and a create_graph backward that never goes through
 # the op twice still works).
 # ----------------------------------------------------------------------------------------------------------
+def same_device(a, b) -> bool:
+    """Type and index: a seed on cuda:0 read by a kernel on cuda:1 is another device's pointer. A CUDA device
+    named without an index is the current one (a tensor's .device always has its index)."""
+    def indexed(d: torch.device) -> torch.device:
+        d = torch.device(d)
+        return torch.device("cuda", torch.cuda.current_device()) if d.type == "cuda" and d.index is None else d
+    return indexed(a) == indexed(b)
+
+
 def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The variational seed as a (1,) int64 tensor on `device`, as the ops take it. A tensor is used as it
     is: its value may change between CUDA-graph replays (engine.GraphedStepper writes it before each one).
@@ -66,8 +75,9 @@ def seed_tensor(seed, device: torch.device) -> torch.Tensor:
         if seed.numel() != 1 or seed.dtype != torch.int64:
             raise ValueError(f"seed: an int or a one-element int64 tensor, got {seed.dtype} of shape "
                              f"{tuple(seed.shape)}")
-        if seed.device.type != torch.device(device).type:
-            raise ValueError(f"seed is on {seed.device} but the inputs are on {device}")
+        if not same_device(seed.device, device):
+            raise ValueError(f"seed is on {seed.device} but the inputs are on {device}: the kernel would read "
+                             "another device's memory; put the seed tensor on the inputs' device")
         return seed.reshape(1)
     if not 0 <= int(seed) < 2**63:
         raise ValueError(f"seed must lie in [0, 2**63), got {seed}")
