@@ -466,3 +466,40 @@ def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypat
     res = runs.stage_profile(SimpleNamespace(device="cpu", out=str(tmp_path)))
     assert not res["ok"] and word in res["one4096"]["error"]
     assert res["mix16x100"]["wall_ms_per_step"] > 0 and (tmp_path / "profile_mix16x100.txt").exists()
+
+
+def _recomputing_config():
+    from cmath_mer.config import preset
+    # dropout on, and every batch of 16 utterances or more recomputed in the backward (selective checkpointing)
+    return preset("iemocap", backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16,
+                  recompute_from=16, dropout=0.2, input_dropout=0.2)
+
+
+def test_graph_train_equality_on_a_recomputed_batch_with_dropout_holds_for_correct_replays():
+    """The harness of graph_train's recompute check (run on a GPU), with the CPU graph stand-in: every generator
+    seeded alike before each step, a replay that redraws its forward's masks in the recomputation equals the
+    eager step bit for bit; one capture, then replays."""
+    from cmath_mer.gpucheck.graphs import steppers_agree
+    from test_graphed_step import StandInGraphs
+    cfg = _recomputing_config()
+    n = int(torch.randint(cfg.recompute_from, 40, ()))
+    res = steppers_agree(cfg, [[n, 3]] * 3, "cpu", graphs=StandInGraphs())
+    assert res["bitwise"] and res["captured"] == 1 and res["replayed"] == 2, res
+
+
+def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
+    """The same check fails when a replay's dropout draws differ from the eager step's (here the replay draws
+    one number first, shifting every mask after it): the check is sensitive to the masks."""
+    from cmath_mer.gpucheck.graphs import steppers_agree
+    from test_graphed_step import StandInGraphs
+
+    class ShiftedReplays(StandInGraphs):
+        def capture(self, fn):
+            def replay():
+                torch.rand(1)
+                fn()
+            return super().capture(replay)
+    cfg = _recomputing_config()
+    res = steppers_agree(cfg, [[int(torch.randint(cfg.recompute_from, 40, ())), 3]] * 3, "cpu",
+                         graphs=ShiftedReplays())
+    assert res["replayed"] == 2 and res["param_rel_err"] > 1e-5, res

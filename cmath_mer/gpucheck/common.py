@@ -76,13 +76,14 @@ def run_child(cmd: list[str], args) -> subprocess.CompletedProcess:
                                            as_text(err.stderr) + "\n(stopped: the stage's time limit)")
 
 
-def training_stepper(model, device, precision: str, graphed: bool = False):
+def training_stepper(model, device, precision: str, graphed: bool = False, graphs=None):
     """train.py's step for `model` on `device`: AdamW (lr 1e-3, weight decay 0.01), autocast in `precision`,
-    clip 1.0, a fresh meter; eager (engine.Stepper) or replayed from CUDA graphs (graphed_step.py)."""
+    clip 1.0, a fresh meter; eager (engine.Stepper) or replayed from CUDA graphs (graphed_step.py; graphs: its
+    CUDA graph API or a stand-in)."""
     from .. import engine
     from ..graphed_step import GraphedStepper
     optimizer = engine.make_optimizer(model, 1e-3, 0.01)
     prec, meter = engine.Precision(precision, device), engine.StepMeter(device)
     if graphed:
-        return GraphedStepper(model, optimizer, prec, 1.0, meter)
+        return GraphedStepper(model, optimizer, prec, 1.0, meter, graphs)
     return engine.Stepper(model, model, optimizer, prec, 1.0, meter)

@@ -99,37 +99,59 @@ def _warm_up(*steps) -> None:
 
 # -------------------------------------------------------------------------------------- graphed training
 
-def _graph_equality(dev) -> dict:
-    """Eager engine.Stepper and GraphedStepper from one initialisation, dropout off, two batch shapes
-    alternating, a new variational seed and learning rate every step: the parameters must agree."""
+def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
+    """Eager engine.Stepper and GraphedStepper from one initialisation, on batches of `shapes` in turn, a new
+    variational seed and learning rate every step, and every generator seeded alike before each step on both
+    sides, so dropout draws the same masks in both (a replay after torch.manual_seed(s) draws what an eager step
+    from s draws): their parameters after the last step, and how many steps were captured and replayed.
+    graphs: graphed_step's CUDA graph API, or a stand-in (tests)."""
     import copy
 
     import torch
 
     from ..benchmark import _model_batch
-    from ..config import preset
     from ..graphed_step import make_capturable
     from ..model import CMATH
-    cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
     torch.manual_seed(0)
     a = CMATH(cfg).to(dev).train()
     b = copy.deepcopy(a)
-    eager, graphed = training_stepper(a, dev, "bf16"), training_stepper(b, dev, "bf16", graphed=True)
+    eager, graphed = training_stepper(a, dev, "bf16"), training_stepper(b, dev, "bf16", graphed=True, graphs=graphs)
     make_capturable(eager.optimizer, dev)        # the same AdamW arithmetic on both sides (lr in a tensor)
-    shapes = [[37, 100, 5], [300], [37, 100, 5], [300], [37, 100, 5], [300], [37, 100, 5], [300]]
     for step, lengths in enumerate(shapes):
         batch = _model_batch(cfg, lengths, dev, seed=step)
         for st in (eager, graphed):
             for group in st.optimizer.param_groups:
                 group["lr"].fill_(1e-3 * 0.5 ** (step // 2))
+            torch.manual_seed(1000 + step)
             st([batch], 7, step)
-    torch.cuda.synchronize()
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
     flat = [torch.cat([p.detach().flatten().double() for p in m.parameters()]) for m in (a, b)]
-    err = rel_err(flat[1], flat[0])
     ma, mb = eager.meter.read(), graphed.meter.read()
-    return dict(param_rel_err=err, bitwise=bool(torch.equal(flat[0], flat[1])), captured=graphed.captured,
-                replayed=graphed.replayed, loss_sum_eager=ma["loss_sum"], loss_sum_graphed=mb["loss_sum"],
-                ok=bool(err < 1e-5 and graphed.captured == 2 and graphed.replayed == 6))
+    return dict(param_rel_err=rel_err(flat[1], flat[0]), bitwise=bool(torch.equal(flat[0], flat[1])),
+                captured=graphed.captured, replayed=graphed.replayed, loss_sum_eager=ma["loss_sum"],
+                loss_sum_graphed=mb["loss_sum"])
+
+
+def _graph_equality(dev) -> dict:
+    """Dropout off, two batch shapes alternating: the replays read each step's batch, seed and learning rate."""
+    from ..config import preset
+    cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
+    res = steppers_agree(cfg, [[37, 100, 5], [300]] * 4, dev)
+    res["ok"] = bool(res["param_rel_err"] < 1e-5 and res["captured"] == 2 and res["replayed"] == 6)
+    return res
+
+
+def _graph_equality_recompute(dev) -> dict:
+    """Dropout on, one batch long enough to be recomputed in the backward (recompute_from: selective
+    checkpointing of the CMA blocks, the fusion in pieces): a replayed backward must redraw its forward's
+    dropout masks, which needs torch.utils.checkpoint to rewind the CUDA generator inside a capture (PyTorch
+    #162504, fixed by #162505); a graph whose recomputation drew new masks would train on wrong gradients."""
+    from ..config import preset
+    cfg = preset("iemocap", backend="triton")
+    res = steppers_agree(cfg, [[cfg.recompute_from + 52]] * 3, dev)
+    res["ok"] = bool(res["param_rel_err"] < 1e-5 and res["captured"] == 1 and res["replayed"] == 2)
+    return res
 
 
 def _graph_timing(dev) -> dict:
@@ -168,11 +190,12 @@ def stage_graph_train(args) -> dict:
     import torch
     dev = torch.device("cuda")
     res: dict = {}
-    try:
-        res["equality"] = _graph_equality(dev)
-    except Exception as err:                                           # noqa: BLE001 - the finding
-        res["equality"] = dict(ok=False, error=f"{type(err).__name__}: {err}"[:1500],
-                               trace=traceback.format_exc()[-2500:])
+    for name, check in (("equality", _graph_equality), ("equality_recompute", _graph_equality_recompute)):
+        try:
+            res[name] = check(dev)
+        except Exception as err:                                       # noqa: BLE001 - the finding
+            res[name] = dict(ok=False, error=f"{type(err).__name__}: {err}"[:1500],
+                             trace=traceback.format_exc()[-2500:])
     try:
         res["timing"] = _graph_timing(dev)
     except Exception as err:                                           # noqa: BLE001
@@ -200,7 +223,8 @@ def stage_graph_train(args) -> dict:
     e, g = runs.get("--no-cuda-graphs", {}), runs.get("--cuda-graphs", {})
     demo_ok = ("train_loss" in e and "train_loss" in g and
                all(abs(x - y) <= 0.1 * abs(x) for x, y in zip(e["train_loss"], g["train_loss"])))
-    res["ok"] = bool(res["equality"].get("ok") and demo_ok and "error" not in res["timing"])
+    res["ok"] = bool(res["equality"].get("ok") and res["equality_recompute"].get("ok") and demo_ok
+                     and "error" not in res["timing"])
     return res
 
 
