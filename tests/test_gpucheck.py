@@ -477,20 +477,21 @@ def _recomputing_config():
 
 def test_graph_train_equality_on_a_recomputed_batch_with_dropout_holds_for_correct_replays():
     """The harness of graph_train's recompute check (run on a GPU), with the CPU graph stand-in: every generator
-    seeded alike before each step, a replay that redraws its forward's masks in the recomputation equals the
-    eager step bit for bit; one capture, then replays."""
-    from cmath_mer.gpucheck.graphs import steppers_agree
+    seeded alike before each step, a replay that redraws its forward's masks in the recomputation agrees with
+    the eager step (bit for bit at most sizes; ~3e-5 at some, from the loss normalisation); one capture, then
+    replays."""
+    from cmath_mer.gpucheck.graphs import MASKS_DIFFER, steppers_agree
     from test_graphed_step import StandInGraphs
     cfg = _recomputing_config()
     n = int(torch.randint(cfg.recompute_from, 40, ()))
     res = steppers_agree(cfg, [[n, 3]] * 3, "cpu", graphs=StandInGraphs())
-    assert res["bitwise"] and res["captured"] == 1 and res["replayed"] == 2, res
+    assert res["param_rel_err"] < MASKS_DIFFER / 10 and res["captured"] == 1 and res["replayed"] == 2, res
 
 
 def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     """The same check fails when a replay's dropout draws differ from the eager step's (here the replay draws
     one number first, shifting every mask after it): the check is sensitive to the masks."""
-    from cmath_mer.gpucheck.graphs import steppers_agree
+    from cmath_mer.gpucheck.graphs import MASKS_DIFFER, steppers_agree
     from test_graphed_step import StandInGraphs
 
     class ShiftedReplays(StandInGraphs):
@@ -502,4 +503,4 @@ def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     cfg = _recomputing_config()
     res = steppers_agree(cfg, [[int(torch.randint(cfg.recompute_from, 40, ())), 3]] * 3, "cpu",
                          graphs=ShiftedReplays())
-    assert res["replayed"] == 2 and res["param_rel_err"] > 1e-5, res
+    assert res["replayed"] == 2 and res["param_rel_err"] > 3 * MASKS_DIFFER, res

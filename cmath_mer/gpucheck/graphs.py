@@ -99,6 +99,9 @@ def _warm_up(*steps) -> None:
 
 # -------------------------------------------------------------------------------------- graphed training
 
+MASKS_DIFFER = 1e-3        # relative parameter difference above which two steppers drew other dropout masks
+
+
 def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
     """Eager engine.Stepper and GraphedStepper from one initialisation, on batches of `shapes` in turn, a new
     variational seed and learning rate every step, and every generator seeded alike before each step on both
@@ -146,11 +149,14 @@ def _graph_equality_recompute(dev) -> dict:
     """Dropout on, one batch long enough to be recomputed in the backward (recompute_from: selective
     checkpointing of the CMA blocks, the fusion in pieces): a replayed backward must redraw its forward's
     dropout masks, which needs torch.utils.checkpoint to rewind the CUDA generator inside a capture (PyTorch
-    #162504, fixed by #162505); a graph whose recomputation drew new masks would train on wrong gradients."""
+    #162504, fixed by #162505); a graph whose recomputation drew new masks would train on wrong gradients.
+    Other masks move the parameters by ~1e-2 (relative, after two replays; ~1e-2 also on the CPU stand-in,
+    tests/test_gpucheck.py), while the two steppers' loss normalisations may differ in the last bits (the eager
+    one divides by the step's totals): ~3e-5 at some sizes on the CPU. Hence 1e-3, and `bitwise` beside it."""
     from ..config import preset
     cfg = preset("iemocap", backend="triton")
     res = steppers_agree(cfg, [[cfg.recompute_from + 52]] * 3, dev)
-    res["ok"] = bool(res["param_rel_err"] < 1e-5 and res["captured"] == 1 and res["replayed"] == 2)
+    res["ok"] = bool(res["param_rel_err"] < MASKS_DIFFER and res["captured"] == 1 and res["replayed"] == 2)
     return res
 
 
