@@ -197,15 +197,8 @@ def stage_graph_train(args) -> dict:
     dev = torch.device("cuda")
     res: dict = {}
     for name, check in (("equality", _graph_equality), ("equality_recompute", _graph_equality_recompute)):
-        try:
-            res[name] = check(dev)
-        except Exception as err:                                       # noqa: BLE001 - the finding
-            res[name] = dict(ok=False, error=f"{type(err).__name__}: {err}"[:1500],
-                             trace=traceback.format_exc()[-2500:])
-    try:
-        res["timing"] = _graph_timing(dev)
-    except Exception as err:                                           # noqa: BLE001
-        res["timing"] = dict(error=f"{type(err).__name__}: {err}"[:1500], trace=traceback.format_exc()[-2500:])
+        res[name] = {"ok": False, **guarded(lambda: check(dev))}          # an error is the check's finding
+    res["timing"] = guarded(lambda: _graph_timing(dev))
     out = Path(args.out) / "graph_train"
     out.mkdir(parents=True, exist_ok=True)
     runs = {}
