@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRE
 @pytest.fixture(autouse=True)
 def _threads():
     """The suite's thread setting (env CMATH_BENCH_THREADS, default every core), restored afterwards."""
-    from cmath_mer.benchmark import cpu_threads
+    from cmath_mer.bench import cpu_threads
     prev = torch.get_num_threads()
     torch.set_num_threads(cpu_threads())
     yield

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from cmath_mer import distributed
-from cmath_mer.config import TrainConfig
+from cmath_mer.training import distributed
+from cmath_mer.model.config import TrainConfig
 from cmath_mer.data import make_synthetic
-from cmath_mer.train import build_config, train
+from cmath_mer.training.train import build_config, train
 
 CONVERSATIONS, STEP, EPOCHS = 72, 1600, 6
 

@@ -1,10 +1,10 @@
-"""Smoke benchmarks of the long-conversation cases (cmath_mer/benchmark/long.py) over tiny shapes: each builds,
+"""Smoke benchmarks of the long-conversation cases (cmath_mer/bench/long.py) over tiny shapes: each builds,
 runs and gives finite results; the report gets its per-doubling ratios and plot. Timings are never asserted."""
 import pytest
 import torch
 
-from cmath_mer import benchmark as B
-from cmath_mer.benchmark.long import WINDOW
+from cmath_mer import bench as B
+from cmath_mer.bench.long import WINDOW
 
 
 @pytest.mark.parametrize("case", [c for c in B.sweep(False, "cpu", long=True) if c["N"] == 65536],

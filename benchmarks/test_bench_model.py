@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from cmath_mer import benchmark as B
+from cmath_mer import bench as B
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

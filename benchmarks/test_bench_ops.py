@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cmath_mer import benchmark as B
+from cmath_mer import bench as B
 
 def _params(backend, batch, S):
     slow = [pytest.mark.slow] if backend == "torch_compile" else []   # compiling costs tens of seconds
@@ -92,14 +92,14 @@ def test_every_compiling_or_capturing_backend_builds_outside_the_clock():
     """A backend whose first call compiles (`*_compile`, flex) or captures a CUDA graph (`*_graphs`) is run
     once before measure() and its time recorded as compile_s; one missing from COMPILED_BACKENDS would have
     its compile inside the first timed call and no compile_s."""
-    from cmath_mer.benchmark.cases import COMPILED_BACKENDS
+    from cmath_mer.bench.cases import COMPILED_BACKENDS
     backends = {c["backend"] for quick in (True, False) for dev in ("cpu", "cuda") for c in B.sweep(quick, dev)}
     building = {b for b in backends if b.endswith(("_compile", "_graphs")) or b == "flex"}
     assert building and building <= set(COMPILED_BACKENDS)
 
 
 def test_attention_baselines_are_planned_and_a_cpu_row_says_why_it_cannot_run():
-    from cmath_mer.benchmark.run import _probe_unavailable
+    from cmath_mer.bench.run import _probe_unavailable
     cpu, cuda = B.sweep(True, "cpu"), B.sweep(True, "cuda")
     shapes = {(batch, S) for batch in ("equal", "ragged") for S in (1, 2)}
     for backend in ("flex", "varlen"):

@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
+from cmath_mer.model.config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
 from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
@@ -34,7 +34,7 @@ def _names_option(option: str, value: str, known: tuple[str, ...] | None = None)
 
 def _check_device(device: str, backend: str | None = None) -> str:
     import torch
-    from .engine import resolve_device
+    from cmath_mer.training.engine import resolve_device
     device = resolve_device(device)                 # auto: cuda when torch sees one, else cpu
     try:
         dev = torch.device(device)
@@ -116,9 +116,9 @@ def _data_seed(state: dict) -> int:
 def _load_for_run(data: str, checkpoint: Path, modalities: tuple[str, ...], class_names: str | None = None):
     """--data of evaluate and predict. 'synthetic' is the run's own synthetic corpus, rebuilt with the preset
     and seed its training built it with, and checked against the run's data fingerprint."""
-    from .checkpoint import read_metadata
+    from cmath_mer.training.checkpoint import read_metadata
     from .data import DataError
-    from .run_folder import data_fingerprint
+    from cmath_mer.training.run_folder import data_fingerprint
     if data != "synthetic":
         return _load(data, "iemocap", 0, class_names)
     state = read_metadata(checkpoint / "best.safetensors")["state"]
@@ -151,7 +151,7 @@ def _train_options(args) -> None:
         _names_option("--class-names", args.class_names)
     device = _check_device(args.device if args.device is not None else "auto", args.backend)
     if args.precision is not None:
-        from .engine import check_precision
+        from cmath_mer.training.engine import check_precision
         check_precision(args.precision, device)
     if args.accumulate is not None and args.accumulate < 1:
         raise UsageError(f"--accumulate {args.accumulate}: must be at least 1")
@@ -175,8 +175,8 @@ def _overrides(text: str | None) -> dict:
 def _resume_settings(args, folder: Path):
     """The run's own config and TrainConfig for --resume; an option that contradicts the run is refused,
     --epochs (extend) and --device are applied and said."""
-    from .config import config_to_dict
-    from .run_folder import saved_run
+    from cmath_mer.model.config import config_to_dict
+    from cmath_mer.training.run_folder import saved_run
     saved = saved_run(folder)
     config = saved.config
     tsaved = dict(saved.train_config or json.loads((folder / "train_config.json").read_text()))
@@ -228,7 +228,7 @@ def cmd_train(args) -> int:
     """Under torchrun (RANK/WORLD_SIZE in the environment) every process runs this: rank 0 checks the run
     folder and reads a run to resume, every rank reads the data (a rank that cannot stops them all), and
     train() runs the distributed loop."""
-    from . import distributed
+    from cmath_mer.training import distributed
     _train_options(args)
     device = _check_device(args.device if args.device is not None else "auto", args.backend)
     try:
@@ -242,8 +242,8 @@ def cmd_train(args) -> int:
 
 
 def _cmd_train(args, distributed) -> int:
-    from .run_folder import check_new_run_folder
-    from .train import build_config, train
+    from cmath_mer.training.run_folder import check_new_run_folder
+    from cmath_mer.training.train import build_config, train
     main_rank = distributed.context().main
     out = Path(args.out)
     seeds = None if args.seeds is None else _seed_list(args.seeds)
@@ -251,7 +251,7 @@ def _cmd_train(args, distributed) -> int:
         raise UsageError("--seed and --seeds contradict each other: give one")
     if args.resume:
         from .data import check_compatible
-        from .run_folder import check_resume, data_fingerprint, run_files
+        from cmath_mer.training.run_folder import check_resume, data_fingerprint, run_files
         folder = out
         if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
             folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
@@ -289,7 +289,7 @@ def _cmd_train(args, distributed) -> int:
     run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed}   # evaluate rebuilds synthetic
     try:
         if seeds is not None:
-            from .seeds import train_seeds
+            from cmath_mer.training.seeds import train_seeds
             train_seeds(data, config, tcfg, out, seeds, resume=args.resume, overwrite=args.overwrite,
                         progress=not args.no_progress, run_info=run_info)
             if main_rank:
@@ -334,7 +334,7 @@ def _seed_list(text: str) -> list[int]:
 
 
 def cmd_sweep(args) -> int:
-    from .sweep import load_grid, run_sweep
+    from cmath_mer.training.sweep import load_grid, run_sweep
     grid = load_grid(args.grid)
     data = _load(args.data, args.preset, 0, args.class_names)
     modalities = tuple(args.modalities.split(",")) if args.modalities else None
@@ -344,8 +344,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_baseline(args) -> int:
-    from .baseline import context_free_baseline
-    from .train import make_splits
+    from cmath_mer.training.baseline import context_free_baseline
+    from cmath_mer.training.train import make_splits
     modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: must be >= 0")
@@ -357,7 +357,7 @@ def cmd_baseline(args) -> int:
 
 def _load_for_model(args):
     from .data import check_compatible
-    from .train import load_trained
+    from cmath_mer.training.train import load_trained
     device = _check_device(args.device)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
@@ -371,8 +371,8 @@ def _load_for_model(args):
 def _eval_precision(args, device: str) -> str:
     """--precision when given (refused where the device cannot run it); else the run's own training
     precision (fp32 for runs from before --precision, and where this device has no bf16)."""
-    from .checkpoint import read_metadata
-    from .engine import check_precision
+    from cmath_mer.training.checkpoint import read_metadata
+    from cmath_mer.training.engine import check_precision
     from .errors import ConfigError
     if args.precision is not None:
         return check_precision(args.precision, device)
@@ -386,8 +386,8 @@ def _eval_precision(args, device: str) -> str:
 
 def cmd_evaluate(args) -> int:
     from .data import DataError
-    from .metrics import classification_metrics
-    from .train import evaluation_conversations, predict_conversations
+    from cmath_mer.training.metrics import classification_metrics
+    from cmath_mer.training.train import evaluation_conversations, predict_conversations
     model, data = _load_for_model(args)
     precision = _eval_precision(args, str(next(model.parameters()).device))
     y, p, _ = predict_conversations(model, data, evaluation_conversations(data), precision=precision)
@@ -418,9 +418,9 @@ def _table_options(args) -> dict:
 
 
 def cmd_predict(args) -> int:
-    from .checkpoint import atomic_write
+    from cmath_mer.training.checkpoint import atomic_write
     from .data import check_compatible
-    from .train import load_trained, predict_conversations
+    from cmath_mer.training.train import load_trained, predict_conversations
     ckpt = _input_file("--checkpoint", args.checkpoint)
     out = _output_file("--out", args.out, [_input_file("--data", args.data), ckpt / "best.safetensors",
                                             ckpt / "config.json", ckpt])
@@ -526,7 +526,7 @@ def cmd_synth(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .benchmark import run_benchmarks, sweep
+    from cmath_mer.bench import run_benchmarks, sweep
     if args.long:
         run_benchmarks(args.out, quick=args.quick, device=args.device, cases=sweep(args.quick, args.device, long=True),
                        time_budget_s=3600.0)
@@ -666,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     b.add_argument("--out", required=True)
     b.add_argument("--long", action="store_true", help="the long-conversation cases instead: windowed attention "
-                   "and training step, 65,536 to 1,048,576 utterances (python -m cmath_mer.benchmark --long has "
+                   "and training step, 65,536 to 1,048,576 utterances (python -m cmath_mer.bench --long has "
                    "more options)")
     b.set_defaults(func=cmd_bench)
 

@@ -27,7 +27,7 @@ def corpus():
 
 def one_step(model, forward, batches, first_row):
     """One Stepper step (fp32, SGD, no clipping) of `model` on its micro-batches; returns the meter's read."""
-    from cmath_mer import engine
+    from cmath_mer.training import engine
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     meter = engine.StepMeter("cpu")
     step = engine.Stepper(model, forward, optimizer, engine.Precision("fp32", "cpu"), 1e9, meter)
@@ -36,8 +36,8 @@ def one_step(model, forward, batches, first_row):
 
 
 def build(sample: bool):
-    from cmath_mer.model import CMATH
-    from cmath_mer.train import build_config, inverse_frequency_weights
+    from cmath_mer.model.cmath import CMATH
+    from cmath_mer.training.train import build_config, inverse_frequency_weights
     data = corpus()
     config = build_config(data, "iemocap", **SMALL, variational_sample=sample)
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def build(sample: bool):
 
 
 def step(out: str) -> None:
-    from cmath_mer import distributed
+    from cmath_mer.training import distributed
     from cmath_mer.data.sharding import rows_before
     distributed.setup("cpu")
     ctx = distributed.context()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmath_mer.packing import cu_seqlens_from  # noqa: F401  (re-exported for the tests)
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from  # noqa: F401  (re-exported for the tests)
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -53,7 +53,7 @@ def train_interrupted_after_epoch_1(data, config, tcfg, out):
     returns the resumed run's metrics (to compare with an uninterrupted run's)."""
     import pytest
 
-    from cmath_mer.train import train
+    from cmath_mer.training.train import train
 
     class Interrupt(Exception):
         pass

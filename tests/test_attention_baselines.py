@@ -1,4 +1,4 @@
-"""The attention baselines of the benchmark (cmath_mer/benchmark/baselines.py) compute the definition that
+"""The attention baselines of the benchmark (cmath_mer/bench/baselines.py) compute the definition that
 multi_source_attention computes: flex_attention with our document-and-window mask over the S sources' keys,
 and the FlashAttention varlen layout (each conversation's keys of every source gathered together), against
 the float64 dense definition on fresh random ragged batches.
@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmath_mer.benchmark import baselines
+from cmath_mer.bench import baselines
 
 from helpers import assert_rel_close
 from test_attention import dense_attention, grads, make_inputs

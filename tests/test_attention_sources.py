@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmath_mer import cma_transformer
-from cmath_mer.cma_transformer import MultiSourceAttention
+from cmath_mer.model import cma_transformer
+from cmath_mer.model.cma_transformer import MultiSourceAttention
 from cmath_mer.kernels import multi_source_attention
 
 from helpers import assert_rel_close, cu_seqlens_from, needs_triton

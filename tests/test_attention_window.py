@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmath_mer.benchmark.long import blocked_reference_before
+from cmath_mer.bench.long import blocked_reference_before
 from cmath_mer.kernels.attention import naive
 from cmath_mer.kernels.attention.naive import banded_attention, key_range, naive_multi_source_attention
 
@@ -135,7 +135,7 @@ def test_banded_backward_touches_each_key_block_a_bounded_number_of_times(monkey
 def test_windowed_model_recomputes_to_the_same_gradients():
     """CMATH with a window on the long-batch path (every branch, reconstruction and fusion recomputed in
     the backward) gives the gradients of the plain path; the banded attention is part of what is redone."""
-    from cmath_mer.model import CMATH
+    from cmath_mer.model.cmath import CMATH
     from test_model import random_batch, small_config
     torch.manual_seed(8)
     plain = CMATH(small_config(dropout=0.1, recompute_from=None, window=3))

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import cmath_mer.kernels as K
-from cmath_mer import engine
+from cmath_mer.training import engine
 from cmath_mer.kernels import reference_ops
 from cmath_mer.kernels.variational.philox import philox_randn, philox_randn_op
-from cmath_mer.model import CMATH
+from cmath_mer.model.cmath import CMATH
 from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from
 from test_model import random_batch, small_config
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmath_mer.config import preset
+from cmath_mer.model.config import preset
 from cmath_mer.data import (LAYOUTS, DataError, UnsafePickleError, check_compatible, load_dataset,
                             load_peer_pickle, make_synthetic, write_peer_pickle)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmath_mer import distributed
+from cmath_mer.training import distributed
 from cmath_mer.cli import main
 from cmath_mer.data import load_dataset, synth
 from cmath_mer.data.sharding import eval_shards, rank_batches, rows_before, split_by_utterances
@@ -97,7 +97,7 @@ def test_the_shares_in_rank_order_are_the_single_process_batch():
 def test_too_many_processes_for_the_training_conversations_is_an_error():
     with pytest.raises(ConfigError, match="3 processes and 2 training conversation"):
         rank_batches([[0], [1]], [4, 4], 3)
-    from cmath_mer.train import check_world_size
+    from cmath_mer.training.train import check_world_size
     with pytest.raises(ConfigError, match="at most 2 processes"):
         check_world_size({"train": [0, 1]}, 3, "x.safetensors")
 
@@ -163,7 +163,7 @@ def test_micro_batches_draw_the_eps_of_the_whole_batch_and_normalise_by_its_tota
     with sampling and class weights."""
     sys.path.insert(0, str(HERE))
     import ddp_worker
-    from cmath_mer import engine
+    from cmath_mer.training import engine
     updates = []
     for parts in (1, 2):
         data, model = ddp_worker.build(True)
@@ -188,7 +188,7 @@ NO_DROPOUT = SMALL[:-1] + ', "dropout": 0.0}'
 
 
 def test_torchrun_two_processes_end_to_end_then_resume_with_one(tmp_path):
-    from cmath_mer.train import evaluate_split, load_trained
+    from cmath_mer.training.train import evaluate_split, load_trained
     data_path = tmp_path / "tiny.safetensors"
     synth(data_path, preset="iemocap", conversations=14, min_length=4, max_length=12, seed=0)
     torchrun("-m", "cmath_mer", *_train_args(data_path, tmp_path / "two", config=NO_DROPOUT))

@@ -17,14 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmath_mer import engine
-from cmath_mer import train as train_module
-from cmath_mer.checkpoint import read_metadata
+from cmath_mer.training import engine
+from cmath_mer.training import train as train_module
+from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
-from cmath_mer.config import TrainConfig
+from cmath_mer.model.config import TrainConfig
 from cmath_mer.data import make_synthetic, save_dataset
-from cmath_mer.model import CMATH
-from cmath_mer.train import build_config, resolve_train_config, train
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.training.train import build_config, resolve_train_config, train
 from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cmath_mer.config import PRESETS
+from cmath_mer.model.config import PRESETS
 from cmath_mer.data import IGNORE_INDEX, DataError
 from cmath_mer.featurize.tables import (EMORYNLP_CLASSES, label_indices, parse_spec, read_table, read_tables,
                                         speaker_indices)

@@ -1,4 +1,4 @@
-"""The GPU check (python -m cmath_mer.gpucheck): its plan is complete, and its parity and determinism checks
+"""The GPU check (python -m cmath_mer.bench.gpucheck): its plan is complete, and its parity and determinism checks
 catch what they claim to catch, and the targets stage's gap analysis and verdicts are right. The stages
 themselves run on a CUDA machine; here their comparisons run on CPU tensors under the interpreter, and the
 targets stage runs whole on tiny CPU shapes."""
@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 
-from cmath_mer import gpucheck
+from cmath_mer.bench import gpucheck
 
 
 def test_dry_run_lists_every_stage_and_each_has_an_implementation():
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--dry-run"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     listed = [line.split()[0] for line in p.stdout.splitlines() if line and line.split()[0] in gpucheck.STAGE_NAMES]
     assert listed == gpucheck.STAGE_NAMES
@@ -23,7 +23,7 @@ def test_dry_run_lists_every_stage_and_each_has_an_implementation():
 
 
 def test_unknown_stage_is_refused():
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run", "--stages", "parity,nope"],
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--dry-run", "--stages", "parity,nope"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr
 
@@ -241,7 +241,7 @@ def test_targets_stage_runs_on_the_cpu(tmp_path):
     import json
     import os
     env = dict(os.environ, CMATH_BENCH_THREADS="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--device", "cpu", "--stages", "targets",
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--device", "cpu", "--stages", "targets",
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, (p.stdout, p.stderr[-3000:])
     res = json.loads((tmp_path / "targets.json").read_text())
@@ -279,7 +279,7 @@ def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypa
     it needs is SKIPPED (a later one that needs less still runs); the summary names the stages a second call
     should run, the SKIPPED and the TIMEOUT ones."""
     import json
-    from cmath_mer.gpucheck import driver
+    from cmath_mer.bench.gpucheck import driver
     seen, clock = [], [0.0]
     monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
     monkeypatch.setattr(driver.time, "time", lambda: 1000.0 + clock[0])
@@ -310,7 +310,7 @@ def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypa
 
 def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_path, monkeypatch):
     import json
-    from cmath_mer.gpucheck import driver
+    from cmath_mer.bench.gpucheck import driver
     ref = float(torch.empty(()).uniform_(0.05, 0.5))
     rows = [_row("torch", "fp32", ref), _row("triton_graphs", "bf16", ref / 5)]
 
@@ -346,7 +346,7 @@ def test_a_stage_takes_its_children_with_it(ending, tmp_path, monkeypatch):
     import os
     import signal
     import time
-    from cmath_mer.gpucheck import driver
+    from cmath_mer.bench.gpucheck import driver
     word = f"partial-{int(torch.randint(0, 10_000, ()))}-é"
     stage = (f"import subprocess, sys, time\n"
              f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'],\n"
@@ -378,7 +378,7 @@ def test_a_process_a_stage_starts_stops_before_the_stage_limit():
     records it as stopped (returncode None, its output kept as text) instead of being killed with it."""
     import time
     from types import SimpleNamespace
-    from cmath_mer.gpucheck.common import run_child, seconds_left
+    from cmath_mer.bench.gpucheck.common import run_child, seconds_left
     word = f"started-{int(torch.randint(0, 10_000, ()))}"
     args = SimpleNamespace(stage_deadline=time.time() + 6.0)               # 1 s once the 5 s margin is kept
     p = run_child([sys.executable, "-c", f"import time; print({word!r}, flush=True); time.sleep(600)"], args)
@@ -392,7 +392,7 @@ def test_the_demo_stage_reruns_into_a_folder_that_holds_its_earlier_run(tmp_path
     """A second call into the same results folder: `cmath-mer train` refuses a folder that holds a run, so the
     stage's demo runs replace their own (--overwrite)."""
     from types import SimpleNamespace
-    from cmath_mer.gpucheck import runs
+    from cmath_mer.bench.gpucheck import runs
     earlier = tmp_path / "train_demo" / "torch"
     earlier.mkdir(parents=True)
     (earlier / "metrics.json").write_text("{}")                      # what a run folder holds
@@ -436,7 +436,7 @@ def test_gpu_session_smoke_on_the_cpu(tmp_path):
 
 def test_autotune_cold_keeps_its_first_call_rows_when_the_config_sequence_fails(monkeypatch):
     from types import SimpleNamespace
-    from cmath_mer.gpucheck import parity
+    from cmath_mer.bench.gpucheck import parity
     word = f"boom-{int(torch.randint(0, 10_000, ()))}"
     monkeypatch.setattr(parity, "run_parity_case", lambda case, device, seed: dict(case, ok=True))
 
@@ -450,9 +450,9 @@ def test_autotune_cold_keeps_its_first_call_rows_when_the_config_sequence_fails(
 
 def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypatch):
     from types import SimpleNamespace
-    import cmath_mer.benchmark as B
-    import cmath_mer.config as C
-    from cmath_mer.gpucheck import runs
+    import cmath_mer.bench as B
+    import cmath_mer.model.config as C
+    from cmath_mer.bench.gpucheck import runs
     word = f"boom-{int(torch.randint(0, 10_000, ()))}"
     real, real_preset = B._model_batch, C.preset
     small = dict(backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16)
@@ -469,7 +469,7 @@ def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypat
 
 
 def _recomputing_config():
-    from cmath_mer.config import preset
+    from cmath_mer.model.config import preset
     # dropout on, and every batch of 16 utterances or more recomputed in the backward (selective checkpointing)
     return preset("iemocap", backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16,
                   recompute_from=16, dropout=0.2, input_dropout=0.2)
@@ -480,7 +480,7 @@ def test_graph_train_equality_on_a_recomputed_batch_with_dropout_holds_for_corre
     seeded alike before each step, a replay that redraws its forward's masks in the recomputation agrees with
     the eager step (bit for bit at most sizes; ~3e-5 at some, from the loss normalisation); one capture, then
     replays."""
-    from cmath_mer.gpucheck.graphs import MASKS_DIFFER, steppers_agree
+    from cmath_mer.bench.gpucheck.graphs import MASKS_DIFFER, steppers_agree
     from test_graphed_step import StandInGraphs
     cfg = _recomputing_config()
     n = int(torch.randint(cfg.recompute_from, 40, ()))
@@ -491,7 +491,7 @@ def test_graph_train_equality_on_a_recomputed_batch_with_dropout_holds_for_corre
 def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     """The same check fails when a replay's dropout draws differ from the eager step's (here the replay draws
     one number first, shifting every mask after it): the check is sensitive to the masks."""
-    from cmath_mer.gpucheck.graphs import MASKS_DIFFER, steppers_agree
+    from cmath_mer.bench.gpucheck.graphs import MASKS_DIFFER, steppers_agree
     from test_graphed_step import StandInGraphs
 
     class ShiftedReplays(StandInGraphs):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmath_mer import engine
-from cmath_mer.benchmark import _model_batch
-from cmath_mer.config import TrainConfig, preset
+from cmath_mer.training import engine
+from cmath_mer.bench import _model_batch
+from cmath_mer.model.config import TrainConfig, preset
 from cmath_mer.errors import ConfigError
-from cmath_mer.graphed_step import GraphedStepper, batch_shape
-from cmath_mer.model import CMATH
-from cmath_mer.train import check_cuda_graphs
+from cmath_mer.training.graphs import GraphedStepper, batch_shape
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.training.train import check_cuda_graphs
 
 
 class StandInGraphs:
@@ -122,7 +122,7 @@ def test_static_batches_of_every_shape_view_one_feature_buffer_per_modality():
 
 def test_an_eager_run_that_could_take_cuda_graphs_is_told_so():
     """train() logs a tip when every condition of --cuda-graphs holds and the run is eager; never otherwise."""
-    from cmath_mer.train import cuda_graphs_would_run
+    from cmath_mer.training.train import cuda_graphs_would_run
     cfg = preset("iemocap", backend="triton")
     assert cuda_graphs_would_run(TrainConfig(device="cuda", precision="bf16"), cfg)
     for settings in (dict(device="cpu", precision="fp32"), dict(device="cuda", precision="fp16"),
@@ -138,7 +138,7 @@ def test_captures_let_the_prefetcher_thread_pin_memory(monkeypatch):
     global, fails the capture on a pin_memory from any thread)."""
     import contextlib
 
-    from cmath_mer.graphed_step import CudaGraphs
+    from cmath_mer.training.graphs import CudaGraphs
     seen = []
 
     @contextlib.contextmanager

@@ -4,12 +4,12 @@ import itertools
 import pytest
 import torch
 
-from cmath_mer.config import CMATHConfig
+from cmath_mer.model.config import CMATHConfig
 from cmath_mer.data import Batch
-from cmath_mer.distillation import logit_distillation
-from cmath_mer.model import CMATH
-from cmath_mer.packing import neighbour_masks, positions
-from cmath_mer.reconstruction import PackedConv1d
+from cmath_mer.model.distillation import logit_distillation
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.kernels.cu_seqlens import neighbour_masks, positions
+from cmath_mer.model.reconstruction import PackedConv1d
 from helpers import cu_seqlens_from
 
 DIMS = {"text": 24, "audio": 17, "visual": 9}
@@ -159,7 +159,7 @@ def test_long_batch_memory_savings_give_the_same_step(monkeypatch):
     # in pieces of rows, Philox eps drawn in chunks) leaves the step's loss and every gradient as the plain
     # step's; tiny pieces so that a conversation of 40 spans many of them
     import cmath_mer.kernels.variational.philox as philox
-    import cmath_mer.variational_fusion as vf
+    import cmath_mer.model.fusion as vf
     monkeypatch.setattr(vf, "RECOMPUTE_ROWS", 7)
     monkeypatch.setattr(philox, "CHUNK", 50)                 # d_z = 32: a piece of 7 rows is 224 draws
     seed = int(torch.randint(0, 2**30, ()))
@@ -187,7 +187,7 @@ def test_fusion_in_pieces_equals_the_fusion(autocast, rows, exact):
     # forward()'s outputs and gradients: in pieces of 5 rows in fp32, and under CPU bf16 autocast in one
     # piece, where it must be bitwise (its backward recomputes under the forward's autocast state; without
     # it the gradients differ by ~0.5 %)
-    from cmath_mer.variational_fusion import VariationalFusion
+    from cmath_mer.model.fusion import VariationalFusion
     seed = int(torch.randint(0, 2**30, ()))
     torch.manual_seed(seed)
     fusion = VariationalFusion(("text", "audio"), 16, 12, True, "torch")
@@ -242,7 +242,7 @@ def test_pointwise_reconstruction_with_window_0_sees_no_other_utterance():
 
 
 def test_position_scale_scales_the_sinusoidal_encoding_and_0_removes_it():
-    from cmath_mer.model import sinusoidal
+    from cmath_mer.model.cmath import sinusoidal
     torch.manual_seed(12)
     codes = {"text": torch.randn(1, 32).expand(6, 32)}          # the same code at positions 0..5
     speakers, pos = torch.zeros(6, dtype=torch.long), torch.arange(6)

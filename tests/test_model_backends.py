@@ -3,7 +3,7 @@ same weights and batch: the same losses and gradients within fp32 tolerance."""
 import pytest
 import torch
 
-from cmath_mer.model import CMATH
+from cmath_mer.model.cmath import CMATH
 from helpers import assert_rel_close, needs_triton
 from test_model import random_batch, small_config
 

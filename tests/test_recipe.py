@@ -13,14 +13,14 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cmath_mer import train as train_module
-from cmath_mer.baseline import C_GRID, context_free_baseline
+from cmath_mer.training import train as train_module
+from cmath_mer.training.baseline import C_GRID, context_free_baseline
 from cmath_mer.cli import main
-from cmath_mer.config import TrainConfig
+from cmath_mer.model.config import TrainConfig
 from cmath_mer.data import IGNORE_INDEX, make_synthetic, save_dataset
-from cmath_mer.model import weighted_cross_entropy
-from cmath_mer.seeds import train_seeds
-from cmath_mer.train import build_config, inverse_frequency_weights, learning_rate, make_splits, train
+from cmath_mer.model.cmath import weighted_cross_entropy
+from cmath_mer.training.seeds import train_seeds
+from cmath_mer.training.train import build_config, inverse_frequency_weights, learning_rate, make_splits, train
 from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
@@ -156,7 +156,7 @@ def test_several_seeds_are_summarised_as_mean_and_std(tmp_path):
 def test_without_the_variational_sample_training_forward_does_not_depend_on_the_seed():
     data = corpus(int(torch.randint(0, 10_000, ())), conversations=6)
     batch = data.batch(list(range(6)))
-    from cmath_mer.model import CMATH
+    from cmath_mer.model.cmath import CMATH
     for sample, same in ((False, True), (True, False)):
         torch.manual_seed(0)
         model = CMATH(build_config(data, "iemocap", **{**SMALL, "dropout": 0.0}, variational_sample=sample)).train()
@@ -190,7 +190,7 @@ def test_sweep_runs_every_recipe_and_seed_and_sorts_the_table_by_validation(tmp_
 
 
 def test_weight_average_follows_the_ema_formula_and_applied_restores_the_weights():
-    from cmath_mer.ema import WeightAverage
+    from cmath_mer.training.ema import WeightAverage
     model = torch.nn.Linear(5, 3)
     decay = float(torch.empty(()).uniform_(0.5, 0.99))
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -211,7 +211,7 @@ def test_weight_average_follows_the_ema_formula_and_applied_restores_the_weights
 
 
 def test_the_decay_warmup_ramps_in_as_min_decay_1_plus_n_over_10_plus_n():
-    from cmath_mer.ema import WeightAverage
+    from cmath_mer.training.ema import WeightAverage
     torch.manual_seed(int(torch.randint(0, 10_000, ())))
     model = torch.nn.Linear(7, 4)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -247,8 +247,8 @@ def test_the_decay_warmup_ramps_in_as_min_decay_1_plus_n_over_10_plus_n():
 def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_uninterrupted_run(tmp_path, warmup):
     from safetensors.torch import load_file
 
-    from cmath_mer.checkpoint import read_metadata
-    from cmath_mer.train import load_trained
+    from cmath_mer.training.checkpoint import read_metadata
+    from cmath_mer.training.train import load_trained
     seed = int(torch.randint(0, 10_000, ()))
     data = corpus(seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
@@ -270,8 +270,8 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
 
 
 def test_standardized_inputs_use_training_statistics_and_travel_with_the_checkpoint(tmp_path):
-    from cmath_mer.model import CMATH
-    from cmath_mer.train import load_trained, set_input_statistics
+    from cmath_mer.model.cmath import CMATH
+    from cmath_mer.training.train import load_trained, set_input_statistics
     seed = int(torch.randint(0, 10_000, ()))
     data = corpus(seed, conversations=12)
     for m in data.modalities:                                   # features far from unit scale

@@ -21,13 +21,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmath_mer.checkpoint import read_metadata
+from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
-from cmath_mer.config import CMATHConfig, TrainConfig
+from cmath_mer.model.config import CMATHConfig, TrainConfig
 from cmath_mer.data import DataError, load_dataset, make_synthetic, save_dataset, write_peer_pickle
 from cmath_mer.errors import CheckpointError, ConfigError, RunFolderError
-from cmath_mer.run_folder import LOCK_NAME, RunLock
-from cmath_mer.train import build_config, load_trained, train
+from cmath_mer.training.run_folder import LOCK_NAME, RunLock
+from cmath_mer.training.train import build_config, load_trained, train
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = {"text": 12, "audio": 10, "visual": 6}
@@ -114,7 +114,7 @@ def test_a_second_writer_is_stopped_by_the_lock(tmp_path, capsys, corpus):
 def test_nothing_but_the_checkpoint_makes_a_run_and_config_json_comes_with_it(tmp_path, corpus):
     """The config is written after the first checkpoint: killed before it, the folder is empty or the
     checkpoint alone (config in its metadata) is loadable."""
-    import cmath_mer.train as train_module
+    import cmath_mer.training.train as train_module
     data = load_dataset(corpus)
     config = build_config(data, "iemocap", **TINY)
     out = tmp_path / "run"
@@ -130,7 +130,7 @@ def test_nothing_but_the_checkpoint_makes_a_run_and_config_json_comes_with_it(tm
     finally:
         train_module.save_checkpoint = save
     assert seen[0] == [LOCK_NAME]                    # nothing before the first checkpoint
-    from cmath_mer.run_folder import RUN_FILES
+    from cmath_mer.training.run_folder import RUN_FILES
     assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, *RUN_FILES])
     for name in ("config.json", "train_config.json", "last.safetensors", "metrics.json"):
         (out / name).unlink()                       # as if killed right after best.safetensors was renamed
@@ -499,7 +499,7 @@ def test_read_only_output_folder_is_a_one_line_error(tmp_path, capsys, corpus):
 def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp_path, capsys, corpus, monkeypatch):
     import errno
 
-    import cmath_mer.checkpoint as ckpt
+    import cmath_mer.training.checkpoint as ckpt
 
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 10)

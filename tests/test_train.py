@@ -10,9 +10,9 @@ from sklearn.metrics import f1_score
 
 from cmath_mer import cli
 from cmath_mer.cli import main
-from cmath_mer.config import TrainConfig
+from cmath_mer.model.config import TrainConfig
 from cmath_mer.data import load_dataset, make_synthetic, save_dataset, write_peer_pickle
-from cmath_mer.train import build_config, train
+from cmath_mer.training.train import build_config, train
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
 DIMS = {"text": 48, "audio": 40, "visual": 24}

@@ -15,12 +15,12 @@ import time
 
 import torch
 
-from cmath_mer import benchmark as B
-from cmath_mer import engine
-from cmath_mer.benchmark.calls import model_batch
-from cmath_mer.benchmark.cases import case_lengths
-from cmath_mer.config import preset
-from cmath_mer.model import CMATH
+from cmath_mer import bench as B
+from cmath_mer.training import engine
+from cmath_mer.bench.calls import model_batch
+from cmath_mer.bench.cases import case_lengths
+from cmath_mer.model.config import preset
+from cmath_mer.model.cmath import CMATH
 
 
 class TensorSeed(torch.nn.Module):

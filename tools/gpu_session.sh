@@ -19,7 +19,7 @@ fi
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if '$DEVICE' == 'cuda' else 'cpu')")
 # the time as well: a second call on the same day and card gets a folder of its own
 RESULTS=${RESULTS:-benchmarks/results/$(date -u "+%F-$CARD-%H%M%S")}
-"$PY" -m cmath_mer.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
+"$PY" -m cmath_mer.bench.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
 rc=$?
 # no checkpoints, nor their temporaries (.best.safetensors.XXXX.tmp): a demo checkpoint is ~188 MB, and the
 # device tool brings back no file over ~16 MiB, so the whole tarball would be lost

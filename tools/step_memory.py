@@ -83,12 +83,12 @@ def main(argv=None):
     p.add_argument("--fusion-rows", type=int, help="rows per recomputed piece of the fusion (default: "
                    "variational_fusion.RECOMPUTE_ROWS); a small value shows at small T the peak of a large T")
     a = p.parse_args(argv)
-    from cmath_mer.benchmark.calls import model_batch
-    from cmath_mer.config import preset
-    from cmath_mer.model import CMATH
+    from cmath_mer.bench.calls import model_batch
+    from cmath_mer.model.config import preset
+    from cmath_mer.model.cmath import CMATH
     torch.set_num_threads(1)
     if a.fusion_rows:
-        import cmath_mer.variational_fusion as vf
+        import cmath_mer.model.fusion as vf
         vf.RECOMPUTE_ROWS = a.fusion_rows
     cfg = preset(a.preset, backend="torch", window=a.window)
     if a.text_only:

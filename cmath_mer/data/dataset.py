@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..packing import cu_seqlens_from
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 
 SPLITS = ("train", "valid", "test")
 IGNORE_INDEX = -100

@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import MAX_SPEAKERS, MODALITIES, PRESETS
-from ..packing import cu_seqlens_from
+from cmath_mer.model.config import MAX_SPEAKERS, MODALITIES, PRESETS
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from .dataset import IGNORE_INDEX, ConversationDataset, DataError
 from .validate import validate_dataset
 
@@ -717,7 +717,7 @@ def write_peer_pickle(dataset: ConversationDataset, path: str | Path, layout: st
         fields[name] = vecs(feats["text"], float(j + 1))
     obj = tuple(fields[f] for f in lay.fields)
     path = Path(path)
-    from ..checkpoint import atomic_write
+    from cmath_mer.training.checkpoint import atomic_write
 
     def write(tmp):
         with open(tmp, "wb") as f:

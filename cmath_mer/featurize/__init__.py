@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import MODALITIES
+from cmath_mer.model.config import MODALITIES
 from ..data import ConversationDataset, DataError, save_dataset, validate_dataset
-from ..packing import cu_seqlens_from
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from .audio import AudioEncoder, AudioError
 from .cache import FeatureCache, content_key
 from .extra import INSTALL, MissingExtraError

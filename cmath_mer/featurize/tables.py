@@ -22,7 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import PRESETS
+from cmath_mer.model.config import PRESETS
 from ..data import IGNORE_INDEX, SPLITS, DataError
 
 ROLES = ("conversation", "utterance", "speaker", "text", "label", "split", "audio", "visual")

@@ -1,5 +1,5 @@
 import sys
 
-from .driver import main
+from cmath_mer.bench.gpucheck.driver import main
 
 sys.exit(main())

@@ -1,0 +1,138 @@
+"""Checkpoints: model + optimizer state in one safetensors file, written atomically. The file's metadata
+carries the model config it was trained with (`config`) and the training state (`state`), so a checkpoint
+alone is enough to evaluate or to resume; config.json beside it is a readable copy that must agree."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cmath_mer.errors import CheckpointError
+
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file in the same folder, fsync it, then rename over `path`:
+    a crash leaves either the old file or the new one, never a torn one (and at worst a stale
+    `.NAME.*.tmp`, which run folders clean at start)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        # mkstemp makes 0600 (and a writer may replace the file, e.g. safetensors): the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    state: dict, config: dict | None = None, average: dict[str, torch.Tensor] | None = None) -> None:
+    """Write model (+ optimizer, + the weight average of ema.py) tensors and metadata atomically. Refuses
+    (CheckpointError) to write a model with non-finite weights, so a good checkpoint is never replaced by a
+    NaN one."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in (average or {}).items()})
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: not written: the model has non-finite weights ({bad[0][6:]})")
+    meta = {"state": json.dumps(state)}
+    if config is not None:
+        meta["config"] = json.dumps(config)
+    if optimizer is not None:
+        opt = optimizer.state_dict()
+        for idx, per_param in opt["state"].items():
+            for name, value in per_param.items():
+                tensors[f"optim.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        # a learning rate may be a device tensor (the CUDA-graph step reads it there): stored as a number
+        meta["param_groups"] = json.dumps([{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()}
+                                           for g in opt["param_groups"]])
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def read_metadata(path: Path) -> dict:
+    """The checkpoint's metadata, JSON fields decoded ({'state': ..., 'config': ... or None}); raises
+    CheckpointError naming the file when it is missing, empty, truncated or not a checkpoint."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = json.loads(meta["state"])
+        config = json.loads(meta["config"]) if "config" in meta else None
+    except Exception as err:        # SafetensorError, KeyError, JSONDecodeError: not a usable checkpoint
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'state' is not an object)")
+    return {"state": state, "config": config, "param_groups": meta.get("param_groups")}
+
+
+_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    device: str | torch.device = "cpu", *, averaged: bool = False,
+                    average_into=None) -> dict:
+    """Load weights (and optimizer state) into model (and optimizer); return the training state. Raises
+    CheckpointError for an unreadable file, weights that do not fit the model, or non-finite weights.
+    averaged: load the weight average (ema.py) where the checkpoint has one: what evaluation uses.
+    average_into: a WeightAverage that receives the checkpoint's average (to resume training)."""
+    path = Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load_file(str(path), device=str(device))
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    average = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
+    if averaged:
+        weights.update(average)
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise CheckpointError(f"{path}: the checkpoint holds non-finite weights ({bad[0]}); it cannot be used")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise CheckpointError(f"{path}: the weights do not fit the model of its config "
+                              f"({first[-1].strip() if first else err})") from None
+    if average_into is not None and average:
+        average_into.load(average)
+    if optimizer is not None and meta["param_groups"] is not None:
+        state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value
+        # how the update is computed (fused, foreach, capturable) is this run's choice, made for its device
+        # and engine, not the saved run's; the hyperparameters and the state are the checkpoint's
+        own = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in optimizer.param_groups]
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        for group, flags in zip(optimizer.param_groups, own):
+            group.update(flags)
+    return meta["state"]

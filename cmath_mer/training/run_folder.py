@@ -1,0 +1,221 @@
+"""A training run's folder: one writer at a time (a lock), no silent overwrite, no stale temporaries, and
+`--resume` only of the same run on the same data.
+
+What a run folder holds (train.py writes it): best.safetensors and last.safetensors (weights, optimizer,
+and in their metadata the model config, the training config, the data fingerprint and the history),
+config.json and train_config.json (readable copies, written after the first checkpoint), metrics.json and
+confusion_matrix.png. Every file is written atomically, and the checkpoint is written first, so a kill at
+any moment leaves either no run (nothing but the lock file) or one that `evaluate` and `--resume` can use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from cmath_mer.training.checkpoint import TMP_SUFFIX, read_metadata
+from cmath_mer.model.config import config_from_dict, config_to_dict
+from cmath_mer.errors import CheckpointError, RunFolderError
+
+RUN_FILES = ("best.safetensors", "last.safetensors", "config.json", "train_config.json", "metrics.json",
+             "confusion_matrix.png", "training_curves.png")
+CHECKPOINTS = ("last.safetensors", "best.safetensors")
+LOCK_NAME = ".cmath-mer.lock"
+# TrainConfig fields a resumed run may change: more epochs, another device, and how the device runs it
+# (compiled or not, deterministic algorithms or not, the corpus on the device or not, CUDA graphs or not, how
+# many processes: the step's batch is the same for any number); never the precision or the accumulation,
+# which are part of the run's numbers
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device", "cuda_graphs", "world_size")
+
+
+# --------------------------------------------------------------------------------------- data fingerprint
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().cpu().contiguous()
+    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+
+
+def data_fingerprint(data, modalities: tuple[str, ...]) -> dict:
+    """What identifies the training data: a SHA-256 over the packed tensors the model reads (features of
+    `modalities`, speakers, labels, conversation boundaries), the class names, the conversation ids and
+    their split assignment; with counts and the source for messages."""
+    h = hashlib.sha256()
+    tensors = [("cu_seqlens", data.cu_seqlens.to(torch.int64)), ("labels", data.labels.to(torch.int64)),
+               ("speakers", data.speakers.to(torch.int64))]
+    tensors += [(f"features.{m}", data.features[m]) for m in modalities if m in data.features]
+    for name, t in tensors:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(tensor_bytes(t))
+    for name, values in (("class_names", data.class_names), ("conversation_ids", data.conversation_ids),
+                         ("splits", data.splits)):
+        h.update(f"{name}:{len(values)};".encode())
+        for v in values:
+            h.update(str(v).encode() + b"\0")
+    return {"sha256": h.hexdigest(), "source": str(data.source), "conversations": len(data),
+            "utterances": int(data.cu_seqlens[-1]) if len(data) else 0}
+
+
+# ----------------------------------------------------------------------------------------------- the lock
+
+class RunLock:
+    """An exclusive advisory lock (flock) on OUT/.cmath-mer.lock, held while a process writes into the run
+    folder. The kernel drops it when the process dies (kill -9 included), so it never goes stale."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise RunFolderError(f"--out {out}: is a file, not a folder", usage=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise RunFolderError(f"--out {out}: cannot write into the folder ({err.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunFolderError(f"--out {out}: another process (pid {holder}) is training into this folder; "
+                                 f"wait for it to finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# --------------------------------------------------------------------------------------- folder contents
+
+def is_temporary(name: str) -> bool:
+    """A temporary of checkpoint.atomic_write (.NAME.XXXXXXXX.tmp) for a file a run writes."""
+    return name.endswith(TMP_SUFFIX) and any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def clean_temporaries(out: Path) -> list[str]:
+    """Remove temporaries a killed writer left behind (call with the lock held)."""
+    removed = []
+    for p in Path(out).iterdir():
+        if p.is_file() and is_temporary(p.name):
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def run_files(out: Path) -> list[str]:
+    out = Path(out)
+    return [f for f in RUN_FILES if (out / f).exists()] if out.is_dir() else []
+
+
+def foreign_entries(out: Path) -> list[str]:
+    """Entries of the folder that a run does not write (a folder holding them is not a run folder)."""
+    if not Path(out).is_dir():
+        return []
+    return sorted(p.name for p in Path(out).iterdir()
+                  if p.name not in RUN_FILES and p.name != LOCK_NAME and not is_temporary(p.name))
+
+
+def check_new_run_folder(out: str | Path, *, overwrite: bool) -> None:
+    """Refuse (RunFolderError, usage) a folder that is a file, holds a run (unless overwrite) or holds
+    anything else. Writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out}: is a file, not a folder", usage=True)
+    foreign = foreign_entries(out)
+    if foreign:
+        raise RunFolderError(f"--out {out}: the folder is not empty and is not a run folder (it holds "
+                             f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or "
+                             f"empty folder", usage=True)
+    present = run_files(out)
+    if present and not overwrite:
+        raise RunFolderError(f"--out {out}: the folder already holds a run ({', '.join(present)}); continue it "
+                             f"with --resume, or pass --overwrite to replace it", usage=True)
+
+
+def clear_run(out: Path) -> None:
+    """--overwrite: remove the previous run's files (call with the lock held)."""
+    for f in RUN_FILES:
+        p = Path(out) / f
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------- resume
+
+@dataclasses.dataclass
+class SavedRun:
+    checkpoint: Path            # the checkpoint to continue from (the one with the most epochs)
+    config: object              # CMATHConfig
+    state: dict                 # training state in the checkpoint's metadata
+    train_config: dict | None   # the TrainConfig the run was started with (None for old checkpoints)
+
+
+def saved_run(out: str | Path) -> SavedRun:
+    """The run in `out` to resume: of last.safetensors and best.safetensors, the readable one that holds
+    the most epochs (a kill during the first epoch can leave best without last). Reads, writes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out}: is a file, not a folder", usage=True)
+    found, problems = [], []
+    for name in CHECKPOINTS:
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            meta = read_metadata(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        found.append((int(meta["state"].get("epoch", 0)), name == "last.safetensors", path, meta))
+    if not found:
+        why = f" ({'; '.join(problems)})" if problems else ""
+        raise RunFolderError(f"--resume: {out} holds no checkpoint to resume (nothing to resume){why}", usage=True)
+    _, _, path, meta = max(found, key=lambda f: (f[0], f[1]))
+    if meta["config"] is not None:
+        config = config_from_dict(meta["config"], f"{path} (metadata 'config')")
+    else:                                                    # checkpoints from before configs were embedded
+        from cmath_mer.model.config import load_config
+        config = load_config(out / "config.json")
+    return SavedRun(path, config, meta["state"], meta["state"].get("train_config"))
+
+
+def check_resume(saved: SavedRun, config, tcfg, fingerprint: dict) -> None:
+    """Refuse (RunFolderError) to resume with another config, other training settings or other data."""
+    mine, theirs = config_to_dict(config), config_to_dict(saved.config)
+    if mine != theirs:
+        diff = [k for k in theirs if mine.get(k) != theirs.get(k)]
+        raise RunFolderError(f"--resume: the run in {saved.checkpoint.parent} was trained with another config "
+                             f"({', '.join(f'{k}: {theirs[k]!r} there, {mine.get(k)!r} here' for k in diff[:3])})",
+                             usage=True)
+    if saved.train_config is not None:
+        now = dataclasses.asdict(tcfg)
+        diff = [k for k, v in saved.train_config.items() if k not in RESUMABLE_CHANGES and now.get(k) != v]
+        if diff:
+            raise RunFolderError(f"--resume: the run was trained with other settings "
+                                 f"({', '.join(f'{k}: {saved.train_config[k]!r} there, {now.get(k)!r} here' for k in diff)})",
+                                 usage=True)
+    done = int(saved.state.get("epoch", 0))
+    if tcfg.epochs < done:
+        raise RunFolderError(f"--resume: the run already has {done} epochs; --epochs {tcfg.epochs} cannot shorten "
+                             f"it", usage=True)
+    had = saved.state.get("data")
+    if had is not None and had.get("sha256") != fingerprint["sha256"]:
+        raise RunFolderError(f"--resume: the data differ from the run's: it was trained on {had.get('source')} "
+                             f"({had.get('conversations')} conversations, {had.get('utterances')} utterances), "
+                             f"this is {fingerprint['source']} ({fingerprint['conversations']} conversations, "
+                             f"{fingerprint['utterances']} utterances); resume with the same data")

@@ -1,0 +1,586 @@
+"""Training and evaluation loops: AdamW, class weights, length-bucketed batches, validation selection,
+atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `evaluate` and `predict`.
+
+Under torchrun (distributed.py) the same loop runs in every process: the model in DistributedDataParallel,
+each step's batch dealt to the ranks (data/sharding.py), evaluation sharded and gathered; rank 0 alone
+checks and writes the run folder, logs, and on --resume reads the checkpoint and hands it to the others."""
+from __future__ import annotations
+
+import dataclasses
+import contextlib
+from contextlib import nullcontext
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cmath_mer.training import distributed, engine, run_folder
+from cmath_mer.training.baseline import context_free_baseline
+from cmath_mer.training.ema import WeightAverage
+from cmath_mer.training.graphs import GraphedStepper
+from cmath_mer.kernels import resolve_backend
+from cmath_mer.kernels.utils import gpu_dots_ok
+from cmath_mer.training.checkpoint import (atomic_write, atomic_write_text, load_checkpoint, read_metadata,
+    save_checkpoint)
+from cmath_mer.model.config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
+from cmath_mer.errors import CheckpointError, ConfigError
+from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
+from cmath_mer.data.sharding import eval_shards, rank_batches, rows_before
+from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
+from cmath_mer.model.cmath import CMATH
+
+
+def build_config(data: ConversationDataset, preset_name: str, modalities: tuple[str, ...] | None = None,
+                 **overrides) -> CMATHConfig:
+    """Preset defaults, then what the data says (dimensions, classes, speakers), then explicit overrides."""
+    mods = tuple(modalities) if modalities else data.modalities
+    missing = [m for m in mods if m not in data.modalities]
+    if missing:
+        raise DataError(f"{data.source}: modality {missing[0]!r} was asked for but the data has only "
+                        f"{', '.join(data.modalities)} (field features)")
+    encoders = data.metadata.get("encoders")
+    if encoders is not None:
+        encoders = {m: encoders[m] for m in mods if m in encoders}
+    return preset(preset_name, modalities=mods, input_dims={m: data.input_dims[m] for m in mods},
+                  num_classes=data.num_classes, class_names=data.class_names,
+                  num_speakers=max(1, data.num_speakers), encoders=encoders, **overrides)
+
+
+def make_splits(data: ConversationDataset, valid_fraction: float, seed: int) -> dict[str, list[int]]:
+    """train/valid/test conversation indices. Without a validation split in the data (IEMOCAP), a seeded
+    `valid_fraction` of the training conversations is held out for model selection."""
+    splits = {s: data.indices(s) for s in ("train", "valid", "test")}
+    if not splits["valid"] and splits["train"]:
+        train = sorted(splits["train"])
+        random.Random(seed).shuffle(train)
+        n_valid = max(1, round(valid_fraction * len(train))) if len(train) > 1 else 0
+        splits["valid"], splits["train"] = sorted(train[:n_valid]), sorted(train[n_valid:])
+    if not splits["train"]:
+        raise DataError(f"{data.source}: no training conversations (field split)")
+    return splits
+
+
+def inverse_frequency_weights(data: ConversationDataset, conversations: list[int], power: float = 1.0) -> torch.Tensor:
+    """w_k = (N / (K * n_k)) ** power over the labelled training utterances (power 1: inverse frequency,
+    below 1: tempered, nearer the plain CE that weighted F1 rewards); a class absent from training gets 0."""
+    rows = torch.cat([data.labels[a:b] for a, b in ((int(data.cu_seqlens[i]), int(data.cu_seqlens[i + 1]))
+                                                     for i in conversations)])
+    rows = rows[rows != IGNORE_INDEX]
+    counts = torch.bincount(rows, minlength=data.num_classes).float()
+    weights = (rows.numel() / (data.num_classes * counts.clamp_min(1))) ** power
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
+EVAL_BATCH_UTTERANCES = 4096   # no gradients at evaluation: larger batches
+
+
+@torch.inference_mode()
+def predict_conversations(model: CMATH, data: ConversationDataset, conversations: list[int],
+                          batch_utterances: int = EVAL_BATCH_UTTERANCES, precision: str | None = None,
+                          sharded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, predictions, probabilities) of every utterance of the given conversations, in the order the
+    conversations are given; batches are length-bucketed internally. `precision` (bf16, fp16, fp32): the
+    autocast of the forward; None runs under whatever autocast the caller set (training sets its own).
+    sharded (every rank of a distributed run calls it): each rank runs some of the very batches one process
+    would run, and the outputs are gathered, so every rank returns the single-process arrays exactly."""
+    model.eval()
+    if precision is not None:
+        with engine.Precision(precision, next(model.parameters()).device).autocast():
+            return predict_conversations(model, data, conversations, batch_utterances, sharded=sharded)
+    device = next(model.parameters()).device
+    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}          # conversation -> (labels, probs)
+    groups = data.bucketed_batches(list(conversations), batch_utterances, shuffle=False)
+    ctx = distributed.context()
+    if sharded and ctx.active:
+        groups = eval_shards(groups, data.lengths(), ctx.world_size)[ctx.rank]
+    for group in groups:
+        batch = data.batch(group, model.config.modalities).to(device)
+        probs = model(batch, with_loss=False).logits.float().softmax(-1).cpu()
+        cu = batch.cu_seqlens.tolist()
+        for i, conv in enumerate(group):
+            rows[conv] = batch.labels[cu[i]:cu[i + 1]].cpu(), probs[cu[i]:cu[i + 1]]
+    if sharded and ctx.active:
+        rows = {conv: row for part in distributed.all_gather(rows) for conv, row in part.items()}
+    if not conversations:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, model.config.num_classes))
+    labels = torch.cat([rows[c][0] for c in conversations])
+    probs = torch.cat([rows[c][1] for c in conversations])
+    return labels.numpy(), probs.argmax(-1).numpy(), probs.numpy()
+
+
+def evaluate_split(model, data, conversations, sharded: bool = False) -> tuple[dict | None, np.ndarray, np.ndarray]:
+    """Metrics of the conversations (None when none of their utterances is labelled), labels, predictions.
+    sharded: every rank of a distributed run calls it and gets the single-process result."""
+    y, p, _ = predict_conversations(model, data, conversations, sharded=sharded)
+    if not (y >= 0).any():
+        return None, y, p
+    return classification_metrics(y, p, data.class_names), y, p
+
+
+@torch.no_grad()
+def set_input_statistics(model: CMATH, data: ConversationDataset, conversations: list[int]) -> None:
+    """Per-feature mean and standard deviation of the training utterances, into the model's buffers."""
+    cu = data.cu_seqlens.tolist()
+    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in conversations])
+    for m in model.config.modalities:
+        x = data.features[m][rows].double()
+        getattr(model, f"input_mean_{m}").copy_(x.mean(0))
+        std = x.std(0, unbiased=False)
+        getattr(model, f"input_std_{m}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant: 1
+
+
+def learning_rate(tcfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warmup over `warmup_epochs`, then constant or cosine decay to 0 at the end of `epochs`.
+    A function of the global step alone, so a resumed run follows the same schedule."""
+    warmup = tcfg.warmup_epochs * steps_per_epoch
+    total = max(tcfg.epochs * steps_per_epoch, 1)
+    scale = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    if tcfg.lr_schedule == "cosine" and step >= warmup:
+        scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(total - warmup, 1))))
+    return tcfg.lr * scale
+
+
+def _step_seed(seed: int, step: int) -> int:
+    return engine.step_seed(seed, step)    # eps of the variational sample: new for every step
+
+
+def resolve_train_config(tcfg: TrainConfig) -> TrainConfig:
+    """The settings a run stores: device `auto` made concrete (cuda when torch sees one, else cpu), the
+    precision chosen for it when none was given (bf16 on CUDA cards that support it, fp32 elsewhere) and the
+    number of processes (torchrun's); a device or precision that cannot run here is a ConfigError."""
+    device = str(engine.check_device(tcfg.device)) if tcfg.device == "auto" else tcfg.device
+    engine.check_device(device)
+    precision = tcfg.precision if tcfg.precision is not None else engine.default_precision(device)
+    engine.check_precision(precision, distributed.local_device(device))
+    return dataclasses.replace(tcfg, device=device, precision=precision,
+                               world_size=distributed.context().world_size)
+
+
+def check_cuda_graphs(tcfg: TrainConfig, config: CMATHConfig) -> None:
+    """--cuda-graphs needs what graphed_step.py says: a ConfigError naming the conflict otherwise."""
+    if not tcfg.cuda_graphs:
+        return
+    why = None
+    if torch.device(tcfg.device).type != "cuda":
+        why = f"a CUDA device (this run is on {tcfg.device})"
+    elif resolve_backend(config.backend, torch.device(tcfg.device)) != "triton":
+        why = "the Triton ops (backend triton or auto): the reference attention reads cu_seqlens on the host"
+    elif tcfg.precision == "fp16":
+        why = "bf16 or fp32: fp16's loss scaler reads its inf flag on the host"
+    elif tcfg.precision == "fp32" and not gpu_dots_ok(torch.float32, torch.device(tcfg.device)):
+        why = ("bf16, or fp32 with TF32 allowed: exact fp32 takes the reference attention, which reads "
+               "cu_seqlens on the host")
+    elif tcfg.accumulate != 1:
+        why = "one micro-batch per step (no --accumulate)"
+    elif tcfg.compile:
+        why = "eager modules (not --compile)"
+    elif tcfg.world_size > 1:
+        why = ("one process (not yet under torchrun: a rank's eps offset in the step's batch changes every "
+               "step, and a graph would replay the first)")
+    if why:
+        raise ConfigError(f"--cuda-graphs needs {why}")
+
+
+def cuda_graphs_would_run(tcfg: TrainConfig, config: CMATHConfig) -> bool:
+    """Whether this eager run could take --cuda-graphs (everything check_cuda_graphs asks holds)."""
+    try:
+        check_cuda_graphs(dataclasses.replace(tcfg, cuda_graphs=True), config)
+    except ConfigError:
+        return False
+    return True
+
+
+def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
+          *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
+          run_info: dict | None = None) -> dict:
+    """Train CMATH, select the epoch on validation, write best.safetensors, last.safetensors, config.json,
+    train_config.json, metrics.json and confusion_matrix.png into out_dir. Returns the metrics dict.
+
+    out_dir must be new or empty, or hold a run: then `resume` continues it (same config, training settings
+    and data, or RunFolderError) and `overwrite` replaces it. One process at a time writes into a folder
+    (a lock). Every check runs before anything is written. run_info (e.g. the CLI's preset) is kept in the
+    checkpoints' state as "run"."""
+    out = Path(out_dir)
+    tcfg = resolve_train_config(tcfg)
+    check_cuda_graphs(tcfg, config)
+    check_compatible(data, config)
+    fingerprint = run_folder.data_fingerprint(data, config.modalities)
+    # several processes: the same data everywhere, and the run folder is rank 0's (it alone reads and writes
+    # it; the folder need not be shared between machines); its refusals stop every rank
+    distributed.same_everywhere(fingerprint["sha256"], "training data (SHA-256 of its tensors)")
+    splits = None
+    if resume:
+        distributed.on_main(_check_resume, out, config, tcfg, fingerprint)
+    else:
+        distributed.on_main(run_folder.check_new_run_folder, out, overwrite=overwrite)
+        splits = make_splits(data, tcfg.valid_fraction, tcfg.seed)
+        if not _labelled(data, splits["train"]):
+            raise DataError(f"{data.source}: field 'labels': no training utterance is labelled (all are "
+                            f"{IGNORE_INDEX}, unlabelled)")
+        check_world_size(splits, tcfg.world_size, data.source)
+    with contextlib.ExitStack() as held:
+        def lock_and_check():
+            held.enter_context(run_folder.RunLock(out))
+            checkpoint = None
+            if resume:          # again under the lock: another process may have written meanwhile
+                checkpoint = _check_resume(out, config, tcfg, fingerprint)
+            else:
+                run_folder.check_new_run_folder(out, overwrite=overwrite)
+                if overwrite:
+                    run_folder.clear_run(out)
+            run_folder.clean_temporaries(out)
+            return checkpoint
+        checkpoint = distributed.on_main(lock_and_check)
+        dev = torch.device(distributed.local_device(tcfg.device))
+        with engine.on_device(dev), engine.deterministic_mode(tcfg.deterministic, dev):
+            return _train(data, config, tcfg, out, checkpoint, splits, fingerprint, progress, log, run_info)
+
+
+def _check_resume(out: Path, config, tcfg, fingerprint) -> Path:
+    saved = run_folder.saved_run(out)
+    run_folder.check_resume(saved, config, tcfg, fingerprint)
+    return saved.checkpoint
+
+
+def check_world_size(splits: dict, world_size: int, source) -> None:
+    """Every process needs a conversation in every step, and a conversation is never cut."""
+    n = len(splits["train"])
+    if world_size > n:
+        raise ConfigError(f"{world_size} processes and {n} training conversation(s) in {source}: every process "
+                          f"needs at least one conversation per step (a conversation is never cut); start at most "
+                          f"{n} processes (torchrun --nproc-per-node, --nnodes)")
+
+
+def _to_cpu(obj):
+    """State dicts on the CPU, to travel between ranks (a CUDA tensor would arrive on the sender's card)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
+    cu = data.cu_seqlens.tolist()
+    return any(bool((data.labels[cu[i]:cu[i + 1]] != IGNORE_INDEX).any()) for i in conversations)
+
+
+def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fingerprint, progress, log,
+           run_info=None) -> dict:
+    ctx = distributed.context()
+    if not ctx.main:                     # rank 0 speaks and writes for the run
+        progress, log = False, (lambda *_: None)
+    device = distributed.local_device(tcfg.device)
+    dev = torch.device(device)
+    torch.manual_seed(tcfg.seed)
+    model = CMATH(config).to(device)
+    optimizer = engine.make_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    precision = engine.Precision(tcfg.precision, dev)
+    state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
+             "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
+    saved_config = config_to_dict(config)
+    ema = WeightAverage(model, tcfg.ema_decay, tcfg.ema_warmup) if tcfg.ema_decay is not None else None
+    if resume_from is not None:
+        # rank 0 reads the checkpoint (its folder may be on rank 0's machine alone) and hands it on
+        state = distributed.on_main(load_checkpoint, resume_from, model, optimizer, device, average_into=ema)
+        if ctx.active:
+            weights = distributed.broadcast(_to_cpu((model.state_dict(), optimizer.state_dict(),
+                                                     ema.average if ema is not None else None)) if ctx.main else None)
+            if not ctx.main:
+                model.load_state_dict(weights[0])
+                optimizer.load_state_dict(weights[1])
+                if ema is not None:
+                    ema.load(weights[2])
+        if ema is not None:
+            # where the decay's warmup ramp stands (one update per step: a checkpoint from before the count
+            # was saved resumes from the step count)
+            ema.updates = int(state.get("ema_updates", state["global_step"]))
+        precision.load_state_dict(state.get("scaler"))
+        splits = state["splits"]
+        check_world_size(splits, tcfg.world_size, data.source)
+        had = (state.get("train_config") or {}).get("world_size", 1)
+        log(f"resumed from {resume_from} after epoch {state['epoch']}"
+            + (f", with {tcfg.world_size} processes (the run had {had})" if had != tcfg.world_size else ""))
+        if ctx.main:
+            # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them
+            # as the checkpoint has them (the new settings are written with the next checkpoint)
+            _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
+            _write_metrics(out, state)
+            _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
+        state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
+        state.setdefault("data", fingerprint)
+    else:
+        state["splits"] = splits
+        if tcfg.baseline and ctx.main:                             # only rank 0 writes it
+            state["baseline"] = context_free_baseline(data, splits, config.modalities)
+            log(_baseline_line(state["baseline"]))
+    if config.class_weights:
+        model.class_weight.copy_(inverse_frequency_weights(data, splits["train"], config.class_weight_power))
+    if config.standardize_inputs:
+        set_input_statistics(model, data, splits["train"])
+
+    lengths = data.lengths()
+    n_train = sum(lengths[i] for i in splits["train"])
+    log(f"data {data.source}: {len(data)} conversations ({len(splits['train'])} train, {len(splits['valid'])} "
+        f"valid, {len(splits['test'])} test), modalities {','.join(config.modalities)}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, device {device}, "
+        f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
+        + (f", {ctx.world_size} processes ({dist_backend()}), about {tcfg.batch_utterances} utterances per step "
+           f"over all of them" if ctx.active else "")
+        + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
+        + (", CUDA graphs" if tcfg.cuda_graphs else ""))
+    if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):
+        log("tip: this run could take --cuda-graphs, which replays each batch shape's step from a CUDA graph "
+            "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, README)")
+    corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
+                        else None)
+    compiled = engine.compile_model(model) if tcfg.compile else None
+    meter = engine.StepMeter(dev)
+    forward = compiled if compiled is not None else model
+    if ctx.active:
+        # buffers (class weights, input statistics) are set alike on every rank and never change: no broadcast
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
+    if tcfg.cuda_graphs:
+        stepper = GraphedStepper(model, optimizer, precision, tcfg.grad_clip, meter)
+    else:
+        stepper = engine.Stepper(model, forward, optimizer, precision, tcfg.grad_clip, meter)
+    compile_said = False
+    for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
+        if _stop_early(state, tcfg):
+            break
+        torch.manual_seed(tcfg.seed * 10_007 + epoch)        # dropout stream: same run whether resumed or not
+        model.train()
+        batches = data.bucketed_batches(splits["train"], tcfg.batch_utterances, shuffle=True,
+                                        seed=tcfg.seed * 10_007 + epoch)
+        steps = rank_batches(batches, lengths, ctx.world_size)         # steps[s][r]: rank r's share of step s
+        batches = [shares[ctx.rank] for shares in steps]
+        first_rows = [rows_before(shares, lengths, ctx.rank) for shares in steps]
+        plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
+        total, count, norms, steps, skipped, t0 = 0.0, 0, 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+        feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
+        with feed:                                   # its thread stops however the loop ends
+            for i, micro in enumerate(feed):
+                stepper.set_lr(learning_rate(tcfg, state["global_step"], len(batches)))
+                stepper(micro, tcfg.seed, state["global_step"], first_rows[i])
+                if ema is not None:
+                    ema.update(model)
+                state["global_step"] += 1
+                bar.update(1)
+                if compiled is not None and i == 0 and not compile_said:
+                    log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
+                    compile_said = True
+                if (i + 1) % engine.LOG_EVERY == 0 or i + 1 == len(batches):     # the logging points
+                    seen = _read_meter(meter, epoch, state["global_step"], tcfg, out)
+                    total += seen["loss_sum"]
+                    count += seen["utterances"]
+                    norms += seen["grad_norm_sum"]
+                    steps += seen["steps"]
+                    skipped += seen["bad_grad"]                  # fp16 only: steps the scaler skipped
+                    if seen["utterances"]:
+                        bar.set_postfix(loss=f"{seen['loss_sum'] / seen['utterances']:.3f}",
+                                        grad_norm=f"{seen['grad_norm_sum'] / max(seen['steps'], 1):.2f}")
+        bar.close()
+        train_seconds = time.perf_counter() - t0
+        if tcfg.cuda_graphs:
+            log(f"CUDA graphs: {len(stepper.graphs)} batch shapes captured, {stepper.replayed} steps replayed so far")
+        if tcfg.precision == "fp16" and steps and skipped == steps:
+            # the scaler skipped every step, halving the loss scale at each. A short epoch (a small corpus) may
+            # skip all its steps while the scaler comes down from 2**16; below a scale of 1 the gradients are
+            # inf/NaN even unscaled, and no scale will help
+            scale = precision.scaler.get_scale()
+            what = (f"every step of epoch {epoch} (steps {state['global_step'] - steps + 1}-{state['global_step']}, "
+                    f"lr {tcfg.lr}, precision fp16) was skipped: the gradients were inf/NaN at every loss scale "
+                    f"tried, down to {scale:g}")
+            if scale < 1:
+                raise _stopped(what, out)
+            log(f"warning: {what}; training goes on (it stops if the scale falls below 1)")
+        _check_finite_weights(model, epoch, state["global_step"], tcfg, out)
+        # evaluated as selected (the weight average, if any), in the training precision
+        with ema.applied(model) if ema is not None else nullcontext(), precision.autocast():
+            valid, _, _ = (evaluate_split(model, data, splits["valid"], sharded=True) if splits["valid"]
+                           else (None, None, None))
+            test, y_test, p_test = (evaluate_split(model, data, splits["test"], sharded=True) if splits["test"]
+                                    else (None, None, None))
+        average = ema.average if ema is not None else None
+        if ema is not None:
+            state["ema_updates"] = ema.updates
+        if precision.state_dict() is not None:
+            state["scaler"] = precision.state_dict()          # fp16: the loss scale, so resume continues it
+        row = {"epoch": epoch, "train_loss": total / max(count, 1), "utterances_per_second": n_train / train_seconds,
+               "valid": valid, "test": test, "grad_norm": norms / max(steps - skipped, 1)}
+        if tcfg.precision == "fp16":
+            row["skipped_steps"] = skipped
+        state["history"].append(row)
+        state["epoch"] = epoch
+        score = valid["weighted_f1"] if valid else -row["train_loss"]
+        if test is not None and (state["best_test"] is None
+                                 or test["weighted_f1"] > state["best_test"]["weighted_f1"]):
+            state["best_test"] = {"weighted_f1": test["weighted_f1"], "accuracy": test["accuracy"], "epoch": epoch}
+        # best first, then last: both hold the whole state of this epoch, so --resume can continue from
+        # either (a kill between the two leaves best one epoch ahead of last)
+        # every rank keeps the same state (the metrics were gathered); rank 0 alone writes it
+        if state["best_valid"] is None or score > state["best_valid"]["score"]:
+            state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
+            if ctx.main:
+                save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
+            if test is not None and ctx.main:
+                save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
+                                      f"test, epoch {epoch} (selected on validation)")
+        if ctx.main:
+            save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
+            _write_run_files(out, saved_config, dataclasses.asdict(tcfg))  # with the first checkpoint, never before
+            _write_metrics(out, state)
+        log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
+            + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
+            + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
+            + f"{row['utterances_per_second']:.0f} utt/s")
+        if _stop_early(state, tcfg):
+            log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
+                f"(best epoch {state['best_valid']['epoch']})")
+    if ctx.main:
+        return json.loads((out / "metrics.json").read_text())
+    return json.loads(json.dumps(_metrics(state)))             # what rank 0 wrote, without reading its folder
+
+
+def dist_backend() -> str:
+    import torch.distributed as dist
+    return dist.get_backend() if dist.is_initialized() else "none"
+
+
+def _read_meter(meter: engine.StepMeter, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> dict:
+    """A logging point: the device-side sums since the last one, and the non-finite check of those steps
+    (the weights of this epoch are never saved when it fails: checkpoints are written after the epoch)."""
+    seen = meter.read()
+    where = f"in epoch {epoch} (steps {seen['first_step']}-{step}, lr {tcfg.lr}, precision {tcfg.precision})"
+    if seen["bad_loss"]:
+        raise _stopped(f"the loss became non-finite (NaN/inf) {where}, in {seen['bad_loss']} of {seen['steps']} "
+                       f"step(s)", out)
+    if seen["bad_grad"] and tcfg.precision != "fp16":        # fp16: the scaler skipped those steps
+        raise _stopped(f"the gradients became non-finite (NaN/inf) {where}", out)
+    return seen
+
+
+def _stopped(what: str, out: Path) -> FloatingPointError:
+    """The error that stops training during an epoch, before anything of it is written (the checkpoints are
+    written after the epoch), so the run folder keeps the last good epoch."""
+    return FloatingPointError(f"training stopped: {what}; nothing of this epoch was saved, the checkpoints in "
+                              f"{out} keep the last good epoch; try a smaller --lr")
+
+
+def _check_finite_weights(model: CMATH, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> None:
+    """Stop before a checkpoint is written when an update made the weights NaN/inf (the loss is checked
+    before the optimizer step, so it cannot see this)."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise _stopped(f"the weights became non-finite (NaN/inf, first in {name}) in epoch {epoch} (step "
+                           f"{step}, lr {tcfg.lr})", out)
+
+
+def _write_run_files(out: Path, config: dict, tcfg: dict) -> None:
+    """config.json and train_config.json, readable copies of what the checkpoints carry; a file that
+    already says the same is left alone. train_config.json also states the effective batch,
+    `utterances_per_step` (over all `world_size` processes: the same for any number of them)."""
+    tcfg = {**tcfg, "world_size": tcfg.get("world_size", 1), "utterances_per_step": tcfg["batch_utterances"]}
+    for name, obj in (("config.json", config), ("train_config.json", tcfg)):
+        text = json.dumps(obj, indent=2) + "\n"
+        path = out / name
+        if not path.exists() or path.read_text() != text:
+            atomic_write_text(path, text)
+
+
+def _redo_confusion_matrix(out: Path, data, config, splits, state, device, precision: str = "fp32") -> None:
+    best = state.get("best_valid")
+    if not best or best.get("test") is None or not splits["test"] or not (out / "best.safetensors").exists():
+        return
+    model = CMATH(config).to(device)
+    load_checkpoint(out / "best.safetensors", model, None, device, averaged=True)
+    with engine.Precision(precision, torch.device(device)).autocast():
+        _, y, p = evaluate_split(model, data, splits["test"])
+    save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
+                          f"test, epoch {best['epoch']} (selected on validation)")
+
+
+def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
+    """Patience ran out: `patience` epochs since the validation-selected one (a resumed run stops too)."""
+    best = state["best_valid"]
+    return (tcfg.patience is not None and best is not None and best["valid"] is not None
+            and state["epoch"] - best["epoch"] >= tcfg.patience)
+
+
+def _baseline_line(b: dict) -> str:
+    where = f"valid wF1 {b['valid']['weighted_f1']:5.2f}  " if b["valid"] else ""
+    test = f"test wF1 {b['test']['weighted_f1']:5.2f} acc {b['test']['accuracy']:5.2f}" if b["test"] else ""
+    return f"context-free baseline (logistic regression, C={b['C']:g}): {where}{test}"
+
+
+def _write_metrics(out: Path, state: dict) -> None:
+    metrics = _metrics(state)
+    if metrics is None:
+        return
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
+    save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
+
+
+def _metrics(state: dict) -> dict | None:
+    best = state["best_valid"]
+    if best is None:
+        return None
+    test = best["test"] or {}
+    return {
+        "selected_by_validation": {"weighted_f1": test.get("weighted_f1"), "accuracy": test.get("accuracy"),
+                                   "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
+                                   "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
+        "best_test_epoch": state["best_test"],
+        "baseline_context_free": state.get("baseline"),
+        "history": state["history"],
+    }
+
+
+def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
+    """The model of a run folder's best.safetensors, built from the config the checkpoint carries; a
+    config.json beside it must say the same (an edited config would silently change predictions)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        raise CheckpointError(f"--checkpoint {folder}: not a run folder" + (" (no such folder)" if not folder.exists() else ""))
+    path = folder / "best.safetensors"
+    meta = read_metadata(path)
+    if meta["config"] is not None:
+        try:
+            config = config_from_dict(meta["config"], f"{path} (metadata 'config')")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+        if (folder / "config.json").exists():
+            try:
+                beside = config_to_dict(load_config(folder / "config.json"))
+            except ConfigError as err:
+                raise CheckpointError(str(err)) from None
+            if beside != meta["config"]:
+                trained = meta["config"]
+                diff = ", ".join(f"{k}: {beside.get(k)!r} there, {trained[k]!r} trained"
+                                 for k in trained if beside.get(k) != trained[k])
+                raise CheckpointError(f"{folder / 'config.json'}: does not match the config {path.name} was "
+                                      f"trained with ({diff}); restore it or retrain")
+    else:                                                           # a checkpoint from before configs were embedded
+        try:
+            config = load_config(folder / "config.json")
+        except ConfigError as err:
+            raise CheckpointError(str(err)) from None
+    model = CMATH(config).to(device)
+    load_checkpoint(path, model, None, device, averaged=True)
+    model.eval()
+    return model
+
+
+def evaluation_conversations(data: ConversationDataset) -> list[int]:
+    """The test split when the data has one, else every conversation."""
+    return data.indices("test") or list(range(len(data)))
