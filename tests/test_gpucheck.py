@@ -40,7 +40,7 @@ def test_cuda_parity_plan_covers_every_op_in_every_precision_mode():
     for mode in gpucheck.MODES:      # the one-pass backward (max_seqlen within one tile) in every mode
         assert any(c["op"] == "attention" and c.get("max_seqlen") and c["mode"] == mode and max(c["lengths"]) <= 32
                    for c in cases), mode
-    assert any(c["op"] == "reconstruction_exact" for c in cases)       # the TF32-bias case of issue 8
+    assert any(c["op"] == "reconstruction_exact" for c in cases)       # the TF32-bias case
     assert any(c["op"] == "variational" and c.get("eps_offset", 0) % 4 for c in cases)   # misaligned eps build
 
 
@@ -88,7 +88,7 @@ def test_sized_cases_stay_small_on_the_cpu_and_untouched_on_cuda():
     assert max(small["lengths"]) <= 40 and small["mode"] == "fp32"
 
 
-# ------------------------------------------------------------------------------ issue 10's targets stage
+# ------------------------------------------------------------------------------------ the targets stage
 
 def test_targets_stage_follows_profile_and_owns_the_4096_engine_steps():
     names = gpucheck.STAGE_NAMES

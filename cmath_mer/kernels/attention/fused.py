@@ -175,7 +175,7 @@ def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch
 
 # Block tables, prepared once per batch: a training step calls the op (forward and backward) once per central
 # modality and layer with the same cu_seqlens, and each preparation is a dozen small device ops (a host
-# cost that the GPU profile of 2026-11-26 showed among the step's largest). Keyed by the tensor's storage,
+# cost that an H100 profile of the step showed among its largest). Keyed by the tensor's storage,
 # size and version counter (an in-place change bumps it); each entry holds its cu_seqlens, so no other
 # tensor can take that address while the entry lives.
 _TABLE_CACHE: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
@@ -575,7 +575,7 @@ def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, 
     tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
-# One pass (issue 9): conversations no longer than one block. A program per (conversation, head) holds the
+# One pass: conversations no longer than one block. A program per (conversation, head) holds the
 # conversation's q, o, do, lse and, one source at a time, its k and v for that head in one BL-row tile each,
 # computes P and dS once and writes dq, dk, dv: no delta preprocess, no second kernel, no atomics (every
 # output row has one owner), one fixed order of operations (deterministic). It is chosen on the host from a
