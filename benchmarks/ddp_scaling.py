@@ -1,4 +1,4 @@
-"""Training throughput of 1 process against N processes (issue 11): the 16 x ~100 workload (iemocap preset:
+"""Training throughput of 1 process against N processes (torchrun): the 16 x ~100 workload (iemocap preset:
 d = 256, 8 heads, 2 layers, text/audio/visual of widths 1024/1582/342; steps of about 1,600 utterances, i.e.
 16 conversations of 90-110 utterances), fp32, the torch reference path, `train` as users run it.
 

@@ -1,4 +1,4 @@
-"""The one-pass attention backward (issue 9): with a host bound max_seqlen that fits one tile, one kernel and one
+"""The one-pass attention backward: with a host bound max_seqlen that fits one tile, one kernel and one
 program per (conversation, head) computes dq, dk and dv. Under TRITON_INTERPRET: every gradient against the
 float64 definition and against the multi-kernel backward, on odd and ragged lengths (empty conversations too),
 windows on and off, S = 1..3, fp32 and fp16 (the interpreter's bf16 arithmetic is wrong: bf16 is compiled by the

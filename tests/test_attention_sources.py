@@ -1,4 +1,4 @@
-"""multi_source_attention with k, v as lists of S source tensors (issue 8, "No copies"): the list form equals the
+"""multi_source_attention with k, v as lists of S source tensors (KERNELS.md, "No copies"): the list form equals the
 (S, T, H, D) tensor form and the float64 definition on both backends, forward and every gradient; strided views
 of each source's own kv projection are read in place (by the Triton op, and as MultiSourceAttention hands them
 over: no torch.stack); other layouts still give the right answer; more sources than the kernels take is a clear

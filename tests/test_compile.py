@@ -1,4 +1,4 @@
-"""torch.compile of the torch backend (issue 10): the ops it sees and the compiled step.
+"""torch.compile of the torch backend: the ops it sees and the compiled step.
 
 Under torch.compile the attention reference on the CPU is `attention_ref_cpu_op` (SDPA's CPU flash kernels per
 run of equal-length conversations, the log-sum-exp kept for the backward instead of a recomputed forward), the

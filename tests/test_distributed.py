@@ -1,4 +1,4 @@
-"""Issue 11, training with torchrun, on the CPU (Gloo, 2 processes): the distributed bucketed sampler's
+"""Training with torchrun, on the CPU (Gloo, 2 processes): the distributed bucketed sampler's
 properties, one step of 2 processes on two shares of a batch equal to 1 process on the whole batch, the eps
 offset of the variational op, and end to end: `torchrun --nproc-per-node 2 -m cmath_mer train` writes the
 files of a 1-process run, its validation metrics are a 1-process evaluation's, and 1 process resumes it.

@@ -1,4 +1,4 @@
-"""Issue 10, the training engine, on the CPU: no host read inside a training step and none between steps but
+"""The training engine, on the CPU: no host read inside a training step and none between steps but
 the logging points' (a spy on Tensor.item and friends), bf16 autocast learns as well as fp32, fp16 with
 GradScaler skips steps with inf gradients without touching the weights (and stops an epoch that skipped them
 all), resume under bf16/fp16 equals an uninterrupted run (the loss scale included), --deterministic repeats a

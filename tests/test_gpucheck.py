@@ -1,4 +1,4 @@
-"""The GPU check (python -m cmath_mer.bench.gpucheck): its plan is complete, and its parity and determinism checks
+"""The GPU check (python -m cmath_mer.gpucheck): its plan is complete, and its parity and determinism checks
 catch what they claim to catch, and the targets stage's gap analysis and verdicts are right. The stages
 themselves run on a CUDA machine; here their comparisons run on CPU tensors under the interpreter, and the
 targets stage runs whole on tiny CPU shapes."""
@@ -14,7 +14,7 @@ from cmath_mer.bench import gpucheck
 
 
 def test_dry_run_lists_every_stage_and_each_has_an_implementation():
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--dry-run"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     listed = [line.split()[0] for line in p.stdout.splitlines() if line and line.split()[0] in gpucheck.STAGE_NAMES]
     assert listed == gpucheck.STAGE_NAMES
@@ -23,7 +23,7 @@ def test_dry_run_lists_every_stage_and_each_has_an_implementation():
 
 
 def test_unknown_stage_is_refused():
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--dry-run", "--stages", "parity,nope"],
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run", "--stages", "parity,nope"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr
 
@@ -40,7 +40,7 @@ def test_cuda_parity_plan_covers_every_op_in_every_precision_mode():
     for mode in gpucheck.MODES:      # the one-pass backward (max_seqlen within one tile) in every mode
         assert any(c["op"] == "attention" and c.get("max_seqlen") and c["mode"] == mode and max(c["lengths"]) <= 32
                    for c in cases), mode
-    assert any(c["op"] == "reconstruction_exact" for c in cases)       # the TF32-bias case of issue 8
+    assert any(c["op"] == "reconstruction_exact" for c in cases)       # the TF32-bias case
     assert any(c["op"] == "variational" and c.get("eps_offset", 0) % 4 for c in cases)   # misaligned eps build
 
 
@@ -88,7 +88,7 @@ def test_sized_cases_stay_small_on_the_cpu_and_untouched_on_cuda():
     assert max(small["lengths"]) <= 40 and small["mode"] == "fp32"
 
 
-# ------------------------------------------------------------------------------ issue 10's targets stage
+# ------------------------------------------------------------------------------------ the targets stage
 
 def test_targets_stage_follows_profile_and_owns_the_4096_engine_steps():
     names = gpucheck.STAGE_NAMES
@@ -241,7 +241,7 @@ def test_targets_stage_runs_on_the_cpu(tmp_path):
     import json
     import os
     env = dict(os.environ, CMATH_BENCH_THREADS="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--device", "cpu", "--stages", "targets",
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--device", "cpu", "--stages", "targets",
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, (p.stdout, p.stderr[-3000:])
     res = json.loads((tmp_path / "targets.json").read_text())

@@ -1,4 +1,4 @@
-"""kill -9 at seeded moments of a short training (issue 14): after every kill the run folder is empty or
+"""kill -9 at seeded moments of a short training: after every kill the run folder is empty or
 loadable (evaluate and --resume can use it), and --resume finishes the run with the metrics of an
 uninterrupted one. Kill moments are progress markers seen in the folder (a temporary file being written,
 a checkpoint or metrics.json replaced) plus a seeded delay, or a seeded delay after the start: polling the

@@ -1,4 +1,4 @@
-"""The three ops as first-class PyTorch ops (issue 8): torch.library custom ops that pass opcheck, trace under
+"""The three ops as first-class PyTorch ops: torch.library custom ops that pass opcheck, trace under
 torch.compile(fullgraph=True) with no graph break, accept what an autocast region hands them, launch without a
 host synchronisation, run every launch under the inputs' device, and the GPU faults the interpreter cannot
 show (window sentinel overflow, unsupported head dims, cu_seqlens on another device, TF32 in fp32 dots)."""
@@ -176,7 +176,7 @@ def test_reconstruction_and_fusion_launchers_never_read_device_values(no_interpr
 # device guard: every launch runs with the inputs' device current
 # ----------------------------------------------------------------------------------------------------------
 def test_every_launcher_runs_under_the_inputs_device(monkeypatch):
-    """Issue 8, fault 2. On a GPU the guard makes the tensors' device current (torch.cuda.device); here the
+    """A GPU-only fault: on a GPU the guard makes the tensors' device current (torch.cuda.device); here the
     guard's context is recorded for each launcher entry, which must name the inputs' device."""
     from cmath_mer.kernels import utils
     entered = []
@@ -215,7 +215,7 @@ def test_cuda_guard_selects_the_tensor_device(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("window", [2**31 - 1, 2**31 - 40, 10**12])
 def test_huge_window_is_no_window(window):
-    """Issue 8, fault 4: q0 + BM + W overflowed int32 and the output was all zeros."""
+    """A GPU-only fault: q0 + BM + W overflowed int32 and the output was all zeros."""
     attn, _, _ = _fused()
     q, k, v, cu = _attn_inputs(lengths=(70, 3), D=16)
     got = attn.fused_multi_source_attention(q, k, v, cu, window=window)
@@ -231,7 +231,7 @@ def test_head_dim_over_128_is_refused():
 
 
 def test_cu_seqlens_on_another_device_is_a_clear_error():
-    """Issue 8, fault 5: a CPU cu_seqlens with CUDA q crashed at launch. Here q lives on 'meta' (no GPU)."""
+    """A GPU-only fault: a CPU cu_seqlens with CUDA q crashed at launch. Here q lives on 'meta' (no GPU)."""
     attn, _, _ = _fused()
     q, k, v, cu = _attn_inputs()
     with pytest.raises(ValueError, match="one device"):
@@ -239,7 +239,7 @@ def test_cu_seqlens_on_another_device_is_a_clear_error():
 
 
 def test_fp32_on_gpu_uses_triton_dots_only_when_tf32_is_allowed():
-    """Issue 8, fault 3: fp32 tl.dot runs in TF32 on NVIDIA. fp32 inputs go to the dot kernels only when the
+    """A GPU-only fault: fp32 tl.dot runs in TF32 on NVIDIA. fp32 inputs go to the dot kernels only when the
     user allows TF32; 16-bit inputs always; the interpreter (exact) always."""
     from cmath_mer.kernels import utils
     cuda = torch.device("cuda", 0)
@@ -256,7 +256,7 @@ def test_fp32_on_gpu_uses_triton_dots_only_when_tf32_is_allowed():
 
 
 def test_fp32_reconstruction_matches_float64_on_a_near_exact_fit():
-    """The issue's TF32 probe: target = h W^T + b + 1e-3 noise, so the loss is ~1e-6 and any TF32 rounding of
+    """A TF32 probe: target = h W^T + b + 1e-3 noise, so the loss is ~1e-6 and any TF32 rounding of
     the projection (~1e-3 relative) would dominate it. Exact under the interpreter; the same test on a GPU
     catches TF32."""
     g = torch.Generator().manual_seed(0)

@@ -179,7 +179,7 @@ def test_bad_shapes_are_rejected():
 
 
 def test_double_backward_is_refused_not_silently_zero():
-    """Issue 8, fault 5: the gradients are computed in the forward; a second derivative through them would be
+    """A GPU-only fault: the gradients are computed in the forward; a second derivative through them would be
     zero. It must raise."""
     from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss
     h, w, b, target = _inputs(5, 7, 16, torch.float32, seed=2)
@@ -191,7 +191,7 @@ def test_double_backward_is_refused_not_silently_zero():
 
 
 def test_fp16_dh_keeps_small_gradients_until_the_loss_scale():
-    """Issue 8, fault 5: with a small residual, 2/M r W lies below fp16's normal range; stored in fp16 before
+    """A GPU-only fault: with a small residual, 2/M r W lies below fp16's normal range; stored in fp16 before
     the loss scale is applied it rounds to subnormals/zero. The scaled gradient must match float64."""
     from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss
     T, M, K = 4, 300, 16

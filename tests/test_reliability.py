@@ -1,4 +1,4 @@
-"""Issue 14: nothing a user does loses data or leaves a run unusable. One test per data-loss defect (run
+"""Nothing a user does loses data or leaves a run unusable. One test per data-loss defect (run
 folders, non-finite weights, predict's output, resume, kill leftovers), the silent-acceptance cases, and a
 table of CLI misuse cases (exit code, one-line message naming the option or file, no traceback, nothing
 written). The kill -9 test is in test_kill.py."""

@@ -263,7 +263,7 @@ class _ConfigsInSequence:
 
 @pytest.mark.parametrize("blocks", [(512, 1024), (1024, 512), (512, 1024, 512, 1024)])
 def test_kl_partials_do_not_depend_on_configs_run_before(monkeypatch, blocks, nan_poison):
-    """Issue 8, fault 1: the autotuner benchmarks BLOCK=512 and 1024 on the same partial buffers; the result
+    """A GPU-only fault: the autotuner benchmarks BLOCK=512 and 1024 on the same partial buffers; the result
     must be the reference's whatever ran before (before the fix: kl 1.5x too large when 1024 won)."""
     import cmath_mer.kernels.variational.fused as fused
     from cmath_mer.kernels import naive_variational_fusion
@@ -306,7 +306,7 @@ def test_seed_as_a_device_tensor_equals_the_int_and_is_read_at_run_time(backend)
 
 
 def test_eps_offset_places_a_part_in_the_whole_batch_on_both_paths(nan_poison):
-    """Issue 11: a rank's (or a micro-batch's) rows draw eps by their index in the step's whole batch, so the
+    """A rank's (or a micro-batch's) rows draw eps by their index in the step's whole batch, so the
     parts, each with its eps_offset, give the whole batch's z and gradients; Triton and reference agree."""
     from cmath_mer.kernels import naive_variational_fusion
     from cmath_mer.kernels.variational.fused import fused_variational_fusion

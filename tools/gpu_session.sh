@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One call on a lent GPU (the device tool's `run`): the GPU check in priority order inside a time budget, with
-# the machine's own torch and triton (nothing installed), results packed into $OUT. Usage, from the repository
-# root on the device machine:  tools/gpu_session.sh [BUDGET_SECONDS] [STAGES]
-# Order: parity first (kernels changed since the last GPU run have never run on a GPU), then issue 10's
+# The GPU check in one call on a CUDA machine with limited time: the stages in priority order inside a time
+# budget, with the machine's own torch and triton (nothing installed), results packed into $OUT/gpucheck.tgz
+# ($OUT: a folder the caller collects; /tmp when unset). Usage, from the repository root on the GPU machine:
+#   tools/gpu_session.sh [BUDGET_SECONDS] [STAGES]
+# Order: parity first (kernels changed since the last GPU run have never run on a GPU), then the step's speed
 # targets, the --cuda-graphs training path, and the rest. A second call with the stages the summary lists as
 # not finished (TIMEOUT or SKIPPED; the last line printed is that call) finishes the check. Results:
-# benchmarks/results/<date>-<card>-<time>/ (commit them from $OUT, as <date>-<card>/).
+# benchmarks/results/<date>-<card>-<time>/ (commit them as <date>-<card>/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}       # the caller's own path kept after the repository
@@ -19,7 +20,7 @@ fi
 CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).split()[1].lower() if '$DEVICE' == 'cuda' else 'cpu')")
 # the time as well: a second call on the same day and card gets a folder of its own
 RESULTS=${RESULTS:-benchmarks/results/$(date -u "+%F-$CARD-%H%M%S")}
-"$PY" -m cmath_mer.bench.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
+"$PY" -m cmath_mer.gpucheck --device "$DEVICE" --out "$RESULTS" --stages "$STAGES" --budget "$BUDGET" --jobs 12
 rc=$?
 # no checkpoints, nor their temporaries (.best.safetensors.XXXX.tmp): a demo checkpoint is ~188 MB, and the
 # device tool brings back no file over ~16 MiB, so the whole tarball would be lost

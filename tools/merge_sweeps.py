@@ -1,4 +1,4 @@
-"""Merge the sweep.json files of several `cmath-mer sweep` runs into one markdown table (docs/recipe/).
+"""Merge the sweep.json files of several `cmath-mer sweep` runs into one markdown table (docs/experiments/recipe/).
 
     python tools/merge_sweeps.py OUT.md REFERENCE runs/sweep-a runs/sweep-b ...
 

@@ -11,7 +11,7 @@ Cases (registered in cases.sweep(..., long=True); each runs in its own process l
   conversation of N = 65,536 .. 262,144 utterances with the iemocap widths (text 1,024, audio 1,582, visual 342).
 * `train_window_text`: the step on text alone, as a transcript gives it: 384-d all-MiniLM-L6-v2 features (what
   `cmath-mer featurize` writes) and the meld preset (d 128, 4 heads, 2 CMA blocks, pointwise step 1), window
-  64, N = 262,144 .. 1,048,576. (Before 2026-11-26 evening it was the iemocap preset on 1,024-d text alone.)
+  64, N = 262,144 .. 1,048,576.
 
 Windowed work is O(N * window), so each doubling of N should cost 2x the time and memory: the report gives
 `time_ratio_per_doubling` (this N's median / the previous N's, per doubling) and a plot against a
@@ -160,7 +160,7 @@ def add_doubling_ratios(rows: list[dict], series_key) -> None:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """The numbers the issue and the README quote."""
+    """The numbers docs/RESULTS.md quotes."""
     ok = [r for r in rows if r.get("status") == "ok" and r.get("op") in LONG_OPS]
     s: dict = {}
 

@@ -1,4 +1,4 @@
-"""The report of a run: ratios (same run, same shape), ceiling fractions, the summary the README quotes,
+"""The report of a run: ratios (same run, same shape), ceiling fractions, the summary docs/RESULTS.md quotes,
 results.json and results.md (one table per op/shape group); plots.py draws the PNGs."""
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _add_ratios(rows: list[dict]) -> None:
             r["speedup_vs_torch"] = t["median_s"] / r["median_s"]
             if t.get("peak_mem_bytes") and r.get("peak_mem_bytes") is not None:
                 r["mem_vs_torch"] = r["peak_mem_bytes"] / t["peak_mem_bytes"]
-    # the whole step: against the eager fp32 reference step of the same batch (the issue's baseline)
+    # the whole step: against the eager fp32 reference step of the same batch (the targets' baseline)
     eager32 = {(r["batch"], r["N"]): r for r in rows if r.get("status") == "ok" and r["op"] == "engine_step"
                and r["backend"] == "torch" and r["dtype"] == "fp32"}
     for r in rows:
@@ -83,7 +83,7 @@ def _shape_key(r) -> tuple:
 
 
 def summarize(results: dict) -> dict:
-    """The numbers the README quotes."""
+    """The numbers docs/RESULTS.md quotes."""
     rows = [r for r in results["rows"] if r.get("status") == "ok"]
     s: dict = {}
 

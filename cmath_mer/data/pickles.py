@@ -1,6 +1,6 @@
 """Peers' feature pickles: a safe unpickler, the five tuple layouts, a loader and a writer.
 
-Layouts (shared/design/CMATH.md, "Data people already have"); every per-conversation field is a dict from
+Layouts (docs/CMATH.md, "Data people already have"); every per-conversation field is a dict from
 conversation id to one entry per utterance:
 
 =============  ==========================================================================================

@@ -1,6 +1,6 @@
 """Synthetic conversations: the embedded demo data and the data of tests and benchmarks.
 
-The generator is built around the premises of CMATH (shared/design/CMATH.md):
+The generator is built around the premises of CMATH (docs/CMATH.md):
 
 * **Uneven modality quality.** Each modality m carries the label as a class prototype of norm
   ``signal[m]`` (in units of the noise standard deviation) added to isotropic Gaussian noise. The

@@ -1,4 +1,4 @@
-"""The three hot ops of CMATH (shared/design/KERNELS.md), each a PyTorch reference beside a Triton kernel.
+"""The three hot ops of CMATH (docs/KERNELS.md), each a PyTorch reference beside a Triton kernel.
 
     multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None, max_seqlen=None) -> (T, H, D)
         (k, v: (S, T, H, D) tensors, or lists of S tensors (T, H, D) read in place; max_seqlen: a host bound

@@ -33,7 +33,7 @@ def neighbour_masks(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor,
     has_prev = torch.ones(total, 1, device=cu_seqlens.device)
     has_next = torch.ones(total, 1, device=cu_seqlens.device)
     # index_fill_ takes the 0 as a scalar argument: an indexed assignment of a Python number would copy a
-    # CPU tensor to the device, which a CUDA graph capture refuses (seen on an H100, gpucheck 2026-11-26)
+    # CPU tensor to the device, which a CUDA graph capture refuses (seen on an H100)
     has_prev.index_fill_(0, cu_seqlens[:-1].long(), 0.0)
     has_next.index_fill_(0, cu_seqlens[1:].long() - 1, 0.0)
     return has_prev, has_next

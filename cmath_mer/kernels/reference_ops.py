@@ -7,7 +7,8 @@ opaque op with a fake impl it traces like any aten op. `multi_source_attention_r
 device: its backward op runs the reference again under torch.func.vjp and takes its gradients. On the CPU
 without a window `multi_source_attention_ref_cpu` calls SDPA's CPU flash kernels per conversation and keeps
 their log-sum-exp, so its backward recomputes nothing. The reconstruction and variational references need no
-op: compile traces them as plain PyTorch (inductor fuses them; issue 10). The autocast rule is the Triton
+op: compile traces them as plain PyTorch (inductor fuses them; as recomputing ops they made the compiled
+step slower than eager). The autocast rule is the Triton
 ops' (utils.register_autocast_to_region_dtype).
 
 This module imports no triton.

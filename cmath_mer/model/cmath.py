@@ -1,4 +1,4 @@
-"""CMATH: the whole model in the order data flows (shared/design/CMATH.md).
+"""CMATH: the whole model in the order data flows (docs/CMATH.md).
 
     x_m (T, d_m) --ModalityReconstruction--> z_m (T, d), L_rec            step 1
     h_m = LN(z_m) + s pos + speaker; dropout      (s = position_scale)    step 2

@@ -1,7 +1,7 @@
 """Configuration dataclasses and the two presets. Saved as JSON beside every checkpoint.
 
 Fields marked (paper) follow the abstract of Zhu et al. 2024; fields marked (ours) are our reconstruction
-of what the abstract leaves open (shared/design/CMATH.md), each a choice a user can change.
+of what the abstract leaves open (docs/CMATH.md), each a choice a user can change.
 """
 from __future__ import annotations
 
@@ -238,7 +238,7 @@ PRESETS: dict[str, dict] = {
                     input_dims={"text": 1024, "audio": 1582, "visual": 342}),
     "meld": dict(num_classes=7, class_names=("neutral", "surprise", "fear", "sadness", "joy", "disgust", "anger"),
                  num_speakers=9, input_dims={"text": 1024, "audio": 300, "visual": 342},
-                 # the recipe chosen on real MELD conversations (docs/RECIPE.md): a small model, heavy input
+                 # the recipe chosen on real MELD conversations (docs/RESULTS.md): a small model, heavy input
                  # dropout, class weights tempered to the square root of inverse frequency, a pointwise step 1
                  # (each utterance compressed on its own; context only through attention), two CMA blocks
                  d_model=128, n_heads=4, n_layers=2, d_hidden=128, dropout=0.3, input_dropout=0.5,
@@ -247,9 +247,10 @@ PRESETS: dict[str, dict] = {
 
 
 # The training recipe of each preset (TrainConfig fields); the MELD one was chosen by the sweep in
-# docs/RECIPE.md on real MELD conversations (validation-selected; MELD dev held out as the test).
+# docs/experiments/meld_recipe.md on real MELD conversations (validation-selected; MELD dev held out as the test).
 TRAIN_PRESETS: dict[str, dict] = {
-    # chosen on the synthetic IEMOCAP-shaped corpus (docs/RECIPE.md, grid iemocap_synth_recipe.json, 3 seeds):
+    # chosen on the synthetic IEMOCAP-shaped corpus (docs/experiments/meld_recipe.md, grid
+    # docs/experiments/recipe/iemocap_synth_recipe.json, 3 seeds):
     # round 3's MELD schedule (warmup, cosine, ramped weight average) over 8 epochs, +6 validation points
     "iemocap": dict(epochs=8, warmup_epochs=2.0, lr_schedule="cosine", ema_decay=0.99, ema_warmup=True),
     # round 3: 3 warmup epochs and the model evaluated (and selected, saved) as a weight average whose decay

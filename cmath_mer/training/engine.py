@@ -105,7 +105,7 @@ class Precision:
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float):
     """AdamW, the fused implementation on every device: one kernel for all parameters. On CUDA the
-    multi-tensor default was 17% of a training step's GPU time (H100 profile of 2026-11-26); on a 2-core
+    multi-tensor default was 17% of a training step's GPU time (an H100 profile); on a 2-core
     CPU (iemocap preset, 11.7 M parameters in 219 tensors) the fused step took 5.8 ms against 17.8 ms.
     Under fp16 the GradScaler hands the fused step its inf flag, so a step is skipped on the device instead
     of the scaler reading the flag on the host."""
@@ -431,7 +431,7 @@ class Stepper:
 def compile_model(model: torch.nn.Module):
     """torch.compile of the model's forward: fullgraph, dynamic shapes over the number of utterances (one
     graph for every batch size, instead of one per bucket; static shapes, the seed a tensor, ran no faster
-    and compile once per shape: README, issue 10), and inductor's `fallback_random`: dropout draws from
+    and compile once per shape: docs/RESULTS.md), and inductor's `fallback_random`: dropout draws from
     torch's generator with aten's vectorised bernoulli, as in eager mode (inductor's own per-element Philox on
     the CPU cost about twice as much: 70 ms of a 1.5 s step at one thread), so the compiled step also draws
     eager's dropout masks."""

@@ -1,5 +1,5 @@
 """`cmath-mer sweep`: several recipes x several seeds on one corpus, one table. How the presets' recipes
-were chosen (docs/RECIPE.md), and how a user tunes on their own data.
+were chosen (docs/RESULTS.md, docs/experiments/), and how a user tunes on their own data.
 
 The grid is a JSON object {name: {"model": {CMATHConfig overrides}, "train": {TrainConfig overrides}}};
 each recipe trains every seed into OUT/<name>/seed-N (seeds.train_seeds). Recipes are compared on the

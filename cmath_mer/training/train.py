@@ -338,7 +338,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
     if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):
         log("tip: this run could take --cuda-graphs, which replays each batch shape's step from a CUDA graph "
-            "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, README)")
+            "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, docs/RESULTS.md)")
     corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
                         else None)
     compiled = engine.compile_model(model) if tcfg.compile else None

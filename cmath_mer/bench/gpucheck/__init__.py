@@ -1,11 +1,11 @@
-"""One command for a lent GPU: parity on CUDA, cold autotune, determinism, a CUDA-graph step, a profile, issue
-10's targets (step speedups, GPU idle gaps), the demo on both backends, the benchmark. Every stage runs in its
-own process with its own time limit and writes DIR/<stage>.json (and .log), so one failing stage costs nothing
-of the others; summary.md is written last.
+"""One command for a GPU: parity on CUDA, cold autotune, determinism, a CUDA-graph step, a profile, the step's speed
+targets (step speedups, GPU idle gaps; docs/KERNELS.md), the demo on both backends, the benchmark. Every stage runs
+in its own process with its own time limit and writes DIR/<stage>.json (and .log), so one failing stage costs
+nothing of the others; summary.md is written last.
 
-    python -m cmath_mer.bench.gpucheck --out benchmarks/results/<date>-<card>     # on the GPU machine
-    python -m cmath_mer.bench.gpucheck --dry-run                                   # the plan (CI checks it)
-    TRITON_INTERPRET=1 python -m cmath_mer.bench.gpucheck --device cpu --out D     # the same code on the CPU, tiny
+    python -m cmath_mer.gpucheck --out benchmarks/results/<date>-<card>     # on the GPU machine
+    python -m cmath_mer.gpucheck --dry-run                                   # the plan (CI checks it)
+    TRITON_INTERPRET=1 python -m cmath_mer.gpucheck --device cpu --out D     # the same code on the CPU, tiny
 
 It reads nothing from the network and uses whatever torch and triton the machine carries.
 """

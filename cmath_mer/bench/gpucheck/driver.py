@@ -118,7 +118,7 @@ def _save(out: Path, results: dict) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cmath_mer.bench.gpucheck", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m cmath_mer.gpucheck", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="results folder (default benchmarks/results/<date>-<card>)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
 
 def stage_command(name: str, args, out: Path, deadline: float) -> list[str]:
-    return [sys.executable, "-m", "cmath_mer.bench.gpucheck", "--stage", name, "--device", args.device, "--out", str(out),
+    return [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device, "--out", str(out),
             "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget), "--stage-deadline", str(deadline)]
 
 

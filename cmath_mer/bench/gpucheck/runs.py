@@ -124,7 +124,7 @@ def bench_cases(device: str) -> list[dict]:
             c.append(_case("train_step", b, 100, mode="train", batch="mix16x100", D=32, device=device))
             c.append(_case("train_step", b, 8192, mode="train", batch="one", D=32, device=device))
             # the 4,096-utterance engine steps belong to the targets stage: there the eager fp32 and compiled
-            # references run in the same process as ours, so the ratios of issue 10 come from one place
+            # references run in the same process as ours, so the targets' ratios come from one place
             c.append(_case("engine_step", b, 100, mode="train", batch="mix16x100", D=32, dtype="bf16", device=device))
         # the compiled baselines last: flex compiles per shape (tens of seconds), and the budget may run out
         c = [x for x in c if x["backend"] not in ("flex", "varlen")] + \
@@ -136,7 +136,7 @@ def bench_cases(device: str) -> list[dict]:
 
 
 def stage_bench(args) -> dict:
-    """The cases run in this process, one after another (no per-case process start: the lease is short)."""
+    """The cases run in this process, one after another (no per-case process start: GPU time is short)."""
     from cmath_mer import bench as B
     out = Path(args.out) / "bench"
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Issue 10's GPU targets, measured in one stage:
+"""The whole step's GPU targets (docs/KERNELS.md, "Speed targets"), measured in one stage:
 
 * speed: train.py's whole step (engine.Stepper: autocast, backward, clip, AdamW, device-side meters) on one
   4,096-utterance conversation; the best of train.py's step modes with the Triton ops in bf16 (eager,
@@ -41,7 +41,7 @@ TARGET_LABELS = {"speedup_vs_eager_fp32": "the eager fp32 reference (torch fp32)
 # a compiled row starts only with this much of the stage's limit left (its compile on a GPU machine is not
 # measured yet; the CPU took 45 s for the tiny step); a row skipped for it is "not measured", never a pass
 COMPILE_RESERVE_S = 60
-# measured 2026-11-27 on the 2-core CI-like machine: 45 s to compile the tiny step, 63 s for the row
+# measured on a 2-core CPU: 45 s to compile the tiny step, 63 s for the row
 CPU_COMPILE_SKIP = ("torch.compile of the step took 45 s to compile on a 2-core CPU (63 s for the row), too long "
                     "for the CPU run of this stage; `cmath-mer bench` times the compiled step on a CPU")
 

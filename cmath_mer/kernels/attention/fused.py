@@ -1,4 +1,4 @@
-"""Triton multi-source varlen attention, forward and backward (shared/design/KERNELS.md section 1).
+"""Triton multi-source varlen attention, forward and backward (docs/KERNELS.md, section 1).
 
     fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None, max_seqlen=None) -> (T, H, D)
 
@@ -6,16 +6,6 @@ Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, 
 (T, H, D), 1 <= S <= MAX_SOURCES = 4; a query of conversation b attends in one softmax to the keys of
 conversation b in all S sources, or only to keys with |pos(query) - pos(key)| <= window (positions inside
 the conversation).
-
-Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
-(`prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
-the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
-bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
-own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
-outside are skipped, not masked. Of the blocks it visits, the interior ones (every pair real: inside the
-conversation and the window) run in a loop with no mask arithmetic, the edge ones in a masked loop (`_split`;
-16-bit inputs on a GPU, see split_blocks). The S sources are read in place, each from its own tensor (one
-pointer argument per source, one shared set of strides).
 
 Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units; lse and delta are (H, T),
 head-major, so a query block's BM statistics are one contiguous load or store, not a stride-H gather):
@@ -27,24 +17,8 @@ head-major, so a query block's BM statistics are one contiguous load or store, n
                         above when the caller's host bound max_seqlen fits one tile (onepass_block)
 Every program owns its outputs: no atomics, so the backward is deterministic.
 
-Cost model (per head, per real (query, key) pair; b = bytes per element, BM = query block):
-  forward : QK^T 2D + PV 2D                                    = 4D FLOP, 1 exp2
-  backward: dq kernel QK^T, dO V^T, dS K (6D); dkv kernel QK^T, dO V^T, P^T dO, dS^T Q (8D)
-            = 14D FLOP, 2 exp2 (10D is the minimum; the extra 4D buys determinism without atomics)
-  HBM bytes compulsory per token per head: q, o, lse + S (k, v)  -> (2 + 2S) D b  forward,
-            q, k, v, o, do, dq, dk, dv, lse, delta                -> about (4 + 4S) D b backward.
-  K/V re-reads: each query block reloads the keys it visits, 2 D b per pair / BM (mostly L2 hits).
-H100 SXM: 989 TFLOP/s dense fp16/bf16 tensor (494 tf32), 3.35 TB/s HBM -> ridge at ~295 FLOP/byte;
-MUFU ex2 ~ 132 SM * 16/clk * 1.83 GHz = 3.9e12/s; fp32 FMA pipes 67 TFLOP/s.
-  * Compulsory intensity forward = 4 D S n / ((2 + 2S) 2 D) = S n / (1 + S) FLOP/byte for n keys per
-    query: independent of D. CMATH conversations are short (IEMOCAP ~50-110 utterances, MELD ~10) and the
-    window is small (n = 2W+1), so at S=2 the intensity is ~2-70 FLOP/byte: the op is MEMORY (and
-    launch-latency) bound at D=32 and D=64 in the real workload; the block skipping is what keeps it at
-    its real-pair cost.
-  * Long conversations (n >~ 450 keys per query at S=2) pass the ridge; the tensor-core time per pair is
-    4D/989e12 = 0.13 ns at D=32 and 0.26 ns at D=64, while the exp2 alone costs 1/3.9e12 = 0.26 ns and the
-    ~5 fp32 ops of the online softmax ~0.15 ns: at D=32 the softmax (MUFU + FP32 pipes) bounds it, at D=64
-    softmax and tensor cores tie (why FlashAttention-3 overlaps them). Neither D is tensor-core bound.
+How the work is laid out (the (conversation, block) table, skipped and interior blocks) and the cost
+model / roofline on an H100: docs/KERNELS.md, section 1, "Inside the Triton kernels".
 """
 from __future__ import annotations
 
@@ -201,7 +175,7 @@ def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch
 
 # Block tables, prepared once per batch: a training step calls the op (forward and backward) once per central
 # modality and layer with the same cu_seqlens, and each preparation is a dozen small device ops (a host
-# cost that the GPU profile of 2026-11-26 showed among the step's largest). Keyed by the tensor's storage,
+# cost that an H100 profile of the step showed among its largest). Keyed by the tensor's storage,
 # size and version counter (an in-place change bumps it); each entry holds its cu_seqlens, so no other
 # tensor can take that address while the entry lives.
 _TABLE_CACHE: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
@@ -601,7 +575,7 @@ def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, 
     tl.store(dv + base_k + tile_k, b_dv.to(dv.dtype.element_ty), mask=m_kd)
 
 
-# One pass (issue 9): conversations no longer than one block. A program per (conversation, head) holds the
+# One pass: conversations no longer than one block. A program per (conversation, head) holds the
 # conversation's q, o, do, lse and, one source at a time, its k and v for that head in one BL-row tile each,
 # computes P and dS once and writes dq, dk, dv: no delta preprocess, no second kernel, no atomics (every
 # output row has one owner), one fixed order of operations (deterministic). It is chosen on the host from a

@@ -30,8 +30,8 @@ element, was ~100 with one call per element; the sm_90 PTX of the fp32 C = 3 for
 element, 16 per thread of 4 at BLOCK 1024 with 8 warps, was 14, 112 per thread of 8 at BLOCK 1024 with 4
 warps) and half a Box-Muller transform (one log, sqrt, cos and sin per two elements, was one log, sqrt and
 cos per element). Besides: C exp, one log, one reciprocal, one sqrt and a few dozen FMAs per element. Below
-the ridge of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until a GPU is
-lent.
+the ridge of an H100 for C >= 1 (memory bound) by this count; the speed effect is unmeasured until the GPU
+check runs (docs/VERIFICATION.md).
 """
 from __future__ import annotations
 
