@@ -39,7 +39,7 @@ def test_attention_case_runs_and_is_finite(bench_call, device, backend, batch, S
         pytest.skip("torch.compile: one smoke shape is enough (compiling costs seconds)")
     if backend == "flex" and (batch != "ragged" or S != 2):
         pytest.skip("flex_attention: one smoke shape per mode is enough (compiling costs seconds; "
-                    "tests/test_attention_baselines.py checks it against the definition)")
+                    "tests/bench/test_attention_baselines.py checks it against the definition)")
     case = _case(device, "attention", backend, 16, batch=batch, S=S, mode=mode)
     call, info = _skip_unavailable(case)
     out = bench_call(call)

@@ -33,27 +33,9 @@ def _names_option(option: str, value: str, known: tuple[str, ...] | None = None)
 
 
 def _check_device(device: str, backend: str | None = None) -> str:
-    import torch
-    from cmath_mer.training.engine import resolve_device
-    device = resolve_device(device)                 # auto: cuda when torch sees one, else cpu
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {device!r}: not a device; use auto, cpu or cuda (cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: torch sees no CUDA device (a CPU-only torch, or no GPU); use cpu")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {device!r}: only cpu and cuda are supported")
-    if backend == "triton":
-        from .kernels.backend import triton_available
-        if not triton_available():
-            raise UsageError("--backend triton: triton is not installed; use --backend torch")
-        if dev.type != "cuda":
-            raise UsageError(f"--backend triton needs a CUDA device (--device {device}); use --backend torch "
-                             "on the CPU")
-    return device
+    """The device a command runs on (auto resolved), checked once here, with the ops' backend on it."""
+    from cmath_mer.training.device import check_device
+    return str(check_device(device, backend))
 
 
 def _input_file(option: str, path: str) -> Path:
@@ -151,7 +133,7 @@ def _train_options(args) -> None:
         _names_option("--class-names", args.class_names)
     device = _check_device(args.device if args.device is not None else "auto", args.backend)
     if args.precision is not None:
-        from cmath_mer.training.engine import check_precision
+        from cmath_mer.training.precision import check_precision
         check_precision(args.precision, device)
     if args.accumulate is not None and args.accumulate < 1:
         raise UsageError(f"--accumulate {args.accumulate}: must be at least 1")
@@ -372,7 +354,7 @@ def _eval_precision(args, device: str) -> str:
     """--precision when given (refused where the device cannot run it); else the run's own training
     precision (fp32 for runs from before --precision, and where this device has no bf16)."""
     from cmath_mer.training.checkpoint import read_metadata
-    from cmath_mer.training.engine import check_precision
+    from cmath_mer.training.precision import check_precision
     from .errors import ConfigError
     if args.precision is not None:
         return check_precision(args.precision, device)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmath_mer.kernels.cu_seqlens import cu_seqlens_from  # noqa: F401  (re-exported for the tests)
+from cmath_mer.data import Batch
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.config import CMATHConfig
 
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -81,3 +83,88 @@ def assert_compiled_step_equals_eager(model, batch, seed: int, **compile_kwargs)
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert_rel_close(f"grad {n}", grads[n], p.grad, 1e-4)
+
+
+# --------------------------------------------------------------- model inputs (small configs, random batches)
+
+DIMS = {"text": 24, "audio": 17, "visual": 9}
+
+
+def small_config(modalities=("text", "audio", "visual"), **kw) -> CMATHConfig:
+    base = dict(num_classes=4, class_names=("a", "b", "c", "d"), num_speakers=3, d_model=32, n_heads=4,
+                n_layers=2, d_hidden=24, dropout=0.0)
+    return CMATHConfig(modalities=modalities, input_dims={m: DIMS[m] for m in modalities}, **{**base, **kw})
+
+
+def random_batch(lengths, modalities=("text", "audio", "visual"), seed=0) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    labels = torch.randint(0, 4, (T,), generator=g)
+    labels[torch.rand(T, generator=g) < 0.2] = -100
+    return Batch({m: torch.randn(T, DIMS[m], generator=g) for m in modalities},
+                 torch.randint(0, 3, (T,), generator=g), labels, cu_seqlens_from(lengths))
+
+
+# ---------------------------------------------------------- attention: the float64 definition and its inputs
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.float64: 1e-10}
+
+
+def _dense_scores(q, k, cu_seqlens, window, scale):
+    """Per conversation (s0, s1, its float64 scaled scores (H, n, S*n) over the S sources' keys, source-major,
+    -inf outside the window): the definition both float64 references below start from."""
+    q, k = q.double(), k.double()
+    S, T, H, D = k.shape
+    scale = D ** -0.5 if scale is None else scale
+    bounds = cu_seqlens.tolist()
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        n = s1 - s0
+        kb = k[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)          # (H, S*n, D), source-major
+        scores = torch.einsum("ihd,hjd->hij", q[s0:s1], kb) * scale         # (H, n, S*n)
+        pos_q, pos_k = torch.arange(n)[:, None], torch.arange(n).repeat(S)[None, :]
+        if window is not None:
+            scores = scores.masked_fill((pos_q - pos_k).abs() > window, float("-inf"))
+        yield s0, s1, scores
+
+
+def dense_attention(q, k, v, cu_seqlens, window=None, scale=None):
+    """Float64 explicit masked softmax over the S * N_b keys of each conversation (the definition)."""
+    S, T, H, D = v.shape
+    out = []
+    for s0, s1, scores in _dense_scores(q, k, cu_seqlens, window, scale):
+        vb = v[:, s0:s1].double().permute(2, 0, 1, 3).reshape(H, S * (s1 - s0), D)
+        out.append(torch.einsum("hij,hjd->ihd", scores.softmax(-1), vb))
+    return torch.cat(out, 0)
+
+
+def make_inputs(lengths, S, H, D, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q = torch.randn(T, H, D, generator=g).to(dtype)
+    k = torch.randn(S, T, H, D, generator=g).to(dtype)
+    v = torch.randn(S, T, H, D, generator=g).to(dtype)
+    do = torch.randn(T, H, D, generator=g).to(dtype)
+    return q, k, v, do, cu_seqlens_from(lengths)
+
+
+def grads(fn, q, k, v, do, **kw):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, **kw)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+# --------------------------------------------------------------------------- CUDA graphs without a GPU
+
+class StandInGraphs:
+    """eager(fn) runs fn; capture(fn) runs nothing (as a capture executes nothing) and returns a graph whose
+    replay runs fn again."""
+
+    def __init__(self):
+        self.captures = 0
+
+    def eager(self, fn):
+        fn()
+
+    def capture(self, fn):
+        self.captures += 1
+        return type("Replay", (), {"replay": staticmethod(fn)})()

@@ -15,7 +15,7 @@ fi
 . "$VENV/bin/activate"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__); \
 assert triton.__version__.startswith('3.6'), triton.__version__; assert torch.__version__.startswith('2.13')"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -q -p no:cacheprovider tests/test_attention.py \
-    tests/test_attention_sources.py tests/test_attention_onepass.py tests/test_reconstruction_loss.py \
-    tests/test_variational_fusion.py tests/test_model_backends.py tests/test_ops.py tests/test_compile.py
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} python -m pytest -q -p no:cacheprovider tests/kernels/test_attention.py \
+    tests/kernels/test_attention_sources.py tests/kernels/test_attention_onepass.py tests/kernels/test_reconstruction_loss.py \
+    tests/kernels/test_variational_fusion.py tests/model/test_model_backends.py tests/kernels/test_ops.py tests/model/test_compile.py
 python -m cmath_mer.kernels.aot --jobs "${JOBS:-2}" --one-per-kernel

@@ -5,7 +5,7 @@ here minutes later).
     PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 10                 # DTYPE BATCH N ROUNDS
     PYTHONPATH=. python tools/eager_vs_compiled.py fp32 mix16x100 100 8 compiled,static  # [MODES]
 
-Modes: eager; compiled (engine.compile_model: dynamic shapes, what `train --compile` runs); static
+Modes: eager; compiled (compile_model: dynamic shapes, what `train --compile` runs); static
 (dynamic=False, the variational seed passed as a tensor: as an int it is a constant of a static graph and every
 step would recompile). Every mode starts from the same initialisation; its first step (the compile) is not
 timed. Prints each mode's median step, the speedup of each over the first mode, then every timed step."""
@@ -16,7 +16,9 @@ import time
 import torch
 
 from cmath_mer import bench as B
-from cmath_mer.training import engine
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.precision import Precision
+from cmath_mer.training.step import Stepper, compile_model, make_optimizer
 from cmath_mer.bench.calls import model_batch
 from cmath_mer.bench.cases import case_lengths
 from cmath_mer.model.config import preset
@@ -24,7 +26,7 @@ from cmath_mer.model.cmath import CMATH
 
 
 class TensorSeed(torch.nn.Module):
-    """Calls `compiled` with the seed as a tensor (engine.Stepper passes an int)."""
+    """Calls `compiled` with the seed as a tensor (Stepper passes an int)."""
 
     def __init__(self, compiled):
         super().__init__()
@@ -38,7 +40,7 @@ def forward_of(model, mode: str):
     if mode == "eager":
         return model
     if mode == "compiled":
-        return engine.compile_model(model)
+        return compile_model(model)
     if mode == "static":
         return TensorSeed(torch.compile(model, fullgraph=True, dynamic=False, options={"fallback_random": True}))
     raise SystemExit(f"unknown mode {mode!r}: eager, compiled or static")
@@ -55,8 +57,8 @@ def main(dtype: str, batch_kind: str, N: int, rounds: int, modes: list[str], dev
     for mode in modes:
         torch.manual_seed(0)
         model = CMATH(cfg).to(device).train()
-        steps[mode] = engine.Stepper(model, forward_of(model, mode), engine.make_optimizer(model, 1e-4, 0.01),
-                                     engine.Precision(dtype, device), 1.0, engine.StepMeter(device))
+        steps[mode] = Stepper(model, forward_of(model, mode), make_optimizer(model, 1e-4, 0.01),
+                                     Precision(dtype, device), 1.0, StepMeter(device))
         t0 = time.perf_counter()
         steps[mode]([batch], 0, 0)
         print(f"{mode}: first step {time.perf_counter() - t0:.1f} s", flush=True)

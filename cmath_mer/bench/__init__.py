@@ -43,9 +43,6 @@ from cmath_mer.bench.measure import measure, run_case
 from cmath_mer.bench.report import markdown_report, progress_line, summarize, write_report
 from cmath_mer.bench.run import run_benchmarks
 
-# the names gpucheck imports
-_case, _model_batch, _progress_line = make_case, model_batch, progress_line
-
 __all__ = ["ATTN_BACKENDS", "H_HEADS", "OP_BACKENDS", "REC_K", "REC_M", "VAR_C", "VAR_Z", "Unavailable",
            "build_case", "conversation_lengths", "cpu_threads", "machine_info", "main", "make_case",
            "markdown_report", "measure", "measure_ceilings", "model_batch", "progress_line", "run_benchmarks",

@@ -101,9 +101,9 @@ def _build_model(case, dev):
 
 def _build_engine_step(case, dev):
     """One optimizer step of train.py's engine on a fixed batch: `torch`/`triton` = the ops' backend,
-    `*_compile` = engine.compile_model, `triton_graphs` = `train --cuda-graphs` (the step replayed from a
+    `*_compile` = compile_model, `triton_graphs` = `train --cuda-graphs` (the step replayed from a
     CUDA graph; its first call captures); dtype = the autocast precision (weights stay fp32)."""
-    from cmath_mer.training import engine
+    from cmath_mer.training.step import compile_model
     from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
     backend = case["backend"]
@@ -114,28 +114,14 @@ def _build_engine_step(case, dev):
     batch = model_batch(cfg, lengths, dev)
     info = dict(utterances=sum(lengths), conversations=len(lengths), flops=0, bytes=0,
                 recompute_from=cfg.recompute_from)
-    forward = engine.compile_model(model) if backend.endswith("_compile") else model
-    meter = engine.StepMeter(dev)
-    optimizer = engine.make_optimizer(model, 1e-4, 0.01)
-    precision = engine.Precision(case["dtype"], dev)
-    if backend.endswith("_graphs"):                           # train --cuda-graphs: one graph per batch shape
-        from cmath_mer.training.graphs import GraphedStepper
-        step = GraphedStepper(model, optimizer, precision, 1.0, meter)
-    else:
-        step = engine.Stepper(model, forward, optimizer, precision, 1.0, meter)
-    if backend.endswith("_compile"):
-        # the first step compiles, on the case's own batch: inductor guards a graph by ranges of the sizes it
-        # was built for (one built at 16 utterances held for 5..16 only), so a small warm-up batch would
-        # cost a second compile at the first timed call
-        t0 = time.perf_counter()
-        step([batch], 0, 0)
+    forward = compile_model(model) if backend.endswith("_compile") else model
+    compiled = backend.endswith("_compile")
+    # a compiled step compiles in its warm-up step, on the case's own batch: inductor guards a graph by ranges of
+    # the sizes it was built for (one built at 16 utterances held for 5..16 only), so a small warm-up batch
+    # would cost a second compile at the first timed call
+    t0 = time.perf_counter()
+    call = training_step(model, cfg, batch, dev, forward=forward, precision=case["dtype"],
+                         cuda_graphs=backend.endswith("_graphs"), warm_batch=batch if compiled else None)
+    if compiled:
         info["build_compile_s"] = time.perf_counter() - t0
-    else:
-        step([model_batch(cfg, [8, 8], dev, seed=1)], 0, 0)   # AdamW state exists before the memory baseline
-    counter = [1]
-
-    def call():
-        step([batch], 0, counter[0])                          # a new variational seed each step, as in training
-        counter[0] += 1
-        return meter.sums[engine.StepMeter.LOSS]
     return call, info

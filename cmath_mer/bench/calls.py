@@ -1,10 +1,14 @@
 """What every case builder shares: dtypes, the forward or forward + backward call to time, a model batch and
-a training step whose optimizer state exists before the memory baseline is taken."""
+the training step `train` runs, whose optimizer state exists before the memory baseline is taken."""
 from __future__ import annotations
 
 import torch
 
+from cmath_mer.data.dataset import Batch
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.precision import DTYPES, Precision
+from cmath_mer.training.step import make_optimizer, make_stepper
 
 
 class Unavailable(RuntimeError):
@@ -12,7 +16,7 @@ class Unavailable(RuntimeError):
 
 
 def dtype_of(name: str) -> torch.dtype:
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def elem_size(name: str) -> int:
@@ -47,7 +51,6 @@ def fwdbwd(forward, leaves, mode, grad_out=None):
 
 def model_batch(cfg, lengths, dev, seed=0):
     """A packed batch of random features, speakers and labels for the model `cfg` describes."""
-    from cmath_mer.data.dataset import Batch
     T = sum(lengths)
     g = torch.Generator().manual_seed(seed)
     feats = {m: torch.randn(T, cfg.input_dims[m], generator=g).to(dev) for m in cfg.modalities}
@@ -56,20 +59,20 @@ def model_batch(cfg, lengths, dev, seed=0):
     return Batch(feats, speakers, labels, cu_seqlens_from(lengths, device=dev), max_seqlen=max(lengths))
 
 
-def training_step(model, cfg, batch, dev, forward=None):
-    """The call for one training step (forward + backward + AdamW) of `model` on `batch`. One tiny step runs
-    first, so AdamW's state exists before the memory baseline is taken."""
-    from cmath_mer.training.engine import make_optimizer
-    forward = model if forward is None else forward
-    opt = make_optimizer(model, 1e-4, 0.01)                  # train.py's AdamW (the fused one)
-    model(model_batch(cfg, [8, 8], dev, seed=1), seed=0).loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+def training_step(model, cfg, batch, dev, forward=None, precision: str = "fp32", cuda_graphs: bool = False,
+                  warm_batch=None):
+    """The call for one optimizer step of `model` on `batch`: the step `train` runs (training/step.py: autocast
+    in `precision`, backward, clip, AdamW, device-side meters), eager through `forward` or replayed from CUDA
+    graphs. One step on `warm_batch` (default: a tiny batch) runs first, so AdamW's state exists before the
+    memory baseline is taken (a compiled forward compiles there, on the batch it passes)."""
+    meter = StepMeter(dev)
+    step = make_stepper(model, make_optimizer(model, 1e-4, 0.01), Precision(precision, dev), 1.0, meter,
+                        forward=forward, cuda_graphs=cuda_graphs)
+    step([model_batch(cfg, [8, 8], dev, seed=1) if warm_batch is None else warm_batch], 0, 0)
+    counter = [1]
 
     def call():
-        out = forward(batch, seed=0)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return out.loss
+        step([batch], 0, counter[0])                          # a new variational seed each step, as in training
+        counter[0] += 1
+        return meter.sums[StepMeter.LOSS]
     return call

@@ -162,7 +162,7 @@ def _model_cases(quick: bool, device: str) -> list[dict]:
              for batch, N, backend in train]
     cases += [make_case("inference", backend, N, mode="infer", batch=batch, D=32, device=device)
               for batch, N, backend in infer]
-    # the whole training step as train.py runs it (engine.Stepper: autocast, loss scaling where fp16, clip,
+    # the whole training step as train.py runs it (Stepper: autocast, loss scaling where fp16, clip,
     # AdamW, device-side meters), eager and compiled, fp32 and bf16; triton on CUDA
     step_backends = (("torch", "torch_compile", "triton", "triton_compile", "triton_graphs") if cuda
                      else ("torch", "torch_compile"))

@@ -160,7 +160,7 @@ _TITLES = {
     "reconstruction": "reconstruction_loss K={K} M={M}, {mode}, {dtype}",
     "variational": "variational_fusion C={C} Z={Z}, {mode}, {dtype}",
     "train_step": "CMATH training step (fwd + bwd + AdamW), iemocap preset, {batch} batch",
-    "engine_step": "train.py's whole step (engine.Stepper: autocast, clip, AdamW, meters), iemocap preset, "
+    "engine_step": "train.py's whole step (Stepper: autocast, clip, AdamW, meters), iemocap preset, "
                    "{batch} batch, {dtype}",
     "attention_window": "multi_source_attention S={S} D={D} H={H}, window {W}, {mode}, one conversation, {dtype}",
     "train_window": "CMATH training step, iemocap preset, window {W}, one conversation",

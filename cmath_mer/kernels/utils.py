@@ -69,7 +69,7 @@ def same_device(a, b) -> bool:
 
 def seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The variational seed as a (1,) int64 tensor on `device`, as the ops take it. A tensor is used as it
-    is: its value may change between CUDA-graph replays (engine.GraphedStepper writes it before each one).
+    is: its value may change between CUDA-graph replays (GraphedStepper writes it before each one).
     An int is filled in on the device (a fill kernel: no host-to-device copy, no synchronisation)."""
     if isinstance(seed, torch.Tensor):
         if seed.numel() != 1 or seed.dtype != torch.int64:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmath_mer.errors import ConfigError
+from cmath_mer.kernels.backend import BACKENDS
 
 MODALITIES = ("text", "audio", "visual")   # the order peers' pickles store them in (T, A, V)
-BACKENDS = ("torch", "triton", "auto")
-PRECISIONS = ("bf16", "fp16", "fp32")     # engine.py: autocast dtypes of the training forward
+PRECISIONS = ("bf16", "fp16", "fp32")     # autocast dtypes of the training forward (training/precision.py)
 MAX_SPEAKERS = 65_536                      # speaker embeddings; data with more distinct speakers is refused
 # fields that come from the data (build_config), not from --set: the message says which option sets them
 DERIVED_FIELDS = {"modalities": "--modalities", "input_dims": "the data's feature widths",

@@ -23,11 +23,9 @@ accumulation, no torch.compile, one process.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 
-from cmath_mer.training.engine import in_step, step_seed
 from cmath_mer.kernels.cu_seqlens import length_bound
 
 
@@ -102,7 +100,7 @@ class CudaGraphs:
 
     def capture(self, fn):
         graph = torch.cuda.CUDAGraph()
-        # thread_local: engine.Prefetcher's thread pins the next batches (a pinned host allocation, event
+        # thread_local: Prefetcher's thread pins the next batches (a pinned host allocation, event
         # queries) while this thread captures, and in the default "global" mode such a call from any thread
         # during a capture invalidates it; the capture's own thread is still checked
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
@@ -120,62 +118,3 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> N
     for state in optimizer.state.values():
         if "step" in state:
             state["step"] = state["step"].to(device=device, dtype=torch.float32)
-
-
-class GraphedStepper:
-    """engine.Stepper's step (autocast forward, backward, clip, AdamW, device-side meters), replayed from a
-    CUDA graph per batch shape. Same call signature as engine.Stepper."""
-
-    def __init__(self, model, optimizer, precision, grad_clip: float, meter, graphs=None):
-        self.model, self.optimizer, self.precision = model, optimizer, precision
-        self.grad_clip, self.meter = grad_clip, meter
-        device = next(model.parameters()).device
-        self.graphs_api = graphs if graphs is not None else CudaGraphs(device)
-        make_capturable(optimizer, device)
-        self.seed = torch.zeros(1, dtype=torch.int64, device=device)   # written before every step
-        self.graphs: dict[tuple, tuple[object, object]] = {}
-        self.shared = SharedFeatures()
-        self.captured = self.replayed = 0
-        self.first_step_seconds: float | None = None
-
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr)                  # in place: the captured AdamW kernels read this tensor
-
-    def _step(self, batch) -> None:
-        """One whole step, device work only (a capture records exactly this)."""
-        self.optimizer.zero_grad(set_to_none=False)    # the gradients keep their addresses across replays
-        with self.precision.autocast():
-            out = self.model(batch, seed=self.seed)
-        loss = out.loss.float()
-        self.meter.add_loss(loss, batch.num_utterances)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        self.meter.add_norm(norm)
-
-    def __call__(self, micro: list, seed: int, step: int, first_row: int = 0) -> int:
-        if len(micro) != 1:
-            raise ValueError("--cuda-graphs takes one micro-batch per step (no --accumulate)")
-        if first_row != 0:
-            raise ValueError("--cuda-graphs runs in one process (the step's batch starts at row 0)")
-        (batch,) = micro
-        t0 = time.perf_counter() if self.first_step_seconds is None else None
-        with in_step():
-            self.seed.fill_(step_seed(seed, step))
-            shape = batch_shape(batch)
-            entry = self.graphs.get(shape)
-            if entry is None:
-                self.graphs_api.eager(lambda: self._step(batch))
-                static = static_copy(batch, self.shared)
-                self.graphs[shape] = (self.graphs_api.capture(lambda: self._step(static)), static)
-                self.captured += 1
-            else:
-                graph, static = entry
-                fill(static, batch)
-                graph.replay()
-                self.replayed += 1
-            self.meter.note_step(step + 1)
-        if t0 is not None:
-            self.first_step_seconds = time.perf_counter() - t0
-        return batch.num_utterances

@@ -2,7 +2,7 @@
 atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `evaluate` and `predict`.
 
 Under torchrun (distributed.py) the same loop runs in every process: the model in DistributedDataParallel,
-each step's batch dealt to the ranks (data/sharding.py), evaluation sharded and gathered; rank 0 alone
+each step's batch dealt to the ranks (data/batching.py), evaluation sharded and gathered; rank 0 alone
 checks and writes the run folder, logs, and on --resume reads the checkpoint and hands it to the others."""
 from __future__ import annotations
 
@@ -19,10 +19,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cmath_mer.training import distributed, engine, run_folder
+from cmath_mer.training import distributed, run_folder
+from cmath_mer.data.batching import split_by_utterances
+from cmath_mer.training.determinism import deterministic_mode
+from cmath_mer.training.device import check_device, on_device
+from cmath_mer.training.feed import DeviceCorpus, Prefetcher
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.precision import Precision, check_precision, default_precision
+from cmath_mer.training.step import compile_model, make_optimizer, make_stepper
 from cmath_mer.training.baseline import context_free_baseline
 from cmath_mer.training.ema import WeightAverage
-from cmath_mer.training.graphs import GraphedStepper
 from cmath_mer.kernels import resolve_backend
 from cmath_mer.kernels.utils import gpu_dots_ok
 from cmath_mer.training.checkpoint import (atomic_write, atomic_write_text, load_checkpoint, read_metadata,
@@ -30,7 +36,7 @@ from cmath_mer.training.checkpoint import (atomic_write, atomic_write_text, load
 from cmath_mer.model.config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from cmath_mer.errors import CheckpointError, ConfigError
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
-from cmath_mer.data.sharding import eval_shards, rank_batches, rows_before
+from cmath_mer.data.batching import eval_shards, rank_batches, rows_before
 from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from cmath_mer.model.cmath import CMATH
 
@@ -90,7 +96,7 @@ def predict_conversations(model: CMATH, data: ConversationDataset, conversations
     would run, and the outputs are gathered, so every rank returns the single-process arrays exactly."""
     model.eval()
     if precision is not None:
-        with engine.Precision(precision, next(model.parameters()).device).autocast():
+        with Precision(precision, next(model.parameters()).device).autocast():
             return predict_conversations(model, data, conversations, batch_utterances, sharded=sharded)
     device = next(model.parameters()).device
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}          # conversation -> (labels, probs)
@@ -145,18 +151,13 @@ def learning_rate(tcfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return tcfg.lr * scale
 
 
-def _step_seed(seed: int, step: int) -> int:
-    return engine.step_seed(seed, step)    # eps of the variational sample: new for every step
-
-
 def resolve_train_config(tcfg: TrainConfig) -> TrainConfig:
     """The settings a run stores: device `auto` made concrete (cuda when torch sees one, else cpu), the
     precision chosen for it when none was given (bf16 on CUDA cards that support it, fp32 elsewhere) and the
     number of processes (torchrun's); a device or precision that cannot run here is a ConfigError."""
-    device = str(engine.check_device(tcfg.device)) if tcfg.device == "auto" else tcfg.device
-    engine.check_device(device)
-    precision = tcfg.precision if tcfg.precision is not None else engine.default_precision(device)
-    engine.check_precision(precision, distributed.local_device(device))
+    device = str(check_device(tcfg.device))
+    precision = tcfg.precision if tcfg.precision is not None else default_precision(device)
+    check_precision(precision, distributed.local_device(device))
     return dataclasses.replace(tcfg, device=device, precision=precision,
                                world_size=distributed.context().world_size)
 
@@ -237,7 +238,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
             return checkpoint
         checkpoint = distributed.on_main(lock_and_check)
         dev = torch.device(distributed.local_device(tcfg.device))
-        with engine.on_device(dev), engine.deterministic_mode(tcfg.deterministic, dev):
+        with on_device(dev), deterministic_mode(tcfg.deterministic, dev):
             return _train(data, config, tcfg, out, checkpoint, splits, fingerprint, progress, log, run_info)
 
 
@@ -281,8 +282,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     dev = torch.device(device)
     torch.manual_seed(tcfg.seed)
     model = CMATH(config).to(device)
-    optimizer = engine.make_optimizer(model, tcfg.lr, tcfg.weight_decay)
-    precision = engine.Precision(tcfg.precision, dev)
+    optimizer = make_optimizer(model, tcfg.lr, tcfg.weight_decay)
+    precision = Precision(tcfg.precision, dev)
     state = {"epoch": 0, "global_step": 0, "history": [], "best_valid": None, "best_test": None,
              "data": fingerprint, "train_config": dataclasses.asdict(tcfg), "run": run_info or {}}
     saved_config = config_to_dict(config)
@@ -339,19 +340,17 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
     if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):
         log("tip: this run could take --cuda-graphs, which replays each batch shape's step from a CUDA graph "
             "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, docs/RESULTS.md)")
-    corpus_on_device = (engine.DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
+    corpus_on_device = (DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
                         else None)
-    compiled = engine.compile_model(model) if tcfg.compile else None
-    meter = engine.StepMeter(dev)
+    compiled = compile_model(model) if tcfg.compile else None
+    meter = StepMeter(dev)
     forward = compiled if compiled is not None else model
     if ctx.active:
         # buffers (class weights, input statistics) are set alike on every rank and never change: no broadcast
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[dev.index] if dev.type == "cuda" else None, forward_sync_buffers=False)
-    if tcfg.cuda_graphs:
-        stepper = GraphedStepper(model, optimizer, precision, tcfg.grad_clip, meter)
-    else:
-        stepper = engine.Stepper(model, forward, optimizer, precision, tcfg.grad_clip, meter)
+    stepper = make_stepper(model, optimizer, precision, tcfg.grad_clip, meter, forward=forward,
+                           cuda_graphs=tcfg.cuda_graphs)
     compile_said = False
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
         if _stop_early(state, tcfg):
@@ -363,10 +362,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         steps = rank_batches(batches, lengths, ctx.world_size)         # steps[s][r]: rank r's share of step s
         batches = [shares[ctx.rank] for shares in steps]
         first_rows = [rows_before(shares, lengths, ctx.rank) for shares in steps]
-        plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
+        plan = [split_by_utterances(group, lengths, tcfg.accumulate) for group in batches]
         total, count, norms, steps, skipped, t0 = 0.0, 0, 0.0, 0, 0, time.perf_counter()
         bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
-        feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
+        feed = Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
         with feed:                                   # its thread stops however the loop ends
             for i, micro in enumerate(feed):
                 stepper.set_lr(learning_rate(tcfg, state["global_step"], len(batches)))
@@ -378,7 +377,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 if compiled is not None and i == 0 and not compile_said:
                     log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
                     compile_said = True
-                if (i + 1) % engine.LOG_EVERY == 0 or i + 1 == len(batches):     # the logging points
+                if (i + 1) % meter.LOG_EVERY == 0 or i + 1 == len(batches):     # the logging points
                     seen = _read_meter(meter, epoch, state["global_step"], tcfg, out)
                     total += seen["loss_sum"]
                     count += seen["utterances"]
@@ -456,7 +455,7 @@ def dist_backend() -> str:
     return dist.get_backend() if dist.is_initialized() else "none"
 
 
-def _read_meter(meter: engine.StepMeter, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> dict:
+def _read_meter(meter: StepMeter, epoch: int, step: int, tcfg: TrainConfig, out: Path) -> dict:
     """A logging point: the device-side sums since the last one, and the non-finite check of those steps
     (the weights of this epoch are never saved when it fails: checkpoints are written after the epoch)."""
     seen = meter.read()
@@ -503,7 +502,7 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device, preci
         return
     model = CMATH(config).to(device)
     load_checkpoint(out / "best.safetensors", model, None, device, averaged=True)
-    with engine.Precision(precision, torch.device(device)).autocast():
+    with Precision(precision, torch.device(device)).autocast():
         _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
                           f"test, epoch {best['epoch']} (selected on validation)")

@@ -77,13 +77,11 @@ def run_child(cmd: list[str], args) -> subprocess.CompletedProcess:
 
 
 def training_stepper(model, device, precision: str, graphed: bool = False, graphs=None):
-    """train.py's step for `model` on `device`: AdamW (lr 1e-3, weight decay 0.01), autocast in `precision`,
-    clip 1.0, a fresh meter; eager (engine.Stepper) or replayed from CUDA graphs (graphed_step.py; graphs: its
+    """train's step for `model` on `device` (training/step.py's make_stepper): AdamW (lr 1e-3, weight decay
+    0.01), autocast in `precision`, clip 1.0, a fresh meter; eager or replayed from CUDA graphs (graphs: the
     CUDA graph API or a stand-in)."""
-    from cmath_mer.training import engine
-    from cmath_mer.training.graphs import GraphedStepper
-    optimizer = engine.make_optimizer(model, 1e-3, 0.01)
-    prec, meter = engine.Precision(precision, device), engine.StepMeter(device)
-    if graphed:
-        return GraphedStepper(model, optimizer, prec, 1.0, meter, graphs)
-    return engine.Stepper(model, model, optimizer, prec, 1.0, meter)
+    from cmath_mer.training.meter import StepMeter
+    from cmath_mer.training.precision import Precision
+    from cmath_mer.training.step import make_optimizer, make_stepper
+    return make_stepper(model, make_optimizer(model, 1e-3, 0.01), Precision(precision, device), 1.0,
+                        StepMeter(device), cuda_graphs=graphed, graphs=graphs)

@@ -1,5 +1,5 @@
 """CUDA graphs: one captured training step against eager steps, and --cuda-graphs (graphed_step.py) against
-engine.Stepper, with step times and the demo trained both ways."""
+Stepper, with step times and the demo trained both ways."""
 from __future__ import annotations
 
 import json
@@ -20,7 +20,7 @@ def stage_cuda_graph(args) -> dict:
 
     import torch
 
-    from cmath_mer.bench import _model_batch
+    from cmath_mer.bench import model_batch
     from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
     if args.device != "cuda":
@@ -32,7 +32,7 @@ def stage_cuda_graph(args) -> dict:
     torch.manual_seed(0)
     model = CMATH(cfg).to(dev).train()
     twin = copy.deepcopy(model)
-    batch = _model_batch(cfg, [37, 100, 5, 300, 64], dev)
+    batch = model_batch(cfg, [37, 100, 5, 300, 64], dev)
 
     def make_step(m):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, capturable=True)
@@ -103,7 +103,7 @@ MASKS_DIFFER = 1e-3        # relative parameter difference above which two stepp
 
 
 def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
-    """Eager engine.Stepper and GraphedStepper from one initialisation, on batches of `shapes` in turn, a new
+    """Eager Stepper and GraphedStepper from one initialisation, on batches of `shapes` in turn, a new
     variational seed and learning rate every step, and every generator seeded alike before each step on both
     sides, so dropout draws the same masks in both (a replay after torch.manual_seed(s) draws what an eager step
     from s draws): their parameters after the last step, and how many steps were captured and replayed.
@@ -112,7 +112,7 @@ def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
 
     import torch
 
-    from cmath_mer.bench import _model_batch
+    from cmath_mer.bench import model_batch
     from cmath_mer.training.graphs import make_capturable
     from cmath_mer.model.cmath import CMATH
     torch.manual_seed(0)
@@ -121,7 +121,7 @@ def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
     eager, graphed = training_stepper(a, dev, "bf16"), training_stepper(b, dev, "bf16", graphed=True, graphs=graphs)
     make_capturable(eager.optimizer, dev)        # the same AdamW arithmetic on both sides (lr in a tensor)
     for step, lengths in enumerate(shapes):
-        batch = _model_batch(cfg, lengths, dev, seed=step)
+        batch = model_batch(cfg, lengths, dev, seed=step)
         for st in (eager, graphed):
             for group in st.optimizer.param_groups:
                 group["lr"].fill_(1e-3 * 0.5 ** (step // 2))
@@ -151,7 +151,7 @@ def _graph_equality_recompute(dev) -> dict:
     dropout masks, which needs torch.utils.checkpoint to rewind the CUDA generator inside a capture (PyTorch
     #162504, fixed by #162505); a graph whose recomputation drew new masks would train on wrong gradients.
     Other masks move the parameters by ~1e-2 (relative, after two replays; ~1e-2 also on the CPU stand-in,
-    tests/test_gpucheck.py), while the two steppers' loss normalisations may differ in the last bits (the eager
+    tests/bench/test_gpucheck.py), while the two steppers' loss normalisations may differ in the last bits (the eager
     one divides by the step's totals): ~3e-5 at some sizes on the CPU. Hence 1e-3, and `bitwise` beside it."""
     from cmath_mer.model.config import preset
     cfg = preset("iemocap", backend="triton")
@@ -163,7 +163,7 @@ def _graph_equality_recompute(dev) -> dict:
 def _graph_timing(dev) -> dict:
     import torch
 
-    from cmath_mer.bench import _model_batch
+    from cmath_mer.bench import model_batch
     from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
     out = {}
@@ -174,7 +174,7 @@ def _graph_timing(dev) -> dict:
             torch.manual_seed(0)
             model = CMATH(cfg).to(dev).train()
             st = training_stepper(model, dev, "bf16", graphed=kind == "graphs")
-            batch = _model_batch(cfg, lengths, dev)
+            batch = model_batch(cfg, lengths, dev)
             for s in range(3):
                 st([batch], 0, s)
             torch.cuda.synchronize()
@@ -192,7 +192,7 @@ def _graph_timing(dev) -> dict:
 
 def stage_graph_train(args) -> dict:
     if args.device != "cuda":
-        return dict(ok=True, skipped="CUDA graphs need a CUDA device (tests/test_graphed_step.py covers the rest)")
+        return dict(ok=True, skipped="CUDA graphs need a CUDA device (tests/training/test_graphed_step.py covers the rest)")
     import torch
     dev = torch.device("cuda")
     res: dict = {}

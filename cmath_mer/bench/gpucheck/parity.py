@@ -232,7 +232,7 @@ def _determinism_digest(device: str) -> dict:
     """Outputs and gradients of the three ops and of a model training step, as SHA-256 of their bytes."""
     import torch
 
-    from cmath_mer.bench import _model_batch
+    from cmath_mer.bench import model_batch
     from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
     out = {}
@@ -248,7 +248,7 @@ def _determinism_digest(device: str) -> dict:
     prec = "bf16" if device == "cuda" else "fp32"
     step = training_stepper(model, device, prec)
     meter = step.meter
-    batch = _model_batch(cfg, [37, 100, 5, 300] if device == "cuda" else [7, 20], device)
+    batch = model_batch(cfg, [37, 100, 5, 300] if device == "cuda" else [7, 20], device)
     for s in range(3):
         step([batch], 0, s)
     out["train_3_steps_params"] = digest([p for p in model.parameters()])

@@ -16,7 +16,7 @@ from cmath_mer.bench.gpucheck.common import guarded, run_child, training_stepper
 # ---------------------------------------------------------------------------------------------- profile
 
 def stage_profile(args) -> dict:
-    """Three profiled steps of engine.Stepper (after three warm-up steps) per batch shape: the top ops by
+    """Three profiled steps of Stepper (after three warm-up steps) per batch shape: the top ops by
     device time and by host time, and the count of host-device synchronisations (the step should have none)."""
     res = {}
     for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
@@ -30,7 +30,7 @@ def _profile_shape(args, name: str, lengths: list[int]) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from cmath_mer.bench import _model_batch
+    from cmath_mer.bench import model_batch
     from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
     cuda = args.device == "cuda"
@@ -39,7 +39,7 @@ def _profile_shape(args, name: str, lengths: list[int]) -> dict:
     model = CMATH(cfg).to(args.device).train()
     prec = "bf16" if cuda else "fp32"
     step = training_stepper(model, args.device, prec)
-    batch = _model_batch(cfg, lengths, args.device)
+    batch = model_batch(cfg, lengths, args.device)
     for s in range(3):
         step([batch], 0, s)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -105,33 +105,33 @@ def stage_train_demo(args) -> dict:
 # ------------------------------------------------------------------------------------------------- bench
 
 def bench_cases(device: str) -> list[dict]:
-    from cmath_mer.bench import _case
+    from cmath_mer.bench import make_case
     c = []
     if device == "cuda":
         for N in (2048, 8192, 65536):
             for b in ("torch", "sdpa_flash", "sdpa_efficient", "flex", "varlen", "triton"):
                 if b in ("torch", "flex", "varlen") and N > 8192:
                     continue
-                c.append(_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
+                c.append(make_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
         for N in (32, 64):     # short conversations: the one-pass backward (triton) against the multi-kernel one
             for b in ("triton", "triton_multipass"):
-                c.append(_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
+                c.append(make_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
         for b in ("torch", "triton", "chunked"):
-            c.append(_case("reconstruction", b, 32768, batch="one", dtype="bf16", device=device))
-            c.append(_case("reconstruction", b, 32768, batch="one", dtype="fp32", device=device))
+            c.append(make_case("reconstruction", b, 32768, batch="one", dtype="bf16", device=device))
+            c.append(make_case("reconstruction", b, 32768, batch="one", dtype="fp32", device=device))
         for b in ("torch", "triton"):
-            c.append(_case("variational", b, 262144, batch="one", dtype="fp32", device=device))
-            c.append(_case("train_step", b, 100, mode="train", batch="mix16x100", D=32, device=device))
-            c.append(_case("train_step", b, 8192, mode="train", batch="one", D=32, device=device))
+            c.append(make_case("variational", b, 262144, batch="one", dtype="fp32", device=device))
+            c.append(make_case("train_step", b, 100, mode="train", batch="mix16x100", D=32, device=device))
+            c.append(make_case("train_step", b, 8192, mode="train", batch="one", D=32, device=device))
             # the 4,096-utterance engine steps belong to the targets stage: there the eager fp32 and compiled
             # references run in the same process as ours, so the targets' ratios come from one place
-            c.append(_case("engine_step", b, 100, mode="train", batch="mix16x100", D=32, dtype="bf16", device=device))
+            c.append(make_case("engine_step", b, 100, mode="train", batch="mix16x100", D=32, dtype="bf16", device=device))
         # the compiled baselines last: flex compiles per shape (tens of seconds), and the budget may run out
         c = [x for x in c if x["backend"] not in ("flex", "varlen")] + \
             [x for x in c if x["backend"] in ("flex", "varlen")]
     else:
-        c.append(_case("attention", "torch", 256, batch="equal", D=32, S=2, dtype="fp32", device=device))
-        c.append(_case("variational", "torch", 1024, batch="one", dtype="fp32", device=device))
+        c.append(make_case("attention", "torch", 256, batch="equal", D=32, S=2, dtype="fp32", device=device))
+        c.append(make_case("variational", "torch", 1024, batch="one", dtype="fp32", device=device))
     return c
 
 
@@ -157,7 +157,7 @@ def stage_bench(args) -> dict:
             row = dict(case, status="error", reason=f"{type(err).__name__}: {err}"[:400])
         row["wall_s"] = time.perf_counter() - t0
         results["rows"].append(row)
-        print(B._progress_line(len(results["rows"]) - 1, 0, row), flush=True)
+        print(B.progress_line(len(results["rows"]) - 1, 0, row), flush=True)
         write_json(out / "results.json", results)
     try:
         B.write_report(results, out)

@@ -1,10 +1,10 @@
 """The whole step's GPU targets (docs/KERNELS.md, "Speed targets"), measured in one stage:
 
-* speed: train.py's whole step (engine.Stepper: autocast, backward, clip, AdamW, device-side meters) on one
+* speed: train.py's whole step (Stepper: autocast, backward, clip, AdamW, device-side meters) on one
   4,096-utterance conversation; the best of train.py's step modes with the Triton ops in bf16 (eager,
   `--compile`, `--cuda-graphs`: each is how a user trains) must be >= 3x the eager fp32 reference and >= 1.5x
   `torch.compile` of the reference (bf16); every row's ratios are in the JSON, so each mode reads apart;
-* GPU busy: train.py's loop (engine.Prefetcher feeding engine.Stepper, a new batch each step) on 16
+* GPU busy: train.py's loop (Prefetcher feeding Stepper, a new batch each step) on 16
   conversations of ~100 utterances, profiled: no idle gap between two steps' device work over GAP_THRESHOLD_US.
 
 A missed target is a finding, not a broken check: `ok` says everything was measured, `targets` holds the
@@ -173,15 +173,16 @@ def speedup_verdicts(rows: list[dict], cuda: bool) -> dict:
 # ------------------------------------------------------------------------------------------- GPU busy
 
 def gpu_busy(device: str, variant: str, out: Path, warmup: int | None = None, profiled: int | None = None) -> dict:
-    """train.py's loop on the 16 x ~100 workload: engine.Prefetcher (a background thread gathers and pins the
-    next batches, copied non_blocking) feeding engine.Stepper (`eager`, train.py's default) or GraphedStepper
+    """train.py's loop on the 16 x ~100 workload: Prefetcher (a background thread gathers and pins the
+    next batches, copied non_blocking) feeding Stepper (`eager`, train.py's default) or GraphedStepper
     (`cuda_graphs`, --cuda-graphs), bf16 and Triton ops on CUDA. Warm-up steps, then steps timed without the
     profiler, then `profiled` steps under torch.profiler, each in a record_function range that includes
     fetching its batch. Every step is a new batch: the same lengths, other conversations, another order."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from cmath_mer.training import engine
+    from cmath_mer.training.feed import Prefetcher
+    from cmath_mer.training.step import Stepper
     from cmath_mer.data.synthetic import make_synthetic
     from cmath_mer.model.cmath import CMATH
     from cmath_mer.training.train import build_config
@@ -200,7 +201,7 @@ def gpu_busy(device: str, variant: str, out: Path, warmup: int | None = None, pr
     stepper = training_stepper(model, dev, "bf16" if cuda else "fp32", graphed=variant == "cuda_graphs")
     plan = [[list(range(s * k, (s + 1) * k))] for s in range(steps)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    with engine.Prefetcher(data, plan, cfg.modalities, dev) as feed:
+    with Prefetcher(data, plan, cfg.modalities, dev) as feed:
         batches = iter(feed)
 
         def run(s):

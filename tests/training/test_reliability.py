@@ -29,7 +29,7 @@ from cmath_mer.errors import CheckpointError, ConfigError, RunFolderError
 from cmath_mer.training.run_folder import LOCK_NAME, RunLock
 from cmath_mer.training.train import build_config, load_trained, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIMS = {"text": 12, "audio": 10, "visual": 6}
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16}
 TINY_SET = json.dumps(TINY)

@@ -1,4 +1,4 @@
-"""Started by torchrun from tests/test_distributed.py (not a test module itself).
+"""Started by torchrun from tests/training/test_distributed.py (not a test module itself).
 
     ddp_worker.py step OUT      one training step of CMATH in DDP, each rank on its share of one batch (the
                                 shares of different utterance counts), sampling off and on; rank 0 saves
@@ -27,10 +27,12 @@ def corpus():
 
 def one_step(model, forward, batches, first_row):
     """One Stepper step (fp32, SGD, no clipping) of `model` on its micro-batches; returns the meter's read."""
-    from cmath_mer.training import engine
+    from cmath_mer.training.meter import StepMeter
+    from cmath_mer.training.precision import Precision
+    from cmath_mer.training.step import Stepper
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    meter = engine.StepMeter("cpu")
-    step = engine.Stepper(model, forward, optimizer, engine.Precision("fp32", "cpu"), 1e9, meter)
+    meter = StepMeter("cpu")
+    step = Stepper(model, forward, optimizer, Precision("fp32", "cpu"), 1e9, meter)
     step(batches, 3, 7, first_row)
     return meter.read()
 
@@ -48,7 +50,7 @@ def build(sample: bool):
 
 def step(out: str) -> None:
     from cmath_mer.training import distributed
-    from cmath_mer.data.sharding import rows_before
+    from cmath_mer.data.batching import rows_before
     distributed.setup("cpu")
     ctx = distributed.context()
     results = {}

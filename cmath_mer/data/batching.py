@@ -1,5 +1,6 @@
-"""Which conversations each rank of a distributed run works on: the distributed bucketed sampler for
-training, and whole evaluation batches for sharded evaluation. Pure functions of lengths and seeds: every
+"""How a step's batch is split: into micro-batches (--accumulate) and into one share per rank of a distributed
+run (the distributed bucketed sampler), and whole evaluation batches for sharded evaluation. One splitter,
+split_by_utterances, does both cuts. Pure functions of lengths and seeds: every
 rank computes the same plan, and nothing is communicated.
 
 Training: the steps are the single-process run's length-bucketed batches (ConversationDataset.
@@ -17,12 +18,14 @@ from ..errors import ConfigError
 
 
 def split_by_utterances(group: list[int], lengths: list[int], parts: int) -> list[list[int]]:
-    """Cut `group` into `parts` consecutive runs, one per rank, of about equal utterance counts (the work is
-    per utterance). Consecutive, so the shares in rank order ARE the single-process batch: rank r's rows
-    start at rows_before(...) in it and draw the variational eps one process draws for them (a dealing that
+    """Cut `group` into `parts` consecutive runs (micro-batches, or one per rank) of about equal utterance
+    counts (the work is per utterance); a group of fewer conversations than `parts` gives one run per
+    conversation. Consecutive, so the shares in rank order ARE the single-process batch: rank r's rows start
+    at rows_before(...) in it and draw the variational eps one process draws for them (a dealing that
     reorders the conversations would give 2 processes other noise than 1). The counts differ by at most the
     longest conversation of the group: the cuts nearest to the equal shares usually do; when they do not,
     a search over the smallest share finds cuts that do. With len(group) >= parts no run is empty."""
+    parts = max(1, min(parts, len(group)))
     sizes = [lengths[c] for c in group]
     prefix = [0]
     for n in sizes:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from cmath_mer.bench import baselines
 
 from helpers import assert_rel_close
-from test_attention import dense_attention, grads, make_inputs
+from helpers import dense_attention, grads, make_inputs
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (with TRITON_INTERPRET unset)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import needs_triton
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_aot(*args: str, interpret: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -407,7 +407,7 @@ def test_gpu_session_smoke_on_the_cpu(tmp_path):
     import os
     import tarfile
     from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     results = tmp_path / "results"
     (results / "train_demo" / "torch").mkdir(parents=True)
     for name in ("best.safetensors", ".best.safetensors.ab12cd.tmp", "x.pt", "keep.json"):
@@ -454,7 +454,7 @@ def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypat
     import cmath_mer.model.config as C
     from cmath_mer.bench.gpucheck import runs
     word = f"boom-{int(torch.randint(0, 10_000, ()))}"
-    real, real_preset = B._model_batch, C.preset
+    real, real_preset = B.model_batch, C.preset
     small = dict(backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16)
     monkeypatch.setattr(C, "preset", lambda name, **kw: real_preset(name, **small))     # minutes -> seconds
 
@@ -462,7 +462,7 @@ def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypat
         if len(lengths) == 1:
             raise RuntimeError(word)
         return real(cfg, lengths, device, *a, **k)
-    monkeypatch.setattr(B, "_model_batch", second_fails)
+    monkeypatch.setattr(B, "model_batch", second_fails)
     res = runs.stage_profile(SimpleNamespace(device="cpu", out=str(tmp_path)))
     assert not res["ok"] and word in res["one4096"]["error"]
     assert res["mix16x100"]["wall_ms_per_step"] > 0 and (tmp_path / "profile_mix16x100.txt").exists()
@@ -481,7 +481,7 @@ def test_graph_train_equality_on_a_recomputed_batch_with_dropout_holds_for_corre
     the eager step (bit for bit at most sizes; ~3e-5 at some, from the loss normalisation); one capture, then
     replays."""
     from cmath_mer.bench.gpucheck.graphs import MASKS_DIFFER, steppers_agree
-    from test_graphed_step import StandInGraphs
+    from helpers import StandInGraphs
     cfg = _recomputing_config()
     n = int(torch.randint(cfg.recompute_from, 40, ()))
     res = steppers_agree(cfg, [[n, 3]] * 3, "cpu", graphs=StandInGraphs())
@@ -492,7 +492,7 @@ def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     """The same check fails when a replay's dropout draws differ from the eager step's (here the replay draws
     one number first, shifting every mask after it): the check is sensitive to the masks."""
     from cmath_mer.bench.gpucheck.graphs import MASKS_DIFFER, steppers_agree
-    from test_graphed_step import StandInGraphs
+    from helpers import StandInGraphs
 
     class ShiftedReplays(StandInGraphs):
         def capture(self, fn):

@@ -11,7 +11,7 @@ from cmath_mer.kernels.attention import naive
 from cmath_mer.kernels.attention.naive import banded_attention, key_range, naive_multi_source_attention
 
 from helpers import assert_rel_close, cu_seqlens_from, rel_err
-from test_attention import dense_attention, grads, make_inputs
+from helpers import dense_attention, grads, make_inputs
 
 
 def check_all(got, want, tol, names=("o", "dq", "dk", "dv")):
@@ -136,7 +136,7 @@ def test_windowed_model_recomputes_to_the_same_gradients():
     """CMATH with a window on the long-batch path (every branch, reconstruction and fusion recomputed in
     the backward) gives the gradients of the plain path; the banded attention is part of what is redone."""
     from cmath_mer.model.cmath import CMATH
-    from test_model import random_batch, small_config
+    from helpers import random_batch, small_config
     torch.manual_seed(8)
     plain = CMATH(small_config(dropout=0.1, recompute_from=None, window=3))
     recomputed = CMATH(small_config(dropout=0.1, recompute_from=1, window=3))

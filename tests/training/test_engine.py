@@ -17,7 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cmath_mer.training import engine
+from cmath_mer.data.batching import split_by_utterances
+from cmath_mer.training.feed import DeviceCorpus, Prefetcher
+from cmath_mer.training.meter import StepMeter, phase
+from cmath_mer.training.precision import DTYPES, Precision, default_precision
+from cmath_mer.training.step import Stepper, make_optimizer
+import cmath_mer.training.precision as precision_module
 from cmath_mer.training import train as train_module
 from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
@@ -106,14 +111,14 @@ def test_the_training_loop_reads_tensors_on_the_host_only_at_the_logging_points(
     builds host batches): exactly the meter's one read (StepMeter.read: sums.tolist) at each logging point,
     every LOG_EVERY steps and at the epoch's last step, nothing else."""
     allowed_callers = ("torch/optim/", "kernels/attention/naive.py")
-    monkeypatch.setattr(engine, "LOG_EVERY", 3)
+    monkeypatch.setattr(StepMeter, "LOG_EVERY", 3)
     bad, between, loop = [], [], {"open": False, "steps": 0}
 
     def spy(name):
         real = getattr(torch.Tensor, name)
 
         def wrapper(self, *a, **k):
-            where = engine.phase()
+            where = phase()
             caller = sys._getframe(1)
             if where == "step":
                 if not any(c in caller.f_code.co_filename for c in allowed_callers):
@@ -123,7 +128,7 @@ def test_the_training_loop_reads_tensors_on_the_host_only_at_the_logging_points(
             return real(self, *a, **k)
         return wrapper
 
-    real_step, real_check = engine.Stepper.__call__, train_module._check_finite_weights
+    real_step, real_check = Stepper.__call__, train_module._check_finite_weights
 
     def step(self, *args, **kwargs):                 # the loop starts with the first step
         loop["open"] = True
@@ -133,7 +138,7 @@ def test_the_training_loop_reads_tensors_on_the_host_only_at_the_logging_points(
     def loop_ended(*args, **kwargs):                 # the first thing after the epoch's loop
         loop["open"] = False
         return real_check(*args, **kwargs)
-    monkeypatch.setattr(engine.Stepper, "__call__", step)
+    monkeypatch.setattr(Stepper, "__call__", step)
     monkeypatch.setattr(train_module, "_check_finite_weights", loop_ended)
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, spy(name))
@@ -175,7 +180,7 @@ def test_an_fp16_epoch_that_skipped_every_step_stops_training_and_keeps_the_last
     """fp16: gradients NaN at every loss scale (a hook) make the scaler skip every step of epoch 2, halving
     the scale at each down below 1 (it starts at 2 here); training stops naming the epoch, its steps and the
     last scale tried, and the run folder keeps epoch 1 byte for byte."""
-    monkeypatch.setattr(engine, "FP16_INIT_SCALE", 2.0)
+    monkeypatch.setattr(precision_module, "FP16_INIT_SCALE", 2.0)
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
@@ -240,7 +245,7 @@ def test_bf16_autocast_learns_within_a_small_margin_of_fp32(tmp_path):
         with training_linear_dtypes() as linear:
             metrics = train(data, config, tc, tmp_path / precision, **quiet)
         # the training forward's Linear layers compute in the autocast dtype, on fp32 weights
-        assert linear == {(engine.DTYPES[precision], torch.float32)}, (precision, linear)
+        assert linear == {(DTYPES[precision], torch.float32)}, (precision, linear)
         f1[precision] = metrics["selected_by_validation"]["weighted_f1"]
         assert json.loads((tmp_path / precision / "train_config.json").read_text())["precision"] == precision
         weights = load_file(str(tmp_path / precision / "best.safetensors"))
@@ -254,10 +259,10 @@ def test_fp16_grad_scaler_skips_steps_with_inf_gradients_without_touching_the_we
     config = build_config(data, "iemocap", **SMALL)
     torch.manual_seed(0)
     model = CMATH(config)
-    optimizer = engine.make_optimizer(model, 1e-3, 0.01)
-    precision = engine.Precision("fp16", "cpu")
-    meter = engine.StepMeter("cpu")
-    step = engine.Stepper(model, model, optimizer, precision, 1.0, meter)
+    optimizer = make_optimizer(model, 1e-3, 0.01)
+    precision = Precision("fp16", "cpu")
+    meter = StepMeter("cpu")
+    step = Stepper(model, model, optimizer, precision, 1.0, meter)
     batch = data.batch(list(range(len(data))))
     for s in range(2):
         step([batch], 0, s)
@@ -283,7 +288,7 @@ def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, mo
     those of the uninterrupted run. fp16 starts at a loss scale of 2**19, so the first steps overflow and are
     skipped, halving the scale: the resumed epoch 2 skips what the uninterrupted one skips only if the
     checkpoint kept the scale."""
-    monkeypatch.setattr(engine, "FP16_INIT_SCALE", 2.0**19)
+    monkeypatch.setattr(precision_module, "FP16_INIT_SCALE", 2.0**19)
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
@@ -313,13 +318,13 @@ def test_deterministic_runs_are_identical(tmp_path, monkeypatch):
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
     tc = TrainConfig(epochs=2, batch_utterances=64, seed=seed, deterministic=True, accumulate=2, baseline=False)
-    real = engine.Stepper.__call__
+    real = Stepper.__call__
     in_steps = []
 
     def step(self, *args, **kwargs):
         in_steps.append(torch.are_deterministic_algorithms_enabled())
         return real(self, *args, **kwargs)
-    monkeypatch.setattr(engine.Stepper, "__call__", step)
+    monkeypatch.setattr(Stepper, "__call__", step)
     a = train(data, config, tc, tmp_path / "a", **quiet)
     b = train(data, config, tc, tmp_path / "b", **quiet)
     assert in_steps and all(in_steps)
@@ -335,10 +340,10 @@ def test_micro_batches_split_by_utterances_without_cutting_a_conversation():
     lengths = [5, 9, 3, 7, 7, 2]
     group = [0, 1, 2, 3, 4, 5]
     for parts in range(1, 9):
-        micro = engine.micro_batches(group, lengths, parts)
+        micro = split_by_utterances(group, lengths, parts)
         assert [i for m in micro for i in m] == group
         assert len(micro) == min(parts, len(group)) and all(micro)
-    assert engine.micro_batches([4], lengths, 4) == [[4]]
+    assert split_by_utterances([4], lengths, 4) == [[4]]
 
 
 def test_accumulated_micro_batches_give_the_gradients_of_the_whole_batch():
@@ -352,9 +357,9 @@ def test_accumulated_micro_batches_give_the_gradients_of_the_whole_batch():
         torch.manual_seed(0)
         model = CMATH(config)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        step = engine.Stepper(model, model, optimizer, engine.Precision("fp32", "cpu"), 1e9, engine.StepMeter("cpu"))
+        step = Stepper(model, model, optimizer, Precision("fp32", "cpu"), 1e9, StepMeter("cpu"))
         group = list(range(len(data)))
-        step([data.batch(m) for m in engine.micro_batches(group, data.lengths(), parts)], 0, 0)
+        step([data.batch(m) for m in split_by_utterances(group, data.lengths(), parts)], 0, 0)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
@@ -375,11 +380,11 @@ def test_prefetcher_and_device_corpus_give_the_batches_of_the_plan_and_pass_erro
     data = corpus(conversations=12)
     mods = data.modalities
     groups = data.bucketed_batches(list(range(len(data))), 40, shuffle=True, seed=1)
-    plan = [engine.micro_batches(g, data.lengths(), 2) for g in groups]
+    plan = [split_by_utterances(g, data.lengths(), 2) for g in groups]
     cpu = torch.device("cpu")
-    on_device = engine.DeviceCorpus(data, mods, cpu)       # the --data-on-device gather, here on the CPU
+    on_device = DeviceCorpus(data, mods, cpu)       # the --data-on-device gather, here on the CPU
     for source in (None, on_device):
-        with engine.Prefetcher(data, plan, mods, cpu, source) as feed:
+        with Prefetcher(data, plan, mods, cpu, source) as feed:
             got = list(feed)
         assert len(got) == len(plan)
         for step, micro in zip(plan, got):
@@ -395,7 +400,7 @@ def test_prefetcher_and_device_corpus_give_the_batches_of_the_plan_and_pass_erro
             raise RuntimeError("broken batch")
         return real(self, group, modalities)
     monkeypatch.setattr(type(data), "batch", failing)
-    feed = engine.Prefetcher(data, plan, mods, cpu)
+    feed = Prefetcher(data, plan, mods, cpu)
     with pytest.raises(RuntimeError, match="broken batch"), feed:
         for _ in feed:
             pass
@@ -409,7 +414,7 @@ def test_the_default_precision_is_fp32_on_the_cpu_and_bf16_on_cuda_cards_with_na
     only emulated (torch says yes only when emulation counts) gets fp32, and so does the CPU; a precision that
     was given is kept."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert engine.default_precision("cpu") == "fp32"
+    assert default_precision("cpu") == "fp32"
     assert resolve_train_config(TrainConfig()).precision == "fp32"                    # auto: the CPU here
     assert resolve_train_config(TrainConfig(precision="bf16")).precision == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -418,8 +423,8 @@ def test_the_default_precision_is_fp32_on_the_cpu_and_bf16_on_cuda_cards_with_na
     for native, emulated, expected in ((True, True, "bf16"), (False, True, "fp32"), (False, False, "fp32")):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True: native or (including_emulation and emulated))
-        assert engine.default_precision("cuda") == expected
-        assert engine.default_precision("cuda:0") == expected
+        assert default_precision("cuda") == expected
+        assert default_precision("cuda:0") == expected
         tc = resolve_train_config(TrainConfig())
         assert (tc.device, tc.precision) == ("cuda", expected)
         assert resolve_train_config(TrainConfig(precision="fp16")).precision == "fp16"

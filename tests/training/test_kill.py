@@ -19,7 +19,7 @@ from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.training.run_folder import run_files, saved_run
 from cmath_mer.training.train import load_trained
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CMATH_BACKEND": "torch"}
 TINY = json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})
 EPOCHS = 8

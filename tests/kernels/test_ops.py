@@ -14,7 +14,7 @@ import cmath_mer.kernels as K
 from cmath_mer.kernels import reference_ops
 from cmath_mer.model.cmath import CMATH
 from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from, needs_triton
-from test_model import random_batch, small_config
+from helpers import random_batch, small_config
 
 pytestmark = needs_triton
 

@@ -1,4 +1,4 @@
-"""--cuda-graphs (graphed_step.py) without a GPU: a stand-in for the CUDA graph API records the captured step
+"""--cuda-graphs (training/graphs.py) without a GPU: a stand-in for the CUDA graph API records the captured step
 and replays it by running it again on the static buffers, which is what a graph replay computes. What a
 replay must read from memory (the batch, the variational seed, the learning rate) is then checked against
 eager steps; the capture itself was verified on an H100 (benchmarks/results/2026-11-26-h100, run 3)."""
@@ -7,28 +7,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmath_mer.training import engine
-from cmath_mer.bench import _model_batch
+from cmath_mer.training.feed import Prefetcher
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.precision import Precision
+from cmath_mer.training.step import Stepper
+from cmath_mer.bench import model_batch
 from cmath_mer.model.config import TrainConfig, preset
 from cmath_mer.errors import ConfigError
-from cmath_mer.training.graphs import GraphedStepper, batch_shape
+from cmath_mer.training.graphs import batch_shape
+from cmath_mer.training.step import GraphedStepper
 from cmath_mer.model.cmath import CMATH
 from cmath_mer.training.train import check_cuda_graphs
 
-
-class StandInGraphs:
-    """eager(fn) runs fn; capture(fn) runs nothing (as a capture executes nothing) and returns a graph whose
-    replay runs fn again."""
-
-    def __init__(self):
-        self.captures = 0
-
-    def eager(self, fn):
-        fn()
-
-    def capture(self, fn):
-        self.captures += 1
-        return type("Replay", (), {"replay": staticmethod(fn)})()
+from helpers import StandInGraphs
 
 
 def _steppers(seed):
@@ -40,9 +31,9 @@ def _steppers(seed):
     lr = 2.0 ** -9                          # exact in fp32: the graphed AdamW holds it in a float32 tensor
     opt_a = torch.optim.AdamW(a.parameters(), lr=lr, fused=True)
     opt_b = torch.optim.AdamW(b.parameters(), lr=lr, fused=True)
-    eager = engine.Stepper(a, a, opt_a, engine.Precision("fp32", "cpu"), 1.0, engine.StepMeter("cpu"))
+    eager = Stepper(a, a, opt_a, Precision("fp32", "cpu"), 1.0, StepMeter("cpu"))
     graphs = StandInGraphs()
-    graphed = GraphedStepper(b, opt_b, engine.Precision("fp32", "cpu"), 1.0, engine.StepMeter("cpu"), graphs)
+    graphed = GraphedStepper(b, opt_b, Precision("fp32", "cpu"), 1.0, StepMeter("cpu"), graphs)
     return cfg, (a, eager), (b, graphed), graphs
 
 
@@ -53,7 +44,7 @@ def test_replays_read_the_batch_seed_and_learning_rate_of_each_step():
     shapes = [[5, 9], [12], [5, 9], [12], [5, 9], [12]]
     lrs = [2.0 ** -9, 2.0 ** -9, 2.0 ** -10, 2.0 ** -10, 2.0 ** -11, 2.0 ** -8]
     for step, (lengths, lr) in enumerate(zip(shapes, lrs)):
-        batch = _model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
+        batch = model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
         for stepper in (eager, graphed):
             torch.manual_seed(step)              # the same dropout draws for both
             stepper.set_lr(lr)
@@ -68,19 +59,19 @@ def test_replays_read_the_batch_seed_and_learning_rate_of_each_step():
 def test_a_new_shape_is_a_real_eager_step_then_a_capture():
     cfg, (a, eager), (b, graphed), graphs = _steppers(0)
     before = [p.detach().clone() for p in b.parameters()]
-    graphed([_model_batch(cfg, [7], "cpu")], 0, 0)
+    graphed([model_batch(cfg, [7], "cpu")], 0, 0)
     assert graphs.captures == 1 and graphed.replayed == 0
     assert any(not torch.equal(p, q) for p, q in zip(before, b.parameters()))     # the eager step updated
-    assert batch_shape(_model_batch(cfg, [7], "cpu")) != batch_shape(_model_batch(cfg, [3, 4], "cpu"))
+    assert batch_shape(model_batch(cfg, [7], "cpu")) != batch_shape(model_batch(cfg, [3, 4], "cpu"))
     # the bound on the lengths picks the attention backward's kernels: rounded (a power of two >= 16) it is
     # part of the shape, and the static batch of a capture holds the rounded bound, true for every batch of it
-    assert batch_shape(_model_batch(cfg, [15, 15], "cpu")) != batch_shape(_model_batch(cfg, [5, 25], "cpu"))
-    assert batch_shape(_model_batch(cfg, [10, 20], "cpu")) == batch_shape(_model_batch(cfg, [2, 28], "cpu"))
-    graphed([_model_batch(cfg, [2, 28], "cpu")], 0, 1)
+    assert batch_shape(model_batch(cfg, [15, 15], "cpu")) != batch_shape(model_batch(cfg, [5, 25], "cpu"))
+    assert batch_shape(model_batch(cfg, [10, 20], "cpu")) == batch_shape(model_batch(cfg, [2, 28], "cpu"))
+    graphed([model_batch(cfg, [2, 28], "cpu")], 0, 1)
     (_, static), = [v for k, v in graphed.graphs.items() if k[0] == 30]
     assert static.max_seqlen == 32
     with pytest.raises(ValueError, match="one micro-batch"):
-        graphed([_model_batch(cfg, [7], "cpu")] * 2, 0, 1)
+        graphed([model_batch(cfg, [7], "cpu")] * 2, 0, 1)
 
 
 @pytest.mark.parametrize("settings,why", [
@@ -103,7 +94,7 @@ def test_static_batches_of_every_shape_view_one_feature_buffer_per_modality():
     shapes = [[20, 20], [sizes[0]], [sizes[0], sizes[1]], [sizes[0], sizes[1], sizes[2]], [35, 35]]
     plan = shapes + shapes[::-1]                               # every shape captured, then every one replayed
     for step, lengths in enumerate(plan):
-        batch = _model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
+        batch = model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
         for stepper in (eager, graphed):
             torch.manual_seed(step)
             stepper([batch], seed, step)
@@ -133,7 +124,7 @@ def test_an_eager_run_that_could_take_cuda_graphs_is_told_so():
 
 
 def test_captures_let_the_prefetcher_thread_pin_memory(monkeypatch):
-    """engine.Prefetcher pins the next batches on its own thread during a capture: CudaGraphs captures in the
+    """Prefetcher pins the next batches on its own thread during a capture: CudaGraphs captures in the
     thread_local mode, where only the capturing thread's unsafe calls invalidate the graph (the default,
     global, fails the capture on a pin_memory from any thread)."""
     import contextlib

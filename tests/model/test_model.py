@@ -10,25 +10,7 @@ from cmath_mer.model.distillation import logit_distillation
 from cmath_mer.model.cmath import CMATH
 from cmath_mer.kernels.cu_seqlens import neighbour_masks, positions
 from cmath_mer.model.reconstruction import PackedConv1d
-from helpers import cu_seqlens_from
-
-DIMS = {"text": 24, "audio": 17, "visual": 9}
-
-
-def small_config(modalities=("text", "audio", "visual"), **kw) -> CMATHConfig:
-    base = dict(num_classes=4, class_names=("a", "b", "c", "d"), num_speakers=3, d_model=32, n_heads=4,
-                n_layers=2, d_hidden=24, dropout=0.0)
-    return CMATHConfig(modalities=modalities, input_dims={m: DIMS[m] for m in modalities}, **{**base, **kw})
-
-
-def random_batch(lengths, modalities=("text", "audio", "visual"), seed=0) -> Batch:
-    g = torch.Generator().manual_seed(seed)
-    T = sum(lengths)
-    labels = torch.randint(0, 4, (T,), generator=g)
-    labels[torch.rand(T, generator=g) < 0.2] = -100
-    return Batch({m: torch.randn(T, DIMS[m], generator=g) for m in modalities},
-                 torch.randint(0, 3, (T,), generator=g), labels, cu_seqlens_from(lengths))
-
+from helpers import DIMS, cu_seqlens_from, random_batch, small_config
 
 def test_packed_conv_equals_per_conversation_conv1d():
     torch.manual_seed(0)

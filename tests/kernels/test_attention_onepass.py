@@ -11,7 +11,7 @@ import torch
 from cmath_mer.kernels import multi_source_attention
 
 from helpers import assert_rel_close, needs_triton
-from test_attention import TOL, dense_attention, grads, make_inputs
+from helpers import TOL, dense_attention, grads, make_inputs
 
 pytestmark = needs_triton
 

@@ -5,7 +5,7 @@ import torch
 
 from cmath_mer.model.cmath import CMATH
 from helpers import assert_rel_close, needs_triton
-from test_model import random_batch, small_config
+from helpers import random_batch, small_config
 
 pytestmark = needs_triton
 

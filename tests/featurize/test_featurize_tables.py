@@ -181,7 +181,7 @@ def test_multiline_cell_keeps_line_numbers(tmp_path):
         read_table(str(path))
 
 
-MELD_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "meld"
+MELD_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "meld"
 
 
 @pytest.mark.skipif(not (MELD_DIR / "dev_sent_emo.csv").exists(), reason="MELD CSVs not in ../shared")

@@ -11,12 +11,13 @@ import pytest
 import torch
 
 import cmath_mer.kernels as K
-from cmath_mer.training import engine
+from cmath_mer.training.precision import Precision
+from cmath_mer.training.step import compile_model
 from cmath_mer.kernels import reference_ops
 from cmath_mer.kernels.variational.philox import philox_randn, philox_randn_op
 from cmath_mer.model.cmath import CMATH
 from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from
-from test_model import random_batch, small_config
+from helpers import random_batch, small_config
 
 
 def _sources(lengths, S, H=2, D=16, dtype=torch.float32, seed=0):
@@ -50,7 +51,7 @@ def test_attention_cpu_op_matches_the_float64_definition_on_runs_of_equal_length
     """Runs of equal-length conversations (one batched flash call each) and empty conversations, forward and
     every gradient, in float64 (whose log-sum-exp the flash kernel keeps in float64) against the explicit
     masked softmax."""
-    from test_attention import dense_attention
+    from helpers import dense_attention
     lengths = sorted(int(n) for n in torch.randint(0, 6, (int(torch.randint(6, 30, ())),)))
     lengths[-1] = max(lengths[-1], 1)
     S = int(torch.randint(1, 4, ()))
@@ -103,7 +104,7 @@ def test_compiled_torch_backend_traces_fullgraph_and_matches_eager():
 
 def _step_grads(forward, model, batch, seed, precision="fp32"):
     model.zero_grad(set_to_none=True)
-    with engine.Precision(precision, "cpu").autocast():
+    with Precision(precision, "cpu").autocast():
         out = forward(batch, seed=seed)
     out.loss.float().backward()
     return out.loss.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -111,7 +112,7 @@ def _step_grads(forward, model, batch, seed, precision="fp32"):
 
 @pytest.mark.slow
 def test_compile_model_matches_eager_and_does_not_recompile_across_batch_sizes():
-    """engine.compile_model (inductor): on fresh random batches of different sizes and conversation counts, and
+    """compile_model (inductor): on fresh random batches of different sizes and conversation counts, and
     new seeds every step, the eager loss and gradients (fp32; bf16 autocast within bf16 tolerance), with one
     compiled graph for all of them (no recompile; a one-conversation batch, cu_seqlens of size 2, gets one more
     graph: dynamo specializes sizes 0 and 1, so a 1-long cu_seqlens[:-1] is its own case). Dropout stays on: with inductor's fallback_random the
@@ -120,7 +121,7 @@ def test_compile_model_matches_eager_and_does_not_recompile_across_batch_sizes()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(5)
     model = CMATH(small_config(backend="torch", dropout=0.1)).train()
-    compiled = engine.compile_model(model)
+    compiled = compile_model(model)
     batches = [([8, 8], 1), ([4, 9, 1, 12], 2), ([3, 30], 3), ([2, 5, 7, 3, 11, 6], 4)]
     for i, (lengths, seed) in enumerate(batches):
         batch = random_batch(lengths, seed=10 + i)

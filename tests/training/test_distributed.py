@@ -19,7 +19,7 @@ import torch
 from cmath_mer.training import distributed
 from cmath_mer.cli import main
 from cmath_mer.data import load_dataset, synth
-from cmath_mer.data.sharding import eval_shards, rank_batches, rows_before, split_by_utterances
+from cmath_mer.data.batching import eval_shards, rank_batches, rows_before, split_by_utterances
 from cmath_mer.errors import ConfigError
 from cmath_mer.kernels import naive_variational_fusion
 
@@ -163,13 +163,13 @@ def test_micro_batches_draw_the_eps_of_the_whole_batch_and_normalise_by_its_tota
     with sampling and class weights."""
     sys.path.insert(0, str(HERE))
     import ddp_worker
-    from cmath_mer.training import engine
+    from cmath_mer.data.batching import split_by_utterances
     updates = []
     for parts in (1, 2):
         data, model = ddp_worker.build(True)
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         group = ddp_worker.SHARES[0] + ddp_worker.SHARES[1]
-        micro = engine.micro_batches(group, data.lengths(), parts)
+        micro = split_by_utterances(group, data.lengths(), parts)
         ddp_worker.one_step(model, model, [data.batch(m) for m in micro], 0)
         updates.append(torch.cat([p.detach().flatten() for p in model.parameters()]) - before)
     assert ((updates[1] - updates[0]).norm() / updates[0].norm()).item() < 1e-5
