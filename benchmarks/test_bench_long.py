@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cmath_mer import bench as B
-from cmath_mer.bench.long import WINDOW
+from cmath_mer.bench.cases import WINDOW
 
 
 @pytest.mark.parametrize("case", [c for c in B.sweep(False, "cpu", long=True) if c["N"] == 65536],

@@ -400,7 +400,7 @@ def _table_options(args) -> dict:
 
 
 def cmd_predict(args) -> int:
-    from cmath_mer.training.checkpoint import atomic_write
+    from cmath_mer.files import atomic_write
     from .data import check_compatible
     from cmath_mer.training.train import load_trained, predict_conversations
     ckpt = _input_file("--checkpoint", args.checkpoint)
@@ -556,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--data-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="keep the whole corpus on the GPU (no effect on the CPU)")
     t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay each batch shape's training step from a CUDA graph (CUDA, Triton ops, bf16 or "
-                        "fp32, no --accumulate or --compile): the step stops waiting on the host")
+                   help="replay each batch shape's training step from a CUDA graph, so the step stops waiting on "
+                        "the host; default: on wherever the run can (CUDA, Triton ops, bf16 or TF32 fp32, no "
+                        "--accumulate or --compile, one process); --no-cuda-graphs runs every step eagerly")
     t.add_argument("--backend", choices=["torch", "triton", "auto"])
     t.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="under torchrun: the process group's backend (auto: NCCL on CUDA, Gloo on the CPU)")

@@ -8,7 +8,7 @@ import torch
 from cmath_mer.bench import long
 from cmath_mer.bench.attention import build_attention
 from cmath_mer.bench.calls import Unavailable, dtype_of, elem_size, fwdbwd, maybe_compile, model_batch, training_step
-from cmath_mer.bench.cases import REC_K, REC_M, VAR_C, VAR_Z, case_lengths
+from cmath_mer.bench.cases import LONG_OPS, REC_K, REC_M, VAR_C, VAR_Z, case_lengths
 
 
 def build_case(case: dict):
@@ -27,7 +27,7 @@ def build_case(case: dict):
         return _build_model(case, dev)
     if op == "engine_step":
         return _build_engine_step(case, dev)
-    if op in long.LONG_OPS:
+    if op in LONG_OPS:
         return long.build(case, dev)
     raise ValueError(f"unknown op {op!r}")
 

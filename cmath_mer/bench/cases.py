@@ -73,7 +73,6 @@ def sweep(quick: bool, device: str, long: bool = False) -> list[dict]:
     long: the long-conversation cases of long.py instead (windowed attention and training step,
     65,536 to 1,048,576 utterances)."""
     if long:
-        from cmath_mer.bench.long import long_cases
         return long_cases(device)
     cases: list[dict] = []
     for dtype in ("fp32", "bf16") if device == "cuda" else ("fp32",):
@@ -172,3 +171,31 @@ def _model_cases(quick: bool, device: str) -> list[dict]:
                 cases.append(make_case("engine_step", backend, N, mode="train", batch=batch, D=32, dtype=dtype,
                                        device=device))
     return cases
+
+
+# ------------------------------------------------- long conversations (long.py builds and summarises them)
+
+WINDOW = 64
+ATTN_N = (65536, 131072, 262144, 524288, 1048576)
+BEFORE_N = (65536, 131072)
+TRAIN_N = (65536, 131072, 262144)
+TEXT_N = (262144, 524288, 1048576)
+LONG_OPS = ("attention_window", "train_window", "train_window_text")
+TEXT_DIM = 384          # train_window_text: all-MiniLM-L6-v2, the text encoder of `cmath-mer featurize`
+
+
+def long_cases(device: str) -> list[dict]:
+    """The long-conversation cases, in the order they run (N ascending within a series)."""
+    cuda = device == "cuda"
+    backends = ("torch", "triton") if cuda else ("torch",)
+    cases = []
+    for backend in backends:
+        cases += [make_case("attention_window", backend, N, batch="one", S=2, D=32, device=device) for N in ATTN_N]
+    if not cuda:
+        cases += [make_case("attention_window", "torch_before", N, batch="one", S=2, D=32, device=device)
+                  for N in BEFORE_N]
+    for backend in backends:
+        cases += [make_case("train_window", backend, N, mode="train", batch="one", device=device) for N in TRAIN_N]
+        cases += [make_case("train_window_text", backend, N, mode="train", batch="one", device=device)
+                  for N in TEXT_N]
+    return [dict(c, window=WINDOW) for c in cases]

@@ -26,33 +26,7 @@ import torch.nn.functional as F
 
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.bench.calls import dtype_of, elem_size, fwdbwd, model_batch, training_step
-from cmath_mer.bench.cases import H_HEADS, find_row, make_case
-
-WINDOW = 64
-ATTN_N = (65536, 131072, 262144, 524288, 1048576)
-BEFORE_N = (65536, 131072)
-TRAIN_N = (65536, 131072, 262144)
-TEXT_N = (262144, 524288, 1048576)
-LONG_OPS = ("attention_window", "train_window", "train_window_text")
-TEXT_DIM = 384          # train_window_text: all-MiniLM-L6-v2, the text encoder of `cmath-mer featurize`
-
-
-def long_cases(device: str) -> list[dict]:
-    """The long-conversation cases, in the order they run (N ascending within a series)."""
-    cuda = device == "cuda"
-    backends = ("torch", "triton") if cuda else ("torch",)
-    cases = []
-    for backend in backends:
-        cases += [make_case("attention_window", backend, N, batch="one", S=2, D=32, device=device) for N in ATTN_N]
-    if not cuda:
-        cases += [make_case("attention_window", "torch_before", N, batch="one", S=2, D=32, device=device)
-                  for N in BEFORE_N]
-    for backend in backends:
-        cases += [make_case("train_window", backend, N, mode="train", batch="one", device=device) for N in TRAIN_N]
-        cases += [make_case("train_window_text", backend, N, mode="train", batch="one", device=device)
-                  for N in TEXT_N]
-    return [dict(c, window=WINDOW) for c in cases]
-
+from cmath_mer.bench.cases import BEFORE_N, H_HEADS, LONG_OPS, TEXT_DIM, find_row
 
 def blocked_reference_before(q, k, v, cu_seqlens, *, window=None, scale=None, query_block=256):
     """The windowed reference as it was before the banded one: per conversation, queries in blocks of 256,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cmath_mer.bench import long
 from cmath_mer.bench.attention import SDPA
-from cmath_mer.bench.cases import ATTN_BACKENDS, H_HEADS, REC_K, REC_M, VAR_C, VAR_Z, find_row, series_key
+from cmath_mer.bench.cases import ATTN_BACKENDS, H_HEADS, LONG_OPS, REC_K, REC_M, VAR_C, VAR_Z, WINDOW, find_row, series_key
 from cmath_mer.bench.plots import plot_long, plot_results
 
 BASELINES = SDPA + ("flex", "varlen")           # attention a user would pick instead of ours
@@ -171,7 +171,7 @@ _TITLES = {
 
 def _group_title(op, mode, batch, D, S, dtype) -> str:
     return _TITLES.get(op, _TITLES["inference"]).format(S=S, D=D, H=H_HEADS, K=REC_K, M=REC_M, C=VAR_C, Z=VAR_Z,
-                                                        W=long.WINDOW, mode=mode, batch=batch, dtype=dtype)
+                                                        W=WINDOW, mode=mode, batch=batch, dtype=dtype)
 
 
 def markdown_report(results: dict) -> str:
@@ -231,7 +231,7 @@ def markdown_report(results: dict) -> str:
                 note.append("key concatenation in the call")
             if r.get("time_ratio_per_doubling"):
                 note.append(f"time x{r['time_ratio_per_doubling']:.2f} per doubling of N")
-            if r.get("op") in long.LONG_OPS and r.get("rss_after_setup_bytes") is not None:
+            if r.get("op") in LONG_OPS and r.get("rss_after_setup_bytes") is not None:
                 note.append(f"process peak {(r['peak_mem_bytes'] + r['rss_after_setup_bytes']) / 2**30:.2f} GiB")
             cells = [str(r["N"]), str(r["utterances"]), r["backend"], _fmt_time(r["median_s"]),
                      f"{_fmt_time(r['p20_s'])}–{_fmt_time(r['p80_s'])}", f"{r['utterances_per_s']:,.0f}",

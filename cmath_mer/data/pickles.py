@@ -717,7 +717,7 @@ def write_peer_pickle(dataset: ConversationDataset, path: str | Path, layout: st
         fields[name] = vecs(feats["text"], float(j + 1))
     obj = tuple(fields[f] for f in lay.fields)
     path = Path(path)
-    from cmath_mer.training.checkpoint import atomic_write
+    from cmath_mer.files import atomic_write
 
     def write(tmp):
         with open(tmp, "wb") as f:

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmath_mer.training.checkpoint import atomic_write
+from cmath_mer.files import atomic_write
 from cmath_mer.model.config import MAX_SPEAKERS
 from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmath_mer.training.checkpoint import atomic_write
+from cmath_mer.files import atomic_write
 
 
 def content_key(encoder_key: str, content: bytes) -> bytes:

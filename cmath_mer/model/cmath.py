@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cmath_mer.model.cma_transformer import CMATransformer
 from cmath_mer.model.config import CMATHConfig
-from cmath_mer.data.dataset import IGNORE_INDEX, Batch
+from cmath_mer.model.batch import IGNORE_INDEX, Batch
 from cmath_mer.model.distillation import hierarchical_distillation
 from cmath_mer.kernels.cu_seqlens import neighbour_masks, positions
 from cmath_mer.model.reconstruction import ModalityReconstruction

@@ -201,7 +201,8 @@ class TrainConfig:
     compile: bool = False               # torch.compile the model for training
     deterministic: bool = False         # torch.use_deterministic_algorithms: bitwise-reproducible runs
     data_on_device: bool = False        # keep the whole corpus on the GPU (batches gathered there)
-    cuda_graphs: bool = False           # replay each batch shape's step from a CUDA graph (graphed_step.py)
+    cuda_graphs: bool | None = None     # replay each batch shape's step from a CUDA graph (training/graphs.py);
+                                        # None = wherever the run can (train resolves and stores it)
     world_size: int = 1                 # processes training together (torchrun), set from its environment by
                                         # train.py; batch_utterances is per step over all of them
 
@@ -229,7 +230,7 @@ class TrainConfig:
         _int("accumulate", self.accumulate, 1)
         _int("world_size", self.world_size, 1)
         for name in ("compile", "deterministic", "data_on_device", "cuda_graphs", "ema_warmup"):
-            if not isinstance(getattr(self, name), bool):
+            if not isinstance(getattr(self, name), bool) and not (name == "cuda_graphs" and self.cuda_graphs is None):
                 raise ConfigError(f"train config: `{name}` must be true or false, got {getattr(self, name)!r}")
 
 

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from cmath_mer.data.dataset import Batch
+from cmath_mer.model.batch import Batch
 from cmath_mer.errors import ConfigError
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 

@@ -17,9 +17,9 @@ How (PyTorch's whole-network capture, once per (utterances, conversations) shape
   static batches' features are views of one buffer per modality (SharedFeatures): about one batch of
   features on the GPU, however many shapes are captured.
 
-Limits (checked by train.check_cuda_graphs): a CUDA device, the Triton ops (the reference attention reads
-cu_seqlens on the host), bf16 or fp32 (fp16's loss scaler reads its inf flag on the host), no gradient
-accumulation, no torch.compile, one process.
+When (train.resolve_cuda_graphs: a run that does not choose takes CUDA graphs wherever these hold): a CUDA
+device, the Triton ops (the reference attention reads cu_seqlens on the host), bf16 or fp32 with TF32 (fp16's
+loss scaler reads its inf flag on the host), no gradient accumulation, no torch.compile, one process.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def static_copy(batch, shared: SharedFeatures):
     """Buffers a graph reads its batch from, filled with this batch: the features as views of the shared
     buffers, the rest (a few ints per utterance) its own; its bound is the rounded one, true for every batch of
     the shape."""
-    from cmath_mer.data.dataset import Batch
+    from cmath_mer.model.batch import Batch
     features = {}
     for m, x in batch.features.items():
         features[m] = shared.view(m, x)

@@ -33,7 +33,7 @@ def save_confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: tu
     ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    from cmath_mer.training.checkpoint import atomic_write
+    from cmath_mer.files import atomic_write
     try:
         atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))   # a kill leaves no torn file
     finally:
@@ -47,7 +47,7 @@ def save_training_curves(history: list[dict], path: Path, baseline: dict | None 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from cmath_mer.training.checkpoint import atomic_write
+    from cmath_mer.files import atomic_write
 
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from cmath_mer.training.checkpoint import TMP_SUFFIX, read_metadata
+from cmath_mer.files import TMP_SUFFIX
+from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.model.config import config_from_dict, config_to_dict
 from cmath_mer.errors import CheckpointError, RunFolderError
 
@@ -101,7 +102,7 @@ class RunLock:
 # --------------------------------------------------------------------------------------- folder contents
 
 def is_temporary(name: str) -> bool:
-    """A temporary of checkpoint.atomic_write (.NAME.XXXXXXXX.tmp) for a file a run writes."""
+    """A temporary of files.atomic_write (.NAME.XXXXXXXX.tmp) for a file a run writes."""
     return name.endswith(TMP_SUFFIX) and any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 

@@ -8,7 +8,7 @@ import json
 import statistics
 from pathlib import Path
 
-from cmath_mer.training.checkpoint import atomic_write
+from cmath_mer.files import atomic_write
 
 # (name in summary.json, path into metrics.json)
 REPORTED = {

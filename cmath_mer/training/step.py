@@ -100,7 +100,11 @@ class Stepper:
 class GraphedStepper(Stepper):
     """Stepper.body captured in a CUDA graph once per batch shape, then replayed (graphs.py says how and why).
     Same call signature as Stepper; one micro-batch, one process, no torch.compile, no fp16 (its scaler reads
-    its inf flag on the host): train.check_cuda_graphs refuses the rest."""
+    its inf flag on the host): train.resolve_cuda_graphs refuses the rest. At most MAX_GRAPHS shapes are
+    captured (each holds its static batch and a graph's host and device state); a step of any further shape
+    runs the same body eagerly."""
+
+    MAX_GRAPHS = 64
 
     def __init__(self, model, optimizer, precision: Precision, grad_clip: float, meter: StepMeter, graphs=None):
         super().__init__(model, model, optimizer, precision, grad_clip, meter)
@@ -110,7 +114,8 @@ class GraphedStepper(Stepper):
         self.seed = torch.zeros(1, dtype=torch.int64, device=device)   # written before every step
         self.graphs: dict[tuple, tuple[object, object]] = {}
         self.shared = SharedFeatures()
-        self.captured = self.replayed = 0
+        self.captured = self.replayed = self.uncaptured = 0
+        self.capture_seconds = 0.0                 # host time of the first (eager) step and capture of each shape
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -129,11 +134,16 @@ class GraphedStepper(Stepper):
         self.seed.fill_(step_seed(seed, step))
         shape = batch_shape(batch)
         entry = self.graphs.get(shape)
-        if entry is None:
+        if entry is None and len(self.graphs) >= self.MAX_GRAPHS:
+            self._body(batch)
+            self.uncaptured += 1
+        elif entry is None:
+            t0 = time.perf_counter()
             self.graphs_api.eager(lambda: self._body(batch))
             static = static_copy(batch, self.shared)
             self.graphs[shape] = (self.graphs_api.capture(lambda: self._body(static)), static)
             self.captured += 1
+            self.capture_seconds += time.perf_counter() - t0
         else:
             graph, static = entry
             fill(static, batch)

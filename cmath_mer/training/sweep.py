@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cmath_mer.training.checkpoint import atomic_write
+from cmath_mer.files import atomic_write
 from cmath_mer.model.config import CMATHConfig, TrainConfig
 
 

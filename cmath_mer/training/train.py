@@ -31,8 +31,8 @@ from cmath_mer.training.baseline import context_free_baseline
 from cmath_mer.training.ema import WeightAverage
 from cmath_mer.kernels import resolve_backend
 from cmath_mer.kernels.utils import gpu_dots_ok
-from cmath_mer.training.checkpoint import (atomic_write, atomic_write_text, load_checkpoint, read_metadata,
-    save_checkpoint)
+from cmath_mer.files import atomic_write, atomic_write_text
+from cmath_mer.training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
 from cmath_mer.model.config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
 from cmath_mer.errors import CheckpointError, ConfigError
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
@@ -162,38 +162,37 @@ def resolve_train_config(tcfg: TrainConfig) -> TrainConfig:
                                world_size=distributed.context().world_size)
 
 
-def check_cuda_graphs(tcfg: TrainConfig, config: CMATHConfig) -> None:
-    """--cuda-graphs needs what graphed_step.py says: a ConfigError naming the conflict otherwise."""
-    if not tcfg.cuda_graphs:
-        return
-    why = None
+def cuda_graphs_blocker(tcfg: TrainConfig, config: CMATHConfig) -> str | None:
+    """What this run lacks for CUDA graphs (training/graphs.py), or None when it can replay its steps."""
     if torch.device(tcfg.device).type != "cuda":
-        why = f"a CUDA device (this run is on {tcfg.device})"
-    elif resolve_backend(config.backend, torch.device(tcfg.device)) != "triton":
-        why = "the Triton ops (backend triton or auto): the reference attention reads cu_seqlens on the host"
-    elif tcfg.precision == "fp16":
-        why = "bf16 or fp32: fp16's loss scaler reads its inf flag on the host"
-    elif tcfg.precision == "fp32" and not gpu_dots_ok(torch.float32, torch.device(tcfg.device)):
-        why = ("bf16, or fp32 with TF32 allowed: exact fp32 takes the reference attention, which reads "
-               "cu_seqlens on the host")
-    elif tcfg.accumulate != 1:
-        why = "one micro-batch per step (no --accumulate)"
-    elif tcfg.compile:
-        why = "eager modules (not --compile)"
-    elif tcfg.world_size > 1:
-        why = ("one process (not yet under torchrun: a rank's eps offset in the step's batch changes every "
-               "step, and a graph would replay the first)")
-    if why:
+        return f"a CUDA device (this run is on {tcfg.device})"
+    if resolve_backend(config.backend, torch.device(tcfg.device)) != "triton":
+        return "the Triton ops (backend triton or auto): the reference attention reads cu_seqlens on the host"
+    if tcfg.precision == "fp16":
+        return "bf16 or fp32: fp16's loss scaler reads its inf flag on the host"
+    if tcfg.precision == "fp32" and not gpu_dots_ok(torch.float32, torch.device(tcfg.device)):
+        return ("bf16, or fp32 with TF32 allowed: exact fp32 takes the reference attention, which reads "
+                "cu_seqlens on the host")
+    if tcfg.accumulate != 1:
+        return "one micro-batch per step (no --accumulate)"
+    if tcfg.compile:
+        return "eager modules (not --compile)"
+    if tcfg.world_size > 1:
+        return ("one process (not yet under torchrun: a rank's eps offset in the step's batch changes every "
+                "step, and a graph would replay the first)")
+    return None
+
+
+def resolve_cuda_graphs(tcfg: TrainConfig, config: CMATHConfig) -> tuple[TrainConfig, str | None]:
+    """CUDA graphs on by default: a run that did not choose (cuda_graphs None) replays its steps wherever it
+    can; returns the settings with the choice made, and why an undecided run stays eager (None otherwise).
+    --cuda-graphs on a run that cannot is a ConfigError naming the conflict."""
+    why = cuda_graphs_blocker(tcfg, config)
+    if tcfg.cuda_graphs is None:
+        return dataclasses.replace(tcfg, cuda_graphs=why is None), why
+    if tcfg.cuda_graphs and why:
         raise ConfigError(f"--cuda-graphs needs {why}")
-
-
-def cuda_graphs_would_run(tcfg: TrainConfig, config: CMATHConfig) -> bool:
-    """Whether this eager run could take --cuda-graphs (everything check_cuda_graphs asks holds)."""
-    try:
-        check_cuda_graphs(dataclasses.replace(tcfg, cuda_graphs=True), config)
-    except ConfigError:
-        return False
-    return True
+    return tcfg, None
 
 
 def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out_dir: str | Path,
@@ -208,7 +207,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     checkpoints' state as "run"."""
     out = Path(out_dir)
     tcfg = resolve_train_config(tcfg)
-    check_cuda_graphs(tcfg, config)
+    tcfg, eager_why = resolve_cuda_graphs(tcfg, config)
     check_compatible(data, config)
     fingerprint = run_folder.data_fingerprint(data, config.modalities)
     # several processes: the same data everywhere, and the run folder is rank 0's (it alone reads and writes
@@ -239,7 +238,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
         checkpoint = distributed.on_main(lock_and_check)
         dev = torch.device(distributed.local_device(tcfg.device))
         with on_device(dev), deterministic_mode(tcfg.deterministic, dev):
-            return _train(data, config, tcfg, out, checkpoint, splits, fingerprint, progress, log, run_info)
+            return _train(data, config, tcfg, out, checkpoint, splits, fingerprint, progress, log, run_info,
+                          eager_why)
 
 
 def _check_resume(out: Path, config, tcfg, fingerprint) -> Path:
@@ -274,7 +274,7 @@ def _labelled(data: ConversationDataset, conversations: list[int]) -> bool:
 
 
 def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fingerprint, progress, log,
-           run_info=None) -> dict:
+           run_info=None, eager_why: str | None = None) -> dict:
     ctx = distributed.context()
     if not ctx.main:                     # rank 0 speaks and writes for the run
         progress, log = False, (lambda *_: None)
@@ -337,9 +337,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
            f"over all of them" if ctx.active else "")
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
-    if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):
-        log("tip: this run could take --cuda-graphs, which replays each batch shape's step from a CUDA graph "
-            "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, docs/RESULTS.md)")
+    if eager_why and dev.type == "cuda":
+        log(f"eager steps, not CUDA graphs: they need {eager_why}")
     corpus_on_device = (DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
                         else None)
     compiled = compile_model(model) if tcfg.compile else None
@@ -390,7 +389,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         bar.close()
         train_seconds = time.perf_counter() - t0
         if tcfg.cuda_graphs:
-            log(f"CUDA graphs: {len(stepper.graphs)} batch shapes captured, {stepper.replayed} steps replayed so far")
+            log(f"CUDA graphs: {stepper.captured} batch shapes captured in {stepper.capture_seconds:.1f} s, "
+                f"{stepper.replayed} steps replayed, {stepper.uncaptured} run eagerly (shapes beyond "
+                f"{stepper.MAX_GRAPHS}) so far")
         if tcfg.precision == "fp16" and steps and skipped == steps:
             # the scaler skipped every step, halving the loss scale at each. A short epoch (a small corpus) may
             # skip all its steps while the scaler comes down from 2**16; below a scale of 1 the gradients are

@@ -17,7 +17,7 @@ from cmath_mer.errors import ConfigError
 from cmath_mer.training.graphs import batch_shape
 from cmath_mer.training.step import GraphedStepper
 from cmath_mer.model.cmath import CMATH
-from cmath_mer.training.train import check_cuda_graphs
+from cmath_mer.training.train import resolve_cuda_graphs
 
 from helpers import StandInGraphs
 
@@ -76,12 +76,53 @@ def test_a_new_shape_is_a_real_eager_step_then_a_capture():
 
 @pytest.mark.parametrize("settings,why", [
     (dict(device="cpu", precision="bf16"), "CUDA device"),
+    (dict(device="cuda", precision="fp16"), "fp16"),
+    (dict(device="cuda", precision="bf16", accumulate=2), "accumulate"),
+    (dict(device="cuda", precision="bf16", compile=True), "compile"),
 ])
 def test_cuda_graphs_refuse_what_they_cannot_capture(settings, why):
-    cfg = preset("iemocap")
+    cfg = preset("iemocap", backend="triton")
     with pytest.raises(ConfigError, match=why):
-        check_cuda_graphs(TrainConfig(cuda_graphs=True, **settings), cfg)
-    check_cuda_graphs(TrainConfig(cuda_graphs=False, **settings), cfg)       # off: nothing to check
+        resolve_cuda_graphs(TrainConfig(cuda_graphs=True, **settings), cfg)
+    chosen, _ = resolve_cuda_graphs(TrainConfig(cuda_graphs=False, **settings), cfg)    # off: nothing to check
+    assert chosen.cuda_graphs is False
+
+
+def test_cuda_graphs_are_the_default_wherever_a_run_can_take_them():
+    """A run that does not choose (the CLI's default) replays its steps from CUDA graphs when every condition
+    holds (a CUDA device, the Triton ops, bf16 or TF32 fp32, one micro-batch, eager modules, one process),
+    and otherwise runs eager and says why; --no-cuda-graphs keeps an eligible run eager."""
+    triton = preset("iemocap", backend="triton")
+    chosen, why = resolve_cuda_graphs(TrainConfig(device="cuda", precision="bf16"), triton)
+    assert chosen.cuda_graphs is True and why is None
+    chosen, _ = resolve_cuda_graphs(TrainConfig(device="cuda", precision="bf16", cuda_graphs=False), triton)
+    assert chosen.cuda_graphs is False
+    for settings, word in ((dict(device="cpu", precision="fp32"), "CUDA device"),
+                           (dict(device="cuda", precision="fp16"), "fp16"),
+                           (dict(device="cuda", precision="bf16", accumulate=2), "accumulate"),
+                           (dict(device="cuda", precision="bf16", compile=True), "compile")):
+        chosen, why = resolve_cuda_graphs(TrainConfig(**settings), triton)
+        assert chosen.cuda_graphs is False and word in why, settings
+    chosen, why = resolve_cuda_graphs(TrainConfig(device="cuda", precision="bf16"), preset("iemocap", backend="torch"))
+    assert chosen.cuda_graphs is False and "Triton" in why
+
+
+def test_shapes_beyond_the_cap_run_the_same_step_eagerly(monkeypatch):
+    """At most MAX_GRAPHS shapes are captured; further shapes run the step's body uncaptured, and the parameters
+    still follow the eager steps exactly."""
+    seed = int(torch.randint(0, 1000, ()))
+    cfg, (a, eager), (b, graphed), graphs = _steppers(seed)
+    monkeypatch.setattr(GraphedStepper, "MAX_GRAPHS", 2)
+    plan = [[12], [7, 9], [20], [12], [5, 5, 5], [7, 9]]
+    for step, lengths in enumerate(plan):
+        batch = model_batch(cfg, lengths, "cpu", seed=seed * 100 + step)
+        for stepper in (eager, graphed):
+            torch.manual_seed(step)
+            stepper([batch], seed, step)
+    assert (graphed.captured, graphed.replayed, graphed.uncaptured) == (2, 2, 2)
+    assert graphs.captures == 2
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
 
 
 def test_static_batches_of_every_shape_view_one_feature_buffer_per_modality():
@@ -109,18 +150,6 @@ def test_static_batches_of_every_shape_view_one_feature_buffer_per_modality():
         assert all(x.features[m].data_ptr() == x.features[m].untyped_storage().data_ptr() for x in statics)
         row_bytes = statics[0].features[m][0].nbytes
         assert sum(storages.values()) <= 4.5 * 70 * row_bytes                     # SharedFeatures' bound
-
-
-def test_an_eager_run_that_could_take_cuda_graphs_is_told_so():
-    """train() logs a tip when every condition of --cuda-graphs holds and the run is eager; never otherwise."""
-    from cmath_mer.training.train import cuda_graphs_would_run
-    cfg = preset("iemocap", backend="triton")
-    assert cuda_graphs_would_run(TrainConfig(device="cuda", precision="bf16"), cfg)
-    for settings in (dict(device="cpu", precision="fp32"), dict(device="cuda", precision="fp16"),
-                     dict(device="cuda", precision="bf16", accumulate=2),
-                     dict(device="cuda", precision="bf16", compile=True)):
-        assert not cuda_graphs_would_run(TrainConfig(**settings), cfg), settings
-    assert not cuda_graphs_would_run(TrainConfig(device="cuda", precision="bf16"), preset("iemocap", backend="torch"))
 
 
 def test_captures_let_the_prefetcher_thread_pin_memory(monkeypatch):
