@@ -110,33 +110,6 @@ def random_batch(lengths, modalities=("text", "audio", "visual"), seed=0) -> Bat
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.float64: 1e-10}
 
 
-def _dense_scores(q, k, cu_seqlens, window, scale):
-    """Per conversation (s0, s1, its float64 scaled scores (H, n, S*n) over the S sources' keys, source-major,
-    -inf outside the window): the definition both float64 references below start from."""
-    q, k = q.double(), k.double()
-    S, T, H, D = k.shape
-    scale = D ** -0.5 if scale is None else scale
-    bounds = cu_seqlens.tolist()
-    for s0, s1 in zip(bounds[:-1], bounds[1:]):
-        n = s1 - s0
-        kb = k[:, s0:s1].permute(2, 0, 1, 3).reshape(H, S * n, D)          # (H, S*n, D), source-major
-        scores = torch.einsum("ihd,hjd->hij", q[s0:s1], kb) * scale         # (H, n, S*n)
-        pos_q, pos_k = torch.arange(n)[:, None], torch.arange(n).repeat(S)[None, :]
-        if window is not None:
-            scores = scores.masked_fill((pos_q - pos_k).abs() > window, float("-inf"))
-        yield s0, s1, scores
-
-
-def dense_attention(q, k, v, cu_seqlens, window=None, scale=None):
-    """Float64 explicit masked softmax over the S * N_b keys of each conversation (the definition)."""
-    S, T, H, D = v.shape
-    out = []
-    for s0, s1, scores in _dense_scores(q, k, cu_seqlens, window, scale):
-        vb = v[:, s0:s1].double().permute(2, 0, 1, 3).reshape(H, S * (s1 - s0), D)
-        out.append(torch.einsum("hij,hjd->ihd", scores.softmax(-1), vb))
-    return torch.cat(out, 0)
-
-
 def make_inputs(lengths, S, H, D, dtype, seed):
     g = torch.Generator().manual_seed(seed)
     T = sum(lengths)

@@ -26,14 +26,16 @@ from typing import Sequence
 import torch
 
 from . import reference_ops
-from .attention.naive import as_sources, naive_multi_source_attention
+from .attention.naive import naive_multi_source_attention
+from .attention.reference import as_sources, reference_multi_source_attention
 from .backend import reconstruction_impl, resolve_backend
 from .utils import seed_tensor
 from .reconstruction.naive import naive_reconstruction_loss
 from .variational.naive import naive_variational_fusion
 
 __all__ = ["multi_source_attention", "reconstruction_loss", "variational_fusion", "resolve_backend",
-           "naive_multi_source_attention", "naive_reconstruction_loss", "naive_variational_fusion"]
+           "naive_multi_source_attention", "reference_multi_source_attention", "naive_reconstruction_loss",
+           "naive_variational_fusion"]
 
 
 def multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Tensor],
@@ -57,7 +59,7 @@ def multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[torch.Ten
         return reference_ops.attention_ref_op(q, as_sources(k), as_sources(v), cu_seqlens,
                                               -1 if window is None else int(window),
                                               float(q.shape[-1] ** -0.5 if scale is None else scale))
-    return naive_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen)
+    return reference_multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen)
 
 
 def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor,

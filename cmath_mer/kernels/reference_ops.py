@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .attention.naive import equal_length_runs, naive_multi_source_attention
+from .attention.reference import reference_multi_source_attention
+from .cu_seqlens import equal_length_runs
 from .utils import once_differentiable, register_autocast_to_region_dtype
 
 
@@ -46,7 +47,7 @@ def _window_arg(window: int) -> int | None:
 @torch.library.custom_op("cmath_mer::multi_source_attention_ref", mutates_args=())
 def attention_ref_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor,
                      window: int, scale: float) -> torch.Tensor:
-    return naive_multi_source_attention(q, k, v, cu_seqlens, window=_window_arg(window), scale=scale).contiguous()
+    return reference_multi_source_attention(q, k, v, cu_seqlens, window=_window_arg(window), scale=scale).contiguous()
 
 
 @attention_ref_op.register_fake
@@ -62,7 +63,7 @@ def attention_ref_backward_op(q: torch.Tensor, k: list[torch.Tensor], v: list[to
     S = len(k)
 
     def fn(q_, *kv):                                      # the sources flat: vjp gives one gradient per tensor
-        return naive_multi_source_attention(q_, kv[:S], kv[S:], cu_seqlens, window=_window_arg(window), scale=scale)
+        return reference_multi_source_attention(q_, kv[:S], kv[S:], cu_seqlens, window=_window_arg(window), scale=scale)
     dq, *dkv = _recompute_grads(fn, [q, *k, *v], [do])
     return dq, torch.stack(dkv[:S]), torch.stack(dkv[S:])
 

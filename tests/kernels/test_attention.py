@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from cmath_mer.kernels import multi_source_attention
-from cmath_mer.kernels.attention import naive
-from cmath_mer.kernels.attention.naive import naive_multi_source_attention
+from cmath_mer.kernels.attention import reference
+from cmath_mer.kernels.attention.reference import reference_multi_source_attention
+from cmath_mer.kernels.cu_seqlens import equal_length_runs
+from cmath_mer.kernels.attention.naive import naive_multi_source_attention, naive_scores
 
-from helpers import TOL, _dense_scores, assert_rel_close, cu_seqlens_from, dense_attention, grads, make_inputs, needs_triton, rel_err
+from helpers import TOL, assert_rel_close, cu_seqlens_from, grads, make_inputs, needs_triton, rel_err
 
 try:                      # for @triton.jit test kernels, which see module globals (not the `fused` fixture)
     from cmath_mer.kernels.attention import fused as fused_kernels
@@ -66,8 +68,8 @@ def test_fused_matches_float64_and_reference_forward_and_gradients(fused, monkey
     use_blocks(monkeypatch, fused, blocks)
     q, k, v, do, cu = make_inputs(lengths, S, H, D, dtype, seed=hash((tuple(lengths), S, D, window)) % 2**31)
     got = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
-    dense = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do.double())
-    ref = grads(lambda q, k, v: naive_multi_source_attention(q.double(), k.double(), v.double(), cu, window=window),
+    dense = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do.double())
+    ref = grads(lambda q, k, v: reference_multi_source_attention(q.double(), k.double(), v.double(), cu, window=window),
                 q, k, v, do.double())
     for name, a, b, c in zip(("o", "dq", "dk", "dv"), got, dense, ref):
         assert a.dtype == dtype
@@ -85,7 +87,7 @@ def test_single_masked_walk_matches_float64(fused, monkeypatch, window):
     lengths = [int(n) for n in torch.randint(1, 120, (3,))]
     q, k, v, do, cu = make_inputs(lengths, 2, 1, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
     got = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
-    dense = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do.double())
+    dense = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do.double())
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, dense):
         assert_rel_close(f"{name} vs float64 dense", a, b, TOL[torch.float32])
 
@@ -116,7 +118,7 @@ def test_fused_backward_accepts_stride0_grad_and_is_deterministic(fused, monkeyp
         runs.append((qq.grad.clone(), kv.grad.clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     qd, kvd = q.double().requires_grad_(), kv.detach().double().requires_grad_()
-    dense_attention(qd, kvd[0], kvd[1], cu, window=2, scale=0.3).sum().backward()
+    naive_multi_source_attention(qd, kvd[0], kvd[1], cu, window=2, scale=0.3).sum().backward()
     assert_rel_close("dq", runs[0][0], qd.grad, TOL[torch.float32])
     assert_rel_close("dk,dv", runs[0][1], kvd.grad, TOL[torch.float32])
 
@@ -124,7 +126,7 @@ def test_fused_backward_accepts_stride0_grad_and_is_deterministic(fused, monkeyp
 def dense_lse2(q, k, cu_seqlens, window=None, scale=None):
     """Float64 log-sum-exp of each query's scaled scores in log2 units, (H, T) like the kernel's lse."""
     ln2 = torch.log(torch.tensor(2.0, dtype=torch.float64))
-    return torch.cat([scores.logsumexp(-1) / ln2 for _, _, scores in _dense_scores(q, k, cu_seqlens, window, scale)],
+    return torch.cat([scores.logsumexp(-1) / ln2 for _, _, scores in naive_scores(q, k, cu_seqlens, window, scale)],
                      1)                                                                   # (H, n) each
 
 
@@ -202,7 +204,7 @@ def test_public_op_dispatches_to_triton(monkeypatch):
     q, k, v, _, cu = make_inputs([3, 4], 2, 1, 16, torch.float32, seed=3)
     out = multi_source_attention(q, k, v, cu, window=1, scale=0.5, backend="triton")
     assert calls == [{"window": 1, "scale": 0.5, "max_seqlen": None}]
-    assert_rel_close("o", out, dense_attention(q, k, v, cu, window=1, scale=0.5), TOL[torch.float32])
+    assert_rel_close("o", out, naive_multi_source_attention(q, k, v, cu, window=1, scale=0.5), TOL[torch.float32])
     multi_source_attention(q, k, v, cu, window=1, scale=0.5, backend="torch")
     assert len(calls) == 1
 
@@ -210,11 +212,11 @@ def test_public_op_dispatches_to_triton(monkeypatch):
 @pytest.mark.parametrize("window", [None, 0, 1, 3, 50])
 @pytest.mark.parametrize("query_block", [4, 256])
 def test_reference_matches_float64_dense(monkeypatch, window, query_block):
-    monkeypatch.setattr(naive, "query_block", lambda window: query_block)   # the banded window path
+    monkeypatch.setattr(reference, "query_block", lambda window: query_block)   # the banded window path
     lengths = [1, 6, 13, 9]
     q, k, v, do, cu = make_inputs(lengths, 2, 2, 8, torch.float64, seed=17 + (window or 0) + query_block)
-    got = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
-    want = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do)
+    got = grads(lambda q, k, v: reference_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
+    want = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert rel_err(a, b) < 1e-12, name
 
@@ -222,8 +224,8 @@ def test_reference_matches_float64_dense(monkeypatch, window, query_block):
 def test_reference_float32_matches_float64_dense():
     q, k, v, do, cu = make_inputs([5, 1, 12], 3, 2, 16, torch.float32, seed=23)
     for window in (None, 2):
-        got = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
-        want = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do.double())
+        got = grads(lambda q, k, v: reference_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
+        want = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do.double())
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert_rel_close(name, a, b, TOL[torch.float32])
 
@@ -246,7 +248,7 @@ def test_block_tables_are_prepared_once_per_batch(fused, monkeypatch):
     for _ in range(3):
         o, dq, dk, dv = grads(fused.fused_multi_source_attention, q, k, v, do, cu_seqlens=cu)
     assert len(calls) == 1                       # SMALL: one block size (16) for all three kernels
-    ref = grads(naive_multi_source_attention, q, k, v, do, cu_seqlens=cu)
+    ref = grads(reference_multi_source_attention, q, k, v, do, cu_seqlens=cu)
     for name, a, b in zip(("o", "dq", "dk", "dv"), (o, dq, dk, dv), ref):
         assert_rel_close(name, a, b, 1e-5)
     cu.add_(0)                                   # an in-place op: same values, new version
@@ -276,12 +278,12 @@ def test_reference_backward_splits_each_input_once_not_per_conversation():
     lengths = [int(n) for n in torch.randint(0, 9, (B,))]
     lengths[0] = max(lengths[0], 1)
     q, k, v, do, cu = make_inputs(lengths, 2, 2, 8, torch.float32, seed=int(torch.randint(0, 999, ())))
-    o = naive_multi_source_attention(*(x.clone().requires_grad_() for x in (q, k, v)), cu)
+    o = reference_multi_source_attention(*(x.clone().requires_grad_() for x in (q, k, v)), cu)
     nodes = _autograd_nodes(o)
     assert not [n for n in nodes if n.startswith(("SliceBackward", "SelectBackward"))], nodes
     assert sum(n.startswith("SplitWithSizesBackward") for n in nodes) == 3       # q, k, v: once each
-    got = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu), q, k, v, do)
-    want = grads(lambda q, k, v: dense_attention(q, k, v, cu), q, k, v, do.double())
+    got = grads(lambda q, k, v: reference_multi_source_attention(q, k, v, cu), q, k, v, do)
+    want = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu), q, k, v, do.double())
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert_rel_close(name, a, b, TOL[torch.float32])
 
@@ -295,15 +297,15 @@ def test_reference_refuses_cu_seqlens_that_do_not_cover_the_rows(cut):
     else:
         bad[-1] -= 1
     with pytest.raises(ValueError, match="cu_seqlens must run from 0 to T = 7"):
-        naive_multi_source_attention(q, k, v, bad)
+        reference_multi_source_attention(q, k, v, bad)
 
 
 def test_equal_length_runs_group_consecutive_conversations_of_one_length():
     lengths = [int(n) for n in torch.randint(0, 4, (int(torch.randint(1, 30, ())),))]
-    runs = naive.equal_length_runs(lengths)
+    runs = equal_length_runs(lengths)
     assert [n for n, c in runs for _ in range(c)] == lengths                 # in order, nothing lost
     assert all(a[0] != b[0] for a, b in zip(runs, runs[1:]))                 # maximal: neighbours differ
-    assert naive.equal_length_runs([]) == []
+    assert equal_length_runs([]) == []
 
 
 def test_reference_attends_each_run_of_equal_lengths_in_one_sdpa_call(monkeypatch):
@@ -324,9 +326,9 @@ def test_reference_attends_each_run_of_equal_lengths_in_one_sdpa_call(monkeypatc
         S = int(torch.randint(1, 4, ()))
         q, k, v, do, cu = make_inputs(lengths, S, 2, 8, torch.float64, seed=int(torch.randint(0, 999, ())))
         calls.clear()
-        got = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu), q, k, v, do)
-        runs = [(n, c) for n, c in naive.equal_length_runs(lengths) if n]
+        got = grads(lambda q, k, v: reference_multi_source_attention(q, k, v, cu), q, k, v, do)
+        runs = [(n, c) for n, c in equal_length_runs(lengths) if n]
         assert calls == [c for n, c in runs], (order, lengths)              # one batched call per run
-        want = grads(lambda q, k, v: dense_attention(q, k, v, cu), q, k, v, do)
+        want = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu), q, k, v, do)
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert rel_err(a, b) < 1e-12, (order, name)

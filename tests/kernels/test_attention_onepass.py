@@ -11,7 +11,8 @@ import torch
 from cmath_mer.kernels import multi_source_attention
 
 from helpers import assert_rel_close, needs_triton
-from helpers import TOL, dense_attention, grads, make_inputs
+from cmath_mer.kernels.attention.naive import naive_multi_source_attention
+from helpers import TOL, grads, make_inputs
 
 pytestmark = needs_triton
 
@@ -74,7 +75,7 @@ def test_onepass_matches_float64_and_the_multi_kernel_backward(fused, launches, 
     launches.clear()
     multi = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, window=window), q, k, v, do)
     assert names(launches) == ["_attn_bwd_preprocess", "_attn_bwd_dq_kernel", "_attn_bwd_dkv_kernel"]
-    dense = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=window), q, k, v, do.double())
+    dense = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q, k, v, do.double())
     assert torch.equal(one[0], multi[0])                                   # the forward does not use the bound
     for name, a, b, c in zip(("dq", "dk", "dv"), one[1:], multi[1:], dense[1:]):
         assert a.dtype == dtype
@@ -95,7 +96,7 @@ def test_the_bound_picks_the_kernels_and_the_tile(fused, launches, bound, expect
         assert names(launches) == ["_attn_bwd_preprocess", "_attn_bwd_dq_kernel", "_attn_bwd_dkv_kernel"]
     else:
         assert launches == [("_attn_bwd_onepass_kernel", (3, 3), expected)]
-    dense = grads(lambda q, k, v: dense_attention(q, k, v, cu, window=1), q, k, v, do.double())
+    dense = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=1), q, k, v, do.double())
     for name, a, c in zip(("o", "dq", "dk", "dv"), got, dense):
         assert_rel_close(name, a, c, TOL[torch.float32])
 
@@ -142,7 +143,7 @@ def test_a_broken_bound_gives_nan_gradients_in_that_conversation_only(fused):
     lengths = [5, 20, 3]                          # max_seqlen 8 -> a 16-row tile; the 20-row conversation breaks it
     q, k, v, do, cu = make_inputs(lengths, 2, 2, 16, torch.float32, seed=2)
     got = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, max_seqlen=8), q, k, v, do)
-    dense = grads(lambda q, k, v: dense_attention(q, k, v, cu), q, k, v, do.double())
+    dense = grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu), q, k, v, do.double())
     broken = torch.zeros(sum(lengths), dtype=torch.bool)
     broken[5:25] = True
     for name, a, c in zip(("dq", "dk", "dv"), got[1:], dense[1:]):

@@ -13,7 +13,7 @@ from cmath_mer.model.cma_transformer import MultiSourceAttention
 from cmath_mer.kernels import multi_source_attention
 
 from helpers import assert_rel_close, cu_seqlens_from, needs_triton
-from helpers import dense_attention
+from cmath_mer.kernels.attention.naive import naive_multi_source_attention
 from test_attention import SMALL, use_blocks
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
@@ -51,7 +51,7 @@ def float64_definition(q, proj, do, cu, window):
     q = q.detach().double().requires_grad_()
     k = torch.stack([p[:, 0] for p in proj]).detach().double().requires_grad_()
     v = torch.stack([p[:, 1] for p in proj]).detach().double().requires_grad_()
-    o = dense_attention(q, k, v, cu, window=window)
+    o = naive_multi_source_attention(q, k, v, cu, window=window)
     return (o, *torch.autograd.grad(o, (q, k, v), do.double()))
 
 
@@ -108,7 +108,7 @@ def test_sources_of_different_layouts(request, monkeypatch, backend):
     grads = torch.autograd.grad(o, [q, *leaves], do)
     k64 = [x.detach().double().requires_grad_() for x in (q, *leaves)]
     q64, l0, l1, l2 = k64
-    want = dense_attention(q64, torch.stack([l0, l1[:, 0], l2.permute(2, 1, 0)]),
+    want = naive_multi_source_attention(q64, torch.stack([l0, l1[:, 0], l2.permute(2, 1, 0)]),
                            torch.stack([l1[:, 1], l0 * 2, l2.permute(2, 1, 0) + 1]), cu, window=3)
     want_grads = torch.autograd.grad(want, k64, do.double())
     for name, a, b in zip(("o", "dq", "d_contiguous", "d_view", "d_transposed"), (o, *grads), (want, *want_grads)):
@@ -188,4 +188,4 @@ def test_more_sources_than_the_kernels_take_is_a_clear_error():
     with pytest.raises(ValueError, match=f"1 to {fused.MAX_SOURCES}"):
         fused.attention_op(q, k, v, cu, -1, 0.25)
     o = multi_source_attention(q, k, v, cu, backend="torch")               # the reference takes any S
-    assert_rel_close("o", o, dense_attention(q, torch.stack(k), torch.stack(v), cu), TOL[torch.float32])
+    assert_rel_close("o", o, naive_multi_source_attention(q, torch.stack(k), torch.stack(v), cu), TOL[torch.float32])

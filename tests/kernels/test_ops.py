@@ -93,7 +93,7 @@ def test_reference_op_gradients_equal_the_reference():
     q, k, v, cu = _attn_inputs(dtype=torch.float64)
     cases = [
         (lambda q, k, v: reference_ops.attention_ref_op(q, list(k.unbind(0)), list(v.unbind(0)), cu, 1, 0.3),
-         lambda q, k, v: K.naive_multi_source_attention(q, k, v, cu, window=1, scale=0.3), (q, k, v)),
+         lambda q, k, v: K.reference_multi_source_attention(q, k, v, cu, window=1, scale=0.3), (q, k, v)),
     ]
     for op, ref, inputs in cases:
         a = [x.clone().requires_grad_() for x in inputs]
@@ -286,7 +286,7 @@ def test_ops_accept_mixed_dtypes_under_cpu_autocast(backend):
     if backend == "triton":
         assert o.dtype == dt and loss.dtype == torch.float32
         assert [x.dtype for x in outs] == [dt] * 3 + [torch.float32] * 2
-    assert_rel_close("attention", o.float(), K.naive_multi_source_attention(q.double(), k.double(), v.double(), cu,
+    assert_rel_close("attention", o.float(), K.reference_multi_source_attention(q.double(), k.double(), v.double(), cu,
                                                                              window=1), 5e-3)
     assert_rel_close("loss", loss.float(), K.naive_reconstruction_loss(*(x.double() for x in (h, w, b, t))), 5e-3)
     ref = K.naive_variational_fusion(mu.double(), lv.double(), seed=2, sample=True)

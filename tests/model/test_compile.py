@@ -40,7 +40,7 @@ def test_attention_cpu_op_forward_and_gradients_equal_the_reference(S, lengths):
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.dtype == torch.float32
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, [q, *proj], do)
-    want_o = K.naive_multi_source_attention(q, k, v, cu, scale=0.3)
+    want_o = K.reference_multi_source_attention(q, k, v, cu, scale=0.3)
     want = torch.autograd.grad(want_o, [q, *proj], do)
     assert_rel_close("o", o, want_o, 1e-6)
     for name, a, b in zip(["dq"] + [f"dproj{s}" for s in range(S)], got, want):
@@ -51,7 +51,7 @@ def test_attention_cpu_op_matches_the_float64_definition_on_runs_of_equal_length
     """Runs of equal-length conversations (one batched flash call each) and empty conversations, forward and
     every gradient, in float64 (whose log-sum-exp the flash kernel keeps in float64) against the explicit
     masked softmax."""
-    from helpers import dense_attention
+    from cmath_mer.kernels.attention.naive import naive_multi_source_attention
     lengths = sorted(int(n) for n in torch.randint(0, 6, (int(torch.randint(6, 30, ())),)))
     lengths[-1] = max(lengths[-1], 1)
     S = int(torch.randint(1, 4, ()))
@@ -60,7 +60,7 @@ def test_attention_cpu_op_matches_the_float64_definition_on_runs_of_equal_length
     assert lse.dtype == torch.float64
     do = torch.randn_like(o)
     got = torch.autograd.grad(o, [q, *proj], do)
-    want_o = dense_attention(q, torch.stack(k), torch.stack(v), cu, scale=0.3)
+    want_o = naive_multi_source_attention(q, torch.stack(k), torch.stack(v), cu, scale=0.3)
     want = torch.autograd.grad(want_o, [q, *proj], do)
     for name, a, b in zip(["o", "dq"] + [f"dproj{s}" for s in range(S)], [o, *got], [want_o, *want]):
         assert_rel_close(name, a, b, 1e-12)
@@ -71,7 +71,7 @@ def test_attention_cpu_op_under_bf16_autocast_returns_the_region_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         o, lse = reference_ops.attention_ref_cpu_op(q, k, v, cu, 0.25)
     assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    want = K.naive_multi_source_attention(q, k, v, cu, scale=0.25)
+    want = K.reference_multi_source_attention(q, k, v, cu, scale=0.25)
     assert_rel_close("o bf16", o.float(), want, 2e-2)
     o.float().sum().backward()
     assert all(x.grad is not None and x.grad.dtype == torch.float32 for x in (q, *proj))

@@ -110,7 +110,7 @@ def test_the_training_loop_reads_tensors_on_the_host_only_at_the_logging_points(
     else. Between the first step and the end of the epoch's loop (the training thread; the prefetcher's thread
     builds host batches): exactly the meter's one read (StepMeter.read: sums.tolist) at each logging point,
     every LOG_EVERY steps and at the epoch's last step, nothing else."""
-    allowed_callers = ("torch/optim/", "kernels/attention/naive.py")
+    allowed_callers = ("torch/optim/", "kernels/attention/reference.py")
     monkeypatch.setattr(StepMeter, "LOG_EVERY", 3)
     bad, between, loop = [], [], {"open": False, "steps": 0}
 

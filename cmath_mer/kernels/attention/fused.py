@@ -2,7 +2,7 @@
 
     fused_multi_source_attention(q, k, v, cu_seqlens, *, window=None, scale=None, max_seqlen=None) -> (T, H, D)
 
-Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, H, D) or lists of S tensors
+Same contract as `reference.reference_multi_source_attention`: q (T, H, D); k, v (S, T, H, D) or lists of S tensors
 (T, H, D), 1 <= S <= MAX_SOURCES = 4; a query of conversation b attends in one softmax to the keys of
 conversation b in all S sources, or only to keys with |pos(query) - pos(key)| <= window (positions inside
 the conversation).
@@ -651,7 +651,7 @@ def _attn_bwd_onepass_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, do, lse, dq, 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# launchers. k and v are lists of S tensors (T, H, D) (naive.as_sources turns an (S, T, H, D) tensor into
+# launchers. k and v are lists of S tensors (T, H, D) (reference.as_sources turns an (S, T, H, D) tensor into
 # such a list of views), read in place.
 # ----------------------------------------------------------------------------------------------------------
 def _check(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], cu_seqlens: torch.Tensor) -> None:
