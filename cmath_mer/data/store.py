@@ -234,7 +234,7 @@ def load_dataset(path: str | Path, **options) -> ConversationDataset:
     if kind == "safetensors":
         return load_safetensors(p, **options)
     if kind == "pickle":
-        from .pickles import load_peer_pickle
+        from .peer_pickles import load_peer_pickle
         return load_peer_pickle(p, **options)
     raise DataError(f"{path}: unrecognised data file: neither safetensors nor a pickle (by content and suffix)")
 
@@ -278,7 +278,7 @@ def synth(out_path: str | Path, **options) -> ConversationDataset:
     dataset = make_synthetic(**options)
     out = Path(out_path)
     if out.suffix.lower() in (".pkl", ".pickle"):
-        from .pickles import write_peer_pickle
+        from .peer_pickles import write_peer_pickle
         write_peer_pickle(dataset, out, layout, speaker_style=speaker_style)
     else:
         save_dataset(dataset, out, feature_dtype=feature_dtype)
