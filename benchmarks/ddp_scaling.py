@@ -22,7 +22,7 @@ import time
 import torch
 
 from cmath_mer.training import distributed
-from cmath_mer.model.config import TrainConfig
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import make_synthetic
 from cmath_mer.training.train import build_config, train
 

@@ -9,7 +9,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from cmath_mer.model.config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
+from cmath_mer.model.config import MODALITIES, PRESETS, check_overrides
+from cmath_mer.training.config import TrainConfig, train_preset
 from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"

@@ -8,7 +8,7 @@ import contextlib
 import torch
 
 from cmath_mer.errors import ConfigError
-from cmath_mer.model.config import PRECISIONS
+from cmath_mer.training.config import PRECISIONS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FP16_INIT_SCALE = 2.0**16  # fp16: the GradScaler's first loss scale (torch's default; tests raise it)

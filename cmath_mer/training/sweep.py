@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 from cmath_mer.files import atomic_write
-from cmath_mer.model.config import CMATHConfig, TrainConfig
+from cmath_mer.model.config import CMATHConfig
+from cmath_mer.training.config import TrainConfig
 
 
 def load_grid(path: str | Path) -> dict[str, dict]:
@@ -34,7 +35,7 @@ def load_grid(path: str | Path) -> dict[str, dict]:
 
 def run_sweep(data, preset_name: str, modalities, grid: dict[str, dict], seeds: list[int], out_dir: str | Path,
               *, log=print, **train_options) -> dict[str, dict]:
-    from cmath_mer.model.config import train_preset
+    from cmath_mer.training.config import train_preset
     from cmath_mer.training.seeds import train_seeds
     from cmath_mer.training.train import build_config
     out = Path(out_dir)

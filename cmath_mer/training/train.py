@@ -33,7 +33,8 @@ from cmath_mer.kernels import resolve_backend
 from cmath_mer.kernels.utils import gpu_dots_ok
 from cmath_mer.files import atomic_write, atomic_write_text
 from cmath_mer.training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from cmath_mer.model.config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, load_config, preset
+from cmath_mer.model.config import CMATHConfig, config_from_dict, config_to_dict, load_config, preset
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.errors import CheckpointError, ConfigError
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
 from cmath_mer.data.batching import eval_shards, rank_batches, rows_before

@@ -26,7 +26,7 @@ import cmath_mer.training.precision as precision_module
 from cmath_mer.training import train as train_module
 from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
-from cmath_mer.model.config import TrainConfig
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.model.cmath import CMATH
 from cmath_mer.training.train import build_config, resolve_train_config, train

@@ -12,7 +12,8 @@ from cmath_mer.training.meter import StepMeter
 from cmath_mer.training.precision import Precision
 from cmath_mer.training.step import Stepper
 from cmath_mer.bench import model_batch
-from cmath_mer.model.config import TrainConfig, preset
+from cmath_mer.model.config import preset
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.errors import ConfigError
 from cmath_mer.training.graphs import batch_shape
 from cmath_mer.training.step import GraphedStepper

@@ -16,7 +16,7 @@ from sklearn.preprocessing import StandardScaler
 from cmath_mer.training import train as train_module
 from cmath_mer.training.baseline import C_GRID, context_free_baseline
 from cmath_mer.cli import main
-from cmath_mer.model.config import TrainConfig
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import IGNORE_INDEX, make_synthetic, save_dataset
 from cmath_mer.model.cmath import weighted_cross_entropy
 from cmath_mer.training.seeds import train_seeds

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
-from cmath_mer.model.config import CMATHConfig, TrainConfig
+from cmath_mer.model.config import CMATHConfig
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import DataError, load_dataset, make_synthetic, save_dataset, write_peer_pickle
 from cmath_mer.errors import CheckpointError, ConfigError, RunFolderError
 from cmath_mer.training.run_folder import LOCK_NAME, RunLock

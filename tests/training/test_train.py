@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score
 
 from cmath_mer import cli
 from cmath_mer.cli import main
-from cmath_mer.model.config import TrainConfig
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import load_dataset, make_synthetic, save_dataset, write_peer_pickle
 from cmath_mer.training.train import build_config, train
 
