@@ -11,7 +11,7 @@ from cmath_mer.bench import baselines
 from cmath_mer.bench.calls import Unavailable, dtype_of, elem_size, fwdbwd, maybe_compile
 from cmath_mer.bench.cases import H_HEADS, case_lengths
 
-SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_math")
+SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
 
 
 def unavailable_reason(case: dict) -> str | None:
@@ -20,6 +20,8 @@ def unavailable_reason(case: dict) -> str | None:
     if backend == "flex" and not cuda and case["mode"] != "fwd":
         return (f"flex: FlexAttention has no backward on CPU (torch {torch.__version__} raises "
                 "NotImplementedError); the forward rows measure it")
+    if backend == "sdpa_cudnn" and not cuda:
+        return "sdpa_cudnn: cuDNN attention (the FA3-class SDPA backend on Hopper) runs on CUDA only"
     if backend == "varlen":
         if not cuda:
             return "varlen: FlashAttention varlen (torch.nn.attention.varlen) runs on CUDA only"
@@ -112,7 +114,7 @@ def _padded_sdpa(case, dev, lengths, g, dt, info):
     S, D, H, mode, backend = case["S"], case["D"], H_HEADS, case["mode"], case["backend"]
     grad = mode != "fwd"
     kind = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "sdpa_math": SDPBackend.MATH}[backend]
+            "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa_math": SDPBackend.MATH}[backend]
     B, L = len(lengths), max(lengths)
     info["padded_pairs"] = S * B * L * L
     q = torch.zeros(B, H, L, D, dtype=dt)

@@ -9,8 +9,10 @@ import random
 
 # triton: multi_source_attention with the batch's max_seqlen, as the model calls it (one-pass backward for
 # conversations within one tile); triton_multipass: without it (the delta, dq and dk/dv kernels), for comparison
-ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa_math", "flex", "varlen", "triton",
-                 "triton_multipass")
+ATTN_BACKENDS = ("torch", "torch_compile", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math", "flex", "varlen",
+                 "triton", "triton_multipass")
+# the model's real regime: many short conversations of a corpus's lengths, N utterances in all
+CORPUS_LENGTHS = {"meld": (4, 30), "iemocap": (40, 110)}
 ONEPASS_MAX_N = 128             # triton_multipass differs from triton only where the one-pass backward can run
 OP_BACKENDS = ("torch", "torch_compile", "triton")
 # their first call compiles (or captures a CUDA graph): run once outside the clock, timed as compile_s
@@ -53,6 +55,12 @@ def conversation_lengths(batch: str, N: int, seed: int = 0, min_utterances: int 
             lengths.append(n)
             total += n
         return lengths
+    if batch in CORPUS_LENGTHS:
+        rng, (lo, hi) = random.Random(seed * 1_000_003 + N), CORPUS_LENGTHS[batch]
+        lengths = []
+        while sum(lengths) < N:
+            lengths.append(rng.randint(lo, hi))
+        return sorted(lengths)            # batches hold conversations in order of length, as training's do
     if batch == "mix16x100":
         rng = random.Random(seed)
         return [rng.randint(80, 120) for _ in range(16)]
@@ -84,24 +92,26 @@ def sweep(quick: bool, device: str, long: bool = False) -> list[dict]:
 
 
 def _attention_cases(quick: bool, device: str, dtype: str, mode: str) -> list[dict]:
-    """multi_source_attention against its baselines: torch.compile, SDPA (flash / efficient / math) on
+    """multi_source_attention against its baselines: torch.compile, SDPA (flash / efficient / cuDNN / math) on
     padded conversations, flex_attention with a document-and-window mask, FlashAttention varlen (CUDA),
-    and the Triton kernel (CUDA). On a CPU, where flex_attention has no backward, the quick sweep adds
-    forward-only rows of the reference and flex, so flex is measured against ours in the same run."""
+    and the Triton kernel (CUDA), on equal and ragged batches and on batches of a corpus's conversation
+    lengths (`meld`: 4-30 utterances, `iemocap`: 40-110). Forward-only rows beside forward + backward: on a
+    CPU, where flex_attention has no backward, the reference and flex, so flex is measured against ours in
+    the same run; on CUDA the kernels a user would pick instead and ours."""
     cuda = device == "cuda"
     backends = ATTN_BACKENDS if cuda else tuple(b for b in ATTN_BACKENDS if not b.startswith("triton"))
     if quick:
-        attn_N = {"equal": (256, 2048, 8192), "ragged": (256, 2048)}
+        attn_N = {"equal": (256, 2048, 8192), "ragged": (256, 2048), "meld": (2048,)}
         compile_N, Ds = (2048,), (32,)
         math_max_N = 2048          # SDPA math materialises N x S*N scores: 6-12 GiB at 8,192 on a CPU
         if mode == "fwd":
-            backends = () if cuda else ("torch", "flex")
+            backends = ("sdpa_flash", "sdpa_cudnn", "flex", "varlen", "triton") if cuda else ("torch", "flex")
     else:
         attn_N = {"equal": (128, 512, 2048, 8192, 32768, 65536, 131072),
-                  "ragged": (128, 512, 2048, 8192, 32768, 65536)}
+                  "ragged": (128, 512, 2048, 8192, 32768, 65536), "meld": (2048, 8192), "iemocap": (2048, 8192)}
         compile_N, Ds, math_max_N = None, (32, 64), None
     if cuda:                   # short conversations (MELD ~10, IEMOCAP ~50-110): the one-pass backward's regime
-        attn_N = {**attn_N, "equal": (64, *attn_N["equal"])}
+        attn_N = {**attn_N, "equal": (64, *attn_N["equal"]), "iemocap": attn_N.get("iemocap", (2048,))}
     cases = []
     for S in (1, 2):
         for D in Ds:

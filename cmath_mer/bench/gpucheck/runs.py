@@ -109,10 +109,16 @@ def bench_cases(device: str) -> list[dict]:
     c = []
     if device == "cuda":
         for N in (2048, 8192, 65536):
-            for b in ("torch", "sdpa_flash", "sdpa_efficient", "flex", "varlen", "triton"):
+            for b in ("torch", "sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "flex", "varlen", "triton"):
                 if b in ("torch", "flex", "varlen") and N > 8192:
                     continue
                 c.append(make_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
+        for b in ("sdpa_flash", "sdpa_cudnn", "triton"):        # forward only, beside forward + backward
+            c.append(make_case("attention", b, 8192, mode="fwd", batch="equal", D=32, S=2, dtype="bf16",
+                               device=device))
+        for batch in ("meld", "iemocap"):                       # the model's regime: many short conversations
+            for b in ("sdpa_flash", "sdpa_cudnn", "flex", "varlen", "triton"):
+                c.append(make_case("attention", b, 8192, batch=batch, D=32, S=2, dtype="bf16", device=device))
         for N in (32, 64):     # short conversations: the one-pass backward (triton) against the multi-kernel one
             for b in ("triton", "triton_multipass"):
                 c.append(make_case("attention", b, N, batch="equal", D=32, S=2, dtype="bf16", device=device))
