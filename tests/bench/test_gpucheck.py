@@ -253,7 +253,7 @@ def test_targets_stage_runs_on_the_cpu(tmp_path):
     assert rows[("torch_compile", "bf16")]["status"] == "skipped" and rows[("torch_compile", "bf16")]["reason"]
     busy = res["gpu_busy"]["eager"]
     assert busy["steps_found"] == 3 and 0 < busy["busy_fraction"] <= 1 and busy["threshold_us"] == 100.0
-    assert "Issue 10 targets" in (tmp_path / "summary.md").read_text()
+    assert "Speed targets" in (tmp_path / "summary.md").read_text()
 
 
 def test_partial_rows_of_a_stage_stopped_at_its_limit_give_verdicts():
@@ -269,7 +269,7 @@ def test_partial_rows_of_a_stage_stopped_at_its_limit_give_verdicts():
     v = got["targets"]["speedup_vs_eager_fp32"]
     assert v["verdict"] == "not measured" and set(v["not_measured"]) == {"triton_compile", "triton_graphs"}
     lines = "\n".join(gpucheck.targets.summary_lines(got))
-    assert "Issue 10 targets" in lines and "not measured" in lines
+    assert "Speed targets" in lines and "not measured" in lines
     done = dict(ok=True, targets=dict(x=1))
     assert gpucheck.targets.with_verdicts(done, "cuda") is done          # a finished stage keeps its own
 
@@ -504,3 +504,21 @@ def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     res = steppers_agree(cfg, [[int(torch.randint(cfg.recompute_from, 40, ())), 3]] * 3, "cpu",
                          graphs=ShiftedReplays())
     assert res["replayed"] == 2 and res["param_rel_err"] > 3 * MASKS_DIFFER, res
+
+
+def test_default_step_against_no_cuda_graphs_verdict():
+    """The default train step (CUDA graphs) must be >= 8x the same loop run eagerly; either row missing or
+    failed is not measured, never a pass; on a CPU there is no verdict."""
+    eager_ms = float(torch.randint(40, 90, ()))
+    fast, slow = eager_ms / 10, eager_ms / 5
+    verdict = gpucheck.targets.graphs_verdict
+    ok = verdict(dict(eager=dict(wall_ms_per_step_unprofiled=eager_ms),
+                      cuda_graphs=dict(wall_ms_per_step_unprofiled=fast)), cuda=True)
+    assert ok["default_step_vs_no_cuda_graphs"]["verdict"] == "pass"
+    assert ok["default_step_vs_no_cuda_graphs"]["measured"] == pytest.approx(10.0)
+    bad = verdict(dict(eager=dict(wall_ms_per_step_unprofiled=eager_ms),
+                       cuda_graphs=dict(wall_ms_per_step_unprofiled=slow)), cuda=True)
+    assert bad["default_step_vs_no_cuda_graphs"]["verdict"] == "fail"
+    missing = verdict(dict(eager=dict(wall_ms_per_step_unprofiled=eager_ms), cuda_graphs=dict(error="x")), cuda=True)
+    assert missing["default_step_vs_no_cuda_graphs"]["verdict"] == "not measured"
+    assert verdict({}, cuda=False)["default_step_vs_no_cuda_graphs"]["verdict"] == gpucheck.targets.CPU_VERDICT

@@ -33,7 +33,7 @@ STAGES = [
      180, 130),                                                         # 117 s before the recomputed batch
     ("profile", "torch.profiler over train.py's step (Triton ops, bf16): where the time goes, host syncs",
      60, 30),                                                                                       # 25 s
-    ("targets", "issue 10's targets: the whole step at 4,096 utterances (eager fp32 and torch.compile references "
+    ("targets", "the speed targets: the whole step at 4,096 utterances (eager fp32 and torch.compile references "
                 "against ours, bf16), and idle gaps between steps in a trace of train.py's loop on 16 x ~100",
      300, 60),        # two cold inductor compiles of the whole step (53-58 s each on a 2-core CPU, warm cache)
     ("train_demo", "the synthetic demo for 3 epochs on both backends; the loss curves agree", 100, 80),  # 72 s

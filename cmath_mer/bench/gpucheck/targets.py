@@ -34,6 +34,7 @@ HOST_CATS = ("cpu_op", "user_annotation", "python_function") + LAUNCH_CATS    # 
 REFERENCE = ("torch", "fp32")                      # the eager fp32 reference
 COMPILED_REFERENCE = ("torch_compile", "bf16")     # torch.compile of the reference, same precision as ours
 OURS = ("triton", "triton_compile", "triton_graphs")     # train.py's step modes with the Triton ops, bf16
+GRAPHS_TARGET = 8.0       # the default train step (CUDA graphs) against the same run with --no-cuda-graphs
 SPEEDUP_TARGETS = {"speedup_vs_eager_fp32": (REFERENCE, 3.0),
                    "speedup_vs_torch_compile_bf16": (COMPILED_REFERENCE, 1.5)}
 TARGET_LABELS = {"speedup_vs_eager_fp32": "the eager fp32 reference (torch fp32)",
@@ -94,6 +95,7 @@ def stage_targets(args) -> dict:
     add_speedups(res["rows"])
     res["targets"] = speedup_verdicts(res["rows"], cuda)
     res["targets"].update(busy_verdicts(res["gpu_busy"], cuda))
+    res["targets"].update(graphs_verdict(res["gpu_busy"], cuda))
     save()
     skipped_on_purpose = [r for r in res["rows"] if not cuda and r.get("reason") == CPU_COMPILE_SKIP]
     measured = [r for r in res["rows"] if r.get("status") == "ok"]
@@ -386,6 +388,18 @@ def busy_verdicts(busy: dict, cuda: bool) -> dict:
     return out
 
 
+def graphs_verdict(busy: dict, cuda: bool) -> dict:
+    """The default `train` step (CUDA graphs) against the same loop with --no-cuda-graphs (eager), on the
+    16 x ~100 workload: the ratio of their unprofiled wall times per step, pass at >= GRAPHS_TARGET."""
+    eager, graphs = busy.get("eager") or {}, busy.get("cuda_graphs") or {}
+    a, b = eager.get("wall_ms_per_step_unprofiled"), graphs.get("wall_ms_per_step_unprofiled")
+    measured = a / b if a and b and "error" not in eager and "error" not in graphs else None
+    verdict = CPU_VERDICT if not cuda else NOT_MEASURED if measured is None else \
+        "pass" if measured >= GRAPHS_TARGET else "fail"
+    return {"default_step_vs_no_cuda_graphs": dict(target=f">= {GRAPHS_TARGET:g}x", measured=measured,
+                                                   eager_ms=a, graphs_ms=b, verdict=verdict)}
+
+
 # ------------------------------------------------------------------------------------------ summary.md
 
 def with_verdicts(res: dict, device: str | None) -> dict:
@@ -399,16 +413,17 @@ def with_verdicts(res: dict, device: str | None) -> dict:
     add_speedups(rows)
     verdicts = speedup_verdicts(rows, cuda)
     verdicts.update(busy_verdicts(part.get("gpu_busy") or {}, cuda))
+    verdicts.update(graphs_verdict(part.get("gpu_busy") or {}, cuda))
     return dict(part, rows=rows, targets=verdicts)
 
 
 def summary_lines(res: dict) -> list[str]:
-    """The 'Issue 10 targets' table of summary.md."""
+    """The 'Speed targets' table of summary.md."""
     t = res.get("targets") or {}
     if not t:
         return []
     busy = res.get("busy_lengths") or [0]
-    lines = ["", f"## Issue 10 targets ({res.get('device')}: the step on one {res.get('utterances')}-utterance "
+    lines = ["", f"## Speed targets ({res.get('device')}: the step on one {res.get('utterances')}-utterance "
                  f"conversation; GPU busy on {len(busy)} conversations of {min(busy)}-{max(busy)} utterances)", "",
              "| target | measured | verdict |", "| --- | --- | --- |"]
     for key, (_, need) in SPEEDUP_TARGETS.items():
@@ -419,6 +434,12 @@ def summary_lines(res: dict) -> list[str]:
         got = f"{v['measured']:.2f}x ({v['best']}; {each})" if v["measured"] is not None else \
             f"- (not measured: {', '.join(v['not_measured']) or '-'})"
         lines.append(f"| whole step, ours in bf16 >= {need:g}x {TARGET_LABELS[key]} | {got} | {v['verdict']} |")
+    v = t.get("default_step_vs_no_cuda_graphs")
+    if v is not None:
+        got = (f"{v['measured']:.1f}x ({v['eager_ms']:.1f} -> {v['graphs_ms']:.1f} ms per step)"
+               if v["measured"] is not None else "-")
+        lines.append(f"| default train step (CUDA graphs) {v['target']} the same run with --no-cuda-graphs, "
+                     f"16 x ~100 | {got} | {v['verdict']} |")
     for key, v in t.items():
         if not key.startswith("gpu_busy_"):
             continue
