@@ -32,7 +32,7 @@ import triton.language as tl
 
 from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
-from .naive import as_sources
+from .reference import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
