@@ -862,7 +862,7 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
 
     Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
     (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
-    here only when TF32 is allowed (torch.backends.cuda.matmul.allow_tf32); otherwise the fp32-exact
+    here only when TF32 is allowed (utils.tf32_allowed); otherwise the fp32-exact
     PyTorch reference runs (see utils.gpu_dots_ok)."""
     k, v = as_sources(k), as_sources(v)
     _check(q, k, v, cu_seqlens)
