@@ -12,6 +12,8 @@ import torch
 
 from cmath_mer import gpucheck
 
+from helpers import needs_triton
+
 
 def test_dry_run_lists_every_stage_and_each_has_an_implementation():
     p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run"], capture_output=True, text=True)
@@ -504,3 +506,30 @@ def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     res = steppers_agree(cfg, [[int(torch.randint(cfg.recompute_from, 40, ())), 3]] * 3, "cpu",
                          graphs=ShiftedReplays())
     assert res["replayed"] == 2 and res["param_rel_err"] > 3 * MASKS_DIFFER, res
+
+
+@needs_triton
+def test_graph_train_replay_with_permuted_lengths_matches_eager():
+    """The harness of graph_train's permuted-lengths replay, with the CPU graph stand-in on the interpreter:
+    lengths written into the static cu_seqlens in place (no version bump) are what the replay computes with."""
+    from cmath_mer.gpucheck.graphs import permuted_lengths_replay
+    from test_graphed_step import StandInGraphs
+    res = permuted_lengths_replay("cpu", graphs=StandInGraphs())
+    assert res["ok"] and max(res["rel_err"].values()) < 1e-5, res
+
+
+@needs_triton
+def test_graph_train_replay_with_permuted_lengths_catches_a_baked_in_block_layout(monkeypatch):
+    """The same check fails when the block table of the warm-up is reused for the replay (a layout baked into
+    the graph): the check is sensitive to the lengths the replay reads."""
+    from cmath_mer.gpucheck.graphs import permuted_lengths_replay
+    from cmath_mer.kernels.attention import fused
+    from test_graphed_step import StandInGraphs
+    first: dict = {}
+    real = fused.prepare_block_indices
+
+    def baked(cu, block, T):
+        return first.setdefault((block, T), real(cu, block, T))
+    monkeypatch.setattr(fused, "prepare_block_indices", baked)
+    res = permuted_lengths_replay("cpu", graphs=StandInGraphs())
+    assert not res["ok"] and max(res["rel_err"].values()) > 1e-2, res

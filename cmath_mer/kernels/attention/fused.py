@@ -7,8 +7,10 @@ Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, 
 conversation b in all S sources, or only to keys with |pos(query) - pos(key)| <= window (positions inside
 the conversation).
 
-Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
-(`prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
+Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens at
+every call (`blocks.prepare_block_indices`: one kernel, no host synchronisation, nothing cached, so lengths
+rewritten in place or between CUDA-graph replays are read as they are), gives each program its conversation,
+so the grid covers
 the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
 bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
@@ -48,7 +50,6 @@ MUFU ex2 ~ 132 SM * 16/clk * 1.83 GHz = 3.9e12/s; fp32 FMA pipes 67 TFLOP/s.
 """
 from __future__ import annotations
 
-import collections
 import os
 from typing import Sequence
 
@@ -58,6 +59,7 @@ import triton.language as tl
 
 from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
+from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
 from .naive import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -174,58 +176,6 @@ _HEURISTICS = {
 # ----------------------------------------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------------------------------------
-def block_table_rows(T: int, B: int, block: int) -> int:
-    """Rows of the block table: an upper bound of sum_b ceil(n_b / block) over B conversations of T rows in
-    all (each conversation adds at most one partial block), known on the host without reading cu_seqlens."""
-    return triton.cdiv(T, block) + B
-
-
-def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch.Tensor:
-    """(block_table_rows(T, B, block), 2) int32 table of (conversation, block within the conversation) for
-    every block of `block` rows of every conversation, in packed order (like fla's prepare_chunk_indices),
-    then padding rows (-1, 0). Built on the device with no host synchronisation (searchsorted, not
-    repeat_interleave with a data-dependent size), so the ops can be captured in a CUDA graph."""
-    B = cu_seqlens.numel() - 1
-    rows = block_table_rows(T, B, block)
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    nblk = (lens + block - 1) // block
-    ends = torch.cumsum(nblk, 0)                                          # inclusive: blocks up to b
-    idx = torch.arange(rows, device=cu_seqlens.device)
-    conv = torch.searchsorted(ends, idx, right=True)                      # first b with ends[b] > idx
-    real = conv < B
-    conv_c = conv.clamp(max=max(B - 1, 0))
-    blk = idx - (ends - nblk)[conv_c] if B > 0 else idx
-    table = torch.stack([torch.where(real, conv, -1), torch.where(real, blk, 0)], dim=1)
-    return table.to(torch.int32)
-
-
-# Block tables, prepared once per batch: a training step calls the op (forward and backward) once per central
-# modality and layer with the same cu_seqlens, and each preparation is a dozen small device ops (a host
-# cost that the GPU profile of 2026-11-26 showed among the step's largest). Keyed by the tensor's storage,
-# size and version counter (an in-place change bumps it); each entry holds its cu_seqlens, so no other
-# tensor can take that address while the entry lives.
-_TABLE_CACHE: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
-_TABLE_CACHE_SIZE = 16
-
-
-def block_table(cu_seqlens: torch.Tensor, block: int, T: int) -> torch.Tensor:
-    """prepare_block_indices(cu_seqlens, block, T), computed once per (cu_seqlens, block, T)."""
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:                     # an inference-mode tensor keeps no version counter: no caching
-        return prepare_block_indices(cu_seqlens, block, T)
-    key = (cu_seqlens.data_ptr(), str(cu_seqlens.device), cu_seqlens.numel(), cu_seqlens.dtype, version, block, T)
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit[1]
-    table = prepare_block_indices(cu_seqlens, block, T)
-    _TABLE_CACHE[key] = (cu_seqlens, table)
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return table
-
-
 def _block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -734,8 +684,8 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=stat_dtype, device=q.device)
-    table = block_table(cu_seqlens, BM, T)
     if T > 0:
+        table = prepare_block_indices(cu_seqlens, BM, T)
         *ptrs, st_t, st_h = _source_args(k, v)
         _attn_fwd_kernel[(table.shape[0], H)](q, *ptrs, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
                                               st_t, st_h, H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
@@ -773,12 +723,13 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     _attn_bwd_preprocess[(triton.cdiv(T, BR), H)](o, do, delta, T, H, D=D, BD=BD, BR=BR)
     *ptrs, st_t, st_h = _source_args(k, v)
     BM, BN = blocks["dq"]
-    table = block_table(cu_seqlens, BM, T)
+    table = prepare_block_indices(cu_seqlens, BM, T)
     _attn_bwd_dq_kernel[(table.shape[0], H)](q, *ptrs, do, lse, delta, dq, cu_seqlens, table, scale,
                                              T, S, window, st_t, st_h, H=H, D=D, BD=BD, BM=BM, BN=BN,
                                              DOT_PREC=prec)
     BM, BN = blocks["dkv"]
-    table = block_table(cu_seqlens, BN, T)
+    if BN != blocks["dq"][0]:                           # the dq table serves dk/dv when the block sizes agree
+        table = prepare_block_indices(cu_seqlens, BN, T)
     _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, *ptrs, do, lse, delta, dk, dv, cu_seqlens, table,
                                                  scale, T, S, window, st_t, st_h, H=H, D=D, BD=BD,
                                                  BM=BM, BN=BN, DOT_PREC=prec)
@@ -950,7 +901,7 @@ def aot_specs() -> list[dict]:
                             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                             "maxnreg": cfg.maxnreg})
             specs += onepass_aot_specs(dname, ptr, itemsize, D)
-    return specs
+    return specs + block_table_aot_specs()
 
 
 def onepass_aot_specs(dname: str, ptr: str, itemsize: int, D: int, warps: int | None = None) -> list[dict]:
