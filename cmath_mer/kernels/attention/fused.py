@@ -57,6 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pinned
 from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
 from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
@@ -315,7 +316,7 @@ def _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
+@pinned.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      sk_t, sk_h,
@@ -360,7 +361,7 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     tl.store(lse + stat_q0 + tl.arange(0, BM), b_lse.to(lse.dtype.element_ty), mask=m_q)
 
 
-@triton.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
+@pinned.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
 @triton.jit(do_not_specialize=["T"])
 def _attn_bwd_preprocess(o, do, delta, T, H, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     """delta[h, t] = sum_d o[t, h, d] * do[t, h, d]: grid (row blocks of T, H), so each program stores BR
@@ -405,7 +406,7 @@ def _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, 
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
+@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, cu_seqlens, block_indices,
                         scale, T, S, W, sk_t, sk_h,
@@ -490,7 +491,7 @@ def _dkv_blocks(b_dk, b_dv, b_k, b_v, q, do, lse, delta, tile_q, m_k, m_d, bos, 
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
+@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, dv, cu_seqlens,
                          block_indices, scale, T, S, W, sk_t, sk_h,

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pinned
 from ..utils import check_same_device, dot_precision, gpu_dots_ok, input_guard, patch_old_interpreter
 from .grads_in_forward import register_grads_in_forward
 
@@ -191,7 +192,7 @@ def _launcher(kind: str, dtype: torch.dtype, block_k: int, single_k: bool):
     if _INTERPRET:
         return kernel
     table = (_rows_configs if kind == "rows" else _cols_configs)(dtype, block_k, single_k)  # pragma: no cover
-    return triton.autotune(_configs(table), key=["M", "K"])(kernel)  # pragma: no cover
+    return pinned.autotune(_configs(table), key=["M", "K"])(kernel)  # pragma: no cover
 
 
 def _interpret_meta() -> dict:
