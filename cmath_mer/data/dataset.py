@@ -1,12 +1,13 @@
 """Packed conversations: every per-utterance tensor is (T, ...) with cu_seqlens, no padding anywhere."""
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 
 import torch
 
-from ..packing import cu_seqlens_from
+from ..packing import cu_seqlens_from, cu_seqlens_problem
 
 SPLITS = ("train", "valid", "test")
 IGNORE_INDEX = -100
@@ -27,15 +28,31 @@ class Batch:
     # are host numbers: the attention op takes it for its one-pass backward without reading cu_seqlens
     max_seqlen: int | None = None
 
+    def __post_init__(self):
+        # built on the host: the offsets are checked here, where reading them costs no device synchronisation
+        # (the attention kernels trust them; a batch moved to the GPU is checked before it goes)
+        if self.cu_seqlens.device.type == "cpu":
+            problem = cu_seqlens_problem(self.cu_seqlens.tolist(), self.labels.shape[0])
+            if problem is not None:
+                conv, what = problem
+                name = "" if conv is None else f"conversation {self._conversation_name(conv)}: "
+                raise DataError(f"batch: {name}field 'cu_seqlens': {what}")
+
+    def _conversation_name(self, i: int) -> str:
+        return repr(self.conversation_ids[i]) if i < len(self.conversation_ids) else f"{i} of the batch"
+
     @property
     def num_utterances(self) -> int:
         return self.labels.shape[0]
 
     def to(self, device) -> "Batch":
-        """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins)."""
-        return Batch({m: x.to(device, non_blocking=True) for m, x in self.features.items()},
-                     self.speakers.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
-                     self.cu_seqlens.to(device, non_blocking=True), self.conversation_ids, self.max_seqlen)
+        """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins). A shallow copy
+        with the tensors moved: the offsets were checked when this batch was built (no second host read)."""
+        moved = copy.copy(self)
+        moved.features = {m: x.to(device, non_blocking=True) for m, x in self.features.items()}
+        moved.speakers, moved.labels, moved.cu_seqlens = (x.to(device, non_blocking=True) for x in
+                                                          (self.speakers, self.labels, self.cu_seqlens))
+        return moved
 
 
 @dataclass
@@ -79,8 +96,12 @@ class ConversationDataset:
     def batch(self, conversations: list[int], modalities: tuple[str, ...] | None = None) -> Batch:
         """Pack the given conversations (indices) into one Batch."""
         bounds = self.cu_seqlens.tolist()
-        rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
         lengths = [bounds[i + 1] - bounds[i] for i in conversations]
+        bad = next((i for i, n in zip(conversations, lengths) if n < 0), None)
+        if bad is not None:
+            raise DataError(f"{self.source}: conversation {self.conversation_ids[bad]!r}: field 'cu_seqlens': offsets "
+                            f"decrease ({bounds[bad]} then {bounds[bad + 1]})")
+        rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
         cu = cu_seqlens_from(lengths)
         mods = self.modalities if modalities is None else modalities
         return Batch({m: self.features[m][rows] for m in mods}, self.speakers[rows], self.labels[rows], cu,

@@ -58,9 +58,11 @@ import triton
 import triton.language as tl
 
 from .. import pinned
-from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
+from ..fallbacks import note_fallback, reference_reason
+from ..utils import (check_same_device, dot_precision, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
 from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
+from ...packing import check_cu_seqlens
 from .naive import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -752,6 +754,8 @@ def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], 
     """-> (o (T, H, D), lse (H, T) in log2 units). window < 0: none. q, k, v are read in place (strides).
     max_seqlen (-1: unknown) is a host bound on the conversation lengths, used by the backward only."""
     _check(q, k, v, cu_seqlens)
+    if cu_seqlens.device.type == "cpu":      # a host read costs nothing here; CUDA batches are checked when built
+        check_cu_seqlens(cu_seqlens, q.shape[0])
     q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
 
@@ -815,7 +819,7 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
     Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
     (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
     here only when TF32 is allowed (utils.tf32_allowed); otherwise the fp32-exact
-    PyTorch reference runs (see utils.gpu_dots_ok)."""
+    PyTorch reference runs (see fallbacks.reference_reason)."""
     k, v = as_sources(k), as_sources(v)
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 0:
@@ -830,7 +834,9 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
     if scale is None:
         scale = q.shape[-1] ** -0.5
     run_dtype = torch.get_autocast_dtype(q.device.type) if autocast else q.dtype
-    if not gpu_dots_ok(run_dtype, q.device):       # fp32 without TF32 allowed, float64: the exact reference
+    reason = reference_reason(run_dtype, q.device)
+    if reason is not None:                         # fp32 without TF32 allowed, float64: the exact reference
+        note_fallback("multi_source_attention", reason)
         from .. import multi_source_attention
         return multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen,
                                       backend="torch")

@@ -44,7 +44,8 @@ import triton
 import triton.language as tl
 
 from .. import pinned
-from ..utils import check_same_device, dot_precision, gpu_dots_ok, input_guard, patch_old_interpreter
+from ..fallbacks import note_fallback, reference_reason
+from ..utils import check_same_device, dot_precision, input_guard, patch_old_interpreter
 from .grads_in_forward import register_grads_in_forward
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -300,8 +301,10 @@ def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch
         raise TypeError(f"h, weight, bias and target must share one dtype (got {h.dtype}, {weight.dtype}, "
                         f"{bias.dtype}, {target.dtype}); mixed dtypes are accepted in an autocast region")
     # outside the compiled specs (K % 16, float64), or fp32 without TF32 allowed (no spill-free exact-fp32 dot)
-    if h.is_cuda and (h.shape[1] % 16 != 0 or not gpu_dots_ok(h.dtype if not autocast else
-                                                               torch.get_autocast_dtype("cuda"), h.device)):
+    reason = reference_reason(h.dtype if not autocast else torch.get_autocast_dtype("cuda"), h.device,
+                              k_dim=h.shape[1])
+    if reason is not None:
+        note_fallback("reconstruction_loss", reason)
         from .. import reconstruction_loss
         return reconstruction_loss(h, weight, bias, target, backend="torch")
     grad = torch.is_grad_enabled()
