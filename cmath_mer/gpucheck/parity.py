@@ -106,6 +106,9 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
             if op == "reconstruction_chunked" and backend == "triton":   # the cuBLAS row-chunk design
                 from ..kernels.reconstruction.chunked import chunked_reconstruction_loss
                 return [chunked_reconstruction_loss(*x)]
+            if backend == "triton":                 # the Triton kernels themselves (auto runs the chunks on CUDA)
+                from ..kernels.reconstruction.fused import fused_reconstruction_loss
+                return [fused_reconstruction_loss(*x)]
             return [reconstruction_loss(*x, backend=backend)]
     else:
         C, T, Z = case["C"], case["T"], case["Z"]
