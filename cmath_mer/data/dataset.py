@@ -99,8 +99,8 @@ class ConversationDataset:
         lengths = [bounds[i + 1] - bounds[i] for i in conversations]
         bad = next((i for i, n in zip(conversations, lengths) if n < 0), None)
         if bad is not None:
-            raise DataError(f"{self.source}: conversation {self.conversation_ids[bad]!r}: field 'cu_seqlens': offsets "
-                            f"decrease ({bounds[bad]} then {bounds[bad + 1]})")
+            raise DataError(f"{self.source}: conversation {self.conversation_ids[bad]!r}: field 'cu_seqlens': "
+                            f"offsets decrease ({bounds[bad]} then {bounds[bad + 1]})")
         rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
         cu = cu_seqlens_from(lengths)
         mods = self.modalities if modalities is None else modalities

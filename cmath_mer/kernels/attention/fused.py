@@ -7,17 +7,16 @@ Same contract as `naive.naive_multi_source_attention`: q (T, H, D); k, v (S, T, 
 conversation b in all S sources, or only to keys with |pos(query) - pos(key)| <= window (positions inside
 the conversation).
 
-Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens at
-every call (`blocks.prepare_block_indices`: one kernel, no host synchronisation, nothing cached, so lengths
-rewritten in place or between CUDA-graph replays are read as they are), gives each program its conversation,
-so the grid covers
+Layout of the work. A small int32 table of (conversation, block) pairs, built on the device from cu_seqlens
+(`blocks.prepare_block_indices`, no host synchronisation), gives each program its conversation, so the grid covers
 the real query blocks of the packed layout plus at most B idle padding programs (the grid is the host-known
 bound cdiv(T, BM) + B), never a padded B x max_len rectangle. Each program visits only the key blocks of its
 own conversation and, with a window, only the key range [q0 - W, q1 + W] that can meet its queries: blocks
 outside are skipped, not masked. Of the blocks it visits, the interior ones (every pair real: inside the
 conversation and the window) run in a loop with no mask arithmetic, the edge ones in a masked loop (`_split`;
 16-bit inputs on a GPU, see split_blocks). The S sources are read in place, each from its own tensor (one
-pointer argument per source, one shared set of strides).
+pointer argument per source, one shared set of strides). The table is rebuilt at every call (one kernel,
+nothing cached), so lengths rewritten in place or between CUDA-graph replays are read as they are.
 
 Kernels (flash attention 2, exp2 space, log-sum-exp saved in log2 units; lse and delta are (H, T),
 head-major, so a query block's BM statistics are one contiguous load or store, not a stride-H gather):
@@ -57,12 +56,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ...packing import check_cu_seqlens
 from .. import pinned
 from ..fallbacks import note_fallback, reference_reason
 from ..utils import (check_same_device, dot_precision, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
 from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
-from ...packing import check_cu_seqlens
 from .naive import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
