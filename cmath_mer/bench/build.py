@@ -43,6 +43,8 @@ def _build_reconstruction(case, dev):
     x = torch.randn(T, REC_M, generator=g).to(dt).to(dev)
     if backend == "chunked":                         # row chunks on cuBLAS (kernels/reconstruction/chunked.py)
         from cmath_mer.kernels.reconstruction.chunked import chunked_reconstruction_loss as fn
+    elif backend == "triton":                        # the Triton kernels (auto runs the chunks on CUDA)
+        from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss as fn
     else:
         impl = "triton" if backend == "triton" else "torch"
         fn = maybe_compile(lambda h, w, b, x: reconstruction_loss(h, w, b, x, backend=impl), backend)

@@ -106,11 +106,13 @@ def measure_ceilings(device: str, quick: bool) -> dict:
 
 def _cuda_ceilings() -> dict:
     import triton.testing
+
+    from cmath_mer.kernels.utils import tf32_allowed
     out = {}
     n = 8192
     for name, dt, tf32 in (("bf16", torch.bfloat16, False), ("fp32_tf32", torch.float32, True),
                            ("fp32_ieee", torch.float32, False)):
-        prev = torch.backends.cuda.matmul.allow_tf32
+        prev = tf32_allowed()                          # the legacy flag's getter raises after the new API
         torch.backends.cuda.matmul.allow_tf32 = tf32
         a = torch.randn(n, n, device="cuda", dtype=dt)
         ms = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=300)

@@ -1,19 +1,17 @@
 """Packed conversations: every per-utterance tensor is (T, ...) with cu_seqlens, no padding anywhere."""
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 
 import torch
 
-from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.errors import DataError
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from, cu_seqlens_problem
 from cmath_mer.model.batch import IGNORE_INDEX, Batch  # noqa: F401  (the data package names them too)
 
 SPLITS = ("train", "valid", "test")
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file, the conversation and the field."""
 
 
 @dataclass
@@ -57,8 +55,12 @@ class ConversationDataset:
     def batch(self, conversations: list[int], modalities: tuple[str, ...] | None = None) -> Batch:
         """Pack the given conversations (indices) into one Batch."""
         bounds = self.cu_seqlens.tolist()
-        rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
         lengths = [bounds[i + 1] - bounds[i] for i in conversations]
+        bad = next((i for i, n in zip(conversations, lengths) if n < 0), None)
+        if bad is not None:
+            raise DataError(f"{self.source}: conversation {self.conversation_ids[bad]!r}: field 'cu_seqlens': "
+                            f"offsets decrease ({bounds[bad]} then {bounds[bad + 1]})")
+        rows = torch.cat([torch.arange(bounds[i], bounds[i + 1]) for i in conversations])
         cu = cu_seqlens_from(lengths)
         mods = self.modalities if modalities is None else modalities
         return Batch({m: self.features[m][rows] for m in mods}, self.speakers[rows], self.labels[rows], cu,

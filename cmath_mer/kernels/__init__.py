@@ -66,7 +66,7 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         *, backend: str | None = None) -> torch.Tensor:
     """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
     if resolve_backend(backend, h.device) == "triton":
-        if reconstruction_impl() == "chunked":
+        if reconstruction_impl(h.device) == "chunked":
             from .reconstruction.chunked import chunked_reconstruction_loss
             return chunked_reconstruction_loss(h, weight, bias, target)
         from .reconstruction.fused import fused_reconstruction_loss

@@ -1,8 +1,9 @@
 """Which implementation of the three ops runs: the PyTorch reference or the Triton kernels.
 
 `CMATH_BACKEND=torch|triton|auto` (or the model config's `backend` field, which wins when set).
-`CMATH_RECONSTRUCTION=kernel|chunked` picks, on the triton backend, the reconstruction loss's implementation:
-the Triton kernels (default) or row chunks on cuBLAS (kernels/reconstruction/chunked.py).
+`CMATH_RECONSTRUCTION=auto|kernel|chunked` picks, on the triton backend, the reconstruction loss's
+implementation: the Triton kernels or row chunks on cuBLAS (kernels/reconstruction/chunked.py); auto (the
+default) = chunked on CUDA, the kernels elsewhere (reconstruction_impl; docs/KERNELS.md says why).
 auto = triton when the tensors live on a CUDA device and triton imports, torch otherwise.
 `triton` on CPU tensors is only meaningful under TRITON_INTERPRET=1 (how the tests check kernels).
 """
@@ -42,11 +43,17 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     return name
 
 
-RECONSTRUCTION_IMPLS = ("kernel", "chunked")
+RECONSTRUCTION_IMPLS = ("auto", "kernel", "chunked")
 
 
-def reconstruction_impl() -> str:
-    name = os.environ.get("CMATH_RECONSTRUCTION", "kernel")
+def reconstruction_impl(device: torch.device | None = None) -> str:
+    """'kernel' or 'chunked' for the triton backend's reconstruction loss on `device`. auto: chunked on CUDA,
+    where the one measurement (H100, bf16, 32,768 x 256 -> 1,582, fwd+bwd) had cuBLAS addmm + MSE at 0.80 ms
+    against 1.95 ms for the Triton kernels: at K = 256 the op is a GEMM problem. The kernels elsewhere (the
+    interpreter, which has no cuBLAS path to measure)."""
+    name = os.environ.get("CMATH_RECONSTRUCTION", "auto")
     if name not in RECONSTRUCTION_IMPLS:
         raise ValueError(f"CMATH_RECONSTRUCTION={name!r}: choose one of {', '.join(RECONSTRUCTION_IMPLS)}")
+    if name == "auto":
+        return "chunked" if device is not None and device.type == "cuda" else "kernel"
     return name

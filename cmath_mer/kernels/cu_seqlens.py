@@ -7,11 +7,42 @@ import torch
 
 
 def cu_seqlens_from(lengths, dtype: torch.dtype = torch.int32, device=None) -> torch.Tensor:
-    """(B+1,) cumulative offsets [0, n_0, n_0 + n_1, ...] of conversations with the given lengths."""
+    """(B+1,) cumulative offsets [0, n_0, n_0 + n_1, ...] of conversations with the given lengths. Host lengths
+    (a list or tuple of ints, as the batch builders hold them) are checked: a negative one is an error."""
+    if isinstance(lengths, (list, tuple)):
+        bad = next((i for i, n in enumerate(lengths) if n < 0), None)
+        if bad is not None:
+            raise ValueError(f"cu_seqlens: conversation {bad} of the batch has a negative length {lengths[bad]}")
     lengths = torch.as_tensor(lengths, dtype=torch.int64)
     cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
     cu[1:] = torch.cumsum(lengths, 0)
     return cu.to(device=device, dtype=dtype)
+
+
+def cu_seqlens_problem(bounds: list[int], total: int) -> tuple[int | None, str] | None:
+    """Why host offsets are not the packed layout of `total` rows (at least two, first 0, non-decreasing, last
+    `total`), as (the conversation at fault or None, what is wrong); None when they are. The attention kernels
+    trust these three facts: rows outside [0, T) or a decreasing pair would be read past the tensors or never
+    written."""
+    if len(bounds) < 2:
+        return None, f"needs B+1 >= 2 offsets, got {len(bounds)}"
+    if bounds[0] != 0:
+        return 0, f"must start at 0, starts at {bounds[0]}"
+    bad = next((i for i in range(len(bounds) - 1) if bounds[i + 1] < bounds[i]), None)
+    if bad is not None:
+        return bad, f"offsets decrease ({bounds[bad]} then {bounds[bad + 1]})"
+    if bounds[-1] != total:
+        return len(bounds) - 2, f"must end at T = {total} (the packed rows), ends at {bounds[-1]}"
+    return None
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> None:
+    """A clear ValueError for offsets that break the layout (cu_seqlens_problem). Reads the tensor on the host:
+    for CPU tensors only (a CUDA tensor would synchronise; those are checked where the batch is built)."""
+    problem = cu_seqlens_problem(cu_seqlens.tolist(), total)
+    if problem is not None:
+        conv, what = problem
+        raise ValueError("cu_seqlens" + (f", conversation {conv}" if conv is not None else "") + f": {what}")
 
 
 def length_bound(max_seqlen: int | None) -> int | None:

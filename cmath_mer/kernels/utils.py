@@ -110,14 +110,24 @@ def once_differentiable(backward):
 # ----------------------------------------------------------------------------------------------------------
 # fp32 dot precision. On NVIDIA, Triton multiplies fp32 tl.dot operands in TF32 unless told otherwise, which
 # is not fp32-accurate. Policy (docs/KERNELS.md): fp32 inputs give fp32-accurate results by default; TF32
-# only when the user allows TF32 matmuls the PyTorch way, torch.backends.cuda.matmul.allow_tf32 = True (or
+# only when the user allows TF32 matmuls the PyTorch way: torch.backends.cuda.matmul.fp32_precision = "tf32" (or
+# torch.backends.fp32_precision = "tf32", or the legacy torch.backends.cuda.matmul.allow_tf32 = True,
 # torch.set_float32_matmul_precision("high")). The fp32-exact dot variants ("ieee" FMA dots, "tf32x3") spill
 # registers in every tile config the AOT report tried, so on a GPU the kernels with tl.dot (attention,
 # reconstruction) run fp32 inputs only when TF32 is allowed; otherwise those ops take the PyTorch reference
 # (cuBLAS / SDPA in fp32). fp16/bf16 operands go to the tensor cores as they are (fp32 accumulation).
 # ----------------------------------------------------------------------------------------------------------
 def tf32_allowed() -> bool:
-    return bool(torch.backends.cuda.matmul.allow_tf32)
+    """Whether cuBLAS fp32 matmuls may use TF32, read through torch's current API (fp32_precision, which also
+    reflects the legacy setters and inherits torch.backends.fp32_precision). The legacy flag is read only on a
+    torch without that API: since torch 2.9 reading it raises once TF32 was set the new way."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":                       # unset for matmul: the generic setting decides
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

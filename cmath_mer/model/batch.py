@@ -2,9 +2,13 @@
 cu_seqlens marking where each conversation starts; no padding anywhere."""
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
+
+from cmath_mer.errors import DataError
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_problem
 
 IGNORE_INDEX = -100                      # the label of an utterance without one (no loss, no metric)
 
@@ -20,12 +24,28 @@ class Batch:
     # are host numbers: the attention op takes it for its one-pass backward without reading cu_seqlens
     max_seqlen: int | None = None
 
+    def __post_init__(self):
+        # built on the host: the offsets are checked here, where reading them costs no device synchronisation
+        # (the attention kernels trust them; a batch moved to the GPU is checked before it goes)
+        if self.cu_seqlens.device.type == "cpu":
+            problem = cu_seqlens_problem(self.cu_seqlens.tolist(), self.labels.shape[0])
+            if problem is not None:
+                conv, what = problem
+                name = "" if conv is None else f"conversation {self._conversation_name(conv)}: "
+                raise DataError(f"batch: {name}field 'cu_seqlens': {what}")
+
+    def _conversation_name(self, i: int) -> str:
+        return repr(self.conversation_ids[i]) if i < len(self.conversation_ids) else f"{i} of the batch"
+
     @property
     def num_utterances(self) -> int:
         return self.labels.shape[0]
 
     def to(self, device) -> "Batch":
-        """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins)."""
-        return Batch({m: x.to(device, non_blocking=True) for m, x in self.features.items()},
-                     self.speakers.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
-                     self.cu_seqlens.to(device, non_blocking=True), self.conversation_ids, self.max_seqlen)
+        """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins). A shallow copy
+        with the tensors moved: the offsets were checked when this batch was built (no second host read)."""
+        moved = copy.copy(self)
+        moved.features = {m: x.to(device, non_blocking=True) for m, x in self.features.items()}
+        moved.speakers, moved.labels, moved.cu_seqlens = (x.to(device, non_blocking=True) for x in
+                                                          (self.speakers, self.labels, self.cu_seqlens))
+        return moved

@@ -12,9 +12,11 @@ import torch
 
 from cmath_mer.bench import gpucheck
 
+from helpers import needs_triton
+
 
 def test_dry_run_lists_every_stage_and_each_has_an_implementation():
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--dry-run"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     listed = [line.split()[0] for line in p.stdout.splitlines() if line and line.split()[0] in gpucheck.STAGE_NAMES]
     assert listed == gpucheck.STAGE_NAMES
@@ -23,7 +25,7 @@ def test_dry_run_lists_every_stage_and_each_has_an_implementation():
 
 
 def test_unknown_stage_is_refused():
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--dry-run", "--stages", "parity,nope"],
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--dry-run", "--stages", "parity,nope"],
                        capture_output=True, text=True)
     assert p.returncode == 2 and "nope" in p.stderr
 
@@ -57,18 +59,21 @@ def test_parity_case_passes_for_the_kernel_and_fails_for_a_perturbed_one(op, int
     assert good["ok"], good["errors"]
 
     import cmath_mer.kernels as kernels
-    name = {"attention": "multi_source_attention", "reconstruction": "reconstruction_loss",
-            "variational": "variational_fusion"}[op]
-    real = getattr(kernels, name)
+    from cmath_mer.kernels.reconstruction import fused as reconstruction_kernels
+    # the reconstruction's "fused" side is the Triton kernels themselves (auto runs the cuBLAS chunks on CUDA)
+    module, name = {"attention": (kernels, "multi_source_attention"),
+                    "reconstruction": (reconstruction_kernels, "fused_reconstruction_loss"),
+                    "variational": (kernels, "variational_fusion")}[op]
+    real = getattr(module, name)
 
     def perturbed(*args, **kwargs):                  # the "fused" side only: 1e-3 relative noise on output 0
         out = real(*args, **kwargs)
-        if kwargs.get("backend") != "triton":
+        if kwargs.get("backend") != "triton" and module is kernels:
             return out
         first = out[0] if isinstance(out, tuple) else out
         noisy = first * (1 + 1e-3 * torch.randn_like(first))
         return (noisy, *out[1:]) if isinstance(out, tuple) else noisy
-    monkeypatch.setattr(kernels, name, perturbed)
+    monkeypatch.setattr(module, name, perturbed)
     bad = gpucheck.run_parity_case(case, "cpu", seed=seed)
     assert not bad["ok"] and bad["worst"] > bad["tol"]
 
@@ -241,7 +246,7 @@ def test_targets_stage_runs_on_the_cpu(tmp_path):
     import json
     import os
     env = dict(os.environ, CMATH_BENCH_THREADS="1", OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "cmath_mer.gpucheck", "--device", "cpu", "--stages", "targets",
+    p = subprocess.run([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--device", "cpu", "--stages", "targets",
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, (p.stdout, p.stderr[-3000:])
     res = json.loads((tmp_path / "targets.json").read_text())
@@ -522,3 +527,28 @@ def test_default_step_against_no_cuda_graphs_verdict():
     missing = verdict(dict(eager=dict(wall_ms_per_step_unprofiled=eager_ms), cuda_graphs=dict(error="x")), cuda=True)
     assert missing["default_step_vs_no_cuda_graphs"]["verdict"] == "not measured"
     assert verdict({}, cuda=False)["default_step_vs_no_cuda_graphs"]["verdict"] == gpucheck.targets.CPU_VERDICT
+@needs_triton
+def test_graph_train_replay_with_permuted_lengths_matches_eager():
+    """The harness of graph_train's permuted-lengths replay, with the CPU graph stand-in on the interpreter:
+    lengths written into the static cu_seqlens in place (no version bump) are what the replay computes with."""
+    from cmath_mer.bench.gpucheck.graphs import permuted_lengths_replay
+    from helpers import StandInGraphs
+    res = permuted_lengths_replay("cpu", graphs=StandInGraphs())
+    assert res["ok"] and max(res["rel_err"].values()) < 1e-5, res
+
+
+@needs_triton
+def test_graph_train_replay_with_permuted_lengths_catches_a_baked_in_block_layout(monkeypatch):
+    """The same check fails when the block table of the warm-up is reused for the replay (a layout baked into
+    the graph): the check is sensitive to the lengths the replay reads."""
+    from cmath_mer.bench.gpucheck.graphs import permuted_lengths_replay
+    from cmath_mer.kernels.attention import fused
+    from helpers import StandInGraphs
+    first: dict = {}
+    real = fused.prepare_block_indices
+
+    def baked(cu, block, T):
+        return first.setdefault((block, T), real(cu, block, T))
+    monkeypatch.setattr(fused, "prepare_block_indices", baked)
+    res = permuted_lengths_replay("cpu", graphs=StandInGraphs())
+    assert not res["ok"] and max(res["rel_err"].values()) > 1e-2, res

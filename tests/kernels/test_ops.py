@@ -255,6 +255,30 @@ def test_fp32_on_gpu_uses_triton_dots_only_when_tf32_is_allowed():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("where", ["matmul", "generic"])
+def test_tf32_set_through_the_current_api_routes_fp32_to_the_dot_kernels(where):
+    """TF32 allowed the recommended way (torch >= 2.9: fp32_precision, for cuBLAS matmuls or for every backend)
+    routes fp32 to the dot kernels, "ieee" to the reference; reading the legacy allow_tf32 flag then raises,
+    so the routing must not touch it. The settings are restored after."""
+    from cmath_mer.kernels import utils
+    matmul = torch.backends.cuda.matmul
+    if getattr(matmul, "fp32_precision", None) is None:
+        pytest.skip("this torch has no fp32_precision API")
+    cuda = torch.device("cuda", 0)
+    saved = (torch.backends.fp32_precision, matmul.fp32_precision)
+    target = matmul if where == "matmul" else torch.backends
+    try:
+        if where == "generic":
+            matmul.fp32_precision = "none"          # inherit: an earlier legacy set leaves matmul at "ieee"
+        target.fp32_precision = "tf32"
+        assert utils.gpu_dots_ok(torch.float32, cuda)
+        target.fp32_precision = "ieee"
+        assert not utils.gpu_dots_ok(torch.float32, cuda)
+        assert utils.gpu_dots_ok(torch.bfloat16, cuda)
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = saved
+
+
 def test_fp32_reconstruction_matches_float64_on_a_near_exact_fit():
     """A TF32 probe: target = h W^T + b + 1e-3 noise, so the loss is ~1e-6 and any TF32 rounding of
     the projection (~1e-3 relative) would dominate it. Exact under the interpreter; the same test on a GPU

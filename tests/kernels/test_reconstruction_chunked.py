@@ -83,3 +83,55 @@ def test_the_switch_picks_the_chunked_op_on_the_triton_backend(monkeypatch):
     monkeypatch.setenv("CMATH_RECONSTRUCTION", "nope")
     with pytest.raises(ValueError, match="CMATH_RECONSTRUCTION"):
         reconstruction_loss(h, w, b, t, backend="triton")
+
+
+def test_auto_runs_the_chunks_on_cuda_and_the_kernels_elsewhere(monkeypatch):
+    """The routing rule of the triton backend's reconstruction (docs/KERNELS.md): auto, the default, is the cuBLAS
+    row chunks on CUDA and the Triton kernels elsewhere; CMATH_RECONSTRUCTION overrides it on any device."""
+    from cmath_mer.kernels.backend import reconstruction_impl
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    monkeypatch.delenv("CMATH_RECONSTRUCTION", raising=False)
+    assert [reconstruction_impl(d) for d in (cuda, cpu, None)] == ["chunked", "kernel", "kernel"]
+    monkeypatch.setenv("CMATH_RECONSTRUCTION", "auto")
+    assert [reconstruction_impl(d) for d in (cuda, cpu)] == ["chunked", "kernel"]
+    for name in ("kernel", "chunked"):
+        monkeypatch.setenv("CMATH_RECONSTRUCTION", name)
+        assert [reconstruction_impl(d) for d in (cuda, cpu)] == [name, name]
+
+
+def test_the_public_op_asks_the_rule_with_the_inputs_device(monkeypatch):
+    """With a stand-in for the device check (the rule answers as for CUDA), the public op on the triton backend
+    runs the chunks; the rule is asked about the inputs' device."""
+    pytest.importorskip("triton")
+    import cmath_mer.kernels as kernels
+    from cmath_mer.kernels.backend import reconstruction_impl
+    monkeypatch.delenv("CMATH_RECONSTRUCTION", raising=False)
+    asked, ran = [], []
+    monkeypatch.setattr(kernels, "reconstruction_impl",
+                        lambda device: asked.append(device) or reconstruction_impl(torch.device("cuda", 0)))
+    real = chunked.chunked_reconstruction_loss
+    monkeypatch.setattr(chunked, "chunked_reconstruction_loss", lambda *a: ran.append(1) or real(*a))
+    h, w, b, t = _inputs(int(torch.randint(5, 90, ())), 12, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
+    got = _loss_and_grads(lambda *x: reconstruction_loss(*x, backend="triton"), h, w, b, t)
+    assert asked == [h.device] and ran == [1]
+    want = _loss_and_grads(naive_reconstruction_loss, h.double(), w.double(), b.double(), t.double())
+    for name, a, c in zip(("loss", "dh", "dW", "db"), got, want):
+        assert_rel_close(name, a, c, TOL[torch.float32])
+
+
+def test_the_target_is_folded_into_the_projection_gemm(monkeypatch):
+    """Each chunk's residual is one addmm(target_c, h_c, W^T, beta=-1): the target enters the GEMM, not a separate
+    subtraction over a (chunk, M) projection."""
+    calls = []
+    real = torch.addmm
+
+    def spy(inp, *args, **kwargs):
+        calls.append((inp.data_ptr(), kwargs.get("beta")))
+        return real(inp, *args, **kwargs)
+    monkeypatch.setattr(torch, "addmm", spy)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 24 * 64)                     # 64-row chunks
+    T = int(torch.randint(65, 300, ()))
+    h, w, b, t = _inputs(T, 24, 16, torch.float32, seed=int(torch.randint(0, 999, ())))
+    _loss_and_grads(chunked.chunked_reconstruction_loss, h, w, b, t)
+    starts = [t[r0:].data_ptr() for r0 in range(0, T, 64)]
+    assert calls == [(p, -1) for p in starts]

@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
 
 def stage_command(name: str, args, out: Path, deadline: float) -> list[str]:
-    return [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device, "--out", str(out),
+    return [sys.executable, "-m", "cmath_mer.bench.gpucheck", "--stage", name, "--device", args.device, "--out", str(out),
             "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget), "--stage-deadline", str(deadline)]
 
 

@@ -106,6 +106,9 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
             if op == "reconstruction_chunked" and backend == "triton":   # the cuBLAS row-chunk design
                 from cmath_mer.kernels.reconstruction.chunked import chunked_reconstruction_loss
                 return [chunked_reconstruction_loss(*x)]
+            if backend == "triton":                 # the Triton kernels themselves (auto runs the chunks on CUDA)
+                from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss
+                return [fused_reconstruction_loss(*x)]
             return [reconstruction_loss(*x, backend=backend)]
     else:
         C, T, Z = case["C"], case["T"], case["Z"]
@@ -155,7 +158,7 @@ def stage_parity(args) -> dict:
                                  trace=traceback.format_exc()[-1500:]))
         print(json.dumps(rows, default=str))
         return {}
-    procs = [subprocess.Popen([sys.executable, "-m", "cmath_mer.gpucheck", "--stage", "parity", "--device",
+    procs = [subprocess.Popen([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--stage", "parity", "--device",
                                args.device, "--worker", str(i), str(jobs)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=os.environ.copy()) for i in range(jobs)]
     rows, errors = [], []
@@ -262,7 +265,7 @@ def stage_determinism(args) -> dict:
         return {}
     runs = []
     for i in range(2):
-        p = run_child([sys.executable, "-m", "cmath_mer.gpucheck", "--stage", "determinism", "--device",
+        p = run_child([sys.executable, "-m", "cmath_mer.bench.gpucheck", "--stage", "determinism", "--device",
                        args.device, "--worker", str(i), "2"], args)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
         if p.returncode != 0 or not lines:

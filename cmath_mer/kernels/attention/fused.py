@@ -22,7 +22,6 @@ model / roofline on an H100: docs/KERNELS.md, section 1, "Inside the Triton kern
 """
 from __future__ import annotations
 
-import collections
 import os
 from typing import Sequence
 
@@ -30,8 +29,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import (check_same_device, dot_precision, gpu_dots_ok, input_guard, once_differentiable,
+from cmath_mer.kernels.cu_seqlens import check_cu_seqlens
+from .. import pinned
+from ..fallbacks import note_fallback, reference_reason
+from ..utils import (check_same_device, dot_precision, input_guard, once_differentiable,
                      patch_old_interpreter, register_autocast_to_region_dtype)
+from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
 from .reference import as_sources
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -148,58 +151,6 @@ _HEURISTICS = {
 # ----------------------------------------------------------------------------------------------------------
 # host helpers
 # ----------------------------------------------------------------------------------------------------------
-def block_table_rows(T: int, B: int, block: int) -> int:
-    """Rows of the block table: an upper bound of sum_b ceil(n_b / block) over B conversations of T rows in
-    all (each conversation adds at most one partial block), known on the host without reading cu_seqlens."""
-    return triton.cdiv(T, block) + B
-
-
-def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch.Tensor:
-    """(block_table_rows(T, B, block), 2) int32 table of (conversation, block within the conversation) for
-    every block of `block` rows of every conversation, in packed order (like fla's prepare_chunk_indices),
-    then padding rows (-1, 0). Built on the device with no host synchronisation (searchsorted, not
-    repeat_interleave with a data-dependent size), so the ops can be captured in a CUDA graph."""
-    B = cu_seqlens.numel() - 1
-    rows = block_table_rows(T, B, block)
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    nblk = (lens + block - 1) // block
-    ends = torch.cumsum(nblk, 0)                                          # inclusive: blocks up to b
-    idx = torch.arange(rows, device=cu_seqlens.device)
-    conv = torch.searchsorted(ends, idx, right=True)                      # first b with ends[b] > idx
-    real = conv < B
-    conv_c = conv.clamp(max=max(B - 1, 0))
-    blk = idx - (ends - nblk)[conv_c] if B > 0 else idx
-    table = torch.stack([torch.where(real, conv, -1), torch.where(real, blk, 0)], dim=1)
-    return table.to(torch.int32)
-
-
-# Block tables, prepared once per batch: a training step calls the op (forward and backward) once per central
-# modality and layer with the same cu_seqlens, and each preparation is a dozen small device ops (a host
-# cost that an H100 profile of the step showed among its largest). Keyed by the tensor's storage,
-# size and version counter (an in-place change bumps it); each entry holds its cu_seqlens, so no other
-# tensor can take that address while the entry lives.
-_TABLE_CACHE: "collections.OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]]" = collections.OrderedDict()
-_TABLE_CACHE_SIZE = 16
-
-
-def block_table(cu_seqlens: torch.Tensor, block: int, T: int) -> torch.Tensor:
-    """prepare_block_indices(cu_seqlens, block, T), computed once per (cu_seqlens, block, T)."""
-    try:
-        version = cu_seqlens._version
-    except RuntimeError:                     # an inference-mode tensor keeps no version counter: no caching
-        return prepare_block_indices(cu_seqlens, block, T)
-    key = (cu_seqlens.data_ptr(), str(cu_seqlens.device), cu_seqlens.numel(), cu_seqlens.dtype, version, block, T)
-    hit = _TABLE_CACHE.get(key)
-    if hit is not None:
-        _TABLE_CACHE.move_to_end(key)
-        return hit[1]
-    table = prepare_block_indices(cu_seqlens, block, T)
-    _TABLE_CACHE[key] = (cu_seqlens, table)
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
-    return table
-
-
 def _block_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -339,7 +290,7 @@ def _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
+@pinned.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      sk_t, sk_h,
@@ -384,7 +335,7 @@ def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, bloc
     tl.store(lse + stat_q0 + tl.arange(0, BM), b_lse.to(lse.dtype.element_ty), mask=m_q)
 
 
-@triton.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
+@pinned.autotune(configs=PRE_CONFIGS, key=["D", "BD", "BR"])
 @triton.jit(do_not_specialize=["T"])
 def _attn_bwd_preprocess(o, do, delta, T, H, D: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr):
     """delta[h, t] = sum_d o[t, h, d] * do[t, h, d]: grid (row blocks of T, H), so each program stores BR
@@ -429,7 +380,7 @@ def _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, 
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
+@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, cu_seqlens, block_indices,
                         scale, T, S, W, sk_t, sk_h,
@@ -514,7 +465,7 @@ def _dkv_blocks(b_dk, b_dv, b_k, b_v, q, do, lse, delta, tile_q, m_k, m_d, bos, 
 
 
 @triton.heuristics(_HEURISTICS)
-@triton.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
+@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, dv, cu_seqlens,
                          block_indices, scale, T, S, W, sk_t, sk_h,
@@ -708,8 +659,8 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=stat_dtype, device=q.device)
-    table = block_table(cu_seqlens, BM, T)
     if T > 0:
+        table = prepare_block_indices(cu_seqlens, BM, T)
         *ptrs, st_t, st_h = _source_args(k, v)
         _attn_fwd_kernel[(table.shape[0], H)](q, *ptrs, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
                                               st_t, st_h, H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
@@ -747,12 +698,13 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     _attn_bwd_preprocess[(triton.cdiv(T, BR), H)](o, do, delta, T, H, D=D, BD=BD, BR=BR)
     *ptrs, st_t, st_h = _source_args(k, v)
     BM, BN = blocks["dq"]
-    table = block_table(cu_seqlens, BM, T)
+    table = prepare_block_indices(cu_seqlens, BM, T)
     _attn_bwd_dq_kernel[(table.shape[0], H)](q, *ptrs, do, lse, delta, dq, cu_seqlens, table, scale,
                                              T, S, window, st_t, st_h, H=H, D=D, BD=BD, BM=BM, BN=BN,
                                              DOT_PREC=prec)
     BM, BN = blocks["dkv"]
-    table = block_table(cu_seqlens, BN, T)
+    if BN != blocks["dq"][0]:                           # the dq table serves dk/dv when the block sizes agree
+        table = prepare_block_indices(cu_seqlens, BN, T)
     _attn_bwd_dkv_kernel[(table.shape[0], H, S)](q, *ptrs, do, lse, delta, dk, dv, cu_seqlens, table,
                                                  scale, T, S, window, st_t, st_h, H=H, D=D, BD=BD,
                                                  BM=BM, BN=BN, DOT_PREC=prec)
@@ -774,6 +726,8 @@ def attention_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.Tensor], 
     """-> (o (T, H, D), lse (H, T) in log2 units). window < 0: none. q, k, v are read in place (strides).
     max_seqlen (-1: unknown) is a host bound on the conversation lengths, used by the backward only."""
     _check(q, k, v, cu_seqlens)
+    if cu_seqlens.device.type == "cpu":      # a host read costs nothing here; CUDA batches are checked when built
+        check_cu_seqlens(cu_seqlens, q.shape[0])
     q, k, v = _layout(q, k, v)
     return attention_forward(q, k, v, cu_seqlens.to(torch.int32), window, scale)
 
@@ -836,8 +790,8 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
 
     Outside autocast q, k, v share one dtype. In an autocast region they are cast to the region's dtype
     (fp16/bf16); scores, softmax statistics and accumulators are fp32 either way. On a GPU, fp32 inputs run
-    here only when TF32 is allowed (torch.backends.cuda.matmul.allow_tf32); otherwise the fp32-exact
-    PyTorch reference runs (see utils.gpu_dots_ok)."""
+    here only when TF32 is allowed (utils.tf32_allowed); otherwise the fp32-exact
+    PyTorch reference runs (see fallbacks.reference_reason)."""
     k, v = as_sources(k), as_sources(v)
     _check(q, k, v, cu_seqlens)
     if window is not None and window < 0:
@@ -852,7 +806,9 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
     if scale is None:
         scale = q.shape[-1] ** -0.5
     run_dtype = torch.get_autocast_dtype(q.device.type) if autocast else q.dtype
-    if not gpu_dots_ok(run_dtype, q.device):       # fp32 without TF32 allowed, float64: the exact reference
+    reason = reference_reason(run_dtype, q.device)
+    if reason is not None:                         # fp32 without TF32 allowed, float64: the exact reference
+        note_fallback("multi_source_attention", reason)
         from .. import multi_source_attention
         return multi_source_attention(q, k, v, cu_seqlens, window=window, scale=scale, max_seqlen=max_seqlen,
                                       backend="torch")
@@ -924,7 +880,7 @@ def aot_specs() -> list[dict]:
                             "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                             "maxnreg": cfg.maxnreg})
             specs += onepass_aot_specs(dname, ptr, itemsize, D)
-    return specs
+    return specs + block_table_aot_specs()
 
 
 def onepass_aot_specs(dname: str, ptr: str, itemsize: int, D: int, warps: int | None = None) -> list[dict]:

@@ -1,7 +1,7 @@
 """Reconstruction loss in row chunks on cuBLAS (the Liger-Kernel fused-linear-loss design), beside the Triton
 kernels of fused.py: same op signature (grads_in_forward.py), same results, no Triton.
 
-    for each chunk of rows:  r = h_c W^T + b - target_c          (chunk, M): the only large temporary
+    for each chunk of rows:  r = addmm(target_c, h_c, W^T, beta=-1) + b   (chunk, M): the only large temporary
                              loss += sum(r^2);  dh_c = (2/M) r W;  dW += (2/(T M)) r^T h_c;  db += (2/(T M)) sum r
 
 Why: on one H100 (bf16, 32,768 x 256 -> 1,582) cuBLAS addmm + MSE took 0.80 ms against 1.95 ms
@@ -9,7 +9,9 @@ for the Triton kernels: at K = 256 the op is a GEMM problem (6K/e = 768 flop per
 H100's ridge), and cuBLAS's GEMMs beat ours. This keeps cuBLAS for the three GEMMs and bounds the memory
 to (chunk, M) instead of the reference's (T, M) reconstruction, its gradient and MSE's temporaries.
 Precision: the three GEMMs run in the inputs' dtype (cuBLAS accumulates in fp32), the residual, the loss and
-the sums over chunks in fp32, as the reference does under autocast (its backward GEMMs are bf16 there too). Pick it with CMATH_RECONSTRUCTION=chunked (kernels/__init__.py); the benchmark measures both.
+the sums over chunks in fp32, as the reference does under autocast (its backward GEMMs are bf16 there too).
+The triton backend's `auto` runs it on CUDA (backend.reconstruction_impl); CMATH_RECONSTRUCTION=kernel|chunked
+picks one; the benchmark measures both.
 """
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ def chunked_reconstruction_op(h: torch.Tensor, weight: torch.Tensor, bias: torch
     rows = chunk_rows(T, M)
     for r0 in range(0, T, rows):
         h_c = h[r0:r0 + rows]                                       # (c, K)
-        r = torch.addmm(bias, h_c, weight.t()).to(acc)              # (c, M) projection, cuBLAS
-        r.sub_(target[r0:r0 + rows])                                # residual, in place, fp32
+        # the target folded into the GEMM (beta = -1): h_c W^T - target_c in one cuBLAS call, no separate pass
+        r = torch.addmm(target[r0:r0 + rows], h_c, weight.t(), beta=-1).to(acc)     # (c, M)
+        r += bias                                                   # residual, in place, fp32
         loss += torch.dot(r.view(-1), r.view(-1))
         r_g = r.to(h.dtype)                                         # the gradient GEMMs in the inputs' dtype
         if want_dh:

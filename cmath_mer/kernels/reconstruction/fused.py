@@ -43,7 +43,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..utils import check_same_device, dot_precision, gpu_dots_ok, input_guard, patch_old_interpreter
+from .. import pinned
+from ..fallbacks import note_fallback, reference_reason
+from ..utils import check_same_device, dot_precision, input_guard, patch_old_interpreter
 from .grads_in_forward import register_grads_in_forward
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -191,7 +193,7 @@ def _launcher(kind: str, dtype: torch.dtype, block_k: int, single_k: bool):
     if _INTERPRET:
         return kernel
     table = (_rows_configs if kind == "rows" else _cols_configs)(dtype, block_k, single_k)  # pragma: no cover
-    return triton.autotune(_configs(table), key=["M", "K"])(kernel)  # pragma: no cover
+    return pinned.autotune(_configs(table), key=["M", "K"])(kernel)  # pragma: no cover
 
 
 def _interpret_meta() -> dict:
@@ -299,8 +301,10 @@ def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch
         raise TypeError(f"h, weight, bias and target must share one dtype (got {h.dtype}, {weight.dtype}, "
                         f"{bias.dtype}, {target.dtype}); mixed dtypes are accepted in an autocast region")
     # outside the compiled specs (K % 16, float64), or fp32 without TF32 allowed (no spill-free exact-fp32 dot)
-    if h.is_cuda and (h.shape[1] % 16 != 0 or not gpu_dots_ok(h.dtype if not autocast else
-                                                               torch.get_autocast_dtype("cuda"), h.device)):
+    reason = reference_reason(h.dtype if not autocast else torch.get_autocast_dtype("cuda"), h.device,
+                              k_dim=h.shape[1])
+    if reason is not None:
+        note_fallback("reconstruction_loss", reason)
         from .. import reconstruction_loss
         return reconstruction_loss(h, weight, bias, target, backend="torch")
     grad = torch.is_grad_enabled()

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import pinned
 from ..utils import (check_same_device, input_guard, once_differentiable, patch_old_interpreter, seed_tensor,
                      register_autocast_to_region_dtype)
 
@@ -222,8 +223,8 @@ def _configs():
 if _INTERPRET:
     _fwd_launch, _bwd_launch = _vf_fwd_kernel, _vf_bwd_kernel
 else:  # pragma: no cover - GPU only. Keyed on C and dtype (autotuner adds dtypes), not on T.
-    _fwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE", "ALIGNED"])(_vf_fwd_kernel)
-    _bwd_launch = triton.autotune(_configs(), key=["C", "SAMPLE", "DETACH", "ALIGNED"])(_vf_bwd_kernel)
+    _fwd_launch = pinned.autotune(_configs(), key=["C", "SAMPLE", "ALIGNED"])(_vf_fwd_kernel)
+    _bwd_launch = pinned.autotune(_configs(), key=["C", "SAMPLE", "DETACH", "ALIGNED"])(_vf_bwd_kernel)
 
 
 def _meta() -> dict:
