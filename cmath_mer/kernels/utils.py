@@ -210,3 +210,18 @@ def patch_old_interpreter() -> None:
     patched._cmath_patched = True
     interpreter._patch_lang_tensor = patched
 
+
+# ------------------------------------------------------------------------- ahead-of-time compile specs
+
+def jit_function(fn):
+    """The @triton.jit function under an autotuner or heuristics wrapper (what ASTSource compiles)."""
+    import triton
+    while not isinstance(fn, triton.runtime.jit.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def divisible_by_16(names) -> dict:
+    """tt.divisibility=16 for `names`, as the JIT specialises torch's 16-byte aligned pointers and strides that
+    are multiples of 16 at launch ({arg: [[attr, value]]}, the format python -m cmath_mer.kernels.aot reads)."""
+    return {n: [["tt.divisibility", 16]] for n in names}

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..utils import divisible_by_16
+
 TABLE_ROWS_PER_PROGRAM = 1024
 
 
@@ -64,7 +66,7 @@ def prepare_block_indices(cu_seqlens: torch.Tensor, block: int, T: int) -> torch
 def aot_specs(blocks=(16, 32, 64, 128)) -> list[dict]:
     """The table kernel for every block size the attention launchers use (python -m cmath_mer.kernels.aot)."""
     return [{"name": f"attn_block_table[BLK={blk}]", "fn": _block_table_kernel,
-             "attrs": {a: [["tt.divisibility", 16]] for a in ("cu_seqlens", "table")},
+             "attrs": divisible_by_16(("cu_seqlens", "table")),
              "signature": {"cu_seqlens": "*i32", "table": "*i32", "B": "i32", "ROWS": "i32", "STEPS": "i32",
                            "BLK": "constexpr", "BR": "constexpr"},
              "constexprs": {"BLK": blk, "BR": TABLE_ROWS_PER_PROGRAM},

@@ -32,8 +32,8 @@ import triton.language as tl
 from cmath_mer.kernels.cu_seqlens import check_cu_seqlens
 from .. import pinned
 from ..fallbacks import note_fallback, reference_reason
-from ..utils import (check_same_device, dot_precision, input_guard, once_differentiable,
-                     patch_old_interpreter, register_autocast_to_region_dtype)
+from ..utils import (check_same_device, divisible_by_16, dot_precision, input_guard, jit_function,
+                     once_differentiable, patch_old_interpreter, register_autocast_to_region_dtype)
 from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
 from .reference import as_sources
 
@@ -819,12 +819,6 @@ def fused_multi_source_attention(q: torch.Tensor, k: torch.Tensor | Sequence[tor
 # ----------------------------------------------------------------------------------------------------------
 # ahead-of-time compilation specs (python -m cmath_mer.kernels.aot)
 # ----------------------------------------------------------------------------------------------------------
-def _unwrap(fn):
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
-
-
 _STRIDE_ARGS = ("sk_t", "sk_h")
 _SOURCE_PTRS = tuple(f"{x}{i}" for x in "kv" for i in range(MAX_SOURCES))     # k0..k3, v0..v3
 
@@ -839,7 +833,7 @@ def aot_specs() -> list[dict]:
             BD = _block_dim(D)
             blocks = block_sizes(D, itemsize)
             for cfg in _attn_bwd_preprocess.configs:
-                specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": _unwrap(_attn_bwd_preprocess),
+                specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": jit_function(_attn_bwd_preprocess),
                               "signature": {"o": ptr, "do": ptr, "delta": "*fp32", "T": "i32", "H": "i32",
                                             "D": "constexpr", "BD": "constexpr", "BR": "constexpr"},
                               "constexprs": {"D": D, "BD": BD, "BR": 64},
@@ -866,11 +860,10 @@ def aot_specs() -> list[dict]:
                         specs.append({
                             # the JIT specialises the k/v strides (multiples of 16 for D = 16..128 and
                             # the kv views) and the pointers as divisible by 16
-                            "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", "block_indices",
-                                                                              *_STRIDE_ARGS)},
+                            "attrs": divisible_by_16((*ptrs, "cu_seqlens", "block_indices", *_STRIDE_ARGS)),
                             "name": f"{name}[{dname},D={D},window={'on' if has_window else 'off'},"
                                     f"BM={BM},BN={BN}]",
-                            "fn": _unwrap(kernel),
+                            "fn": jit_function(kernel),
                             "signature": {**ptrs, **common},
                             "constexprs": {"D": D, "BD": BD, "BM": BM, "BN": BN,
                                            "HAS_WINDOW": has_window, "ACC": tl.float32,
@@ -895,9 +888,9 @@ def onepass_aot_specs(dname: str, ptr: str, itemsize: int, D: int, warps: int | 
     while BL <= onepass_max_rows(D, itemsize):
         for has_window in (False, True):
             specs.append({
-                "attrs": {a: [["tt.divisibility", 16]] for a in (*ptrs, "cu_seqlens", *_STRIDE_ARGS)},
+                "attrs": divisible_by_16((*ptrs, "cu_seqlens", *_STRIDE_ARGS)),
                 "name": f"attn_bwd_onepass[{dname},D={D},window={'on' if has_window else 'off'},BL={BL}]",
-                "fn": _unwrap(_attn_bwd_onepass_kernel),
+                "fn": jit_function(_attn_bwd_onepass_kernel),
                 "signature": {**ptrs, "cu_seqlens": "*i32", "scale": "fp32", "T": "i32", "S": "i32", "W": "i32",
                               **{st: "i32" for st in _STRIDE_ARGS}, "H": "i32", "D": "constexpr",
                               "BD": "constexpr", "BL": "constexpr", "HAS_WINDOW": "constexpr", "ACC": "constexpr",

@@ -45,7 +45,8 @@ import triton.language as tl
 
 from .. import pinned
 from ..fallbacks import note_fallback, reference_reason
-from ..utils import check_same_device, dot_precision, input_guard, patch_old_interpreter
+from ..utils import (check_same_device, divisible_by_16, dot_precision, input_guard, jit_function,
+                     patch_old_interpreter)
 from .grads_in_forward import register_grads_in_forward
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -320,18 +321,6 @@ def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch
 _TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _unwrap(fn):
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    return fn
-
-
-def _attrs(names) -> dict:
-    """tt.divisibility=16 for `names`, as the JIT specialises them at launch ({arg name: [[attr, value]]},
-    the format cmath_mer.kernels.aot turns into ASTSource attrs)."""
-    return {n: [["tt.divisibility", 16]] for n in names}
-
-
 def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
     """A GPU launch with fp32 inputs happens only when TF32 is allowed (utils.gpu_dots_ok): one precision."""
     return ("tf32",)
@@ -346,7 +335,7 @@ def aot_specs() -> list[dict]:
     ones the JIT produces; pass them as ASTSource(fn, signature, constexprs, attrs).
     """
     specs = []
-    rows_fn, cols_fn = _unwrap(_rows_kernel), _unwrap(_cols_kernel)
+    rows_fn, cols_fn = jit_function(_rows_kernel), jit_function(_cols_kernel)
     rows_k = [(bk, True) for bk in _ROWS_BLOCK_K] + [(_LOOP_BLOCK_K, False)]
     cols_k = [(bk, True) for bk in _COLS_BLOCK_K] + [(_LOOP_BLOCK_K, False)]
     for (dtype, ty), prec in [(d, p) for d in _TL_NAMES.items() for p in _precisions(d[0])]:
@@ -369,7 +358,7 @@ def aot_specs() -> list[dict]:
                                           "DOT_PREC": "constexpr"},
                             "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
                                            "COMPUTE_DH": compute_dh, "ACC": tl.float32, "DOT_PREC": prec},
-                            "attrs": _attrs(["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
+                            "attrs": divisible_by_16(["H", "W", "B", "TGT", "DH", "LOSS"] + extra),
                             "num_warps": w, "num_stages": s})
             for block_k, single_k in cols_k:
                 for bt, bm, w, s in _cols_configs(dtype, block_k, single_k):
@@ -384,6 +373,6 @@ def aot_specs() -> list[dict]:
                                       "ACC": "constexpr", "DOT_PREC": "constexpr"},
                         "constexprs": {"BLOCK_T": bt, "BLOCK_M": bm, "BLOCK_K": block_k, "SINGLE_K": single_k,
                                        "ACC": tl.float32, "DOT_PREC": prec},
-                        "attrs": _attrs(["H", "W", "B", "TGT", "DWP", "DBP"] + extra),
+                        "attrs": divisible_by_16(["H", "W", "B", "TGT", "DWP", "DBP"] + extra),
                         "num_warps": w, "num_stages": s})
     return specs

@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 
 from .. import pinned
-from ..utils import (check_same_device, input_guard, once_differentiable, patch_old_interpreter, seed_tensor,
-                     register_autocast_to_region_dtype)
+from ..utils import (check_same_device, divisible_by_16, input_guard, jit_function, once_differentiable,
+                     patch_old_interpreter, register_autocast_to_region_dtype, seed_tensor)
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
@@ -402,12 +402,6 @@ def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: in
 _TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _unwrap(fn):
-    while not isinstance(fn, triton.runtime.jit.JITFunction):
-        fn = fn.fn
-    return fn
-
-
 def aot_specs() -> list[dict]:
     """Every (config x dtype x C x SAMPLE [x DETACH] x ALIGNED) the two kernels launch with on a GPU.
 
@@ -416,8 +410,7 @@ def aot_specs() -> list[dict]:
     SEED points at one int64 (a (1,) tensor: 16-byte aligned like any torch allocation, but not assumed).
     ALIGNED=False is the build for an eps_offset that is not a multiple of 4 (_block).
     """
-    fwd, bwd = _unwrap(_vf_fwd_kernel), _unwrap(_vf_bwd_kernel)
-    div = lambda fn, names: {n: [["tt.divisibility", 16]] for n in names}  # noqa: E731  (aot.py's format)
+    fwd, bwd = jit_function(_vf_fwd_kernel), jit_function(_vf_bwd_kernel)
     specs = []
     # N is annotated tl.int64 in the kernels: one integer width whatever its value, so the JIT never builds
     # an i32 variant (and the AOT report needs no i32/i64 product). The seed is a pointer to one int64.
@@ -436,7 +429,7 @@ def aot_specs() -> list[dict]:
                                       "ACC": "constexpr"},
                         "constexprs": {"C": C, "SAMPLE": sample, "ALIGNED": aligned, "BLOCK": block,
                                        "ACC": tl.float32},
-                        "attrs": div(fwd, ["MU", "LV", "ZO", "MUF", "LVF", "KLP", "KLC"]),
+                        "attrs": divisible_by_16(["MU", "LV", "ZO", "MUF", "LVF", "KLP", "KLC"]),
                         "num_warps": warps, "num_stages": 1})
                     for detach in (True, False):
                         specs.append({
@@ -452,6 +445,6 @@ def aot_specs() -> list[dict]:
                                           "ALIGNED": "constexpr", "BLOCK": "constexpr", "ACC": "constexpr"},
                             "constexprs": {"C": C, "SAMPLE": sample, "DETACH": detach, "ALIGNED": aligned,
                                            "BLOCK": block, "ACC": tl.float32},
-                            "attrs": div(bwd, ["MU", "LV", "GZ", "GMU", "GLV", "DMU", "DLV"]),
+                            "attrs": divisible_by_16(["MU", "LV", "GZ", "GMU", "GLV", "DMU", "DLV"]),
                             "num_warps": warps, "num_stages": 1})
     return specs
