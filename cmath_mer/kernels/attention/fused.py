@@ -36,123 +36,17 @@ from ..utils import (check_same_device, divisible_by_16, dot_precision, input_gu
                      once_differentiable, patch_old_interpreter, register_autocast_to_region_dtype)
 from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
 from .reference import as_sources
+from .tuning import (AUTOTUNE_KEY, BWD_CONFIGS, FWD_CONFIGS, HEAD_DIMS, PRE_CONFIGS, block_dim, block_sizes,  # noqa: F401
+                     config_allowed, onepass_block, onepass_max_rows, onepass_warps, pruner, split_blocks)
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-HEAD_DIMS = (16, 32, 64, 128)
-
-
-def block_sizes(head_dim: int, itemsize: int = 2) -> dict[str, tuple[int, int]]:
-    """(query block, key block) per kernel for a head dim and an input element size in bytes. Chosen with
-    the AOT report (python -m cmath_mer.kernels.aot): fp32 inputs hold twice the bytes per tile in registers
-    and shared memory, so their blocks shrink. Tests monkeypatch this to exercise block boundaries."""
-    if INTERPRET:  # few, large numpy ops per program: the interpreter's cost is per op, not per element
-        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
-    if itemsize <= 2:
-        if head_dim <= 64:
-            return {"fwd": (128, 64), "dq": (64, 64), "dkv": (64, 64)}
-        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 64)}
-    if head_dim <= 16:   # a (128, 64) forward tile spilled at 4 warps on sm_90 once k, v became strided
-        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (64, 64)}
-    if head_dim <= 32:
-        return {"fwd": (64, 64), "dq": (64, 64), "dkv": (32, 32)}
-    return {"fwd": (64, 32), "dq": (32, 64), "dkv": (32, 32)}
-
-
-def split_blocks(itemsize: int) -> bool:
-    """Whether the kernels walk interior (unmasked) and edge (masked) blocks in separate loops (see _split).
-    On a GPU only for 2-byte inputs: fp32 tiles hold twice the bytes, and the second loop made the fp32
-    kernels spill (32-228 B on 11 sm_80/sm_90 configs, AOT report) where one masked loop did not; fp32 runs
-    only with TF32 allowed, the 16-bit dtypes are the training path. Under the interpreter always, so the
-    parity tests cover the split for every dtype; tests monkeypatch this to cover the single loop."""
-    return INTERPRET or itemsize <= 2
-
-
-def onepass_max_rows(head_dim: int, itemsize: int = 2) -> int:
-    """The longest conversation (rows, a power of two) the one-pass backward takes for a head dim and input
-    element size; 0: none. Chosen with the AOT report: the program holds q, o, do, k, v (BL, D) tiles, the
-    (BL, BL) fp32 score tile and three (BL, D) fp32 accumulators, so the rows shrink as D grows. Tests
-    monkeypatch this."""
-    if INTERPRET:
-        return 64
-    if itemsize <= 2:
-        return 64 if head_dim <= 32 else 32      # BL = 128 spilled at D = 16, 32 (24-2568 B); 64 at D = 64 (60 B)
-    return 32                                    # fp32 (TF32 only): BL = 64 sat at 234-255 registers
-
-
-def onepass_block(max_seqlen: int, head_dim: int, itemsize: int = 2) -> int:
-    """Tile rows BL of the one-pass backward for conversations of at most max_seqlen rows: the power of two
-    >= max_seqlen (at least 16, tl.dot's minimum), or 0 (the multi-kernel backward) when max_seqlen is unknown
-    (< 0) or longer than onepass_max_rows."""
-    if max_seqlen < 0:
-        return 0
-    rows = max(16, triton.next_power_of_2(max(int(max_seqlen), 1)))
-    return rows if rows <= onepass_max_rows(head_dim, itemsize) else 0
-
-
-def onepass_warps(BL: int, BD: int, itemsize: int) -> int:
-    """num_warps of the one-pass kernel (one config, no autotuning: nothing to time on a first call, and one
-    order of operations per shape). From the AOT report: 4 warps for the small tiles, 8 from (32, 32) 16-bit
-    or (16, 32) fp32 tiles up, where 4 warps took 30-70 more registers (or spilled: fp32, D = 128)."""
-    return 4 if BL * BD * itemsize <= 32 * 32 * 2 else 8
-
-
-def _configs(gpu_configs: list[tuple[int, int]]) -> list[triton.Config]:
-    # autotune with several configs fails under the interpreter ("0 active drivers"): one config there.
-    # maxnreg=255: left alone, ptxas sometimes caps these kernels at 80 or 128 registers and spills
-    # (seen in the sm_80 AOT report); the cap lets it use the register file, one or two CTAs per SM.
-    if INTERPRET:
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s, maxnreg=255) for w, s in gpu_configs]
-
-
-FWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2), (8, 3)])
-BWD_CONFIGS = _configs([(4, 2), (4, 3), (8, 2)])
-PRE_CONFIGS = _configs([(4, 1)])
-AUTOTUNE_KEY = ["D", "BD", "BM", "BN", "HAS_WINDOW", "ACC", "SPLIT"]
-
-
-# 4 warps only while the kernel's resident tiles are small; larger tiles spill on sm_80 with 4 warps
-# (AOT report). Measured in fp16-tile elements: rows x head-dim block x bytes / 2.
-_FOUR_WARP_TILE = {"fwd": 64 * 64, "dq": 32 * 64, "dkv": 64 * 64}
-
-
-def config_allowed(kernel: str, num_warps: int, BM: int, BN: int, BD: int, itemsize: int,
-                   num_stages: int = 2) -> bool:
-    rows = BN if kernel == "dkv" else BM
-    if kernel == "fwd" and itemsize == 4 and BD >= 128 and num_stages > 2:
-        return False            # fp32 D=128 forward spills on sm_90 with 3 stages (AOT report, strided k/v)
-    if kernel == "dkv" and num_warps < 8 and BN * BD > 64 * 32:
-        # two fp32 (BN, BD) accumulators (dk, dv) beside the k, v tiles: at 64 x 64 (fp16/bf16, D=64) the
-        # kernel sat at sm_80's 255-register cap with 0 spills, and the second (interior) loop spills 24-32 B
-        return False
-    return num_warps >= 8 or rows * BD * itemsize // 2 <= _FOUR_WARP_TILE[kernel]
-
-
-def _pruner(kernel: str):
-    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-        args = {**named_args, **kwargs}
-        itemsize = args["q"].element_size()
-        kept = [c for c in configs if config_allowed(kernel, c.num_warps, args["BM"], args["BN"], args["BD"],
-                                                     itemsize, c.num_stages)]
-        return kept or configs
-    return {"early_config_prune": prune}
-
-
 _HEURISTICS = {
     "HAS_WINDOW": lambda a: a["W"] >= 0,
     "ACC": lambda a: tl.float64 if a["q"].dtype == torch.float64 else tl.float32,
     "SPLIT": lambda a: split_blocks(a["q"].element_size()),
 }
-
-
-# ----------------------------------------------------------------------------------------------------------
-# host helpers
-# ----------------------------------------------------------------------------------------------------------
-def _block_dim(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,7 +184,7 @@ def _fwd_blocks(b_q, b_m, b_l, b_acc, k_src, v_src, tile_k, m_d, bos, head_k, sk
 
 
 @triton.heuristics(_HEURISTICS)
-@pinned.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("fwd"))
+@pinned.autotune(configs=FWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=pruner("fwd"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_fwd_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, o, lse, cu_seqlens, block_indices, scale, T, S, W,
                      sk_t, sk_h,
@@ -380,7 +274,7 @@ def _dq_blocks(b_dq, b_q, b_do, b_lse, b_delta, k_src, v_src, tile_k, m_q, m_d, 
 
 
 @triton.heuristics(_HEURISTICS)
-@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dq"))
+@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=pruner("dq"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dq_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dq, cu_seqlens, block_indices,
                         scale, T, S, W, sk_t, sk_h,
@@ -465,7 +359,7 @@ def _dkv_blocks(b_dk, b_dv, b_k, b_v, q, do, lse, delta, tile_q, m_k, m_d, bos, 
 
 
 @triton.heuristics(_HEURISTICS)
-@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=_pruner("dkv"))
+@pinned.autotune(configs=BWD_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=pruner("dkv"))
 @triton.jit(do_not_specialize=["T", "S", "W"])
 def _attn_bwd_dkv_kernel(q, k0, k1, k2, k3, v0, v1, v2, v3, do, lse, delta, dk, dv, cu_seqlens,
                          block_indices, scale, T, S, W, sk_t, sk_h,
@@ -663,7 +557,7 @@ def attention_forward(q, k, v, cu_seqlens, window: int, scale: float):
         table = prepare_block_indices(cu_seqlens, BM, T)
         *ptrs, st_t, st_h = _source_args(k, v)
         _attn_fwd_kernel[(table.shape[0], H)](q, *ptrs, o, lse, cu_seqlens, table, scale, T, S, _window(window, T),
-                                              st_t, st_h, H=H, D=D, BD=_block_dim(D), BM=BM, BN=BN,
+                                              st_t, st_h, H=H, D=D, BD=block_dim(D), BM=BM, BN=BN,
                                               DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
@@ -677,7 +571,7 @@ def attention_backward(q, k, v, o, lse, do, cu_seqlens, window: int, scale: floa
     read here. A conversation longer than the bound gets NaN gradients (its own rows, every source)."""
     T, H, D = q.shape
     S = len(k)
-    BD = _block_dim(D)
+    BD = block_dim(D)
     blocks = block_sizes(D, q.element_size())
     window = _window(window, T)
     prec = dot_precision(q.dtype)
@@ -830,7 +724,7 @@ def aot_specs() -> list[dict]:
     specs = []
     for dname, (ptr, itemsize) in tl_dtype.items():
         for D in HEAD_DIMS:
-            BD = _block_dim(D)
+            BD = block_dim(D)
             blocks = block_sizes(D, itemsize)
             for cfg in _attn_bwd_preprocess.configs:
                 specs.append({"name": f"attn_bwd_preprocess[{dname},D={D}]", "fn": jit_function(_attn_bwd_preprocess),
@@ -880,7 +774,7 @@ def onepass_aot_specs(dname: str, ptr: str, itemsize: int, D: int, warps: int | 
     """The one-pass backward as attention_backward launches it: every tile BL (16 .. onepass_max_rows) for
     the head dim and element size, window on/off, its one config (onepass_warps, 1 stage, maxnreg 255).
     warps: another num_warps (to compare configs in the report)."""
-    BD = _block_dim(D)
+    BD = block_dim(D)
     ptrs = {"q": ptr, **{name: ptr for name in _SOURCE_PTRS}, "o": ptr, "do": ptr, "lse": "*fp32",
             "dq": ptr, "dk": ptr, "dv": ptr}
     specs = []
