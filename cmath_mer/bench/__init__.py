@@ -5,10 +5,11 @@
 
 One module per job:
 * cases.py: what a case is (a plain dict: op, backend, mode, batch, N, D, ...), the batches, and `sweep`,
-  the registry of every case of a run.
+  the registry of every case of a run (the long-conversation cases too).
 * build.py, attention.py, calls.py: `build_case`, the inputs of a case and the call to time, per op;
   baselines.py: flex_attention and FlashAttention varlen on our layout (the attention a user would pick
-  instead); long.py: the long-conversation cases (windowed attention and training step to 1,048,576).
+  instead); long.py: builds and summarises the long-conversation cases (windowed attention and training
+  step to 1,048,576).
 * measure.py: timing and peak memory of one call; `run_case` builds and measures one case in-process.
 * run.py: `run_benchmarks`, every case in a fresh subprocess within time and memory budgets.
 * machine.py: the machine line (versions, device, load average) and the device's measured ceilings.
@@ -18,7 +19,7 @@ One module per job:
 What is measured (docs/KERNELS.md, "Speed targets"; benchmarks/README.md says what a row means):
 * ops: multi_source_attention (S = 1 and 2 sources), reconstruction_loss, variational_fusion, forward
   and forward + backward, per backend: `torch` (the eager reference), `torch_compile` (the reference
-  under torch.compile), `sdpa_flash` / `sdpa_efficient` / `sdpa_math` (attention only: torch's
+  under torch.compile), `sdpa_flash` / `sdpa_efficient` / `sdpa_cudnn` / `sdpa_math` (attention only: torch's
   scaled_dot_product_attention on conversations padded to the longest one, with a key padding mask when
   the batch is ragged; inputs are padded before the clock starts, so SDPA is timed as a bare kernel),
   `flex` (attention only: compiled flex_attention with a document mask over the S sources' keys; no
@@ -29,7 +30,8 @@ What is measured (docs/KERNELS.md, "Speed targets"; benchmarks/README.md says wh
   train.py's whole engine step (eager, compiled, and on CUDA replayed from a CUDA graph: `triton_graphs`).
 * batches: `equal` = max(1, 2048 // N) conversations of exactly N utterances; `ragged` = conversation
   lengths drawn uniformly from [N/8, N] (the first one is N) until at least max(2048, 2N) utterances;
-  `mix16x100` = 16 conversations of 80..120 utterances (an IEMOCAP-like training batch).
+  `mix16x100` = 16 conversations of 80..120 utterances (an IEMOCAP-like training batch); `meld` / `iemocap` =
+  conversations of 4..30 / 40..110 utterances, N utterances in all, in order of length (the model's regime).
 * work: FLOP and byte counts from the real (unpadded, in-conversation) pairs only, so padding shows up as
   lost throughput. GFLOP/s and GB/s are reported beside the device's measured ceilings.
 """
