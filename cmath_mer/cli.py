@@ -490,6 +490,7 @@ def cmd_featurize(args) -> int:
     if args.device is not None:
         _check_device(args.device)
     data = featurize(args.tables, args.out, split=args.split, **_table_options(args),
+                     finetune=_finetune_options(args),
                      class_names=None if args.class_names is None else _names_option("--class-names",
                                                                                      args.class_names),
                      text_encoder=args.text_encoder, audio_features=args.audio_features,
@@ -501,6 +502,25 @@ def cmd_featurize(args) -> int:
           + ", ".join(f"{m} {d}" for m, d in data.input_dims.items()) + " dims, "
           f"{data.num_classes} classes, up to {data.num_speakers} speakers per conversation")
     return 0
+
+
+FINETUNE_OPTIONS = ("epochs", "lr", "finetune_batch_size", "max_tokens", "patience", "seed", "precision")
+
+
+def _finetune_options(args):
+    """featurize's fine-tuning options (featurize/finetune.py), refused without --finetune."""
+    from .engine import check_precision, resolve_device
+    from .featurize import FinetuneOptions
+    given = {k: getattr(args, k) for k in FINETUNE_OPTIONS if getattr(args, k) is not None}
+    if not args.finetune:
+        if given:
+            raise UsageError(f"--{next(iter(given)).replace('_', '-')} applies only with --finetune")
+        return None
+    if "finetune_batch_size" in given:
+        given["batch_size"] = given.pop("finetune_batch_size")
+    options = FinetuneOptions(**given).check()
+    check_precision(options.precision, resolve_device(args.device or "auto"))
+    return options
 
 
 def cmd_convert(args) -> int:
@@ -642,8 +662,21 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch")
     z.add_argument("--device", help="default: cuda when present, else cpu")
     z.add_argument("--no-progress", action="store_true")
+    z.add_argument("--finetune", action="store_true",
+                   help="first fine-tune the text encoder as an emotion classifier on the train split (epoch "
+                        "chosen on valid; test labels never read); saved as OUT.encoder/ and used for every split")
+    z.add_argument("--epochs", type=int, help="--finetune: most epochs (default 3)")
+    z.add_argument("--lr", type=float, help="--finetune: the encoder's learning rate (default 5e-5)")
+    z.add_argument("--finetune-batch-size", type=int, help="--finetune: utterances per step (default 32)")
+    z.add_argument("--max-tokens", type=int, help="--finetune: tokens kept per utterance (default 64)")
+    z.add_argument("--patience", type=int, help="--finetune: stop after this many epochs without a better "
+                                                "valid weighted F1 (default: run every epoch)")
+    z.add_argument("--seed", type=int, help="--finetune: seed of the head, the batches and a carved valid "
+                                            "split (default 0)")
+    z.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="--finetune: autocast of the "
+                                                                         "forward (default fp32)")
     _add_table_options(z, text_help="a local sentence-transformers / Hugging Face model folder "
-                                    "(default: the embedded all-MiniLM-L6-v2)")
+                                    "(default: the embedded all-MiniLM-L6-v2; with --finetune, the base)")
     z.set_defaults(func=cmd_featurize)
 
     c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")
