@@ -312,6 +312,10 @@ def _cmd_train(args, distributed) -> int:
     if base and base.get("test"):
         print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "
               f"{base['test']['weighted_f1']:.2f}  accuracy {base['test']['accuracy']:.2f}")
+    gru = metrics.get("baseline_context_gru")
+    if gru and gru.get("test"):
+        print(f"context baseline (bidirectional GRU, same features and split): test weighted F1 "
+              f"{gru['test']['weighted_f1']:.2f}  accuracy {gru['test']['accuracy']:.2f}")
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
@@ -345,12 +349,15 @@ def cmd_sweep(args) -> int:
 
 def cmd_baseline(args) -> int:
     from .baseline import context_free_baseline
+    from .context_baseline import context_gru_baseline
     from .train import make_splits
     modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: must be >= 0")
     data = _load(args.data, args.preset, args.seed, args.class_names)
-    result = context_free_baseline(data, make_splits(data, TrainConfig.valid_fraction, args.seed), modalities)
+    splits = make_splits(data, TrainConfig.valid_fraction, args.seed)
+    result = context_free_baseline(data, splits, modalities)
+    result["context_gru"] = context_gru_baseline(data, splits, modalities, seed=args.seed)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -608,8 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
 
-    bl = sub.add_parser("baseline", help="the context-free baseline alone: logistic regression on each "
-                                         "utterance's features, C chosen on validation")
+    bl = sub.add_parser("baseline", help="the baselines alone: logistic regression on each utterance's "
+                                         "features, C chosen on validation; beside it (context_gru) a "
+                                         "bidirectional GRU over each conversation, epoch chosen on validation")
     bl.add_argument("--data", required=True)
     bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
     bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
