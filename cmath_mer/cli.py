@@ -295,6 +295,10 @@ def _cmd_train(args, distributed) -> int:
     if base and base.get("test"):
         print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "
               f"{base['test']['weighted_f1']:.2f}  accuracy {base['test']['accuracy']:.2f}")
+    gru = metrics.get("baseline_context_gru")
+    if gru and gru.get("test"):
+        print(f"context baseline (bidirectional GRU, same features and split): test weighted F1 "
+              f"{gru['test']['weighted_f1']:.2f}  accuracy {gru['test']['accuracy']:.2f}")
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
@@ -328,12 +332,15 @@ def cmd_sweep(args) -> int:
 
 def cmd_baseline(args) -> int:
     from cmath_mer.training.baseline import context_free_baseline
+    from cmath_mer.training.context_baseline import context_gru_baseline
     from cmath_mer.training.train import make_splits
     modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: must be >= 0")
     data = _load(args.data, args.preset, args.seed, args.class_names)
-    result = context_free_baseline(data, make_splits(data, TrainConfig.valid_fraction, args.seed), modalities)
+    splits = make_splits(data, TrainConfig.valid_fraction, args.seed)
+    result = context_free_baseline(data, splits, modalities)
+    result["context_gru"] = context_gru_baseline(data, splits, modalities, seed=args.seed)
     print(json.dumps(result, indent=2))
     return 0
 
@@ -473,6 +480,7 @@ def cmd_featurize(args) -> int:
     if args.device is not None:
         _check_device(args.device)
     data = featurize(args.tables, args.out, split=args.split, **_table_options(args),
+                     finetune=_finetune_options(args),
                      class_names=None if args.class_names is None else _names_option("--class-names",
                                                                                      args.class_names),
                      text_encoder=args.text_encoder, audio_features=args.audio_features,
@@ -484,6 +492,26 @@ def cmd_featurize(args) -> int:
           + ", ".join(f"{m} {d}" for m, d in data.input_dims.items()) + " dims, "
           f"{data.num_classes} classes, up to {data.num_speakers} speakers per conversation")
     return 0
+
+
+FINETUNE_OPTIONS = ("epochs", "lr", "finetune_batch_size", "max_tokens", "patience", "seed", "precision")
+
+
+def _finetune_options(args):
+    """featurize's fine-tuning options (featurize/finetune.py), refused without --finetune."""
+    from cmath_mer.training.precision import check_precision
+    from cmath_mer.training.device import resolve_device
+    from .featurize import FinetuneOptions
+    given = {k: getattr(args, k) for k in FINETUNE_OPTIONS if getattr(args, k) is not None}
+    if not args.finetune:
+        if given:
+            raise UsageError(f"--{next(iter(given)).replace('_', '-')} applies only with --finetune")
+        return None
+    if "finetune_batch_size" in given:
+        given["batch_size"] = given.pop("finetune_batch_size")
+    options = FinetuneOptions(**given).check()
+    check_precision(options.precision, resolve_device(args.device or "auto"))
+    return options
 
 
 def cmd_convert(args) -> int:
@@ -572,8 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
 
-    bl = sub.add_parser("baseline", help="the context-free baseline alone: logistic regression on each "
-                                         "utterance's features, C chosen on validation")
+    bl = sub.add_parser("baseline", help="the baselines alone: logistic regression on each utterance's "
+                                         "features, C chosen on validation; beside it (context_gru) a "
+                                         "bidirectional GRU over each conversation, epoch chosen on validation")
     bl.add_argument("--data", required=True)
     bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
     bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
@@ -626,8 +655,21 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch")
     z.add_argument("--device", help="default: cuda when present, else cpu")
     z.add_argument("--no-progress", action="store_true")
+    z.add_argument("--finetune", action="store_true",
+                   help="first fine-tune the text encoder as an emotion classifier on the train split (epoch "
+                        "chosen on valid; test labels never read); saved as OUT.encoder/ and used for every split")
+    z.add_argument("--epochs", type=int, help="--finetune: most epochs (default 3)")
+    z.add_argument("--lr", type=float, help="--finetune: the encoder's learning rate (default 5e-5)")
+    z.add_argument("--finetune-batch-size", type=int, help="--finetune: utterances per step (default 32)")
+    z.add_argument("--max-tokens", type=int, help="--finetune: tokens kept per utterance (default 64)")
+    z.add_argument("--patience", type=int, help="--finetune: stop after this many epochs without a better "
+                                                "valid weighted F1 (default: run every epoch)")
+    z.add_argument("--seed", type=int, help="--finetune: seed of the head, the batches and a carved valid "
+                                            "split (default 0)")
+    z.add_argument("--precision", choices=["bf16", "fp16", "fp32"], help="--finetune: autocast of the "
+                                                                         "forward (default fp32)")
     _add_table_options(z, text_help="a local sentence-transformers / Hugging Face model folder "
-                                    "(default: the embedded all-MiniLM-L6-v2)")
+                                    "(default: the embedded all-MiniLM-L6-v2; with --finetune, the base)")
     z.set_defaults(func=cmd_featurize)
 
     c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")

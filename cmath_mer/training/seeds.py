@@ -19,6 +19,9 @@ REPORTED = {
     "baseline_test_weighted_f1": ("baseline_context_free", "test", "weighted_f1"),
     "baseline_test_accuracy": ("baseline_context_free", "test", "accuracy"),
     "baseline_valid_weighted_f1": ("baseline_context_free", "valid", "weighted_f1"),
+    "context_baseline_test_weighted_f1": ("baseline_context_gru", "test", "weighted_f1"),
+    "context_baseline_test_accuracy": ("baseline_context_gru", "test", "accuracy"),
+    "context_baseline_valid_weighted_f1": ("baseline_context_gru", "valid", "weighted_f1"),
 }
 
 

@@ -28,6 +28,7 @@ from cmath_mer.training.meter import StepMeter
 from cmath_mer.training.precision import Precision, check_precision, default_precision
 from cmath_mer.training.step import compile_model, make_optimizer, make_stepper
 from cmath_mer.training.baseline import context_free_baseline
+from cmath_mer.training.context_baseline import context_gru_baseline
 from cmath_mer.training.ema import WeightAverage
 from cmath_mer.kernels import resolve_backend
 from cmath_mer.kernels.utils import gpu_dots_ok
@@ -323,6 +324,8 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         if tcfg.baseline and ctx.main:                             # only rank 0 writes it
             state["baseline"] = context_free_baseline(data, splits, config.modalities)
             log(_baseline_line(state["baseline"]))
+            state["baseline_context"] = context_gru_baseline(data, splits, config.modalities, seed=tcfg.seed)
+            log(_context_baseline_line(state["baseline_context"]))
     if config.class_weights:
         model.class_weight.copy_(inverse_frequency_weights(data, splits["train"], config.class_weight_power))
     if config.standardize_inputs:
@@ -523,6 +526,12 @@ def _baseline_line(b: dict) -> str:
     return f"context-free baseline (logistic regression, C={b['C']:g}): {where}{test}"
 
 
+def _context_baseline_line(b: dict) -> str:
+    where = f"valid wF1 {b['valid']['weighted_f1']:5.2f}  " if b["valid"] else ""
+    test = f"test wF1 {b['test']['weighted_f1']:5.2f} acc {b['test']['accuracy']:5.2f}" if b["test"] else ""
+    return f"context baseline (bidirectional GRU, epoch {b['epoch']}): {where}{test}"
+
+
 def _write_metrics(out: Path, state: dict) -> None:
     metrics = _metrics(state)
     if metrics is None:
@@ -543,6 +552,7 @@ def _metrics(state: dict) -> dict | None:
                                    "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
         "best_test_epoch": state["best_test"],
         "baseline_context_free": state.get("baseline"),
+        "baseline_context_gru": state.get("baseline_context"),
         "history": state["history"],
     }
 
