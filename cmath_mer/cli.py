@@ -254,7 +254,11 @@ def _cmd_train(args, distributed) -> int:
         from .run_folder import check_resume, data_fingerprint, run_files
         folder = out
         if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
-            folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
+            from .multi_run import check_folder
+            from .seeds import seed_folder
+            distributed.on_main(check_folder, out, "seeds", resume=True, overwrite=False)
+            folder = next((seed_folder(out, s) for s in seeds if run_files(seed_folder(out, s))),
+                          seed_folder(out, seeds[0]))
         # the run folder is rank 0's: it reads the settings and hands them to the other ranks
         saved, config, tcfg, preset_name, notes = distributed.on_main(_resume_settings, args, folder)
         data_seed = _data_seed(saved.state)
@@ -266,9 +270,12 @@ def _cmd_train(args, distributed) -> int:
             for note in notes:
                 print(note, file=sys.stderr)
     else:
-        def check_folders():
-            for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
-                check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
+        def check_folders():                                               # before the data is read
+            if seeds is None:
+                check_new_run_folder(out, overwrite=args.overwrite)
+            else:
+                from .multi_run import check_folder
+                check_folder(out, "seeds", resume=False, overwrite=args.overwrite)
         distributed.on_main(check_folders)
         preset_name = args.preset or "iemocap"
         seed = 0 if args.seed is None else args.seed
@@ -334,11 +341,19 @@ def _seed_list(text: str) -> list[int]:
 
 
 def cmd_sweep(args) -> int:
+    from .multi_run import check_folder
     from .sweep import load_grid, run_sweep
-    grid = load_grid(args.grid)
+    if args.out == "":
+        raise UsageError("--out: empty path; name the sweep's folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the sweep, or replace it")
+    modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
+    seeds = _seed_list(args.seeds)
+    grid = load_grid(_input_file("--grid", args.grid))
+    check_folder(args.out, "sweep", resume=args.resume, overwrite=args.overwrite)     # before the data is read
     data = _load(args.data, args.preset, 0, args.class_names)
-    modalities = tuple(args.modalities.split(",")) if args.modalities else None
-    run_sweep(data, args.preset, modalities, grid, _seed_list(args.seeds), args.out, progress=not args.no_progress)
+    run_sweep(data, args.preset, modalities, grid, seeds, args.out, resume=args.resume, overwrite=args.overwrite,
+              where=f"--grid {args.grid}", progress=not args.no_progress)
     print(f"wrote {args.out}/sweep.md and sweep.json (one folder per recipe and seed)")
     return 0
 
@@ -604,6 +619,9 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
     sw.add_argument("--seeds", default="0,1,2,3,4")
     sw.add_argument("--out", required=True)
+    sw.add_argument("--resume", action="store_true",
+                    help="continue the interrupted sweep in --out (finished recipes and seeds kept)")
+    sw.add_argument("--overwrite", action="store_true", help="replace the sweep that --out holds")
     sw.add_argument("--no-progress", action="store_true")
     sw.add_argument("--class-names", help=CLASS_NAMES_HELP)
     sw.set_defaults(func=cmd_sweep)

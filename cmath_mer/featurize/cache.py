@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
+from ..paths import path_component
 
 
 def content_key(encoder_key: str, content: bytes) -> bytes:
@@ -25,7 +26,8 @@ class FeatureCache:
         self.folder = Path(folder) if folder is not None else None
 
     def _file(self, encoder_key: str) -> Path:
-        return self.folder / f"{hashlib.sha256(encoder_key.encode()).hexdigest()[:16]}.safetensors"
+        name = f"{hashlib.sha256(encoder_key.encode()).hexdigest()[:16]}.safetensors"
+        return self.folder / path_component(name, "feature cache file")
 
     def load(self, encoder_key: str) -> dict[bytes, torch.Tensor]:
         if self.folder is None or not self._file(encoder_key).exists():
