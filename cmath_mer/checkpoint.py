@@ -3,8 +3,11 @@ carries the model config it was trained with (`config`) and the training state (
 alone is enough to evaluate or to resume; config.json beside it is a readable copy that must agree."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,25 +17,36 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 
 TMP_SUFFIX = ".tmp"
+# what safetensors' save_file writes before renaming it to the name it was given (Rust's tempfile crate)
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path) on a temporary file in the same folder, fsync it, then rename over `path`:
-    a crash leaves either the old file or the new one, never a torn one (and at worst a stale
-    `.NAME.*.tmp`, which run folders clean at start)."""
+    """Call write(tmp_path) on a file in a temporary folder beside `path`, fsync it, then rename it over
+    `path`: a crash leaves either the old file or the new one, never a torn one (and at worst a stale
+    `.NAME.*.tmp` folder, which run folders clean at start). The folder also holds what a writer makes
+    beside its file (safetensors' own `.tmpXXXXXX`), so a kill leaves nothing else behind."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    os.close(fd)
+    folder = tempfile.mkdtemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    tmp = os.path.join(folder, path.name)
     try:
         write(tmp)
-        # mkstemp makes 0600 (and a writer may replace the file, e.g. safetensors): the usual permissions
+        # a writer may make it 0600 (safetensors replaces the file): the usual permissions
         os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_temporary(path: Path) -> None:
+    """Remove a temporary that a killed writer left (a file, or atomic_write's folder)."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _umask() -> int:
@@ -70,7 +84,28 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         # a learning rate may be a device tensor (the CUDA-graph step reads it there): stored as a number
         meta["param_groups"] = json.dumps([{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()}
                                            for g in opt["param_groups"]])
+    meta["sha256"] = json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous().reshape(-1)          # 0-d tensors (a step count) as 1-d
+    return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").hexdigest()
+
+
+def check_digests(path: Path, tensors: dict[str, torch.Tensor], digests: dict | None) -> None:
+    """Refuse (CheckpointError naming the tensor) a checkpoint whose tensors are not the ones it was saved
+    with: another content, one missing or one added. Checkpoints from before the hashes (None) pass."""
+    if digests is None:
+        return
+    for what, names in (("is missing", set(digests) - set(tensors)),
+                        ("was not in it when it was written", set(tensors) - set(digests))):
+        if names:
+            raise CheckpointError(f"{path}: tensor {sorted(names)[0]!r} {what} (a damaged or altered checkpoint)")
+    for name in sorted(digests):
+        if tensor_sha256(tensors[name]) != digests[name]:
+            raise CheckpointError(f"{path}: tensor {name!r}: its content does not match the SHA-256 stored when "
+                                  f"the checkpoint was written (a damaged or altered checkpoint)")
 
 
 def read_metadata(path: Path) -> dict:
@@ -89,7 +124,14 @@ def read_metadata(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'state' is not an object)")
-    return {"state": state, "config": config, "param_groups": meta.get("param_groups")}
+    try:
+        digests = json.loads(meta["sha256"]) if "sha256" in meta else None
+    except json.JSONDecodeError:
+        digests = []
+    if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'sha256' is not an object of "
+                              f"tensor name -> hash)")
+    return {"state": state, "config": config, "param_groups": meta.get("param_groups"), "sha256": digests}
 
 
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
@@ -105,9 +147,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     path = Path(path)
     meta = read_metadata(path)
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    check_digests(path, tensors, meta["sha256"])
+    bad = non_finite_tensors({k: v for k, v in tensors.items() if k.startswith("optim.")})
+    if bad and optimizer is not None:
+        # NaN moments would make every step after the resume non-finite
+        raise CheckpointError(f"{path}: the optimizer state holds non-finite values ({bad[0]}); the run cannot "
+                              f"continue from this checkpoint")
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     average = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
     if averaged:

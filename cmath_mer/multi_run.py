@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import TMP_SUFFIX, atomic_write_text
+from .checkpoint import SAFETENSORS_TMP, TMP_SUFFIX, atomic_write_text, remove_temporary
 from .errors import RunFolderError
 from .run_folder import LOCK_NAME, RunLock, clear_run, is_temporary, run_files
 
@@ -36,7 +36,8 @@ def read_marker(out: Path) -> dict | None:
 
 
 def _is_temporary(name: str, files: tuple[str, ...]) -> bool:
-    return name.endswith(TMP_SUFFIX) and any(name.startswith(f".{f}.") for f in files + (MARKER,))
+    return (name.endswith(TMP_SUFFIX) and any(name.startswith(f".{f}.") for f in files + (MARKER,))
+            or SAFETENSORS_TMP.fullmatch(name) is not None)
 
 
 def check_folder(out: str | Path, kind: str, *, resume: bool, overwrite: bool) -> dict | None:
@@ -89,7 +90,7 @@ def _remove_ours(folder: Path) -> None:
         clear_run(folder)
     for p in folder.iterdir():
         if is_temporary(p.name) or _is_temporary(p.name, files):
-            p.unlink(missing_ok=True)
+            remove_temporary(p)
     (folder / MARKER).unlink(missing_ok=True)
     if not any(p.name != LOCK_NAME for p in folder.iterdir()):
         shutil.rmtree(folder)
@@ -111,7 +112,7 @@ def open_folder(out: str | Path, kind: str, children: list[str], *, resume: bool
             marker = None
         for p in out.iterdir():
             if _is_temporary(p.name, KINDS[kind][1]):
-                p.unlink(missing_ok=True)
+                remove_temporary(p)
         known = marker["children"] if marker else []
         atomic_write_text(out / MARKER, json.dumps({"kind": kind, "children": known + [
             c for c in children if c not in known]}) + "\n")

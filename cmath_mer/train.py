@@ -10,6 +10,7 @@ import dataclasses
 import contextlib
 from contextlib import nullcontext
 import json
+import shutil
 import math
 import random
 import time
@@ -313,6 +314,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
             _write_metrics(out, state)
             _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
+            if resume_from.name != "last.safetensors":
+                # a kill after best and before last of an epoch: best holds that epoch's whole state
+                atomic_write(out / "last.safetensors", lambda tmp: shutil.copyfile(resume_from, tmp))
         state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
         state.setdefault("data", fingerprint)
     else:
