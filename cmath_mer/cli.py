@@ -314,7 +314,7 @@ def _cmd_train(args, distributed) -> int:
     sel, best = metrics["selected_by_validation"], metrics["best_test_epoch"]
     if sel["weighted_f1"] is not None:
         print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
-              f"(epoch {sel['epoch']}, selected on validation)")
+              f"(epoch {sel['epoch']}, selected on {sel.get('selected_on', 'validation')})")
     base = metrics.get("baseline_context_free")
     if base and base.get("test"):
         print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "

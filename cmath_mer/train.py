@@ -51,6 +51,9 @@ def build_config(data: ConversationDataset, preset_name: str, modalities: tuple[
                   num_speakers=max(1, data.num_speakers), encoders=encoders, **overrides)
 
 
+NO_VALIDATION = "training loss (the data has no validation conversations)"
+
+
 def make_splits(data: ConversationDataset, valid_fraction: float, seed: int) -> dict[str, list[int]]:
     """train/valid/test conversation indices. Without a validation split in the data (IEMOCAP), a seeded
     `valid_fraction` of the training conversations is held out for model selection."""
@@ -339,6 +342,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
            f"over all of them" if ctx.active else "")
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
+    if not splits["valid"]:
+        log(f"warning: {data.source} has no validation conversations ({len(splits['train'])} training "
+            f"conversation(s), none to hold out): every epoch is scored by its training loss, and the one with "
+            f"the lowest is selected (metrics.json: selected_on)")
     if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):
         log("tip: this run could take --cuda-graphs, which replays each batch shape's step from a CUDA graph "
             "instead of issuing ~2,000 kernel launches per step (11x the eager step on an H100, README)")
@@ -437,7 +444,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
             if test is not None and ctx.main:
                 save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
-                                      f"test, epoch {epoch} (selected on validation)")
+                                      f"test, epoch {epoch} (selected on {_selected_on(state['best_valid'])})")
         if ctx.main:
             save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
             _write_run_files(out, saved_config, dataclasses.asdict(tcfg))  # with the first checkpoint, never before
@@ -509,7 +516,7 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device, preci
     with engine.Precision(precision, torch.device(device)).autocast():
         _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
-                          f"test, epoch {best['epoch']} (selected on validation)")
+                          f"test, epoch {best['epoch']} (selected on {_selected_on(best)})")
 
 
 def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
@@ -534,6 +541,11 @@ def _write_metrics(out: Path, state: dict) -> None:
     save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
 
 
+def _selected_on(best: dict) -> str:
+    """How the epoch was selected: on validation, or (data without validation conversations) training loss."""
+    return "validation" if best.get("valid") is not None else NO_VALIDATION
+
+
 def _metrics(state: dict) -> dict | None:
     best = state["best_valid"]
     if best is None:
@@ -542,7 +554,8 @@ def _metrics(state: dict) -> dict | None:
     return {
         "selected_by_validation": {"weighted_f1": test.get("weighted_f1"), "accuracy": test.get("accuracy"),
                                    "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
-                                   "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
+                                   "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1"),
+                                   "selected_on": _selected_on(best)},
         "best_test_epoch": state["best_test"],
         "baseline_context_free": state.get("baseline"),
         "history": state["history"],

@@ -33,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_write
+from ..errors import UsageError
 from ..config import MAX_SPEAKERS
 from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
@@ -194,6 +195,9 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
     return validate_dataset(ds, check_finite=True) if validate else ds
 
 
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".p", ".pk")
+
+
 def file_format(path: str | Path) -> str:
     """'safetensors', 'pickle' or 'unknown', from the file's first bytes (then its suffix)."""
     path = Path(path)
@@ -203,7 +207,7 @@ def file_format(path: str | Path) -> str:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
             return "safetensors"
-    if head[:1] == b"\x80" or path.suffix.lower() in (".pkl", ".pickle", ".p", ".pk"):
+    if head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
         return "pickle"
     if head[:1] in (b"(", b"]", b"}", b"c") and path.suffix.lower() not in (".safetensors",):
         return "pickle"                                              # protocol 0/1 pickles
@@ -253,6 +257,9 @@ def convert(in_path: str | Path, out_path: str | Path, **options) -> Conversatio
     Returns the dataset that was written. Raises DataError on bad input (nothing is written then).
     """
     feature_dtype = options.pop("feature_dtype", "float32")
+    if Path(out_path).suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"output {out_path}: convert writes the project's safetensors format, not a pickle; "
+                         f"name the output .safetensors")
     dataset = load_dataset(in_path, **options)
     save_dataset(dataset, out_path, feature_dtype=feature_dtype)
     return dataset
