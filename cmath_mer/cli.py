@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -53,6 +54,8 @@ def _check_device(device: str, backend: str | None = None) -> str:
         if dev.type != "cuda":
             raise UsageError(f"--backend triton needs a CUDA device (--device {device}); use --backend torch "
                              "on the CPU")
+    from .kernels.backend import check_backend_usable
+    check_backend_usable(backend, dev)                 # CMATH_BACKEND too, at start rather than at the first step
     return device
 
 
@@ -166,6 +169,8 @@ def _overrides(text: str | None) -> dict:
         overrides = json.loads(text)
     except json.JSONDecodeError as err:
         raise UsageError(f"--set: not valid JSON ({err}); e.g. --set '{{\"window\": 32}}'") from None
+    except RecursionError:
+        raise UsageError("--set: the JSON is nested too deeply") from None
     try:
         return check_overrides(overrides, "--set")
     except ConfigError as err:
@@ -337,6 +342,8 @@ def _seed_list(text: str) -> list[int]:
         raise UsageError(f"--seeds {text!r}: a seed is repeated")
     if any(s < 0 for s in seeds):
         raise UsageError(f"--seeds {text!r}: seeds must be >= 0")
+    if any(s > MAX_SEED for s in seeds):
+        raise UsageError(f"--seeds {text!r}: seeds must be at most {MAX_SEED}")
     return seeds
 
 
@@ -696,7 +703,22 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .featurize.extra import MissingExtraError
     try:
+        _check_int_options(args)
         return args.func(args)
+    except KeyboardInterrupt:                      # train says how to resume; the other outputs are atomic
+        if args.debug:
+            traceback.print_exc()
+        print(f"\ncmath-mer: interrupted; {args.command} wrote no partial file", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                        # `... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except RecursionError:
+        if args.debug:
+            traceback.print_exc()
+        print("cmath-mer: error: an input is nested too deeply to read (JSON or pickle); run with --debug to see "
+              "which", file=sys.stderr)
+        return 1
     except (UsageError, RunFolderError, DataError, CheckpointError, FloatingPointError, OSError,
             ValueError, MissingExtraError) as err:
         if args.debug:
@@ -705,6 +727,20 @@ def main(argv: list[str] | None = None) -> int:
             isinstance(err, ValueError) and not isinstance(err, DataError))
         print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
         return 2 if usage else 1
+
+
+MAX_SEED = 2**32 - 1              # the per-epoch and per-step seeds derived from it stay 64-bit integers
+MAX_INT = 2**63 - 1
+
+
+def _check_int_options(args) -> None:
+    """An integer option too large for the 64-bit integers it becomes: refused naming the option."""
+    for name, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        limit = MAX_SEED if name == "seed" else MAX_INT
+        if abs(value) > limit:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: too large (at most {limit})")
 
 
 def _one_line(err: BaseException) -> str:

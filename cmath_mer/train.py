@@ -31,6 +31,7 @@ from .config import CMATHConfig, TrainConfig, config_from_dict, config_to_dict, 
 from .errors import CheckpointError, ConfigError
 from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
 from .data.sharding import eval_shards, rank_batches, rows_before
+from .memory import check_model_fits
 from .metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from .model import CMATH
 
@@ -212,6 +213,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     tcfg = resolve_train_config(tcfg)
     check_cuda_graphs(tcfg, config)
     check_compatible(data, config)
+    distributed.on_main(check_model_fits, config, distributed.local_device(tcfg.device))   # before any write
     fingerprint = run_folder.data_fingerprint(data, config.modalities)
     # several processes: the same data everywhere, and the run folder is rank 0's (it alone reads and writes
     # it; the folder need not be shared between machines); its refusals stop every rank

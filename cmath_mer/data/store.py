@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write, bytes_needed
 from ..errors import UsageError
 from ..config import MAX_SPEAKERS
 from .dataset import SPLITS, ConversationDataset, DataError
@@ -75,7 +75,7 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
     def write(tmp):
         save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
         _sort_header_metadata(tmp)
-    atomic_write(path, write)
+    atomic_write(path, write, needed=bytes_needed(tensors, meta))
     return path
 
 
@@ -129,6 +129,8 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
             meta = json.loads(header["cmath_mer"])
         except json.JSONDecodeError as err:
             raise DataError(f"{src}: field 'metadata': unreadable JSON ({err})") from None
+        except RecursionError:
+            raise DataError(f"{src}: field 'metadata': the JSON is nested too deeply") from None
         if not isinstance(meta, dict):
             raise DataError(f"{src}: field 'metadata': expected a JSON object")
         for key in ("class_names", "modalities", "conversation_ids", "num_speakers", "splits"):
@@ -265,6 +267,19 @@ def convert(in_path: str | Path, out_path: str | Path, **options) -> Conversatio
     return dataset
 
 
+def _check_synthetic_fits(options: dict) -> None:
+    """Refuse (UsageError with the estimate) a synthetic corpus larger than the memory available."""
+    from ..config import PRESETS
+    from ..memory import check_fits, corpus_bytes
+    name = options.get("preset", "iemocap")
+    dims = options.get("input_dims") or (PRESETS[name]["input_dims"] if name in PRESETS else {})
+    conversations, longest = options.get("conversations"), options.get("max_length")
+    if conversations is not None and longest is not None:
+        check_fits(corpus_bytes(conversations, longest, dims), f"a corpus of {conversations:,} conversations of "
+                   f"up to {longest:,} utterances ({sum(dims.values()):,} feature dims)",
+                   "--conversations / --max-length")
+
+
 def synth(out_path: str | Path, **options) -> ConversationDataset:
     """`cmath-mer synth OUT`: write a synthetic corpus (see synthetic.make_synthetic for the model).
 
@@ -282,6 +297,7 @@ def synth(out_path: str | Path, **options) -> ConversationDataset:
     layout = options.pop("layout", "12")
     speaker_style = options.pop("speaker_style", "auto")
     feature_dtype = options.pop("feature_dtype", "float32")
+    _check_synthetic_fits(options)
     dataset = make_synthetic(**options)
     out = Path(out_path)
     if out.suffix.lower() in (".pkl", ".pickle"):
