@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint_state import check_param_groups, check_state
 from .errors import CheckpointError
 
 TMP_SUFFIX = ".tmp"
@@ -169,7 +170,9 @@ def read_metadata(path: Path) -> dict:
     if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
         raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'sha256' is not an object of "
                               f"tensor name -> hash)")
-    return {"state": state, "config": config, "param_groups": meta.get("param_groups"), "sha256": digests}
+    check_state(path, state)
+    return {"state": state, "config": config, "param_groups": check_param_groups(path, meta.get("param_groups")),
+            "sha256": digests}
 
 
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
@@ -219,7 +222,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         # how the update is computed (fused, foreach, capturable) is this run's choice, made for its device
         # and engine, not the saved run's; the hyperparameters and the state are the checkpoint's
         own = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in optimizer.param_groups]
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: the optimizer state does not fit the model ({err})") from None
         for group, flags in zip(optimizer.param_groups, own):
             group.update(flags)
     return meta["state"]

@@ -704,7 +704,9 @@ def main(argv: list[str] | None = None) -> int:
     from .featurize.extra import MissingExtraError
     try:
         _check_int_options(args)
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()                         # a closed pipe shows here, not at the interpreter's exit
+        return code
     except KeyboardInterrupt:                      # train says how to resume; the other outputs are atomic
         if args.debug:
             traceback.print_exc()
