@@ -65,6 +65,8 @@ def check_folder(out: str | Path, kind: str, *, resume: bool, overwrite: bool) -
             raise RunFolderError(f"--out {out}: the folder is not empty and is not a `{command}` folder (it holds "
                                  f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or "
                                  f"empty folder", usage=True)
+    if marker is not None and not _begun(out, marker):
+        marker = None               # killed before any run began: nothing to continue, free to start anew
     if marker is None and resume:
         raise RunFolderError(f"--resume: {out} holds no `{command}` runs (nothing to resume)", usage=True)
     if marker is not None and not (resume or overwrite):
@@ -110,6 +112,8 @@ def open_folder(out: str | Path, kind: str, children: list[str], *, resume: bool
             for f in KINDS[kind][1]:
                 (out / f).unlink(missing_ok=True)
             marker = None
+        else:
+            marker = read_marker(out)        # one of a start killed before any run began: its folders are ours
         for p in out.iterdir():
             if _is_temporary(p.name, KINDS[kind][1]):
                 remove_temporary(p)
@@ -117,6 +121,11 @@ def open_folder(out: str | Path, kind: str, children: list[str], *, resume: bool
         atomic_write_text(out / MARKER, json.dumps({"kind": kind, "children": known + [
             c for c in children if c not in known]}) + "\n")
         yield
+
+
+def _begun(out: Path, marker: dict) -> bool:
+    return any(child_begun(out / c) for c in marker["children"]) or any(
+        (out / f).exists() for f in KINDS[marker["kind"]][1])
 
 
 def child_begun(folder: Path) -> bool:

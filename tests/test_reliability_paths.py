@@ -243,3 +243,18 @@ def test_sweep_refuses_empty_modalities_and_a_missing_grid(tmp_path, capsys, cor
     refused(capsys, sweep_argv(corpus, grid, tmp_path / "o") + ["--modalities", ""], 2, "--modalities")
     refused(capsys, sweep_argv(corpus, tmp_path / "none.json", tmp_path / "o"), 2, "--grid", "no such file")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", ["seeds", "sweep"])
+def test_a_multi_run_killed_before_any_run_began_starts_anew(tmp_path, capsys, corpus, grid, command):
+    from cmath_mer.multi_run import MARKER
+    from cmath_mer.run_folder import LOCK_NAME
+    out = tmp_path / "out"
+    first = "seed-0" if command == "seeds" else "a"
+    (out / first).mkdir(parents=True)
+    (out / first / LOCK_NAME).write_text("1\n")
+    (out / MARKER).write_text(json.dumps({"kind": command, "children": [first]}))
+    argv = seeds_argv(corpus, out) if command == "seeds" else sweep_argv(corpus, grid, out)
+    refused(capsys, argv + ["--resume"], 2, "nothing to resume")
+    assert main(argv) == 0
+    assert (out / ("summary.json" if command == "seeds" else "sweep.json")).exists()
