@@ -205,3 +205,26 @@ def test_a_failed_write_leaves_nothing_beside_the_file(tmp_path):
     with pytest.raises(OSError):
         atomic_write(target, writer)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"] and target.read_bytes() == b"old"
+
+
+def test_featurize_removes_what_a_killed_write_of_its_output_and_cache_left(tmp_path):
+    from tests.test_featurize import HEADER, ROWS, fake_encoder
+    from tests.helpers import write_csv
+    from cmath_mer.featurize import cache_folder, featurize
+    table = write_csv(tmp_path / "talk.csv", HEADER, ROWS)
+    out = tmp_path / "talk.safetensors"
+    featurize([str(table)], out, text_encoder=fake_encoder(), progress=False)
+    tag = "".join(random.choices("abcdefgh12345678", k=8))
+    left = [tmp_path / f".talk.safetensors.{tag}.tmp", cache_folder(out) / f".{tag}.safetensors.{tag}.tmp",
+            cache_folder(out) / ".tmpA1b2C3"]
+    left[0].mkdir()
+    (left[0] / ".tmpQ1w2E3").write_bytes(b"\0" * 32)
+    for p in left[1:]:
+        p.write_bytes(b"\0" * 32)
+    users = [tmp_path / ".talk.csv.swp", tmp_path / f".other.safetensors.{tag}.tmp"]
+    for p in users:
+        p.write_text("mine")
+    write_csv(table, HEADER, [r if r[3] != "No!" else [*r[:3], "Yes!", *r[4:]] for r in ROWS])
+    featurize([str(table)], out, text_encoder=fake_encoder(), progress=False)
+    assert not any(p.exists() for p in left)
+    assert all(p.read_text() == "mine" for p in users)

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import atomic_write
+from ..checkpoint import SAFETENSORS_TMP, TMP_SUFFIX, atomic_write, remove_temporary
 from ..paths import path_component
 
 
@@ -59,6 +59,9 @@ class FeatureCache:
         vectors = torch.stack([merged[k].float() for k in order]).contiguous()
         digests = torch.tensor([list(vector_digest(v)) for v in vectors], dtype=torch.uint8)
         self.folder.mkdir(parents=True, exist_ok=True)
+        for p in self.folder.iterdir():            # the folder is the cache's: what a killed write left
+            if p.name.endswith(TMP_SUFFIX) and p.name.startswith(".") or SAFETENSORS_TMP.fullmatch(p.name):
+                remove_temporary(p)
         atomic_write(self._file(encoder_key),
                      lambda tmp: save_file({"keys": keys, "vectors": vectors, "sha256": digests}, tmp,
                                            metadata={"encoder": encoder_key}))
