@@ -5,6 +5,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -34,9 +35,13 @@ def _names_option(option: str, value: str, known: tuple[str, ...] | None = None)
 
 
 def _check_device(device: str, backend: str | None = None) -> str:
-    """The device a command runs on (auto resolved), checked once here, with the ops' backend on it."""
+    """The device a command runs on (auto resolved), checked once here with the ops' backend on it
+    (CMATH_BACKEND too: refused at start rather than at the first step)."""
+    from cmath_mer.kernels.backend import check_backend_usable
     from cmath_mer.training.device import check_device
-    return str(check_device(device, backend))
+    dev = check_device(device, backend)
+    check_backend_usable(backend, dev)
+    return str(dev)
 
 
 def _input_file(option: str, path: str) -> Path:
@@ -149,6 +154,8 @@ def _overrides(text: str | None) -> dict:
         overrides = json.loads(text)
     except json.JSONDecodeError as err:
         raise UsageError(f"--set: not valid JSON ({err}); e.g. --set '{{\"window\": 32}}'") from None
+    except RecursionError:
+        raise UsageError("--set: the JSON is nested too deeply") from None
     try:
         return check_overrides(overrides, "--set")
     except ConfigError as err:
@@ -237,7 +244,11 @@ def _cmd_train(args, distributed) -> int:
         from cmath_mer.training.run_folder import check_resume, data_fingerprint, run_files
         folder = out
         if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
-            folder = next((out / f"seed-{s}" for s in seeds if run_files(out / f"seed-{s}")), out / f"seed-{seeds[0]}")
+            from cmath_mer.training.multi_run import check_folder
+            from cmath_mer.training.seeds import seed_folder
+            distributed.on_main(check_folder, out, "seeds", resume=True, overwrite=False)
+            folder = next((seed_folder(out, s) for s in seeds if run_files(seed_folder(out, s))),
+                          seed_folder(out, seeds[0]))
         # the run folder is rank 0's: it reads the settings and hands them to the other ranks
         saved, config, tcfg, preset_name, notes = distributed.on_main(_resume_settings, args, folder)
         data_seed = _data_seed(saved.state)
@@ -249,9 +260,12 @@ def _cmd_train(args, distributed) -> int:
             for note in notes:
                 print(note, file=sys.stderr)
     else:
-        def check_folders():
-            for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
-                check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
+        def check_folders():                                               # before the data is read
+            if seeds is None:
+                check_new_run_folder(out, overwrite=args.overwrite)
+            else:
+                from cmath_mer.training.multi_run import check_folder
+                check_folder(out, "seeds", resume=False, overwrite=args.overwrite)
         distributed.on_main(check_folders)
         preset_name = args.preset or "iemocap"
         seed = 0 if args.seed is None else args.seed
@@ -290,7 +304,7 @@ def _cmd_train(args, distributed) -> int:
     sel, best = metrics["selected_by_validation"], metrics["best_test_epoch"]
     if sel["weighted_f1"] is not None:
         print(f"test weighted F1 {sel['weighted_f1']:.2f}  accuracy {sel['accuracy']:.2f}  "
-              f"(epoch {sel['epoch']}, selected on validation)")
+              f"(epoch {sel['epoch']}, selected on {sel.get('selected_on', 'validation')})")
     base = metrics.get("baseline_context_free")
     if base and base.get("test"):
         print(f"context-free baseline (logistic regression, same features and split): test weighted F1 "
@@ -317,15 +331,25 @@ def _seed_list(text: str) -> list[int]:
         raise UsageError(f"--seeds {text!r}: a seed is repeated")
     if any(s < 0 for s in seeds):
         raise UsageError(f"--seeds {text!r}: seeds must be >= 0")
+    if any(s > MAX_SEED for s in seeds):
+        raise UsageError(f"--seeds {text!r}: seeds must be at most {MAX_SEED}")
     return seeds
 
 
 def cmd_sweep(args) -> int:
+    from cmath_mer.training.multi_run import check_folder
     from cmath_mer.training.sweep import load_grid, run_sweep
-    grid = load_grid(args.grid)
+    if args.out == "":
+        raise UsageError("--out: empty path; name the sweep's folder")
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other: continue the sweep, or replace it")
+    modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
+    seeds = _seed_list(args.seeds)
+    grid = load_grid(_input_file("--grid", args.grid))
+    check_folder(args.out, "sweep", resume=args.resume, overwrite=args.overwrite)     # before the data is read
     data = _load(args.data, args.preset, 0, args.class_names)
-    modalities = tuple(args.modalities.split(",")) if args.modalities else None
-    run_sweep(data, args.preset, modalities, grid, _seed_list(args.seeds), args.out, progress=not args.no_progress)
+    run_sweep(data, args.preset, modalities, grid, seeds, args.out, resume=args.resume, overwrite=args.overwrite,
+              where=f"--grid {args.grid}", progress=not args.no_progress)
     print(f"wrote {args.out}/sweep.md and sweep.json (one folder per recipe and seed)")
     return 0
 
@@ -617,6 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
     sw.add_argument("--seeds", default="0,1,2,3,4")
     sw.add_argument("--out", required=True)
+    sw.add_argument("--resume", action="store_true",
+                    help="continue the interrupted sweep in --out (finished recipes and seeds kept)")
+    sw.add_argument("--overwrite", action="store_true", help="replace the sweep that --out holds")
     sw.add_argument("--no-progress", action="store_true")
     sw.add_argument("--class-names", help=CLASS_NAMES_HELP)
     sw.set_defaults(func=cmd_sweep)
@@ -704,7 +731,24 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .featurize.extra import MissingExtraError
     try:
-        return args.func(args)
+        _check_int_options(args)
+        code = args.func(args)
+        sys.stdout.flush()                         # a closed pipe shows here, not at the interpreter's exit
+        return code
+    except KeyboardInterrupt:                      # train says how to resume; the other outputs are atomic
+        if args.debug:
+            traceback.print_exc()
+        print(f"\ncmath-mer: interrupted; {args.command} wrote no partial file", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                        # `... | head`: the reader left; nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except RecursionError:
+        if args.debug:
+            traceback.print_exc()
+        print("cmath-mer: error: an input is nested too deeply to read (JSON or pickle); run with --debug to see "
+              "which", file=sys.stderr)
+        return 1
     except (UsageError, RunFolderError, DataError, CheckpointError, FloatingPointError, OSError,
             ValueError, MissingExtraError) as err:
         if args.debug:
@@ -713,6 +757,20 @@ def main(argv: list[str] | None = None) -> int:
             isinstance(err, ValueError) and not isinstance(err, DataError))
         print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
         return 2 if usage else 1
+
+
+MAX_SEED = 2**32 - 1              # the per-epoch and per-step seeds derived from it stay 64-bit integers
+MAX_INT = 2**63 - 1
+
+
+def _check_int_options(args) -> None:
+    """An integer option too large for the 64-bit integers it becomes: refused naming the option."""
+    for name, value in vars(args).items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        limit = MAX_SEED if name == "seed" else MAX_INT
+        if abs(value) > limit:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: too large (at most {limit})")
 
 
 def _one_line(err: BaseException) -> str:

@@ -32,7 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmath_mer.files import atomic_write
+from cmath_mer.files import atomic_write, bytes_needed
+from ..errors import UsageError
 from cmath_mer.model.config import MAX_SPEAKERS
 from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
@@ -74,7 +75,7 @@ def save_dataset(dataset: ConversationDataset, path: str | Path, *, feature_dtyp
     def write(tmp):
         save_file(tensors, tmp, metadata={"format": FORMAT, "cmath_mer": json.dumps(meta)})
         _sort_header_metadata(tmp)
-    atomic_write(path, write)
+    atomic_write(path, write, needed=bytes_needed(tensors, meta))
     return path
 
 
@@ -128,6 +129,8 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
             meta = json.loads(header["cmath_mer"])
         except json.JSONDecodeError as err:
             raise DataError(f"{src}: field 'metadata': unreadable JSON ({err})") from None
+        except RecursionError:
+            raise DataError(f"{src}: field 'metadata': the JSON is nested too deeply") from None
         if not isinstance(meta, dict):
             raise DataError(f"{src}: field 'metadata': expected a JSON object")
         for key in ("class_names", "modalities", "conversation_ids", "num_speakers", "splits"):
@@ -194,6 +197,9 @@ def load_safetensors(path: str | Path, *, modalities: tuple[str, ...] | None = N
     return validate_dataset(ds, check_finite=True) if validate else ds
 
 
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".p", ".pk")
+
+
 def file_format(path: str | Path) -> str:
     """'safetensors', 'pickle' or 'unknown', from the file's first bytes (then its suffix)."""
     path = Path(path)
@@ -203,7 +209,7 @@ def file_format(path: str | Path) -> str:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
             return "safetensors"
-    if head[:1] == b"\x80" or path.suffix.lower() in (".pkl", ".pickle", ".p", ".pk"):
+    if head[:1] == b"\x80" or path.suffix.lower() in PICKLE_SUFFIXES:
         return "pickle"
     if head[:1] in (b"(", b"]", b"}", b"c") and path.suffix.lower() not in (".safetensors",):
         return "pickle"                                              # protocol 0/1 pickles
@@ -253,9 +259,25 @@ def convert(in_path: str | Path, out_path: str | Path, **options) -> Conversatio
     Returns the dataset that was written. Raises DataError on bad input (nothing is written then).
     """
     feature_dtype = options.pop("feature_dtype", "float32")
+    if Path(out_path).suffix.lower() in PICKLE_SUFFIXES:
+        raise UsageError(f"output {out_path}: convert writes the project's safetensors format, not a pickle; "
+                         f"name the output .safetensors")
     dataset = load_dataset(in_path, **options)
     save_dataset(dataset, out_path, feature_dtype=feature_dtype)
     return dataset
+
+
+def _check_synthetic_fits(options: dict) -> None:
+    """Refuse (UsageError with the estimate) a synthetic corpus larger than the memory available."""
+    from cmath_mer.model.config import PRESETS
+    from cmath_mer.data.memory import check_fits, corpus_bytes
+    name = options.get("preset", "iemocap")
+    dims = options.get("input_dims") or (PRESETS[name]["input_dims"] if name in PRESETS else {})
+    conversations, longest = options.get("conversations"), options.get("max_length")
+    if conversations is not None and longest is not None:
+        check_fits(corpus_bytes(conversations, longest, dims), f"a corpus of {conversations:,} conversations of "
+                   f"up to {longest:,} utterances ({sum(dims.values()):,} feature dims)",
+                   "--conversations / --max-length")
 
 
 def synth(out_path: str | Path, **options) -> ConversationDataset:
@@ -275,6 +297,7 @@ def synth(out_path: str | Path, **options) -> ConversationDataset:
     layout = options.pop("layout", "12")
     speaker_style = options.pop("speaker_style", "auto")
     feature_dtype = options.pop("feature_dtype", "float32")
+    _check_synthetic_fits(options)
     dataset = make_synthetic(**options)
     out = Path(out_path)
     if out.suffix.lower() in (".pkl", ".pickle"):

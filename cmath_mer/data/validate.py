@@ -53,6 +53,12 @@ def validate_dataset(ds: ConversationDataset, *, check_finite: bool = True) -> C
         raise DataError(f"{src}: conversation {dup!r}: field 'conversation_ids': the id appears twice")
     if not ds.class_names:
         raise DataError(f"{src}: field 'class_names': no classes")
+    names = [str(n).strip() for n in ds.class_names]
+    if not all(names):
+        raise DataError(f"{src}: field 'class_names': class {names.index('')} has an empty name")
+    if len(set(names)) != len(names):
+        dup = next(n for i, n in enumerate(names) if n in names[:i])
+        raise DataError(f"{src}: field 'class_names': {dup!r} is named twice")
     if ds.num_speakers < 1 and T:
         raise DataError(f"{src}: field 'num_speakers': {ds.num_speakers} speakers for {T} utterances")
     if ds.num_speakers > MAX_SPEAKERS:

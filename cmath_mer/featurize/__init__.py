@@ -10,6 +10,8 @@ there is no output (and no cache update).
 """
 from __future__ import annotations
 
+import glob
+
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +202,7 @@ def featurize(tables: list[str], out: str | Path | None = None, *, layout: str =
     dataset, fresh = _build(corpus, modalities, text_encoder, audio_encoder, cache=cache,
                             missing_audio=missing_audio, progress=progress, source=source, log=log)
     if out is not None:
+        remove_temporaries_of(Path(out))
         save_dataset(dataset, out)
         dataset.source = str(out)
     for key, entries in fresh.items():            # the cache learns only from a run that succeeded
@@ -216,6 +219,15 @@ def _finetuned(corpus: Corpus, base, out, options: FinetuneOptions, device, prog
                                        progress=progress, log=log)
     mark_valid(corpus, valid)
     return encoder
+
+
+def remove_temporaries_of(out: Path) -> None:
+    """What a killed earlier write of `out` left beside it (atomic_write's `.NAME.*.tmp`, named after `out`
+    alone: nothing else of the folder is touched)."""
+    from cmath_mer.files import TMP_SUFFIX, remove_temporary
+    if out.parent.is_dir():
+        for p in out.parent.glob(f".{glob.escape(out.name)}.*{TMP_SUFFIX}"):
+            remove_temporary(p)
 
 
 def _quiet_model_loading() -> None:

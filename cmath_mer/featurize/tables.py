@@ -121,6 +121,8 @@ def _read_rows(path: Path, name: str) -> tuple[list[str], list[tuple[int, dict]]
                 obj = json.loads(raw)
             except json.JSONDecodeError as err:
                 raise DataError(f"{name}: line {line}: not a JSON object ({err.msg})") from None
+            except RecursionError:
+                raise DataError(f"{name}: line {line}: the JSON is nested too deeply") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{name}: line {line}: a JSON {type(obj).__name__}, expected an object")
             columns.update(dict.fromkeys(obj))
@@ -143,6 +145,35 @@ def _read_rows(path: Path, name: str) -> tuple[list[str], list[tuple[int, dict]]
     except csv.Error as err:
         raise DataError(f"{name}: line {line}: unreadable CSV ({err})") from None
     return header, rows
+
+
+def _check_values(row: dict, cols: dict[str, str], has: set[str], name: str, line: int) -> None:
+    """A JSONL value is a string or a number (the speaker also a list of names): an object or a list is
+    refused, never written as its Python text."""
+    for role in (*REQUIRED, *has):
+        for column in cols[role].split("+"):
+            value = row.get(column)
+            names = role == "speaker" and isinstance(value, list) and value and all(
+                isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value)
+            if isinstance(value, (dict, list)) and not names:
+                raise DataError(f"{name}: line {line}: field {role!r} (column {column!r}): a JSON "
+                                f"{'object' if isinstance(value, dict) else 'list'}, expected a string or a number"
+                                + (" (or, for the speaker, a list of names)" if role == "speaker" else ""))
+
+
+def _check_split_overlap(conversations: list[list[Utterance]]) -> None:
+    """The same conversation (its id and every utterance) in two splits, e.g. one table given as :train and
+    as :test, would be trained on and tested on: refused."""
+    seen: dict[tuple, Utterance] = {}
+    for rows in conversations:
+        first = rows[0]
+        key = (first.source_conversation, tuple((u.utterance_id, u.speaker, u.text) for u in rows))
+        other = seen.setdefault(key, first)
+        if other.split != first.split:
+            raise DataError(f"{first.file}: line {first.line}: field 'conversation': conversation "
+                            f"{first.source_conversation!r} ({first.split}) is also in {other.file} line "
+                            f"{other.line} ({other.split}), utterance for utterance; a conversation belongs to one "
+                            f"split")
 
 
 def detect_layout(columns: list[str]) -> str:
@@ -217,6 +248,8 @@ def read_table(spec: str, *, layout: str = "auto", columns: dict[str, str] | Non
     root = Path(media_root) if media_root is not None else path.parent
 
     for position, (line, row) in enumerate(rows):
+        _check_values(row, cols, table.has, name, line)
+
         def cell(role):
             return "/".join(_cell(row, c) for c in cols[role].split("+")) if role in table.has or \
                 role in REQUIRED else ""
@@ -292,6 +325,7 @@ def read_tables(specs: list[str], *, class_names: tuple[str, ...] | None = None,
                                     f"{u.source_conversation!r} is in split {rows[0].split!r} at line "
                                     f"{rows[0].line} and {u.split!r} here")
             conversations.append(sorted(rows, key=lambda u: u.order))
+    _check_split_overlap(conversations)
 
     if class_names is None:
         known = {LAYOUTS[t.layout].class_names for t in tables if LAYOUTS[t.layout].class_names}

@@ -43,6 +43,18 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     return name
 
 
+def check_backend_usable(requested: str | None, device: torch.device) -> None:
+    """Refuse at start (UsageError naming --backend or CMATH_BACKEND) a backend that cannot run on `device`,
+    rather than at the first step."""
+    from ..errors import UsageError
+    where = f"--backend {requested}" if requested is not None else \
+        f"CMATH_BACKEND={os.environ.get('CMATH_BACKEND', 'auto')}"
+    try:
+        resolve_backend(requested, device)
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(f"{where}: {err}") from None
+
+
 RECONSTRUCTION_IMPLS = ("auto", "kernel", "chunked")
 
 

@@ -237,6 +237,6 @@ def load_config(path: str | Path) -> CMATHConfig:
         d = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ConfigError(f"{path}: not a readable JSON config ({err})") from None
     return config_from_dict(d, str(path))

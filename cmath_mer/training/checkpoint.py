@@ -3,14 +3,21 @@ carries the model config it was trained with (`config`) and the training state (
 alone is enough to evaluate or to resume; config.json beside it is a readable copy that must agree."""
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from cmath_mer.errors import CheckpointError
-from cmath_mer.files import atomic_write
+from cmath_mer.files import atomic_write, bytes_needed
+from cmath_mer.training.checkpoint_state import check_param_groups, check_state
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
@@ -37,7 +44,28 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         # a learning rate may be a device tensor (the CUDA-graph step reads it there): stored as a number
         meta["param_groups"] = json.dumps([{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()}
                                            for g in opt["param_groups"]])
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    meta["sha256"] = json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), needed=bytes_needed(tensors, meta))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().cpu().contiguous().reshape(-1)          # 0-d tensors (a step count) as 1-d
+    return hashlib.sha256(t.view(torch.uint8).numpy().data if t.numel() else b"").hexdigest()
+
+
+def check_digests(path: Path, tensors: dict[str, torch.Tensor], digests: dict | None) -> None:
+    """Refuse (CheckpointError naming the tensor) a checkpoint whose tensors are not the ones it was saved
+    with: another content, one missing or one added. Checkpoints from before the hashes (None) pass."""
+    if digests is None:
+        return
+    for what, names in (("is missing", set(digests) - set(tensors)),
+                        ("was not in it when it was written", set(tensors) - set(digests))):
+        if names:
+            raise CheckpointError(f"{path}: tensor {sorted(names)[0]!r} {what} (a damaged or altered checkpoint)")
+    for name in sorted(digests):
+        if tensor_sha256(tensors[name]) != digests[name]:
+            raise CheckpointError(f"{path}: tensor {name!r}: its content does not match the SHA-256 stored when "
+                                  f"the checkpoint was written (a damaged or altered checkpoint)")
 
 
 def read_metadata(path: Path) -> dict:
@@ -56,7 +84,16 @@ def read_metadata(path: Path) -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'state' is not an object)")
-    return {"state": state, "config": config, "param_groups": meta.get("param_groups")}
+    try:
+        digests = json.loads(meta["sha256"]) if "sha256" in meta else None
+    except json.JSONDecodeError:
+        digests = []
+    if digests is not None and not (isinstance(digests, dict) and all(isinstance(v, str) for v in digests.values())):
+        raise CheckpointError(f"{path}: not a readable checkpoint (metadata 'sha256' is not an object of "
+                              f"tensor name -> hash)")
+    check_state(path, state)
+    return {"state": state, "config": config, "param_groups": check_param_groups(path, meta.get("param_groups")),
+            "sha256": digests}
 
 
 _IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
@@ -72,9 +109,16 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     path = Path(path)
     meta = read_metadata(path)
     try:
-        tensors = load_file(str(path), device=str(device))
+        tensors = load_file(str(path), device="cpu")
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from None
+    check_digests(path, tensors, meta["sha256"])
+    bad = non_finite_tensors({k: v for k, v in tensors.items() if k.startswith("optim.")})
+    if bad and optimizer is not None:
+        # NaN moments would make every step after the resume non-finite
+        raise CheckpointError(f"{path}: the optimizer state holds non-finite values ({bad[0]}); the run cannot "
+                              f"continue from this checkpoint")
+    tensors = {k: v.to(device) for k, v in tensors.items()}
     weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     average = {k[len("average."):]: v for k, v in tensors.items() if k.startswith("average.")}
     if averaged:
@@ -99,7 +143,10 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         # how the update is computed (fused, foreach, capturable) is this run's choice, made for its device
         # and engine, not the saved run's; the hyperparameters and the state are the checkpoint's
         own = [{k: g[k] for k in _IMPLEMENTATION if k in g} for g in optimizer.param_groups]
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        try:
+            optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        except (ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: the optimizer state does not fit the model ({err})") from None
         for group, flags in zip(optimizer.param_groups, own):
             group.update(flags)
     return meta["state"]

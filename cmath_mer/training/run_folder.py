@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cmath_mer.files import TMP_SUFFIX
+from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, remove_temporary
 from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.model.config import config_from_dict, config_to_dict
 from cmath_mer.errors import CheckpointError, RunFolderError
@@ -102,16 +102,18 @@ class RunLock:
 # --------------------------------------------------------------------------------------- folder contents
 
 def is_temporary(name: str) -> bool:
-    """A temporary of files.atomic_write (.NAME.XXXXXXXX.tmp) for a file a run writes."""
-    return name.endswith(TMP_SUFFIX) and any(name.startswith(f".{f}.") for f in RUN_FILES)
+    """A temporary of checkpoint.atomic_write (.NAME.XXXXXXXX.tmp) for a file a run writes, or one that
+    safetensors writes beside its file (.tmpXXXXXX: a run folder is the run's, so it is the run's)."""
+    return (name.endswith(TMP_SUFFIX) and any(name.startswith(f".{f}.") for f in RUN_FILES)
+            or SAFETENSORS_TMP.fullmatch(name) is not None)
 
 
 def clean_temporaries(out: Path) -> list[str]:
     """Remove temporaries a killed writer left behind (call with the lock held)."""
     removed = []
     for p in Path(out).iterdir():
-        if p.is_file() and is_temporary(p.name):
-            p.unlink(missing_ok=True)
+        if is_temporary(p.name):
+            remove_temporary(p)
             removed.append(p.name)
     return removed
 

@@ -3,12 +3,14 @@ run folder of its own, resumable); OUT/summary.json holds mean and standard devi
 every reported number, CMATH beside its context-free baseline. A single best seed is never the result."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 from cmath_mer.files import atomic_write
+from cmath_mer.paths import path_component
 
 # (name in summary.json, path into metrics.json)
 REPORTED = {
@@ -49,29 +51,36 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return summary
 
 
+def seed_folder(out: Path, seed: int) -> Path:
+    """OUT/seed-N, where the run of seed N trains."""
+    return Path(out) / path_component(f"seed-{seed}", "--seeds: folder")
+
+
 def train_seeds(data, config, tcfg, out_dir: str | Path, seeds: list[int], *, resume: bool = False,
-                log=print, **train_options) -> dict:
-    """Train one run per seed into out_dir/seed-N, then write out_dir/summary.json. Returns the summary."""
-    from cmath_mer.training import distributed
-    from cmath_mer.training.run_folder import run_files
+                overwrite: bool = False, log=print, **train_options) -> dict:
+    """Train one run per seed into out_dir/seed-N, then write out_dir/summary.json. Returns the summary.
+    out_dir is a multi-run folder (multi_run.py): new or empty, or these runs' to --resume (finished seeds
+    kept, the interrupted one continued, the others started) or --overwrite."""
+    from cmath_mer.training import distributed, multi_run
     from cmath_mer.training.train import train
     out = Path(out_dir)
+    folders = {seed: seed_folder(out, seed) for seed in seeds}
     main = distributed.context().main                      # under torchrun rank 0 alone writes and logs
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    else:
+    if not main:
         log = lambda *_: None                              # noqa: E731
-    per_seed = {}
-    for seed in seeds:
-        folder = out / f"seed-{seed}"
-        log(f"--- seed {seed}: {folder}")
-        begun = distributed.on_main(lambda: bool(run_files(folder)))
-        per_seed[seed] = train(data, config, dataclasses.replace(tcfg, seed=seed), folder,
-                               resume=resume and begun, log=log, **train_options)
-    summary = summarise(per_seed)
-    if main:
-        text = json.dumps(summary, indent=2) + "\n"
-        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
+    with contextlib.ExitStack() as held:
+        distributed.on_main(lambda: held.enter_context(multi_run.open_folder(
+            out, "seeds", [f.name for f in folders.values()], resume=resume, overwrite=overwrite)))
+        per_seed = {}
+        for seed, folder in folders.items():
+            log(f"--- seed {seed}: {folder}")
+            begun = distributed.on_main(lambda: multi_run.child_begun(folder))
+            per_seed[seed] = train(data, config, dataclasses.replace(tcfg, seed=seed), folder,
+                                   resume=resume and begun, log=log, **train_options)
+        summary = summarise(per_seed)
+        if main:
+            text = json.dumps(summary, indent=2) + "\n"
+            atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(text))
     log(summary_line(summary))
     return summary
 

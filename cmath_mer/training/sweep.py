@@ -12,40 +12,96 @@ import json
 from pathlib import Path
 
 from cmath_mer.files import atomic_write
-from cmath_mer.model.config import CMATHConfig
+from cmath_mer.model.config import check_overrides
 from cmath_mer.training.config import TrainConfig
+from cmath_mer.errors import ConfigError, UsageError
+from cmath_mer.paths import path_component
+
+
+# TrainConfig fields a recipe may not set: the sweep sets them itself (--seeds) or the machine does (torchrun)
+SWEEP_SET = {"seed": "--seeds", "world_size": "the number of processes (torchrun)"}
 
 
 def load_grid(path: str | Path) -> dict[str, dict]:
-    grid = json.loads(Path(path).read_text())
+    """Read and check the grid file's shape (UsageError naming --grid and the file): a non-empty object of
+    recipes, each named by a safe folder name, holding only `model` and `train` objects of settable fields."""
+    where = f"--grid {path}"
+    try:
+        grid = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{where}: cannot read the file ({getattr(err, 'strerror', None) or err})") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise UsageError(f"{where}: the JSON is nested too deeply") from None
     if not isinstance(grid, dict) or not grid:
-        raise ValueError(f"{path}: a sweep grid is a non-empty JSON object {{name: {{model: ..., train: ...}}}}")
+        raise UsageError(f"{where}: a sweep grid is a non-empty JSON object {{name: {{model: ..., train: ...}}}}")
     for name, spec in grid.items():
-        unknown = set(spec) - {"model", "train"}
-        if unknown:
-            raise ValueError(f"{path}: recipe {name!r}: unknown key {sorted(unknown)[0]!r} (model, train)")
-        for key, cls in (("model", CMATHConfig), ("train", TrainConfig)):
-            fields = set(cls.__dataclass_fields__)
-            bad = set(spec.get(key, {})) - fields
-            if bad:
-                raise ValueError(f"{path}: recipe {name!r}: {key} field {sorted(bad)[0]!r} is not a field of "
-                                 f"{cls.__name__}")
+        path_component(name, f"{where}: recipe name")
+        _check_recipe(where, name, spec)
     return grid
 
 
-def run_sweep(data, preset_name: str, modalities, grid: dict[str, dict], seeds: list[int], out_dir: str | Path,
-              *, log=print, **train_options) -> dict[str, dict]:
+def _check_recipe(where: str, name: str, spec) -> None:
+    recipe = f"{where}: recipe {name!r}"
+    if not isinstance(spec, dict):
+        raise UsageError(f"{recipe}: expected an object {{\"model\": {{...}}, \"train\": {{...}}}}, got "
+                         f"{type(spec).__name__}")
+    unknown = set(spec) - {"model", "train"}
+    if unknown:
+        raise UsageError(f"{recipe}: unknown key {sorted(unknown)[0]!r} (model, train)")
+    for key in ("model", "train"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise UsageError(f"{recipe}: {key!r} must be an object of fields, got {type(spec[key]).__name__}")
+    try:
+        check_overrides(spec.get("model", {}), f"{recipe}: model")
+    except ConfigError as err:
+        raise UsageError(str(err)) from None
+    fields = set(TrainConfig.__dataclass_fields__)
+    for field in spec.get("train", {}):
+        if field in SWEEP_SET:
+            raise UsageError(f"{recipe}: train field {field!r} is not set in a grid: it comes from "
+                             f"{SWEEP_SET[field]}")
+        if field not in fields:
+            raise UsageError(f"{recipe}: train field {field!r} is not a field of TrainConfig")
+
+
+def recipe_configs(data, preset_name: str, modalities, grid: dict[str, dict], where: str = "--grid") -> dict:
+    """{name: (CMATHConfig, TrainConfig)} for every recipe, built before any trains: a bad value in any
+    recipe is refused (UsageError naming it) before anything is written."""
     from cmath_mer.training.config import train_preset
-    from cmath_mer.training.seeds import train_seeds
     from cmath_mer.training.train import build_config
-    out = Path(out_dir)
-    results = {}
+    built = {}
     for name, spec in grid.items():
-        config = build_config(data, preset_name, modalities, **spec.get("model", {}))
-        tcfg = train_preset(preset_name, **spec.get("train", {}))
-        log(f"=== recipe {name}")
-        results[name] = train_seeds(data, config, tcfg, out / name, seeds, log=log, **train_options)
-        write_table(results, grid, out)
+        try:
+            built[name] = (build_config(data, preset_name, modalities, **spec.get("model", {})),
+                           train_preset(preset_name, **spec.get("train", {})))
+        except (ConfigError, TypeError) as err:
+            raise UsageError(f"{where}: recipe {name!r}: {err}") from None
+    return built
+
+
+def run_sweep(data, preset_name: str, modalities, grid: dict[str, dict], seeds: list[int], out_dir: str | Path,
+              *, resume: bool = False, overwrite: bool = False, where: str = "--grid", log=print,
+              **train_options) -> dict[str, dict]:
+    """Every recipe's seeds into OUT/<name>/ (a multi-run folder, multi_run.py: --resume keeps the finished
+    recipes and seeds and continues the interrupted one), the table after each recipe."""
+    from cmath_mer.training import multi_run
+    from cmath_mer.training.seeds import seed_folder, train_seeds
+    out = Path(out_dir)
+    built = recipe_configs(data, preset_name, modalities, grid, where)
+    for seed in seeds:
+        seed_folder(out, seed)
+    results = {}
+    with multi_run.open_folder(out, "sweep", list(grid), resume=resume, overwrite=overwrite):
+        for name, (config, tcfg) in built.items():
+            log(f"=== recipe {name}")
+            folder = out / path_component(name, f"{where}: recipe name")
+            results[name] = train_seeds(data, config, tcfg, folder, seeds, log=log,
+                                        resume=resume and multi_run.child_begun(folder), **train_options)
+            write_table(results, grid, out)
     return results
 
 

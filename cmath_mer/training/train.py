@@ -10,6 +10,7 @@ import dataclasses
 import contextlib
 from contextlib import nullcontext
 import json
+import shutil
 import math
 import random
 import time
@@ -39,6 +40,7 @@ from cmath_mer.training.config import TrainConfig
 from cmath_mer.errors import CheckpointError, ConfigError
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
 from cmath_mer.data.batching import eval_shards, rank_batches, rows_before
+from cmath_mer.data.memory import check_model_fits
 from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from cmath_mer.model.cmath import CMATH
 
@@ -57,6 +59,9 @@ def build_config(data: ConversationDataset, preset_name: str, modalities: tuple[
     return preset(preset_name, modalities=mods, input_dims={m: data.input_dims[m] for m in mods},
                   num_classes=data.num_classes, class_names=data.class_names,
                   num_speakers=max(1, data.num_speakers), encoders=encoders, **overrides)
+
+
+NO_VALIDATION = "training loss (the data has no validation conversations)"
 
 
 def make_splits(data: ConversationDataset, valid_fraction: float, seed: int) -> dict[str, list[int]]:
@@ -211,6 +216,7 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
     tcfg = resolve_train_config(tcfg)
     tcfg, eager_why = resolve_cuda_graphs(tcfg, config)
     check_compatible(data, config)
+    distributed.on_main(check_model_fits, config, distributed.local_device(tcfg.device))   # before any write
     fingerprint = run_folder.data_fingerprint(data, config.modalities)
     # several processes: the same data everywhere, and the run folder is rank 0's (it alone reads and writes
     # it; the folder need not be shared between machines); its refusals stop every rank
@@ -317,6 +323,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
             _write_metrics(out, state)
             _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
+            if resume_from.name != "last.safetensors":
+                # a kill after best and before last of an epoch: best holds that epoch's whole state
+                atomic_write(out / "last.safetensors", lambda tmp: shutil.copyfile(resume_from, tmp))
         state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
         state.setdefault("data", fingerprint)
     else:
@@ -341,6 +350,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
            f"over all of them" if ctx.active else "")
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
+    if not splits["valid"]:
+        log(f"warning: {data.source} has no validation conversations ({len(splits['train'])} training "
+            f"conversation(s), none to hold out): every epoch is scored by its training loss, and the one with "
+            f"the lowest is selected (metrics.json: selected_on)")
     if eager_why and dev.type == "cuda":
         log(f"eager steps, not CUDA graphs: they need {eager_why}")
     corpus_on_device = (DeviceCorpus(data, config.modalities, dev) if tcfg.data_on_device and dev.type == "cuda"
@@ -438,7 +451,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
             if test is not None and ctx.main:
                 save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
-                                      f"test, epoch {epoch} (selected on validation)")
+                                      f"test, epoch {epoch} (selected on {_selected_on(state['best_valid'])})")
         if ctx.main:
             save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
             _write_run_files(out, saved_config, dataclasses.asdict(tcfg))  # with the first checkpoint, never before
@@ -510,7 +523,7 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device, preci
     with Precision(precision, torch.device(device)).autocast():
         _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
-                          f"test, epoch {best['epoch']} (selected on validation)")
+                          f"test, epoch {best['epoch']} (selected on {_selected_on(best)})")
 
 
 def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
@@ -541,6 +554,11 @@ def _write_metrics(out: Path, state: dict) -> None:
     save_training_curves(state["history"], out / "training_curves.png", state.get("baseline"))
 
 
+def _selected_on(best: dict) -> str:
+    """How the epoch was selected: on validation, or (data without validation conversations) training loss."""
+    return "validation" if best.get("valid") is not None else NO_VALIDATION
+
+
 def _metrics(state: dict) -> dict | None:
     best = state["best_valid"]
     if best is None:
@@ -549,7 +567,8 @@ def _metrics(state: dict) -> dict | None:
     return {
         "selected_by_validation": {"weighted_f1": test.get("weighted_f1"), "accuracy": test.get("accuracy"),
                                    "per_class_f1": test.get("per_class_f1"), "epoch": best["epoch"],
-                                   "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1")},
+                                   "valid_weighted_f1": (best["valid"] or {}).get("weighted_f1"),
+                                   "selected_on": _selected_on(best)},
         "best_test_epoch": state["best_test"],
         "baseline_context_free": state.get("baseline"),
         "baseline_context_gru": state.get("baseline_context"),

@@ -71,6 +71,9 @@ def test_emorynlp_layout_conversation_is_season_episode_scene(tmp_path):
 def test_several_tables_keep_conversation_ids_unique(tmp_path):
     a = meld_csv(tmp_path / "train_sent_emo.csv")
     b = meld_csv(tmp_path / "dev_sent_emo.csv")
+    # the same ids, other conversations (the same conversation in two splits is refused)
+    b.write_text(b.read_text(encoding="utf-8").replace("That I did.", "This I did.").replace("Get out!", "Get in!"),
+                 encoding="utf-8")
     corpus = read_tables([f"{a}:train", f"{b}:dev"])
     ids = [c[0].conversation for c in corpus.conversations]
     assert ids == ["train_sent_emo/3", "train_sent_emo/1", "dev_sent_emo/3", "dev_sent_emo/1"]

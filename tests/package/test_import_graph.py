@@ -11,7 +11,7 @@ import cmath_mer
 
 PACKAGE = Path(cmath_mer.__file__).parent
 # a folder may import from its own rank and below
-RANK = {"errors": 0, "files": 0, "kernels": 1, "model": 2, "data": 3, "training": 4, "featurize": 5, "bench": 6,
+RANK = {"errors": 0, "files": 0, "paths": 0, "kernels": 1, "model": 2, "data": 3, "training": 4, "featurize": 5, "bench": 6,
         "gpucheck": 7, "cli": 8, "__main__": 9, "__init__": 9}
 
 
