@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
 from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
+from .threads import add_threads_option, apply_threads
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
 
@@ -286,7 +287,8 @@ def _cmd_train(args, distributed) -> int:
                  "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
         tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
-    run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed}   # evaluate rebuilds synthetic
+    run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed,    # evaluate rebuilds synthetic
+                "threads": args.thread_choice.as_dict()}
     try:
         if seeds is not None:
             from .seeds import train_seeds
@@ -670,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                    "more options)")
     b.set_defaults(func=cmd_bench)
 
+    for sp in (t, bl, sw, e, r, z):
+        add_threads_option(sp)
     for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
@@ -678,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .featurize.extra import MissingExtraError
     try:
+        if "threads" in vars(args):
+            args.thread_choice = apply_threads(args.threads)      # before any heavy work
         return args.func(args)
     except (UsageError, RunFolderError, DataError, CheckpointError, FloatingPointError, OSError,
             ValueError, MissingExtraError) as err:

@@ -1,0 +1,108 @@
+"""A newcomer's first hour: the thread policy, errors that come before torch, seeds folders given to predict
+and evaluate, the preset that follows the data, help generated from the code's constants, small run folders,
+progress that counts utterances."""
+import json
+import random
+
+import pytest
+import torch
+
+from cmath_mer.checkpoint import read_metadata
+from cmath_mer.cli import main
+from cmath_mer.data import make_synthetic, save_dataset
+from cmath_mer.errors import UsageError
+from cmath_mer.threads import choose_threads
+
+SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
+DIMS = {"text": 48, "audio": 40, "visual": 24}
+NO_ENV: dict = {}
+
+
+def small_file(tmp_path, seed: int, conversations: int = 8, name: str = "data.safetensors", **options):
+    data = make_synthetic(None, input_dims=options.pop("input_dims", DIMS), num_classes=options.pop("num_classes", 4),
+                          conversations=conversations, min_length=6, max_length=20, seed=seed, **options)
+    path = tmp_path / name
+    save_dataset(data, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ thread policy
+
+def test_the_policy_uses_every_usable_cpu_of_an_idle_machine_shared_by_its_processes():
+    rng = random.Random()
+    for _ in range(200):
+        cpus, processes = rng.randint(1, 128), rng.randint(1, 16)
+        choice = choose_threads(env=NO_ENV, cpus=cpus, load=0.0, processes=processes)
+        assert choice.threads == max(1, cpus // processes), (cpus, processes, choice)
+        assert f"{cpus} usable CPUs" in choice.why
+
+
+def test_the_policy_leaves_the_cores_that_other_work_keeps_busy():
+    rng = random.Random()
+    for _ in range(200):
+        cpus = rng.randint(2, 128)
+        busy = rng.randint(0, cpus + 4)
+        choice = choose_threads(env=NO_ENV, cpus=cpus, load=busy + rng.uniform(-0.4, 0.4), processes=1)
+        assert choice.threads == max(1, cpus - busy), (cpus, busy, choice)
+        assert "load average" in choice.why
+
+
+def test_torchrun_processes_share_the_cpus_from_its_environment():
+    cpus = random.randint(2, 64)
+    for name in ("LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        n = random.randint(2, cpus)
+        assert choose_threads(env={name: str(n)}, cpus=cpus, load=0.0).threads == max(1, cpus // n)
+    assert choose_threads(env={"LOCAL_WORLD_SIZE": str(cpus)}, cpus=cpus, load=0.0).threads == 1
+
+
+def test_threads_option_wins_then_the_users_environment_then_the_policy():
+    n, m = random.randint(1, 64), random.randint(1, 64)
+    assert choose_threads(n, env={"OMP_NUM_THREADS": str(m)}, cpus=2, load=5.0).as_dict() == \
+        {"threads": n, "why": "--threads"}
+    assert choose_threads(env={"OMP_NUM_THREADS": str(m), "MKL_NUM_THREADS": "7"}, cpus=2, load=5.0).as_dict() == \
+        {"threads": m, "why": "OMP_NUM_THREADS"}
+    assert choose_threads(env={"MKL_NUM_THREADS": str(m)}, cpus=2, load=5.0).as_dict() == \
+        {"threads": m, "why": "MKL_NUM_THREADS"}
+    assert choose_threads(env={"OMP_NUM_THREADS": f"{m},2"}, cpus=2, load=0.0).threads == m
+
+
+@pytest.mark.parametrize("env, option, needle", [({"OMP_NUM_THREADS": "many"}, None, "OMP_NUM_THREADS='many'"),
+                                                 ({"OMP_NUM_THREADS": "0"}, None, "OMP_NUM_THREADS='0'"),
+                                                 ({}, 0, "--threads 0")])
+def test_a_bad_thread_count_is_a_one_line_error_naming_where_it_came_from(env, option, needle):
+    with pytest.raises(UsageError, match=needle.replace("(", r"\(")):
+        choose_threads(option, env=env, cpus=4, load=0.0)
+
+
+@pytest.mark.parametrize("given", ["option", "env"])
+def test_train_applies_the_thread_choice_prints_it_in_the_data_line_and_stores_it_with_the_run(
+        tmp_path, monkeypatch, capsys, given):
+    path = small_file(tmp_path, random.randint(0, 10_000))
+    n = random.randint(1, 3)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda k: (seen.append(k), real(k)))
+    option = ["--threads", str(n)] if given == "option" else []
+    if given == "env":
+        monkeypatch.setenv("OMP_NUM_THREADS", str(n))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(path), "--epochs", "1", "--set", json.dumps(SMALL), "--out", str(out),
+                 "--no-progress", *option]) == 0
+    why = "--threads" if given == "option" else "OMP_NUM_THREADS"
+    assert seen and seen[0] == n
+    assert f", {n} CPU threads ({why})" in capsys.readouterr().out
+    assert read_metadata(out / "best.safetensors")["state"]["run"]["threads"] == {"threads": n, "why": why}
+
+
+def test_train_without_a_choice_applies_the_policy(tmp_path, monkeypatch, capsys):
+    path = small_file(tmp_path, random.randint(0, 10_000))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(path), "--epochs", "1", "--set", json.dumps(SMALL), "--out", str(out),
+                 "--no-progress"]) == 0
+    stored = read_metadata(out / "best.safetensors")["state"]["run"]["threads"]
+    assert stored["why"].endswith("usable CPUs") or "usable CPUs, load average" in stored["why"]
+    assert 1 <= stored["threads"] <= len(__import__("os").sched_getaffinity(0))
+    assert f", {stored['threads']} CPU threads ({stored['why']})" in capsys.readouterr().out
