@@ -10,7 +10,8 @@ import traceback
 from pathlib import Path
 
 from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
-from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
+from .errors import CheckpointError, ConfigError, DataError, RunFolderError, UsageError
+from .prechecks import check_early
 from .threads import add_threads_option, apply_threads
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
@@ -134,8 +135,9 @@ def _load_for_run(data: str, checkpoint: Path, modalities: tuple[str, ...], clas
     return corpus
 
 
-def _train_options(args) -> None:
-    """Check every training option that was given, before anything is read or written."""
+def _train_options(args, devices: bool = True) -> None:
+    """Check every training option that was given, before anything is read or written (devices=False:
+    those that need no torch, checked before it is imported)."""
     if args.out == "":
         raise UsageError("--out: empty path; name the run folder")
     if args.patience is not None and args.patience < 1:
@@ -150,14 +152,16 @@ def _train_options(args) -> None:
         _names_option("--modalities", args.modalities, MODALITIES)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
-    device = _check_device(args.device if args.device is not None else "auto", args.backend)
-    if args.precision is not None:
-        from .engine import check_precision
-        check_precision(args.precision, device)
     if args.accumulate is not None and args.accumulate < 1:
         raise UsageError(f"--accumulate {args.accumulate}: must be at least 1")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    if not devices:
+        return
+    device = _check_device(args.device if args.device is not None else "auto", args.backend)
+    if args.precision is not None:
+        from .engine import check_precision
+        check_precision(args.precision, device)
 
 
 def _overrides(text: str | None) -> dict:
@@ -679,20 +683,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="show the traceback of an error")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    from .data import DataError
-    from .featurize.extra import MissingExtraError
     try:
+        check_early(args)                                         # before torch is imported
+        if args.command == "train":
+            _train_options(args, devices=False)
         if "threads" in vars(args):
             args.thread_choice = apply_threads(args.threads)      # before any heavy work
         return args.func(args)
     except (UsageError, RunFolderError, DataError, CheckpointError, FloatingPointError, OSError,
-            ValueError, MissingExtraError) as err:
+            ValueError, _missing_extra_error()) as err:
         if args.debug:
             traceback.print_exc()
-        usage = isinstance(err, (UsageError, MissingExtraError)) or isinstance(err, RunFolderError) and err.usage or (
+        usage = isinstance(err, (UsageError, _missing_extra_error())) or isinstance(err, RunFolderError) and err.usage or (
             isinstance(err, ValueError) and not isinstance(err, DataError))
         print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
         return 2 if usage else 1
+
+
+def _missing_extra_error() -> type[Exception]:
+    """featurize's MissingExtraError where featurize was imported (it imports torch), else nothing to catch."""
+    extra = sys.modules.get(f"{__package__}.featurize.extra")
+    return extra.MissingExtraError if extra is not None else UsageError
 
 
 def _one_line(err: BaseException) -> str:

@@ -22,3 +22,7 @@ class RunFolderError(RuntimeError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: unreadable, truncated, non-finite, or not matching its config."""
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, the conversation and the field."""

@@ -110,7 +110,7 @@ def data_line_note(run_info: dict | None) -> str:
 
 def apply_threads(requested: int | None = None) -> ThreadChoice:
     """Choose and set torch's intra-op thread count (call before heavy work; imports torch)."""
+    choice = choose_threads(requested)                 # a bad value is refused before torch is imported
     import torch
-    choice = choose_threads(requested)
     torch.set_num_threads(choice.threads)
     return choice

@@ -106,3 +106,75 @@ def test_train_without_a_choice_applies_the_policy(tmp_path, monkeypatch, capsys
     assert stored["why"].endswith("usable CPUs") or "usable CPUs, load average" in stored["why"]
     assert 1 <= stored["threads"] <= len(__import__("os").sched_getaffinity(0))
     assert f", {stored['threads']} CPU threads ({stored['why']})" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ every missing column at once, before torch
+
+ROLE_COLUMNS = {"conversation": ["dialog", "session_id", "Conversation"], "utterance": ["turn", "Turn_ID", "index"],
+                "speaker": ["who", "Speaker_Name", "participant"], "text": ["transcript", "Sentence", "message"]}
+
+
+def test_every_missing_column_is_named_at_once_with_the_files_columns_and_a_working_suggestion(tmp_path, capsys):
+    from cmath_mer.cli import _columns
+    from cmath_mer.featurize.tables import read_tables
+    from helpers import write_csv
+    rng = random.Random()
+    renamed = rng.sample(sorted(ROLE_COLUMNS), rng.randint(2, 4))
+    header = {"conversation": "conversation_id", "utterance": "utterance_id", "speaker": "speaker", "text": "text"}
+    header.update({role: rng.choice(ROLE_COLUMNS[role]) for role in renamed})
+    columns = [header[r] for r in ("conversation", "utterance", "speaker", "text")] + ["feeling"]
+    rows = [[f"c{i // 3}", i % 3, f"s{i % 2}", f"words {rng.random()}", rng.choice(["joy", "anger"])] for i in range(9)]
+    path = write_csv(tmp_path / "mine.csv", columns, rows)
+    assert main(["featurize", str(path), "--out", str(tmp_path / "mine.safetensors")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mine.csv: line 1:" in err
+    for role in renamed:
+        assert f"field {role!r}" in err
+    assert f"its columns: {', '.join(columns)}" in err
+    suggestion = err.rsplit("try --columns ", 1)[1]
+    assert {role: header[role] for role in renamed}.items() <= _columns(suggestion).items()
+    assert _columns(suggestion).get("label") == "feeling"
+    corpus = read_tables([str(path)], columns=_columns(suggestion))        # the suggestion works as given
+    assert [u.text for u in corpus.utterances] == [r[3] for r in rows]
+    assert [u.label for u in corpus.utterances] == [r[4] for r in rows]
+    assert not (tmp_path / "mine.safetensors").exists()
+
+
+def test_a_column_named_in_columns_but_absent_is_an_error_not_ignored(tmp_path, capsys):
+    from helpers import write_csv
+    path = write_csv(tmp_path / "t.csv", ["conversation_id", "utterance_id", "speaker", "text", "Emotion"],
+                     [["a", 0, "A", "hi", "joy"]])
+    assert main(["featurize", str(path), "--columns", "label=Feeling", "--out", str(tmp_path / "o.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "field 'label' (column 'Feeling')" in err and "try --columns label=Emotion" in err
+
+
+def _torch_free_run(tmp_path, argv: list[str]) -> tuple[int, str, bool]:
+    """main(argv) in a fresh interpreter: exit code, stderr, and whether torch was imported by then."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = ("import sys, io; from cmath_mer.cli import main; err = io.StringIO(); sys.stderr = err; "
+            f"rc = main({argv!r}); sys.stderr = sys.__stderr__; "
+            "print(rc); print('torch' in sys.modules); print(err.getvalue().strip())")
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         check=True).stdout.splitlines()
+    return int(out[0]), "\n".join(out[2:]), out[1] == "True"
+
+
+def test_wrong_paths_columns_and_option_values_are_refused_before_torch_is_imported(tmp_path):
+    from helpers import write_csv
+    table = write_csv(tmp_path / "t.csv", ["dialog", "turn", "who", "text"], [["a", 0, "A", "hi"]])
+    missing = f"gone-{random.randint(0, 10**6)}"
+    cases = [(["train", "--data", f"{missing}.safetensors", "--out", "run"], 1, f"{missing}.safetensors: no such file"),
+             (["train", "--epochs", "0", "--out", "run"], 2, "--epochs 0: must be at least 1"),
+             (["train", "--threads", "0", "--out", "run"], 2, "--threads 0: must be at least 1"),
+             (["featurize", str(table), "--out", "o.safetensors"], 1, "field 'conversation' (column"),
+             (["featurize", f"{missing}.csv:train", "--out", "o.safetensors"], 1, f"{missing}.csv: no such file"),
+             (["predict", "--checkpoint", missing, "--data", "x.csv", "--out", "p.csv"], 1,
+              f"--checkpoint {missing}: not a run folder"),
+             (["evaluate", "--checkpoint", str(tmp_path), "--data", f"{missing}.pkl"], 1, f"{missing}.pkl: no such file")]
+    for argv, code, needle in cases:
+        rc, err, imported = _torch_free_run(tmp_path, argv)
+        assert (rc, imported) == (code, False) and needle in err and len(err.splitlines()) == 1, (argv, rc, err)

@@ -6,14 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import DataError  # noqa: F401  (defined without torch: the CLI's early checks raise it)
 from ..packing import cu_seqlens_from
 
 SPLITS = ("train", "valid", "test")
 IGNORE_INDEX = -100
-
-
-class DataError(ValueError):
-    """Bad input data. The message names the file, the conversation and the field."""
 
 
 @dataclass
