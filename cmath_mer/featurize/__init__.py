@@ -220,11 +220,12 @@ def _same_encoder(modality: str, recorded: dict, actual: dict, checkpoint: str) 
 def featurize_for_model(table: str, config, *, checkpoint: str = "the checkpoint",
                         text_encoder: str | TextEncoder | None = None, missing_audio: str = "error",
                         device: str | None = None, progress: bool = True, log=print,
-                        **table_options) -> tuple[ConversationDataset, Corpus]:
+                        cache: str | Path | None = None, **table_options) -> tuple[ConversationDataset, Corpus]:
     """Featurize one table the way the model's training data was (config.encoders): the same text model
     (checked by its weights' fingerprint and width), the same audio features. text_encoder overrides the
     recorded model folder (e.g. on another machine); a different model is an error. table_options: those of
-    read_table (layout, columns, media_root). No cache."""
+    read_table (layout, columns, media_root). cache: a featurize cache folder (the training data's) that
+    vectors are read from, so texts featurized for training are not encoded again; it is never written."""
     encoders = config.encoders or {}
     missing = [m for m in config.modalities if m not in encoders]
     if missing:
@@ -249,6 +250,6 @@ def featurize_for_model(table: str, config, *, checkpoint: str = "the checkpoint
     if "audio" in modalities:
         audio = AudioEncoder(encoders["audio"].get("feature_set", "eGeMAPSv02"))
         _same_encoder("audio", encoders["audio"], audio.record, checkpoint)
-    dataset, _ = _build(corpus, modalities, text, audio, cache=FeatureCache(None),
+    dataset, _ = _build(corpus, modalities, text, audio, cache=FeatureCache(cache),
                         missing_audio=missing_audio, progress=progress, source=corpus.tables[0].name, log=log)
     return dataset, corpus
