@@ -1,4 +1,4 @@
-"""`cmath-mer` command line: train, evaluate, predict, featurize, convert, synth, bench."""
+"""`cmath-mer` command line: train, baseline, sweep, evaluate, predict, featurize, convert, synth, bench."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .config import MODALITIES, PRESETS, TrainConfig, check_overrides, train_preset
+from .config import MODALITIES, PRESETS, TRAIN_PRESETS, TrainConfig, check_overrides, train_preset
 from .errors import CheckpointError, ConfigError, DataError, RunFolderError, UsageError
 from .prechecks import check_early
 from .preset_choice import DEFAULT_PRESET, choose_preset
@@ -551,31 +551,46 @@ def cmd_bench(args) -> int:
     return 0
 
 
+NO_PROGRESS_HELP = "no progress bars (for logs)"
+DATA_HELP = "a .safetensors or peer .pkl dataset, or 'synthetic' (the run's own synthetic corpus)"
+CHECKPOINT_HELP = ("a run folder (train --out), or the folder of train --seeds: then the ensemble of its seeds, "
+                   "the mean of their class probabilities")
+SYNTHETIC_PRESET_HELP = "the preset of --data synthetic's corpus (default %(default)s)"
+
+
+def _per_preset(field: str) -> str:
+    """'iemocap 8, meld 12': a TrainConfig field as each preset sets it."""
+    return ", ".join(f"{name} {getattr(train_preset(name), field):g}" for name in sorted(TRAIN_PRESETS))
+
+
 def _add_table_options(p, text_help: str) -> None:
     p.add_argument("--layout", default="auto", choices=["auto", "meld", "emorynlp", "generic"],
-                   help="table layout (default: detected from the header)")
+                   help="table layout (default %(default)s: detected from the header)")
     p.add_argument("--columns", help="role=COLUMN,... for other layouts; roles: conversation, utterance, "
                                      "speaker, text, label, split, audio, visual (A+B: several columns)")
     p.add_argument("--media-root", help="folder that audio/visual paths are relative to and must stay in "
                                         "(default: the table's folder)")
     p.add_argument("--missing-audio", default="error", choices=["error", "zero"],
-                   help="a missing or unreadable audio file: stop (default) or use a zero vector (counted)")
+                   help="a missing or unreadable audio file: stop (error, the default) or use a zero vector "
+                        "(zero, counted)")
     p.add_argument("--text-encoder", help=text_help)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cmath-mer", description=__doc__)
+    p = argparse.ArgumentParser(prog="cmath-mer")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train CMATH and write a checkpoint folder")
-    t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic'")
+    t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic' "
+                                                      "(default: %(default)s, the embedded demo corpus)")
     t.add_argument("--preset", choices=sorted(PRESETS),
                    help=f"the model and training recipe (default: the preset whose classes the data has, else "
                         f"{DEFAULT_PRESET}; synthetic:NAME is NAME's); with --resume, the run's own")
     t.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
-    t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
-    t.add_argument("--lr", type=float, help=f"default {TrainConfig.lr}")
-    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--epochs", type=int, help=f"default: the preset's ({_per_preset('epochs')}); with --resume, "
+                                               "the run's own")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default: the preset's, {_per_preset('lr')})")
+    t.add_argument("--seed", type=int, help="seed of the run: initialisation, batches, dropout (default 0)")
     t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3,4: one run each in OUT/seed-N, "
                                    "mean and std in OUT/summary.json")
     t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation F1")
@@ -594,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each batch shape's training step from a CUDA graph (CUDA, Triton ops, bf16 or "
                         "fp32, no --accumulate or --compile): the step stops waiting on the host")
-    t.add_argument("--backend", choices=["torch", "triton", "auto"])
+    t.add_argument("--backend", choices=["torch", "triton", "auto"],
+                   help="the ops: torch (reference), triton (fused kernels, CUDA only), auto (triton where it "
+                        "runs, else torch); default: the environment's CMATH_BACKEND, else auto")
     t.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="under torchrun: the process group's backend (auto: NCCL on CUDA, Gloo on the CPU)")
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
@@ -602,33 +619,34 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out with its own config (--epochs may extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are removed)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
 
     bl = sub.add_parser("baseline", help="the context-free baseline alone: logistic regression on each "
                                          "utterance's features, C chosen on validation")
-    bl.add_argument("--data", required=True)
-    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    bl.add_argument("--data", required=True, help=DATA_HELP)
+    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS), help=SYNTHETIC_PRESET_HELP)
     bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
     bl.add_argument("--seed", type=int, default=0, help="seed of the validation split (when the data has none)")
     bl.add_argument("--class-names", help=CLASS_NAMES_HELP)
     bl.set_defaults(func=cmd_baseline)
 
     sw = sub.add_parser("sweep", help="several recipes x several seeds; a table sorted by validation F1")
-    sw.add_argument("--data", required=True)
-    sw.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    sw.add_argument("--data", required=True, help=DATA_HELP)
+    sw.add_argument("--preset", default="iemocap", choices=sorted(PRESETS),
+                    help="the recipe the grid's overrides start from (default %(default)s)")
     sw.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
     sw.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
-    sw.add_argument("--seeds", default="0,1,2,3,4")
-    sw.add_argument("--out", required=True)
-    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds of every recipe (default %(default)s)")
+    sw.add_argument("--out", required=True, help="output folder: OUT/<recipe>/seed-N, sweep.md, sweep.json")
+    sw.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     sw.add_argument("--class-names", help=CLASS_NAMES_HELP)
     sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    e.add_argument("--data", required=True, help=DATA_HELP + " (its test split, else every conversation)")
     e.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
     e.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast of the forward (default: the run's training precision)")
@@ -636,14 +654,15 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="write per-utterance predictions as CSV")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--data", required=True)
+    r.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    r.add_argument("--data", required=True, help=DATA_HELP + ", or a conversation table (.csv, .jsonl) to "
+                   "featurize as the training data was")
     r.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
     r.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast of the forward (default: the run's training precision)")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="the CSV of per-utterance predictions and probabilities to write")
     r.add_argument("--class-names", help=CLASS_NAMES_HELP)
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     _add_table_options(r, text_help="with a table: the local folder of the checkpoint's text encoder, if it "
                                     "was a folder not on this machine (default: the one recorded)")
     r.set_defaults(func=cmd_predict)
@@ -655,39 +674,42 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--split", choices=["train", "valid", "test", "dev"],
                    help="split of rows with neither a ':SPLIT' nor a split column (default train)")
     z.add_argument("--class-names", help="comma-separated classes (default: the layout's, else the sorted labels)")
-    z.add_argument("--audio-features", default="eGeMAPSv02", choices=["eGeMAPSv02", "ComParE_2016"])
+    z.add_argument("--audio-features", default="eGeMAPSv02", choices=["eGeMAPSv02", "ComParE_2016"],
+                   help="openSMILE feature set of an audio column (default %(default)s)")
     z.add_argument("--no-cache", action="store_true", help="neither read nor write OUT.cache/")
-    z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch")
+    z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch (default %(default)s)")
     z.add_argument("--device", help="default: cuda when present, else cpu")
-    z.add_argument("--no-progress", action="store_true")
+    z.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     _add_table_options(z, text_help="a local sentence-transformers / Hugging Face model folder "
                                     "(default: the embedded all-MiniLM-L6-v2)")
     z.set_defaults(func=cmd_featurize)
 
     c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")
-    c.add_argument("input")
-    c.add_argument("output")
+    c.add_argument("input", help="the peer pickle (.pkl)")
+    c.add_argument("output", help="the .safetensors to write")
     c.add_argument("--class-names", help=CLASS_NAMES_HELP)
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("synth", help="write a synthetic conversation corpus")
-    s.add_argument("output")
-    s.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
-    s.add_argument("--conversations", type=int, default=151)
-    s.add_argument("--min-length", type=int, default=20)
-    s.add_argument("--max-length", type=int, default=110)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("output", help="the file to write: .safetensors, or .pkl for a peer pickle")
+    s.add_argument("--preset", default="iemocap", choices=sorted(PRESETS),
+                   help="classes, widths and speakers of the corpus (default %(default)s)")
+    s.add_argument("--conversations", type=int, default=151, help="default %(default)s")
+    s.add_argument("--min-length", type=int, default=20, help="utterances per conversation, at least (default %(default)s)")
+    s.add_argument("--max-length", type=int, default=110, help="utterances per conversation, at most (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="default %(default)s")
     s.set_defaults(func=cmd_synth)
 
     b = sub.add_parser("bench", help="benchmark the ops and the training step; writes results.json, table, plots")
     b.add_argument("--quick", action="store_true", help="small sweep, a few minutes on a 2-core CPU")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--out", required=True)
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default %(default)s")
+    b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--long", action="store_true", help="the long-conversation cases instead: windowed attention "
                    "and training step, 65,536 to 1,048,576 utterances (python -m cmath_mer.benchmark --long has "
                    "more options)")
     b.set_defaults(func=cmd_bench)
 
+    p.description = f"cmath-mer: {', '.join(sub.choices)} (cmath-mer COMMAND --help for each)"
     for sp in (t, bl, sw, e, r, z):
         add_threads_option(sp)
     for sp in sub.choices.values():

@@ -260,3 +260,76 @@ def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, mon
                  "--no-progress"]) == 0
     assert encoded == [new]                                   # the training texts came from the cache
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "corpus.safetensors.cache").iterdir()) == before
+
+
+# ----------------------------------------------------------------------------- help generated from the code
+
+def _parsers():
+    import argparse
+    from cmath_mer import cli
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *args, **kwargs):
+        captured["parser"] = self
+        raise SystemExit(0)
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["train"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    top = captured["parser"]
+    sub = next(a for a in top._actions if a.__class__.__name__ == "_SubParsersAction")
+    return top, sub.choices
+
+
+def test_every_option_of_every_command_has_help_and_states_its_default():
+    import argparse
+    top, commands = _parsers()
+    for name in commands:
+        assert name in top.description, name
+    for name, parser in commands.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            text = formatter._expand_help(action) if action.help not in (None, argparse.SUPPRESS) else ""
+            assert text.strip(), f"{name} {action.option_strings or action.dest}: no help"
+            if action.default not in (None, False, argparse.SUPPRESS) and not action.required:
+                assert str(action.default) in text, f"{name} {action.option_strings}: default {action.default!r}"
+
+
+def test_numbers_in_the_help_are_the_constants_the_code_uses():
+    import re
+
+    from cmath_mer.config import TRAIN_PRESETS, train_preset
+    _, commands = _parsers()
+    options = {o: a for a in commands["train"]._actions for o in a.option_strings}
+    epochs = options["--epochs"].help
+    for name in TRAIN_PRESETS:
+        assert f"{name} {train_preset(name).epochs}" in epochs
+        assert f"{name} {train_preset(name).lr:g}" in options["--lr"].help
+    assert {int(n) for n in re.findall(r"\d+", epochs)} == {train_preset(n).epochs for n in TRAIN_PRESETS}
+    predict = {o: a for a in commands["predict"]._actions for o in a.option_strings}
+    assert ".csv" in predict["--data"].help and "seeds" in predict["--checkpoint"].help
+
+
+# ----------------------------------------------------------------------- the preset follows the data
+
+def test_without_preset_the_data_chooses_it_and_the_run_says_and_stores_which(tmp_path, capsys):
+    from cmath_mer.config import PRESETS
+    seed = random.randint(0, 10_000)
+    meld = small_file(tmp_path, seed, name="meldish.safetensors", num_classes=7,
+                      class_names=tuple(reversed(PRESETS["meld"]["class_names"])))
+    other = small_file(tmp_path, seed, name="other.safetensors")
+    for path, preset, why in ((meld, "meld", "the data's classes are meld's"),
+                              (other, "iemocap", "the default: no preset has the data's classes; --preset chooses "
+                                                 "among iemocap (6 classes, d=256), meld (7 classes, d=128)")):
+        out = tmp_path / preset
+        assert main(["train", "--data", str(path), "--epochs", "1", "--out", str(out), "--no-progress",
+                     "--set", json.dumps({"n_layers": 1})]) == 0
+        assert f", preset {preset} ({why})" in capsys.readouterr().out
+        state = read_metadata(out / "best.safetensors")
+        assert state["state"]["run"]["preset"] == preset and state["state"]["run"]["preset_why"] == why
+        assert state["config"]["d_model"] == PRESETS[preset].get("d_model", 256)
