@@ -367,7 +367,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         first_rows = [rows_before(shares, lengths, ctx.rank) for shares in steps]
         plan = [engine.micro_batches(group, lengths, tcfg.accumulate) for group in batches]
         total, count, norms, steps, skipped, t0 = 0.0, 0, 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+        # the bar counts utterances, the work done: batches differ in size (a conversation longer than a batch
+        # gets one of its own; a bucket's last batch is partial), so a count of batches misstates it
+        sizes = [sum(lengths[c] for c in group) for group in batches]
+        bar = tqdm(total=sum(sizes), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="utt")
         feed = engine.Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
         with feed:                                   # its thread stops however the loop ends
             for i, micro in enumerate(feed):
@@ -376,7 +379,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 if ema is not None:
                     ema.update(model)
                 state["global_step"] += 1
-                bar.update(1)
+                bar.update(sizes[i])
                 if compiled is not None and i == 0 and not compile_said:
                     log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
                     compile_said = True

@@ -333,3 +333,57 @@ def test_without_preset_the_data_chooses_it_and_the_run_says_and_stores_which(tm
         state = read_metadata(out / "best.safetensors")
         assert state["state"]["run"]["preset"] == preset and state["state"]["run"]["preset_why"] == why
         assert state["config"]["d_model"] == PRESETS[preset].get("d_model", 256)
+
+
+# ---------------------------------------------------------------------------- progress that tells the truth
+
+def test_the_training_bar_counts_the_epochs_training_utterances(tmp_path, monkeypatch):
+    import cmath_mer.train as train_module
+    from cmath_mer.data import load_dataset
+    from cmath_mer.train import make_splits
+    bars = []
+
+    class Bar:
+        def __init__(self, total, unit, **kw):
+            self.total, self.unit, self.done = total, unit, []
+            bars.append(self)
+
+        def update(self, n):
+            self.done.append(n)
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+    monkeypatch.setattr(train_module, "tqdm", Bar)
+    path = small_file(tmp_path, random.randint(0, 10_000), conversations=random.randint(8, 14))
+    epochs = random.randint(1, 2)
+    assert main(["train", "--data", str(path), "--epochs", str(epochs), "--set", json.dumps(SMALL), "--out",
+                 str(tmp_path / "run")]) == 0
+    data = load_dataset(path)
+    lengths = data.lengths()
+    n_train = sum(lengths[i] for i in make_splits(data, 0.1, 0)["train"])
+    assert len(bars) == epochs
+    for bar in bars:
+        assert (bar.unit, bar.total, sum(bar.done)) == ("utt", n_train, n_train)
+
+
+def test_featurize_says_what_it_encodes_how_many_and_what_the_cache_holds(tmp_path, capsys):
+    from cmath_mer.featurize import featurize
+    from helpers import write_csv
+    from test_featurize import fake_encoder
+    rng = random.Random()
+    texts = [f"line {rng.randint(0, 5)}" for _ in range(rng.randint(6, 12))]
+    rows = [[f"c{i // 3}", i % 3, "A", t, "joy"] for i, t in enumerate(texts)]
+    table = write_csv(tmp_path / "t.csv", ["conversation_id", "utterance_id", "speaker", "text", "label"], rows)
+    lines = []
+    featurize([str(table)], tmp_path / "t.safetensors", text_encoder=fake_encoder(), progress=False, log=lines.append)
+    n = len(set(texts))
+    assert lines[0] == (f"featurize: text of {len(texts):,} utterances ({n:,} distinct): {n:,} to encode with "
+                        f"fake (8-d), 0 from the cache")
+    assert lines[1].startswith(f"featurize: encoded {n:,} texts in ")
+    again = []
+    featurize([str(table)], tmp_path / "t.safetensors", text_encoder=fake_encoder(), progress=False, log=again.append)
+    assert again == [f"featurize: text of {len(texts):,} utterances ({n:,} distinct): 0 to encode with fake (8-d), "
+                     f"{n:,} from the cache"]

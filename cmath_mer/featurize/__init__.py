@@ -9,6 +9,7 @@ there is no output (and no cache update).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,14 +35,21 @@ def cache_folder(out: str | Path) -> Path:
 
 
 def _text_features(corpus: Corpus, encoder: TextEncoder, cache: FeatureCache, progress: bool,
-                   fresh: dict) -> torch.Tensor:
-    """(T, d) embeddings; each distinct text is encoded once, and only if the cache lacks it."""
+                   fresh: dict, log=print) -> torch.Tensor:
+    """(T, d) embeddings; each distinct text is encoded once, and only if the cache lacks it. Says what it
+    encodes, and how fast it went (the encoder's own bar, with progress, shows the time left)."""
     texts = [u.text for u in corpus.utterances]
     keys = [content_key(encoder.key, t.encode()) for t in texts]
     known = cache.load(encoder.key)
     todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in known))
+    distinct = len(set(keys))
+    log(f"featurize: text of {len(texts):,} utterances ({distinct:,} distinct): {len(todo):,} to encode with "
+        f"{encoder.record.get('name')} ({encoder.dim}-d), {distinct - len(todo):,} from the cache")
     if todo:
+        t0 = time.perf_counter()
         vectors = encoder.encode(todo, progress=progress)
+        seconds = time.perf_counter() - t0
+        log(f"featurize: encoded {len(todo):,} texts in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):,.0f} per s)")
         new = {content_key(encoder.key, t.encode()): v for t, v in zip(todo, vectors)}
         known.update(new)
         fresh[encoder.key] = new
@@ -130,7 +138,7 @@ def _build(corpus: Corpus, modalities: tuple[str, ...], text_encoder: TextEncode
     fresh: dict[str, dict] = {}
     features, encoders = {}, {}
     if "text" in modalities:
-        features["text"] = _text_features(corpus, text_encoder, cache, progress, fresh)
+        features["text"] = _text_features(corpus, text_encoder, cache, progress, fresh, log)
         encoders["text"] = dict(text_encoder.record)
     if "audio" in modalities:
         features["audio"] = _audio_features(corpus, audio_encoder, cache, missing_audio, progress, fresh, log)
