@@ -1,4 +1,4 @@
-"""`cmath-mer` command line: train, evaluate, predict, featurize, convert, synth, bench."""
+"""`cmath-mer` command line: train, baseline, sweep, evaluate, predict, featurize, convert, synth, bench."""
 from __future__ import annotations
 
 import argparse
@@ -10,9 +10,13 @@ import sys
 import traceback
 from pathlib import Path
 
+from cmath_mer.errors import CheckpointError, ConfigError, DataError, RunFolderError, UsageError
 from cmath_mer.model.config import MODALITIES, PRESETS, check_overrides
-from cmath_mer.training.config import TrainConfig, train_preset
-from .errors import CheckpointError, ConfigError, RunFolderError, UsageError
+from cmath_mer.prechecks import check_early
+from cmath_mer.table_layouts import TABLE_SUFFIXES, parse_columns
+from cmath_mer.training.config import TRAIN_PRESETS, TrainConfig, train_preset
+from cmath_mer.training.preset_choice import DEFAULT_PRESET, choose_preset
+from cmath_mer.training.threads import add_threads_option, apply_threads
 
 CLASS_NAMES_HELP = "comma-separated class names, for a pickle whose classes are not the preset's"
 
@@ -121,8 +125,9 @@ def _load_for_run(data: str, checkpoint: Path, modalities: tuple[str, ...], clas
     return corpus
 
 
-def _train_options(args) -> None:
-    """Check every training option that was given, before anything is read or written."""
+def _train_options(args, devices: bool = True) -> None:
+    """Check every training option that was given, before anything is read or written (devices=False:
+    those that need no torch, checked before it is imported)."""
     if args.out == "":
         raise UsageError("--out: empty path; name the run folder")
     if args.patience is not None and args.patience < 1:
@@ -145,6 +150,12 @@ def _train_options(args) -> None:
         raise UsageError(f"--accumulate {args.accumulate}: must be at least 1")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
+    if not devices:
+        return
+    device = _check_device(args.device if args.device is not None else "auto", args.backend)
+    if args.precision is not None:
+        from cmath_mer.training.precision import check_precision
+        check_precision(args.precision, device)
 
 
 def _overrides(text: str | None) -> dict:
@@ -267,7 +278,6 @@ def _cmd_train(args, distributed) -> int:
                 from cmath_mer.training.multi_run import check_folder
                 check_folder(out, "seeds", resume=False, overwrite=args.overwrite)
         distributed.on_main(check_folders)
-        preset_name = args.preset or "iemocap"
         seed = 0 if args.seed is None else args.seed
         overrides = _overrides(args.set)
         if args.backend is not None:
@@ -276,14 +286,20 @@ def _cmd_train(args, distributed) -> int:
         modalities = None if args.modalities is None else _names_option("--modalities", args.modalities)
         # every rank reads the data; one that cannot (a missing or bad file on its machine) stops them all
         data_seed = seed           # a synthetic corpus is built with --seed (under --seeds: for every run)
-        data = distributed.agree(_load, args.data, preset_name, data_seed, args.class_names)
+        data = distributed.agree(_load, args.data, args.preset or DEFAULT_PRESET, data_seed, args.class_names)
+        preset_name, preset_why = choose_preset(data, args.preset, args.data)
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
                  "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
                  "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
         tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
-    run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed}   # evaluate rebuilds synthetic
+    run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed,    # evaluate rebuilds synthetic
+                "threads": args.thread_choice.as_dict()}
+    if not args.resume:
+        run_info["preset_why"] = preset_why
+    if Path(args.data).is_file():                                      # predict reads its featurize cache
+        run_info["data_path"] = str(Path(args.data).resolve())
     try:
         if seeds is not None:
             from cmath_mer.training.seeds import train_seeds
@@ -371,13 +387,14 @@ def cmd_baseline(args) -> int:
 
 def _load_for_model(args):
     from .data import check_compatible
-    from cmath_mer.training.train import load_trained
+    from cmath_mer.training.ensemble import load_for_prediction, representative
     device = _check_device(args.device)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
     _input_file("--data", args.data)
-    model = load_trained(_input_file("--checkpoint", args.checkpoint), device)
-    data = _load_for_run(args.data, Path(args.checkpoint), model.config.modalities, args.class_names)
+    model = load_for_prediction(_input_file("--checkpoint", args.checkpoint), device)
+    data = _load_for_run(args.data, representative(Path(args.checkpoint)), model.config.modalities,
+                         args.class_names)
     check_compatible(data, model.config)
     return model, data
 
@@ -387,10 +404,11 @@ def _eval_precision(args, device: str) -> str:
     precision (fp32 for runs from before --precision, and where this device has no bf16)."""
     from cmath_mer.training.checkpoint import read_metadata
     from cmath_mer.training.precision import check_precision
+    from cmath_mer.training.ensemble import representative
     from .errors import ConfigError
     if args.precision is not None:
         return check_precision(args.precision, device)
-    state = read_metadata(Path(args.checkpoint) / "best.safetensors")["state"]
+    state = read_metadata(representative(Path(args.checkpoint)) / "best.safetensors")["state"]
     run = (state.get("train_config") or {}).get("precision") or "fp32"
     try:
         return check_precision(run, device)
@@ -413,45 +431,34 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson")      # conversation tables: predict featurizes them first
-
-
-def _columns(text: str | None) -> dict[str, str]:
-    """'text=transcript,conversation=Season+Episode' -> {'text': 'transcript', ...}"""
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        role, sep, column = item.partition("=")
-        if not sep or not role.strip() or not column.strip():
-            raise ValueError(f"--columns {text!r}: expected role=COLUMN,... (e.g. text=transcript)")
-        out[role.strip()] = column.strip()
-    return out
-
-
 def _table_options(args) -> dict:
-    return {"layout": args.layout, "columns": _columns(args.columns), "media_root": args.media_root}
+    return {"layout": args.layout, "columns": parse_columns(args.columns), "media_root": args.media_root}
 
 
 def cmd_predict(args) -> int:
     from cmath_mer.files import atomic_write
     from .data import check_compatible
-    from cmath_mer.training.train import load_trained, predict_conversations
+    from cmath_mer.training.ensemble import load_for_prediction, representative
+    from cmath_mer.training.train import predict_conversations
     ckpt = _input_file("--checkpoint", args.checkpoint)
     out = _output_file("--out", args.out, [_input_file("--data", args.data), ckpt / "best.safetensors",
                                             ckpt / "config.json", ckpt])
     device = _check_device(args.device)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
-    model = load_trained(ckpt, device)
+    model = load_for_prediction(ckpt, device)
     names = model.config.class_names
     corpus = None
     if Path(args.data).suffix.lower() in TABLE_SUFFIXES:
         from .featurize import featurize_for_model
+        from .featurize.cache import training_cache
         data, corpus = featurize_for_model(args.data, model.config, checkpoint=args.checkpoint,
+                                           cache=training_cache(representative(ckpt)),
                                            text_encoder=args.text_encoder, missing_audio=args.missing_audio,
                                            device=device, progress=not args.no_progress,
                                            **_table_options(args))
     else:
-        data = _load_for_run(args.data, ckpt, model.config.modalities, args.class_names)
+        data = _load_for_run(args.data, representative(ckpt), model.config.modalities, args.class_names)
     check_compatible(data, model.config)
     precision = _eval_precision(args, device)
     y, p, prob = predict_conversations(model, data, list(range(len(data))), precision=precision)   # file order
@@ -570,29 +577,46 @@ def cmd_bench(args) -> int:
     return 0
 
 
+NO_PROGRESS_HELP = "no progress bars (for logs)"
+DATA_HELP = "a .safetensors or peer .pkl dataset, or 'synthetic' (the run's own synthetic corpus)"
+CHECKPOINT_HELP = ("a run folder (train --out), or the folder of train --seeds: then the ensemble of its seeds, "
+                   "the mean of their class probabilities")
+SYNTHETIC_PRESET_HELP = "the preset of --data synthetic's corpus (default %(default)s)"
+
+
+def _per_preset(field: str) -> str:
+    """'iemocap 8, meld 12': a TrainConfig field as each preset sets it."""
+    return ", ".join(f"{name} {getattr(train_preset(name), field):g}" for name in sorted(TRAIN_PRESETS))
+
+
 def _add_table_options(p, text_help: str) -> None:
     p.add_argument("--layout", default="auto", choices=["auto", "meld", "emorynlp", "generic"],
-                   help="table layout (default: detected from the header)")
+                   help="table layout (default %(default)s: detected from the header)")
     p.add_argument("--columns", help="role=COLUMN,... for other layouts; roles: conversation, utterance, "
                                      "speaker, text, label, split, audio, visual (A+B: several columns)")
     p.add_argument("--media-root", help="folder that audio/visual paths are relative to and must stay in "
                                         "(default: the table's folder)")
     p.add_argument("--missing-audio", default="error", choices=["error", "zero"],
-                   help="a missing or unreadable audio file: stop (default) or use a zero vector (counted)")
+                   help="a missing or unreadable audio file: stop (error, the default) or use a zero vector "
+                        "(zero, counted)")
     p.add_argument("--text-encoder", help=text_help)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cmath-mer", description=__doc__)
+    p = argparse.ArgumentParser(prog="cmath-mer")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train CMATH and write a checkpoint folder")
-    t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic'")
-    t.add_argument("--preset", choices=sorted(PRESETS), help="default iemocap; with --resume, the run's own")
+    t.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic' "
+                                                      "(default: %(default)s, the embedded demo corpus)")
+    t.add_argument("--preset", choices=sorted(PRESETS),
+                   help=f"the model and training recipe (default: the preset whose classes the data has, else "
+                        f"{DEFAULT_PRESET}; synthetic:NAME is NAME's); with --resume, the run's own")
     t.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
-    t.add_argument("--epochs", type=int, help=f"default {TrainConfig.epochs}; with --resume, the run's own")
-    t.add_argument("--lr", type=float, help=f"default {TrainConfig.lr}")
-    t.add_argument("--seed", type=int, help="default 0")
+    t.add_argument("--epochs", type=int, help=f"default: the preset's ({_per_preset('epochs')}); with --resume, "
+                                               "the run's own")
+    t.add_argument("--lr", type=float, help=f"peak learning rate (default: the preset's, {_per_preset('lr')})")
+    t.add_argument("--seed", type=int, help="seed of the run: initialisation, batches, dropout (default 0)")
     t.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2,3,4: one run each in OUT/seed-N, "
                                    "mean and std in OUT/summary.json")
     t.add_argument("--patience", type=int, help="stop after this many epochs without a better validation F1")
@@ -612,7 +636,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="replay each batch shape's training step from a CUDA graph, so the step stops waiting on "
                         "the host; default: on wherever the run can (CUDA, Triton ops, bf16 or TF32 fp32, no "
                         "--accumulate or --compile, one process); --no-cuda-graphs runs every step eagerly")
-    t.add_argument("--backend", choices=["torch", "triton", "auto"])
+    t.add_argument("--backend", choices=["torch", "triton", "auto"],
+                   help="the ops: torch (reference), triton (fused kernels, CUDA only), auto (triton where it "
+                        "runs, else torch); default: the environment's CMATH_BACKEND, else auto")
     t.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="under torchrun: the process group's backend (auto: NCCL on CUDA, Gloo on the CPU)")
     t.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
@@ -620,37 +646,38 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out with its own config (--epochs may extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are removed)")
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
 
     bl = sub.add_parser("baseline", help="the baselines alone: logistic regression on each utterance's "
                                          "features, C chosen on validation; beside it (context_gru) a "
                                          "bidirectional GRU over each conversation, epoch chosen on validation")
-    bl.add_argument("--data", required=True)
-    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    bl.add_argument("--data", required=True, help=DATA_HELP)
+    bl.add_argument("--preset", default="iemocap", choices=sorted(PRESETS), help=SYNTHETIC_PRESET_HELP)
     bl.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
     bl.add_argument("--seed", type=int, default=0, help="seed of the validation split (when the data has none)")
     bl.add_argument("--class-names", help=CLASS_NAMES_HELP)
     bl.set_defaults(func=cmd_baseline)
 
     sw = sub.add_parser("sweep", help="several recipes x several seeds; a table sorted by validation F1")
-    sw.add_argument("--data", required=True)
-    sw.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
+    sw.add_argument("--data", required=True, help=DATA_HELP)
+    sw.add_argument("--preset", default="iemocap", choices=sorted(PRESETS),
+                    help="the recipe the grid's overrides start from (default %(default)s)")
     sw.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
     sw.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
-    sw.add_argument("--seeds", default="0,1,2,3,4")
-    sw.add_argument("--out", required=True)
+    sw.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds of every recipe (default %(default)s)")
+    sw.add_argument("--out", required=True, help="output folder: OUT/<recipe>/seed-N, sweep.md, sweep.json")
     sw.add_argument("--resume", action="store_true",
                     help="continue the interrupted sweep in --out (finished recipes and seeds kept)")
     sw.add_argument("--overwrite", action="store_true", help="replace the sweep that --out holds")
-    sw.add_argument("--no-progress", action="store_true")
+    sw.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     sw.add_argument("--class-names", help=CLASS_NAMES_HELP)
     sw.set_defaults(func=cmd_sweep)
 
     e = sub.add_parser("evaluate", help="metrics of a trained model on a data file's test split")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", required=True)
+    e.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    e.add_argument("--data", required=True, help=DATA_HELP + " (its test split, else every conversation)")
     e.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
     e.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast of the forward (default: the run's training precision)")
@@ -658,14 +685,15 @@ def main(argv: list[str] | None = None) -> int:
     e.set_defaults(func=cmd_evaluate)
 
     r = sub.add_parser("predict", help="write per-utterance predictions as CSV")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--data", required=True)
+    r.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    r.add_argument("--data", required=True, help=DATA_HELP + ", or a conversation table (.csv, .jsonl) to "
+                   "featurize as the training data was")
     r.add_argument("--device", default="auto", help="auto (cuda when torch sees one, else cpu), cpu, cuda:N")
     r.add_argument("--precision", choices=["bf16", "fp16", "fp32"],
                    help="autocast of the forward (default: the run's training precision)")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", required=True, help="the CSV of per-utterance predictions and probabilities to write")
     r.add_argument("--class-names", help=CLASS_NAMES_HELP)
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     _add_table_options(r, text_help="with a table: the local folder of the checkpoint's text encoder, if it "
                                     "was a folder not on this machine (default: the one recorded)")
     r.set_defaults(func=cmd_predict)
@@ -677,11 +705,12 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--split", choices=["train", "valid", "test", "dev"],
                    help="split of rows with neither a ':SPLIT' nor a split column (default train)")
     z.add_argument("--class-names", help="comma-separated classes (default: the layout's, else the sorted labels)")
-    z.add_argument("--audio-features", default="eGeMAPSv02", choices=["eGeMAPSv02", "ComParE_2016"])
+    z.add_argument("--audio-features", default="eGeMAPSv02", choices=["eGeMAPSv02", "ComParE_2016"],
+                   help="openSMILE feature set of an audio column (default %(default)s)")
     z.add_argument("--no-cache", action="store_true", help="neither read nor write OUT.cache/")
-    z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch")
+    z.add_argument("--batch-size", type=int, default=64, help="sentences per text-encoder batch (default %(default)s)")
     z.add_argument("--device", help="default: cuda when present, else cpu")
-    z.add_argument("--no-progress", action="store_true")
+    z.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     z.add_argument("--finetune", action="store_true",
                    help="first fine-tune the text encoder as an emotion classifier on the train split (epoch "
                         "chosen on valid; test labels never read); saved as OUT.encoder/ and used for every split")
@@ -700,38 +729,45 @@ def main(argv: list[str] | None = None) -> int:
     z.set_defaults(func=cmd_featurize)
 
     c = sub.add_parser("convert", help="peer pickle -> the project's safetensors format")
-    c.add_argument("input")
-    c.add_argument("output")
+    c.add_argument("input", help="the peer pickle (.pkl)")
+    c.add_argument("output", help="the .safetensors to write")
     c.add_argument("--class-names", help=CLASS_NAMES_HELP)
     c.set_defaults(func=cmd_convert)
 
     s = sub.add_parser("synth", help="write a synthetic conversation corpus")
-    s.add_argument("output")
-    s.add_argument("--preset", default="iemocap", choices=sorted(PRESETS))
-    s.add_argument("--conversations", type=int, default=151)
-    s.add_argument("--min-length", type=int, default=20)
-    s.add_argument("--max-length", type=int, default=110)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("output", help="the file to write: .safetensors, or .pkl for a peer pickle")
+    s.add_argument("--preset", default="iemocap", choices=sorted(PRESETS),
+                   help="classes, widths and speakers of the corpus (default %(default)s)")
+    s.add_argument("--conversations", type=int, default=151, help="default %(default)s")
+    s.add_argument("--min-length", type=int, default=20, help="utterances per conversation, at least (default %(default)s)")
+    s.add_argument("--max-length", type=int, default=110, help="utterances per conversation, at most (default %(default)s)")
+    s.add_argument("--seed", type=int, default=0, help="default %(default)s")
     s.set_defaults(func=cmd_synth)
 
     b = sub.add_parser("bench", help="benchmark the ops and the training step; writes results.json, table, plots")
     b.add_argument("--quick", action="store_true", help="small sweep, a few minutes on a 2-core CPU")
-    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    b.add_argument("--out", required=True)
+    b.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="default %(default)s")
+    b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--long", action="store_true", help="the long-conversation cases instead: windowed attention "
                    "and training step, 65,536 to 1,048,576 utterances (python -m cmath_mer.bench --long has "
                    "more options)")
     b.set_defaults(func=cmd_bench)
 
+    p.description = f"cmath-mer: {', '.join(sub.choices)} (cmath-mer COMMAND --help for each)"
+    for sp in (t, bl, sw, e, r, z):
+        add_threads_option(sp)
     for sp in sub.choices.values():
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="show the traceback of an error")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    from .data import DataError
-    from .featurize.extra import MissingExtraError
     try:
+        check_early(args)                                         # before torch is imported
+        if args.command == "train":
+            _train_options(args, devices=False)
         _check_int_options(args)
+        if "threads" in vars(args):
+            args.thread_choice = apply_threads(args.threads)      # before any heavy work
         code = args.func(args)
         sys.stdout.flush()                         # a closed pipe shows here, not at the interpreter's exit
         return code
@@ -750,10 +786,10 @@ def main(argv: list[str] | None = None) -> int:
               "which", file=sys.stderr)
         return 1
     except (UsageError, RunFolderError, DataError, CheckpointError, FloatingPointError, OSError,
-            ValueError, MissingExtraError) as err:
+            ValueError, _missing_extra_error()) as err:
         if args.debug:
             traceback.print_exc()
-        usage = isinstance(err, (UsageError, MissingExtraError)) or isinstance(err, RunFolderError) and err.usage or (
+        usage = isinstance(err, (UsageError, _missing_extra_error())) or isinstance(err, RunFolderError) and err.usage or (
             isinstance(err, ValueError) and not isinstance(err, DataError))
         print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
         return 2 if usage else 1
@@ -771,6 +807,12 @@ def _check_int_options(args) -> None:
         limit = MAX_SEED if name == "seed" else MAX_INT
         if abs(value) > limit:
             raise UsageError(f"--{name.replace('_', '-')} {value}: too large (at most {limit})")
+
+
+def _missing_extra_error() -> type[Exception]:
+    """featurize's MissingExtraError where featurize was imported (it imports torch), else nothing to catch."""
+    extra = sys.modules.get(f"{__package__}.featurize.extra")
+    return extra.MissingExtraError if extra is not None else UsageError
 
 
 def _one_line(err: BaseException) -> str:

@@ -11,7 +11,7 @@ there is no output (and no cache update).
 from __future__ import annotations
 
 import glob
-
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +39,21 @@ def cache_folder(out: str | Path) -> Path:
 
 
 def _text_features(corpus: Corpus, encoder: TextEncoder, cache: FeatureCache, progress: bool,
-                   fresh: dict) -> torch.Tensor:
-    """(T, d) embeddings; each distinct text is encoded once, and only if the cache lacks it."""
+                   fresh: dict, log=print) -> torch.Tensor:
+    """(T, d) embeddings; each distinct text is encoded once, and only if the cache lacks it. Says what it
+    encodes, and how fast it went (the encoder's own bar, with progress, shows the time left)."""
     texts = [u.text for u in corpus.utterances]
     keys = [content_key(encoder.key, t.encode()) for t in texts]
     known = cache.load(encoder.key)
     todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in known))
+    distinct = len(set(keys))
+    log(f"featurize: text of {len(texts):,} utterances ({distinct:,} distinct): {len(todo):,} to encode with "
+        f"{encoder.record.get('name')} ({encoder.dim}-d), {distinct - len(todo):,} from the cache")
     if todo:
+        t0 = time.perf_counter()
         vectors = encoder.encode(todo, progress=progress)
+        seconds = time.perf_counter() - t0
+        log(f"featurize: encoded {len(todo):,} texts in {seconds:.1f} s ({len(todo) / max(seconds, 1e-9):,.0f} per s)")
         new = {content_key(encoder.key, t.encode()): v for t, v in zip(todo, vectors)}
         known.update(new)
         fresh[encoder.key] = new
@@ -135,7 +142,7 @@ def _build(corpus: Corpus, modalities: tuple[str, ...], text_encoder: TextEncode
     fresh: dict[str, dict] = {}
     features, encoders = {}, {}
     if "text" in modalities:
-        features["text"] = _text_features(corpus, text_encoder, cache, progress, fresh)
+        features["text"] = _text_features(corpus, text_encoder, cache, progress, fresh, log)
         encoders["text"] = dict(text_encoder.record)
     if "audio" in modalities:
         features["audio"] = _audio_features(corpus, audio_encoder, cache, missing_audio, progress, fresh, log)
@@ -251,11 +258,12 @@ def _same_encoder(modality: str, recorded: dict, actual: dict, checkpoint: str) 
 def featurize_for_model(table: str, config, *, checkpoint: str = "the checkpoint",
                         text_encoder: str | TextEncoder | None = None, missing_audio: str = "error",
                         device: str | None = None, progress: bool = True, log=print,
-                        **table_options) -> tuple[ConversationDataset, Corpus]:
+                        cache: str | Path | None = None, **table_options) -> tuple[ConversationDataset, Corpus]:
     """Featurize one table the way the model's training data was (config.encoders): the same text model
     (checked by its weights' fingerprint and width), the same audio features. text_encoder overrides the
     recorded model folder (e.g. on another machine); a different model is an error. table_options: those of
-    read_table (layout, columns, media_root). No cache."""
+    read_table (layout, columns, media_root). cache: a featurize cache folder (the training data's) that
+    vectors are read from, so texts featurized for training are not encoded again; it is never written."""
     encoders = config.encoders or {}
     missing = [m for m in config.modalities if m not in encoders]
     if missing:
@@ -280,6 +288,6 @@ def featurize_for_model(table: str, config, *, checkpoint: str = "the checkpoint
     if "audio" in modalities:
         audio = AudioEncoder(encoders["audio"].get("feature_set", "eGeMAPSv02"))
         _same_encoder("audio", encoders["audio"], audio.record, checkpoint)
-    dataset, _ = _build(corpus, modalities, text, audio, cache=FeatureCache(None),
+    dataset, _ = _build(corpus, modalities, text, audio, cache=FeatureCache(cache),
                         missing_audio=missing_audio, progress=progress, source=corpus.tables[0].name, log=log)
     return dataset, corpus

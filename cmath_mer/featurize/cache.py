@@ -65,3 +65,16 @@ class FeatureCache:
         atomic_write(self._file(encoder_key),
                      lambda tmp: save_file({"keys": keys, "vectors": vectors, "sha256": digests}, tmp,
                                            metadata={"encoder": encoder_key}))
+
+
+def training_cache(run_folder: str | Path) -> Path | None:
+    """The featurize cache beside the dataset a run trained on (`<data>.cache/`, as its run info records
+    the data), None when the run was not trained on a file or the cache is not there."""
+    from cmath_mer.training.checkpoint import read_metadata
+    run = read_metadata(Path(run_folder) / "best.safetensors")["state"].get("run") or {}
+    for data in (run.get("data_path"), run.get("data")):
+        if data:
+            folder = Path(data).with_name(Path(data).name + ".cache")
+            if folder.is_dir():
+                return folder
+    return None

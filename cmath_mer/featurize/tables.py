@@ -22,39 +22,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cmath_mer.model.config import PRESETS
 from ..data import IGNORE_INDEX, SPLITS, DataError
-
-ROLES = ("conversation", "utterance", "speaker", "text", "label", "split", "audio", "visual")
-REQUIRED = ("conversation", "utterance", "speaker", "text")
-SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid", "dev": "valid",
-               "test": "test"}
-# EmoryNLP's 7 emotions in sorted order, as the peers (COSMIC, DialogueRNN) index them
-EMORYNLP_CLASSES = ("Joyful", "Mad", "Neutral", "Peaceful", "Powerful", "Sad", "Scared")
-
-
-@dataclass(frozen=True)
-class Layout:
-    name: str
-    columns: dict[str, str]                  # role -> column ('A+B+C': several columns make the value)
-    class_names: tuple[str, ...] | None      # None: --class-names, else the sorted labels seen
-    detect: tuple[str, ...] = ()             # columns whose presence identifies the layout
-
-
-LAYOUTS = {
-    "emorynlp": Layout("emorynlp", {"conversation": "Season+Episode+Scene_ID", "utterance": "Utterance_ID",
-                                    "speaker": "Speaker", "text": "Utterance", "label": "Emotion",
-                                    "split": "split", "audio": "audio", "visual": "visual"},
-                       EMORYNLP_CLASSES, ("Scene_ID", "Season", "Episode", "Utterance_ID", "Utterance")),
-    "meld": Layout("meld", {"conversation": "Dialogue_ID", "utterance": "Utterance_ID", "speaker": "Speaker",
-                            "text": "Utterance", "label": "Emotion", "split": "split", "audio": "audio",
-                            "visual": "visual"},
-                   PRESETS["meld"]["class_names"], ("Dialogue_ID", "Utterance_ID", "Utterance")),
-    "generic": Layout("generic", {"conversation": "conversation_id", "utterance": "utterance_id",
-                                  "speaker": "speaker", "text": "text", "label": "label", "split": "split",
-                                  "audio": "audio", "visual": "visual"}, None),
-}
-
+from ..table_layouts import (EMORYNLP_CLASSES, LAYOUTS, REQUIRED, ROLES, SPLIT_NAMES, Layout,  # noqa: F401
+                             detect_layout, missing_columns, parse_spec)
 
 @dataclass
 class Utterance:
@@ -82,15 +52,6 @@ class Table:
     sha256: str
     utterances: list[Utterance] = field(default_factory=list)
     has: set[str] = field(default_factory=set)   # optional roles the table has a column for
-
-
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """'train_sent_emo.csv:train' -> ('train_sent_emo.csv', 'train'); a ':' not followed by a split name
-    stays part of the path."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and tail.lower() in SPLIT_NAMES:
-        return head, SPLIT_NAMES[tail.lower()]
-    return spec, None
 
 
 def _decode(path: Path, name: str) -> str:
@@ -176,13 +137,6 @@ def _check_split_overlap(conversations: list[list[Utterance]]) -> None:
                             f"split")
 
 
-def detect_layout(columns: list[str]) -> str:
-    for name, layout in LAYOUTS.items():
-        if layout.detect and all(c in columns for c in layout.detect):
-            return name
-    return "generic"
-
-
 def _cell(row: dict, column: str) -> str:
     value = row.get(column)
     if value is None:
@@ -236,12 +190,9 @@ def read_table(spec: str, *, layout: str = "auto", columns: dict[str, str] | Non
 
     def present(role):
         return all(c in header for c in cols[role].split("+"))
-    for role in REQUIRED:
-        if not present(role):
-            missing = [c for c in cols[role].split("+") if c not in header][0]
-            raise DataError(f"{name}: line 1: field {role!r}: column {missing!r} is missing (layout "
-                            f"{layout_name}; columns: {', '.join(header)}); map another column with "
-                            f"--columns {role}=NAME")
+    missing = missing_columns(name, header, layout_name, columns)
+    if missing:
+        raise DataError(missing)
     table = Table(path, name, layout_name, spec_split or (SPLIT_NAMES[split] if split else None),
                   hashlib.sha256(path.read_bytes()).hexdigest(),
                   has={r for r in ("label", "split", "audio", "visual") if present(r)})

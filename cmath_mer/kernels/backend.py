@@ -14,7 +14,8 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton", "auto")
+from cmath_mer.options import BACKENDS
+
 
 
 # Found once at import, without importing triton: a plain constant, which torch.compile reads without

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cmath_mer.errors import ConfigError
-from cmath_mer.kernels.backend import BACKENDS
+from cmath_mer.options import BACKENDS
 
 MODALITIES = ("text", "audio", "visual")   # the order peers' pickles store them in (T, A, V)
 MAX_SPEAKERS = 65_536                      # speaker embeddings; data with more distinct speakers is refused

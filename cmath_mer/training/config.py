@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from cmath_mer.errors import ConfigError
 from cmath_mer.model.config import _float, _int
+from cmath_mer.options import PRECISIONS
 
-PRECISIONS = ("bf16", "fp16", "fp32")     # autocast dtypes of the training forward (precision.py)
 
 
 @dataclass

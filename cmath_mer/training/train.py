@@ -43,6 +43,8 @@ from cmath_mer.data.batching import eval_shards, rank_batches, rows_before
 from cmath_mer.data.memory import check_model_fits
 from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from cmath_mer.model.cmath import CMATH
+from cmath_mer.training.preset_choice import preset_note
+from cmath_mer.training.threads import data_line_note
 
 
 def build_config(data: ConversationDataset, preset_name: str, modalities: tuple[str, ...] | None = None,
@@ -348,6 +350,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         f"precision {tcfg.precision}" + (f", {tcfg.accumulate} micro-batches per step" if tcfg.accumulate > 1 else "")
         + (f", {ctx.world_size} processes ({dist_backend()}), about {tcfg.batch_utterances} utterances per step "
            f"over all of them" if ctx.active else "")
+        + preset_note(run_info) + data_line_note(run_info)
         + (", deterministic" if tcfg.deterministic else "") + (", compiled" if tcfg.compile else "")
         + (", CUDA graphs" if tcfg.cuda_graphs else ""))
     if not splits["valid"]:
@@ -380,7 +383,10 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         first_rows = [rows_before(shares, lengths, ctx.rank) for shares in steps]
         plan = [split_by_utterances(group, lengths, tcfg.accumulate) for group in batches]
         total, count, norms, steps, skipped, t0 = 0.0, 0, 0.0, 0, 0, time.perf_counter()
-        bar = tqdm(total=len(batches), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="batch")
+        # the bar counts utterances, the work done: batches differ in size (a conversation longer than a batch
+        # gets one of its own; a bucket's last batch is partial), so a count of batches misstates it
+        sizes = [sum(lengths[c] for c in group) for group in batches]
+        bar = tqdm(total=sum(sizes), desc=f"epoch {epoch}", leave=False, disable=not progress, unit="utt")
         feed = Prefetcher(data, plan, config.modalities, dev, corpus_on_device)
         with feed:                                   # its thread stops however the loop ends
             for i, micro in enumerate(feed):
@@ -389,7 +395,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                 if ema is not None:
                     ema.update(model)
                 state["global_step"] += 1
-                bar.update(1)
+                bar.update(sizes[i])
                 if compiled is not None and i == 0 and not compile_said:
                     log(f"torch.compile: the first step took {stepper.first_step_seconds:.1f} s (compiling included)")
                     compile_said = True
