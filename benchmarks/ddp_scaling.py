@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from cmath_mer.data import make_synthetic
 from cmath_mer.training import distributed
 from cmath_mer.training.config import TrainConfig
-from cmath_mer.data import make_synthetic
 from cmath_mer.training.train import build_config, train
 
 CONVERSATIONS, STEP, EPOCHS = 72, 1600, 6

@@ -7,6 +7,7 @@ import torch
 
 from cmath_mer import bench as B
 
+
 def _params(backend, batch, S):
     slow = [pytest.mark.slow] if backend == "torch_compile" else []   # compiling costs tens of seconds
     return pytest.param(backend, batch, S, marks=slow)

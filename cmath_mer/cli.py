@@ -109,8 +109,9 @@ def _load_for_run(data: str, checkpoint: Path, modalities: tuple[str, ...], clas
     """--data of evaluate and predict. 'synthetic' is the run's own synthetic corpus, rebuilt with the preset
     and seed its training built it with, and checked against the run's data fingerprint."""
     from cmath_mer.training.checkpoint import read_metadata
-    from .data import DataError
     from cmath_mer.training.run_folder import data_fingerprint
+
+    from .data import DataError
     if data != "synthetic":
         return _load(data, "iemocap", 0, class_names)
     state = read_metadata(checkpoint / "best.safetensors")["state"]
@@ -251,8 +252,9 @@ def _cmd_train(args, distributed) -> int:
     if seeds is not None and args.seed is not None:
         raise UsageError("--seed and --seeds contradict each other: give one")
     if args.resume:
-        from .data import check_compatible
         from cmath_mer.training.run_folder import check_resume, data_fingerprint, run_files
+
+        from .data import check_compatible
         folder = out
         if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
             from cmath_mer.training.multi_run import check_folder
@@ -386,8 +388,9 @@ def cmd_baseline(args) -> int:
 
 
 def _load_for_model(args):
-    from .data import check_compatible
     from cmath_mer.training.ensemble import load_for_prediction, representative
+
+    from .data import check_compatible
     device = _check_device(args.device)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
@@ -403,8 +406,9 @@ def _eval_precision(args, device: str) -> str:
     """--precision when given (refused where the device cannot run it); else the run's own training
     precision (fp32 for runs from before --precision, and where this device has no bf16)."""
     from cmath_mer.training.checkpoint import read_metadata
-    from cmath_mer.training.precision import check_precision
     from cmath_mer.training.ensemble import representative
+    from cmath_mer.training.precision import check_precision
+
     from .errors import ConfigError
     if args.precision is not None:
         return check_precision(args.precision, device)
@@ -417,9 +421,10 @@ def _eval_precision(args, device: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import DataError
     from cmath_mer.training.metrics import classification_metrics
     from cmath_mer.training.train import evaluation_conversations, predict_conversations
+
+    from .data import DataError
     model, data = _load_for_model(args)
     precision = _eval_precision(args, str(next(model.parameters()).device))
     y, p, _ = predict_conversations(model, data, evaluation_conversations(data), precision=precision)
@@ -437,9 +442,10 @@ def _table_options(args) -> dict:
 
 def cmd_predict(args) -> int:
     from cmath_mer.files import atomic_write
-    from .data import check_compatible
     from cmath_mer.training.ensemble import load_for_prediction, representative
     from cmath_mer.training.train import predict_conversations
+
+    from .data import check_compatible
     ckpt = _input_file("--checkpoint", args.checkpoint)
     out = _output_file("--out", args.out, [_input_file("--data", args.data), ckpt / "best.safetensors",
                                             ckpt / "config.json", ckpt])
@@ -530,8 +536,9 @@ FINETUNE_OPTIONS = ("epochs", "lr", "finetune_batch_size", "max_tokens", "patien
 
 def _finetune_options(args):
     """featurize's fine-tuning options (featurize/finetune.py), refused without --finetune."""
-    from cmath_mer.training.precision import check_precision
     from cmath_mer.training.device import resolve_device
+    from cmath_mer.training.precision import check_precision
+
     from .featurize import FinetuneOptions
     given = {k: getattr(args, k) for k in FINETUNE_OPTIONS if getattr(args, k) is not None}
     if not args.finetune:
@@ -561,7 +568,8 @@ def cmd_synth(args) -> int:
     if not 1 <= args.min_length <= args.max_length:
         raise UsageError(f"--min-length {args.min_length} / --max-length {args.max_length}: need "
                          "1 <= min <= max")
-    synth(_output_file("output", args.output), preset=args.preset, conversations=args.conversations, min_length=args.min_length,
+    synth(_output_file("output", args.output), preset=args.preset, conversations=args.conversations,
+          min_length=args.min_length,
           max_length=args.max_length, seed=args.seed)
     print(f"wrote {args.output}")
     return 0
@@ -739,8 +747,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--preset", default="iemocap", choices=sorted(PRESETS),
                    help="classes, widths and speakers of the corpus (default %(default)s)")
     s.add_argument("--conversations", type=int, default=151, help="default %(default)s")
-    s.add_argument("--min-length", type=int, default=20, help="utterances per conversation, at least (default %(default)s)")
-    s.add_argument("--max-length", type=int, default=110, help="utterances per conversation, at most (default %(default)s)")
+    s.add_argument("--min-length", type=int, default=20,
+                   help="utterances per conversation, at least (default %(default)s)")
+    s.add_argument("--max-length", type=int, default=110,
+                   help="utterances per conversation, at most (default %(default)s)")
     s.add_argument("--seed", type=int, default=0, help="default %(default)s")
     s.set_defaults(func=cmd_synth)
 
@@ -789,7 +799,8 @@ def main(argv: list[str] | None = None) -> int:
             ValueError, _missing_extra_error()) as err:
         if args.debug:
             traceback.print_exc()
-        usage = isinstance(err, (UsageError, _missing_extra_error())) or isinstance(err, RunFolderError) and err.usage or (
+        usage = isinstance(err, (UsageError, _missing_extra_error())) or (
+            isinstance(err, RunFolderError) and err.usage) or (
             isinstance(err, ValueError) and not isinstance(err, DataError))
         print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
         return 2 if usage else 1

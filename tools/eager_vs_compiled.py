@@ -16,13 +16,13 @@ import time
 import torch
 
 from cmath_mer import bench as B
+from cmath_mer.bench.calls import model_batch
+from cmath_mer.bench.cases import case_lengths
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.config import preset
 from cmath_mer.training.meter import StepMeter
 from cmath_mer.training.precision import Precision
 from cmath_mer.training.step import Stepper, compile_model, make_optimizer
-from cmath_mer.bench.calls import model_batch
-from cmath_mer.bench.cases import case_lengths
-from cmath_mer.model.config import preset
-from cmath_mer.model.cmath import CMATH
 
 
 class TensorSeed(torch.nn.Module):

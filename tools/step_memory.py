@@ -84,8 +84,8 @@ def main(argv=None):
                    "variational_fusion.RECOMPUTE_ROWS); a small value shows at small T the peak of a large T")
     a = p.parse_args(argv)
     from cmath_mer.bench.calls import model_batch
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     torch.set_num_threads(1)
     if a.fusion_rows:
         import cmath_mer.model.fusion as vf

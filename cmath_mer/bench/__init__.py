@@ -37,8 +37,19 @@ What is measured (docs/KERNELS.md, "Speed targets"; benchmarks/README.md says wh
 """
 from cmath_mer.bench.build import build_case
 from cmath_mer.bench.calls import Unavailable, model_batch
-from cmath_mer.bench.cases import (ATTN_BACKENDS, H_HEADS, OP_BACKENDS, REC_K, REC_M, VAR_C, VAR_Z,
-    conversation_lengths, make_case, series_key, sweep)
+from cmath_mer.bench.cases import (
+    ATTN_BACKENDS,
+    H_HEADS,
+    OP_BACKENDS,
+    REC_K,
+    REC_M,
+    VAR_C,
+    VAR_Z,
+    conversation_lengths,
+    make_case,
+    series_key,
+    sweep,
+)
 from cmath_mer.bench.cli import main
 from cmath_mer.bench.machine import cpu_threads, machine_info, measure_ceilings
 from cmath_mer.bench.measure import measure, run_case

@@ -6,10 +6,10 @@ import time
 
 import torch
 
-from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.bench import baselines
 from cmath_mer.bench.calls import Unavailable, dtype_of, elem_size, fwdbwd, maybe_compile
 from cmath_mer.bench.cases import H_HEADS, case_lengths
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 
 SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
 

@@ -79,8 +79,8 @@ def _build_variational(case, dev):
 
 
 def _build_model(case, dev):
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     backend = case["backend"]
     cfg = preset("iemocap", backend="triton" if backend == "triton" else "torch")
     torch.manual_seed(0)
@@ -105,9 +105,9 @@ def _build_engine_step(case, dev):
     """One optimizer step of train.py's engine on a fixed batch: `torch`/`triton` = the ops' backend,
     `*_compile` = compile_model, `triton_graphs` = `train --cuda-graphs` (the step replayed from a
     CUDA graph; its first call captures); dtype = the autocast precision (weights stay fp32)."""
-    from cmath_mer.training.step import compile_model
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
+    from cmath_mer.training.step import compile_model
     backend = case["backend"]
     cfg = preset("iemocap", backend="triton" if backend.startswith("triton") else "torch")
     torch.manual_seed(0)

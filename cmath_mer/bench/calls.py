@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cmath_mer.model.batch import Batch
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.batch import Batch
 from cmath_mer.training.meter import StepMeter
 from cmath_mer.training.precision import DTYPES, Precision
 from cmath_mer.training.step import make_optimizer, make_stepper

@@ -24,9 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.bench.calls import dtype_of, elem_size, fwdbwd, model_batch, training_step
 from cmath_mer.bench.cases import BEFORE_N, H_HEADS, LONG_OPS, TEXT_DIM, find_row
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+
 
 def blocked_reference_before(q, k, v, cu_seqlens, *, window=None, scale=None, query_block=256):
     """The windowed reference as it was before the banded one: per conversation, queries in blocks of 256,
@@ -97,8 +98,8 @@ def _build_attention(case, dev):
 
 
 def _build_train(case, dev):
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     impl = "triton" if case["backend"] == "triton" else "torch"
     if case["op"] == "train_window_text":
         # text alone is what a transcript gives: the 384-d all-MiniLM-L6-v2 features `cmath-mer featurize`

@@ -115,13 +115,13 @@ def _cuda_ceilings() -> dict:
         prev = tf32_allowed()                          # the legacy flag's getter raises after the new API
         torch.backends.cuda.matmul.allow_tf32 = tf32
         a = torch.randn(n, n, device="cuda", dtype=dt)
-        ms = triton.testing.do_bench(lambda: a @ a, warmup=50, rep=300)
+        ms = triton.testing.do_bench(lambda a=a: a @ a, warmup=50, rep=300)
         torch.backends.cuda.matmul.allow_tf32 = prev
         out[f"matmul_tflops_{name}"] = 2 * n ** 3 / ms / 1e9
         del a
     x = torch.empty(2**28, device="cuda", dtype=torch.float32)      # 1 GiB
     y = torch.empty_like(x)
-    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=200)
+    ms = triton.testing.do_bench(lambda x=x, y=y: y.copy_(x), warmup=25, rep=200)
     out["copy_gbytes_per_s"] = 2 * x.numel() * 4 / ms / 1e6
     del x, y
     torch.cuda.empty_cache()

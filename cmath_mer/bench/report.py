@@ -7,7 +7,18 @@ from pathlib import Path
 
 from cmath_mer.bench import long
 from cmath_mer.bench.attention import SDPA
-from cmath_mer.bench.cases import ATTN_BACKENDS, H_HEADS, LONG_OPS, REC_K, REC_M, VAR_C, VAR_Z, WINDOW, find_row, series_key
+from cmath_mer.bench.cases import (
+    ATTN_BACKENDS,
+    H_HEADS,
+    LONG_OPS,
+    REC_K,
+    REC_M,
+    VAR_C,
+    VAR_Z,
+    WINDOW,
+    find_row,
+    series_key,
+)
 from cmath_mer.bench.plots import plot_long, plot_results
 
 BASELINES = SDPA + ("flex", "varlen")           # attention a user would pick instead of ours
@@ -178,7 +189,8 @@ def markdown_report(results: dict) -> str:
     m = results["machine"]
     lines = [f"# cmath-mer benchmark — {results['device']}: {m['device_name']}", "",
              f"{results['timestamp']} · {'quick' if results['quick'] else 'full'} sweep · "
-             f"{m.get('cpu_cores')} CPU cores, {m.get('torch_threads')} torch threads · python {m['python']} · torch {m['torch']} · "
+             f"{m.get('cpu_cores')} CPU cores, {m.get('torch_threads')} torch threads · python {m['python']} · "
+             f"torch {m['torch']} · "
              f"triton {m.get('triton')}" + (f" · CUDA {m['cuda']}" if m.get("cuda") else "") +
              f" · load average at start {' '.join(m.get('loadavg_at_start', []))}, "
              f"at end {' '.join(m.get('loadavg_at_end', []))} · total {results.get('total_s', 0):.0f} s", ""]

@@ -20,8 +20,18 @@ import torch
 from cmath_mer.bench.attention import SDPA, unavailable_reason
 from cmath_mer.bench.build import build_case
 from cmath_mer.bench.calls import Unavailable, elem_size
-from cmath_mer.bench.cases import (COMPILED_BACKENDS, H_HEADS, REC_K, REC_M, VAR_C, VAR_Z, case_id, case_lengths,
-    series_key, sweep)
+from cmath_mer.bench.cases import (
+    COMPILED_BACKENDS,
+    H_HEADS,
+    REC_K,
+    REC_M,
+    VAR_C,
+    VAR_Z,
+    case_id,
+    case_lengths,
+    series_key,
+    sweep,
+)
 from cmath_mer.bench.machine import available_bytes, load_average, machine_info, measure_ceilings
 from cmath_mer.bench.report import progress_line, write_json, write_report
 

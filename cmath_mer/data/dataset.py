@@ -1,14 +1,13 @@
 """Packed conversations: every per-utterance tensor is (T, ...) with cu_seqlens, no padding anywhere."""
 from __future__ import annotations
 
-import copy
 import random
 from dataclasses import dataclass, field
 
 import torch
 
 from cmath_mer.errors import DataError
-from cmath_mer.kernels.cu_seqlens import cu_seqlens_from, cu_seqlens_problem
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.model.batch import IGNORE_INDEX, Batch  # noqa: F401  (the data package names them too)
 
 SPLITS = ("train", "valid", "test")

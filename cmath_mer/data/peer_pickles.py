@@ -37,8 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cmath_mer.model.config import MAX_SPEAKERS, MODALITIES, PRESETS
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.config import MAX_SPEAKERS, MODALITIES, PRESETS
+
 from .dataset import IGNORE_INDEX, ConversationDataset, DataError
 from .safe_pickle import safe_load_pickle
 from .validate import validate_dataset

@@ -9,7 +9,6 @@ import io
 import pickle
 from pathlib import Path
 
-
 from .dataset import DataError
 
 _NUMPY_GLOBALS = {

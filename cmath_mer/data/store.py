@@ -33,8 +33,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cmath_mer.files import atomic_write, bytes_needed
-from ..errors import UsageError
 from cmath_mer.model.config import MAX_SPEAKERS
+
+from ..errors import UsageError
 from .dataset import SPLITS, ConversationDataset, DataError
 from .validate import validate_dataset
 
@@ -269,8 +270,8 @@ def convert(in_path: str | Path, out_path: str | Path, **options) -> Conversatio
 
 def _check_synthetic_fits(options: dict) -> None:
     """Refuse (UsageError with the estimate) a synthetic corpus larger than the memory available."""
-    from cmath_mer.model.config import PRESETS
     from cmath_mer.data.memory import check_fits, corpus_bytes
+    from cmath_mer.model.config import PRESETS
     name = options.get("preset", "iemocap")
     dims = options.get("input_dims") or (PRESETS[name]["input_dims"] if name in PRESETS else {})
     conversations, longest = options.get("conversations"), options.get("max_length")

@@ -30,8 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from cmath_mer.model.config import MODALITIES, PRESETS
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.config import MODALITIES, PRESETS
+
 from .dataset import SPLITS, ConversationDataset
 
 # Class frequencies of the real corpora (training sets), used as the presets' default class priors.

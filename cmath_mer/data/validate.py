@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cmath_mer.model.config import MAX_SPEAKERS
+
 from .dataset import IGNORE_INDEX, SPLITS, ConversationDataset, DataError
 
 _FINITE_CHUNK = 1 << 16      # rows per isfinite pass, so a huge corpus needs no (T, d) boolean temporary

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cmath_mer.model.config import MODALITIES
-from ..data import ConversationDataset, DataError, save_dataset, validate_dataset
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.config import MODALITIES
+
+from ..data import ConversationDataset, DataError, save_dataset, validate_dataset
 from .audio import AudioEncoder, AudioError
 from .cache import FeatureCache, content_key
 from .extra import INSTALL, MissingExtraError

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, atomic_write, remove_temporary
+
 from ..paths import path_component
 
 

@@ -32,8 +32,7 @@ from tqdm.auto import tqdm
 
 from ..data import DataError
 from .tables import Corpus
-from .text import DEFAULT_MODEL, TextEncoder, base_model_folder, fingerprint, folder_encoder, \
-    load_sentence_transformer
+from .text import DEFAULT_MODEL, TextEncoder, base_model_folder, fingerprint, folder_encoder, load_sentence_transformer
 
 RECORD = "finetune.json"          # inside the encoder folder: what made it (part of its fingerprint)
 HEAD_LR = 1e-3                    # the freshly initialised head learns faster than the pretrained encoder

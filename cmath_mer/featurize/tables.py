@@ -23,8 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import IGNORE_INDEX, SPLITS, DataError
-from ..table_layouts import (EMORYNLP_CLASSES, LAYOUTS, REQUIRED, ROLES, SPLIT_NAMES, Layout,  # noqa: F401
-                             detect_layout, missing_columns, parse_spec)
+from ..table_layouts import (  # noqa: F401
+    EMORYNLP_CLASSES,
+    LAYOUTS,
+    REQUIRED,
+    ROLES,
+    SPLIT_NAMES,
+    Layout,
+    detect_layout,
+    missing_columns,
+    parse_spec,
+)
+
 
 @dataclass
 class Utterance:

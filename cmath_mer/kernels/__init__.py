@@ -29,8 +29,8 @@ from . import reference_ops
 from .attention.naive import naive_multi_source_attention
 from .attention.reference import as_sources, reference_multi_source_attention
 from .backend import reconstruction_impl, resolve_backend
-from .utils import seed_tensor
 from .reconstruction.naive import naive_reconstruction_loss
+from .utils import seed_tensor
 from .variational.naive import naive_variational_fusion
 
 __all__ = ["multi_source_attention", "reconstruction_loss", "variational_fusion", "resolve_backend",

@@ -16,8 +16,6 @@ import torch
 
 from cmath_mer.options import BACKENDS
 
-
-
 # Found once at import, without importing triton: a plain constant, which torch.compile reads without
 # tracing a cache wrapper (an lru_cache here made dynamo warn on every compile).
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None

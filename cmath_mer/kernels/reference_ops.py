@@ -129,10 +129,10 @@ def attention_ref_cpu_op(q: torch.Tensor, k: list[torch.Tensor], v: list[torch.T
     o = q.new_zeros(T, H, D)
     lse = torch.zeros(H, T, dtype=_lse_dtype(q), device=q.device)
     for a, n, c in _runs(cu_seqlens):
-        out, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        out, lse_run = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             _run_heads(q, a, n, c), _run_sources(k, a, n, c), _run_sources(v, a, n, c), scale=scale)
         o[a:a + c * n] = out.transpose(1, 2).flatten(0, 1)                   # (c, H, n, D) -> (c*n, H, D)
-        lse[:, a:a + c * n] = l.transpose(0, 1).flatten(1)                   # (c, H, n) -> (H, c*n)
+        lse[:, a:a + c * n] = lse_run.transpose(0, 1).flatten(1)                   # (c, H, n) -> (H, c*n)
     return o, lse
 
 

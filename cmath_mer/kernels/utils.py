@@ -12,7 +12,6 @@ import os
 import torch
 
 
-
 def interpreting() -> bool:
     """Read at call time: `python -m cmath_mer.kernels.aot` unsets TRITON_INTERPRET after this package is
     imported (the package __init__ imports this module) and before the kernel modules are."""

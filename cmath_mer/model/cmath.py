@@ -19,13 +19,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from cmath_mer.kernels.cu_seqlens import neighbour_masks, positions
+from cmath_mer.model.batch import IGNORE_INDEX, Batch
 from cmath_mer.model.cma_transformer import CMATransformer
 from cmath_mer.model.config import CMATHConfig
-from cmath_mer.model.batch import IGNORE_INDEX, Batch
 from cmath_mer.model.distillation import hierarchical_distillation
-from cmath_mer.kernels.cu_seqlens import neighbour_masks, positions
-from cmath_mer.model.reconstruction import ModalityReconstruction
 from cmath_mer.model.fusion import VariationalFusion
+from cmath_mer.model.reconstruction import ModalityReconstruction
 
 
 def sinusoidal(pos: torch.Tensor, d: int) -> torch.Tensor:
@@ -150,7 +150,8 @@ class CMATH(nn.Module):
         # trace: under torch.compile the fusion is traced whole (the partitioner decides what it keeps)
         pieces = recompute and not torch.compiler.is_compiling()
         fusion = self.fusion.forward_recomputed if pieces else self.fusion                           # step 4
-        z, mu_f, logvar_f, kl_prior, kd_latent = fusion(fine, seed=seed, sample=self.training and cfg.variational_sample,
+        z, mu_f, logvar_f, kl_prior, kd_latent = fusion(fine, seed=seed,
+                                                        sample=self.training and cfg.variational_sample,
                                                         eps_offset=row_offset * cfg.latent)
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}

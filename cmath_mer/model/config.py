@@ -76,7 +76,8 @@ class CMATHConfig:
     d_latent: int | None = None         # d_z: variational latent width, None = d_model (ours)
     ffn_mult: int = 4                   # FFN width = ffn_mult * d (ours)
     # --- structure ---
-    central_modalities: tuple[str, ...] | None = None   # which modalities get a CMA-Transformer; None = all (paper: asymmetric central/auxiliary)
+    # which modalities get a CMA-Transformer; None = all (paper: asymmetric central/auxiliary)
+    central_modalities: tuple[str, ...] | None = None
     window: int | None = None           # attention only within |i - j| <= window; None = whole conversation (ours)
     rec_kernel: int = 3                 # kernel of step 1's convolutions along the utterance axis: 3 = each code
                                         # also reads its two neighbours (the paper's U-Net, as we read it);

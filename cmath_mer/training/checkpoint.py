@@ -3,13 +3,8 @@ carries the model config it was trained with (`config`) and the training state (
 alone is enough to evaluate or to resume; config.json beside it is a readable copy that must agree."""
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
-import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from cmath_mer.errors import CheckpointError
 from cmath_mer.files import atomic_write, bytes_needed
 from cmath_mer.training.checkpoint_state import check_param_groups, check_state
+
 
 def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -71,8 +71,8 @@ def check_state(path, state: dict) -> dict:
 
 
 def _check_train_config(path, saved: dict) -> None:
-    from cmath_mer.training.config import TrainConfig
     from cmath_mer.errors import ConfigError
+    from cmath_mer.training.config import TrainConfig
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(saved) - fields)
     if unknown:

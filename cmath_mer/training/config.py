@@ -9,7 +9,6 @@ from cmath_mer.model.config import _float, _int
 from cmath_mer.options import PRECISIONS
 
 
-
 @dataclass
 class TrainConfig:
     epochs: int = 20

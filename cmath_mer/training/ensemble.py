@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
-from cmath_mer.model.config import config_to_dict
 from cmath_mer.errors import CheckpointError
+from cmath_mer.model.config import config_to_dict
 
 SEED_FOLDER = re.compile(r"seed-(\d+)")
 

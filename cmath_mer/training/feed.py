@@ -7,9 +7,9 @@ import threading
 
 import torch
 
-from cmath_mer.model.batch import Batch
 from cmath_mer.errors import ConfigError
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.batch import Batch
 
 PREFETCH_DEPTH = 2        # batches built ahead of the one the model is working on
 

@@ -23,7 +23,6 @@ loss scaler reads its inf flag on the host), no gradient accumulation, no torch.
 """
 from __future__ import annotations
 
-
 import torch
 
 from cmath_mer.kernels.cu_seqlens import length_bound

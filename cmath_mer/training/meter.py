@@ -14,6 +14,7 @@ import torch
 
 from cmath_mer.training import distributed
 
+
 class StepMeter:
     """Sums over the steps since the last read, on the device: loss x utterances, utterances, gradient
     norm, optimizer steps, non-finite losses, non-finite gradient norms (fp16: skipped steps). In a

@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, atomic_write_text, remove_temporary
 from cmath_mer.errors import RunFolderError
+from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, atomic_write_text, remove_temporary
 from cmath_mer.training.run_folder import LOCK_NAME, RunLock, clear_run, is_temporary, run_files
 
 MARKER = ".cmath-mer-runs.json"

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, remove_temporary
-from cmath_mer.training.checkpoint import read_metadata
-from cmath_mer.model.config import config_from_dict, config_to_dict
 from cmath_mer.errors import CheckpointError, RunFolderError
+from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, remove_temporary
+from cmath_mer.model.config import config_from_dict, config_to_dict
+from cmath_mer.training.checkpoint import read_metadata
 
 RUN_FILES = ("best.safetensors", "last.safetensors", "config.json", "train_config.json", "metrics.json",
              "confusion_matrix.png", "training_curves.png")
@@ -209,8 +209,9 @@ def check_resume(saved: SavedRun, config, tcfg, fingerprint: dict) -> None:
         now = dataclasses.asdict(tcfg)
         diff = [k for k, v in saved.train_config.items() if k not in RESUMABLE_CHANGES and now.get(k) != v]
         if diff:
-            raise RunFolderError(f"--resume: the run was trained with other settings "
-                                 f"({', '.join(f'{k}: {saved.train_config[k]!r} there, {now.get(k)!r} here' for k in diff)})",
+            raise RunFolderError("--resume: the run was trained with other settings "
+                                 "(" + ", ".join(f"{k}: {saved.train_config[k]!r} there, {now.get(k)!r} here"
+                                                 for k in diff) + ")",
                                  usage=True)
     done = int(saved.state.get("epoch", 0))
     if tcfg.epochs < done:

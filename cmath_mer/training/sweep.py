@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cmath_mer.errors import ConfigError, UsageError
 from cmath_mer.files import atomic_write
 from cmath_mer.model.config import check_overrides
-from cmath_mer.training.config import TrainConfig
-from cmath_mer.errors import ConfigError, UsageError
 from cmath_mer.paths import path_component
-
+from cmath_mer.training.config import TrainConfig
 
 # TrainConfig fields a recipe may not set: the sweep sets them itself (--seeds) or the machine does (torchrun)
 SWEEP_SET = {"seed": "--seeds", "world_size": "the number of processes (torchrun)"}

@@ -6,44 +6,43 @@ each step's batch dealt to the ranks (data/batching.py), evaluation sharded and 
 checks and writes the run folder, logs, and on --resume reads the checkpoint and hands it to the others."""
 from __future__ import annotations
 
-import dataclasses
 import contextlib
-from contextlib import nullcontext
+import dataclasses
 import json
-import shutil
 import math
 import random
+import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cmath_mer.training import distributed, run_folder
-from cmath_mer.data.batching import split_by_utterances
-from cmath_mer.training.determinism import deterministic_mode
-from cmath_mer.training.device import check_device, on_device
-from cmath_mer.training.feed import DeviceCorpus, Prefetcher
-from cmath_mer.training.meter import StepMeter
-from cmath_mer.training.precision import Precision, check_precision, default_precision
-from cmath_mer.training.step import compile_model, make_optimizer, make_stepper
-from cmath_mer.training.baseline import context_free_baseline
-from cmath_mer.training.context_baseline import context_gru_baseline
-from cmath_mer.training.ema import WeightAverage
+from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
+from cmath_mer.data.batching import eval_shards, rank_batches, rows_before, split_by_utterances
+from cmath_mer.data.memory import check_model_fits
+from cmath_mer.errors import CheckpointError, ConfigError
+from cmath_mer.files import atomic_write, atomic_write_text
 from cmath_mer.kernels import resolve_backend
 from cmath_mer.kernels.utils import gpu_dots_ok
-from cmath_mer.files import atomic_write, atomic_write_text
-from cmath_mer.training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
-from cmath_mer.model.config import CMATHConfig, config_from_dict, config_to_dict, load_config, preset
-from cmath_mer.training.config import TrainConfig
-from cmath_mer.errors import CheckpointError, ConfigError
-from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
-from cmath_mer.data.batching import eval_shards, rank_batches, rows_before
-from cmath_mer.data.memory import check_model_fits
-from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
 from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.config import CMATHConfig, config_from_dict, config_to_dict, load_config, preset
+from cmath_mer.training import distributed, run_folder
+from cmath_mer.training.baseline import context_free_baseline
+from cmath_mer.training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from cmath_mer.training.config import TrainConfig
+from cmath_mer.training.context_baseline import context_gru_baseline
+from cmath_mer.training.determinism import deterministic_mode
+from cmath_mer.training.device import check_device, on_device
+from cmath_mer.training.ema import WeightAverage
+from cmath_mer.training.feed import DeviceCorpus, Prefetcher
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
+from cmath_mer.training.precision import Precision, check_precision, default_precision
 from cmath_mer.training.preset_choice import preset_note
+from cmath_mer.training.step import compile_model, make_optimizer, make_stepper
 from cmath_mer.training.threads import data_line_note
 
 
@@ -587,7 +586,8 @@ def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
     config.json beside it must say the same (an edited config would silently change predictions)."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
-        raise CheckpointError(f"--checkpoint {folder}: not a run folder" + (" (no such folder)" if not folder.exists() else ""))
+        raise CheckpointError(f"--checkpoint {folder}: not a run folder"
+                              + (" (no such folder)" if not folder.exists() else ""))
     path = folder / "best.safetensors"
     meta = read_metadata(path)
     if meta["config"] is not None:

@@ -16,10 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from cmath_mer.bench import baselines
-
-from helpers import assert_rel_close
 from cmath_mer.kernels.attention.naive import naive_multi_source_attention
-from helpers import grads, make_inputs
+
+from helpers import assert_rel_close, grads, make_inputs
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA (with TRITON_INTERPRET unset)")
@@ -37,7 +36,8 @@ def fresh_lengths(seed: int, count: int = 4, longest: int = 70) -> list[int]:
 def dense_grads(q, k, v, do, cu, window):
     """The definition's output and gradients, in float64 on the CPU."""
     q, k, v, do, cu = (x.cpu() for x in (q, k, v, do, cu))
-    return grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window), q.double(), k.double(), v.double(),
+    return grads(lambda q, k, v: naive_multi_source_attention(q, k, v, cu, window=window),
+                 q.double(), k.double(), v.double(),
                  do.double())
 
 
@@ -47,7 +47,8 @@ def test_flex_with_the_document_window_mask_matches_the_definition(S, window):
     lengths = fresh_lengths(seed)
     q, k, v, _, cu = make_inputs(lengths, S, 2, 16, torch.float32, seed)
     out = baselines.flex_multi_source_attention(q, k, v, baselines.document_window_mask(cu, S, window=window))
-    assert_rel_close(f"flex out (seed {seed}, lengths {lengths})", out, naive_multi_source_attention(q, k, v, cu, window=window),
+    assert_rel_close(f"flex out (seed {seed}, lengths {lengths})", out,
+                     naive_multi_source_attention(q, k, v, cu, window=window),
                      1e-4)
 
 

@@ -284,6 +284,7 @@ def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypa
     it needs is SKIPPED (a later one that needs less still runs); the summary names the stages a second call
     should run, the SKIPPED and the TIMEOUT ones."""
     import json
+
     from cmath_mer.bench.gpucheck import driver
     seen, clock = [], [0.0]
     monkeypatch.setattr(driver.time, "perf_counter", lambda: clock[0])
@@ -315,6 +316,7 @@ def test_budget_cuts_stage_limits_and_skips_what_does_not_fit(tmp_path, monkeypa
 
 def test_a_stage_stopped_at_its_limit_keeps_its_partial_rows_in_the_summary(tmp_path, monkeypatch):
     import json
+
     from cmath_mer.bench.gpucheck import driver
     ref = float(torch.empty(()).uniform_(0.05, 0.5))
     rows = [_row("torch", "fp32", ref), _row("triton_graphs", "bf16", ref / 5)]
@@ -351,6 +353,7 @@ def test_a_stage_takes_its_children_with_it(ending, tmp_path, monkeypatch):
     import os
     import signal
     import time
+
     from cmath_mer.bench.gpucheck import driver
     word = f"partial-{int(torch.randint(0, 10_000, ()))}-é"
     stage = (f"import subprocess, sys, time\n"
@@ -383,6 +386,7 @@ def test_a_process_a_stage_starts_stops_before_the_stage_limit():
     records it as stopped (returncode None, its output kept as text) instead of being killed with it."""
     import time
     from types import SimpleNamespace
+
     from cmath_mer.bench.gpucheck.common import run_child, seconds_left
     word = f"started-{int(torch.randint(0, 10_000, ()))}"
     args = SimpleNamespace(stage_deadline=time.time() + 6.0)               # 1 s once the 5 s margin is kept
@@ -397,6 +401,7 @@ def test_the_demo_stage_reruns_into_a_folder_that_holds_its_earlier_run(tmp_path
     """A second call into the same results folder: `cmath-mer train` refuses a folder that holds a run, so the
     stage's demo runs replace their own (--overwrite)."""
     from types import SimpleNamespace
+
     from cmath_mer.bench.gpucheck import runs
     earlier = tmp_path / "train_demo" / "torch"
     earlier.mkdir(parents=True)
@@ -441,6 +446,7 @@ def test_gpu_session_smoke_on_the_cpu(tmp_path):
 
 def test_autotune_cold_keeps_its_first_call_rows_when_the_config_sequence_fails(monkeypatch):
     from types import SimpleNamespace
+
     from cmath_mer.bench.gpucheck import parity
     word = f"boom-{int(torch.randint(0, 10_000, ()))}"
     monkeypatch.setattr(parity, "run_parity_case", lambda case, device, seed: dict(case, ok=True))
@@ -455,6 +461,7 @@ def test_autotune_cold_keeps_its_first_call_rows_when_the_config_sequence_fails(
 
 def test_profile_keeps_the_first_shape_when_the_second_fails(tmp_path, monkeypatch):
     from types import SimpleNamespace
+
     import cmath_mer.bench as B
     import cmath_mer.model.config as C
     from cmath_mer.bench.gpucheck import runs
@@ -486,6 +493,7 @@ def test_graph_train_equality_on_a_recomputed_batch_with_dropout_holds_for_corre
     the eager step (bit for bit at most sizes; ~3e-5 at some, from the loss normalisation); one capture, then
     replays."""
     from cmath_mer.bench.gpucheck.graphs import MASKS_DIFFER, steppers_agree
+
     from helpers import StandInGraphs
     cfg = _recomputing_config()
     n = int(torch.randint(cfg.recompute_from, 40, ()))
@@ -497,6 +505,7 @@ def test_graph_train_equality_catches_a_replay_that_draws_other_masks():
     """The same check fails when a replay's dropout draws differ from the eager step's (here the replay draws
     one number first, shifting every mask after it): the check is sensitive to the masks."""
     from cmath_mer.bench.gpucheck.graphs import MASKS_DIFFER, steppers_agree
+
     from helpers import StandInGraphs
 
     class ShiftedReplays(StandInGraphs):
@@ -532,6 +541,7 @@ def test_graph_train_replay_with_permuted_lengths_matches_eager():
     """The harness of graph_train's permuted-lengths replay, with the CPU graph stand-in on the interpreter:
     lengths written into the static cu_seqlens in place (no version bump) are what the replay computes with."""
     from cmath_mer.bench.gpucheck.graphs import permuted_lengths_replay
+
     from helpers import StandInGraphs
     res = permuted_lengths_replay("cpu", graphs=StandInGraphs())
     assert res["ok"] and max(res["rel_err"].values()) < 1e-5, res
@@ -543,6 +553,7 @@ def test_graph_train_replay_with_permuted_lengths_catches_a_baked_in_block_layou
     the graph): the check is sensitive to the lengths the replay reads."""
     from cmath_mer.bench.gpucheck.graphs import permuted_lengths_replay
     from cmath_mer.kernels.attention import fused
+
     from helpers import StandInGraphs
     first: dict = {}
     real = fused.prepare_block_indices

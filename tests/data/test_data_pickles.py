@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from cmath_mer.data import (
+    LAYOUTS,
+    DataError,
+    UnsafePickleError,
+    check_compatible,
+    load_dataset,
+    load_peer_pickle,
+    make_synthetic,
+    write_peer_pickle,
+)
 from cmath_mer.model.config import preset
-from cmath_mer.data import (LAYOUTS, DataError, UnsafePickleError, check_compatible, load_dataset,
-                            load_peer_pickle, make_synthetic, write_peer_pickle)
 
 IEMOCAP_DIMS = {"text": 12, "audio": 10, "visual": 6}
 

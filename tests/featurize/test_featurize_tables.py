@@ -7,10 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from cmath_mer.model.config import PRESETS
 from cmath_mer.data import IGNORE_INDEX, DataError
-from cmath_mer.featurize.tables import (EMORYNLP_CLASSES, label_indices, parse_spec, read_table, read_tables,
-                                        speaker_indices)
+from cmath_mer.featurize.tables import (
+    EMORYNLP_CLASSES,
+    label_indices,
+    parse_spec,
+    read_table,
+    read_tables,
+    speaker_indices,
+)
+from cmath_mer.model.config import PRESETS
+
 from helpers import write_csv
 
 MELD_HEADER = ["Sr No.", "Utterance", "Speaker", "Emotion", "Sentiment", "Dialogue_ID", "Utterance_ID", "Season",

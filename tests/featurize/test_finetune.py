@@ -17,6 +17,7 @@ from cmath_mer.data import DataError, load_dataset
 from cmath_mer.featurize import FinetuneOptions, encoder_folder, featurize, featurize_for_model
 from cmath_mer.featurize import finetune as ft
 from cmath_mer.featurize.text import folder_encoder
+
 from helpers import write_csv
 
 pytest.importorskip("sentence_transformers")

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from helpers import needs_triton
 
 ROOT = Path(__file__).resolve().parents[2]

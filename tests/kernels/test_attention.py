@@ -7,9 +7,9 @@ import torch
 
 from cmath_mer.kernels import multi_source_attention
 from cmath_mer.kernels.attention import reference
+from cmath_mer.kernels.attention.naive import naive_multi_source_attention, naive_scores
 from cmath_mer.kernels.attention.reference import reference_multi_source_attention
 from cmath_mer.kernels.cu_seqlens import equal_length_runs
-from cmath_mer.kernels.attention.naive import naive_multi_source_attention, naive_scores
 
 from helpers import TOL, assert_rel_close, cu_seqlens_from, grads, make_inputs, needs_triton, rel_err
 
@@ -167,11 +167,11 @@ def test_interior_run_is_exactly_the_blocks_that_need_no_mask(fused):
     args = torch.stack([lo, hi, first_ok, last_ok], 1).to(torch.int32).contiguous()
     out = torch.empty(200, 2, dtype=torch.int32)
     split_kernel[(200,)](args, out, BLK=blk)
-    for (l, h, f, e), (a, b) in zip(args.tolist(), out.tolist()):
-        starts = list(range(l, h, blk))
+    for (lo, h, f, e), (a, b) in zip(args.tolist(), out.tolist()):
+        starts = list(range(lo, h, blk))
         interior = [j for j in starts if j >= f and j + blk - 1 <= e]
-        assert l <= a <= b and (a - l) % blk == 0 and (b - l) % blk == 0
-        assert [j for j in starts if a <= j < b] == interior, (l, h, f, e, a, b)
+        assert lo <= a <= b and (a - lo) % blk == 0 and (b - lo) % blk == 0
+        assert [j for j in starts if a <= j < b] == interior, (lo, h, f, e, a, b)
 
 
 @needs_triton

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from cmath_mer.kernels import multi_source_attention
-
-from helpers import assert_rel_close, needs_triton
 from cmath_mer.kernels.attention.naive import naive_multi_source_attention
-from helpers import TOL, grads, make_inputs
+
+from helpers import TOL, assert_rel_close, grads, make_inputs, needs_triton
 
 pytestmark = needs_triton
 
@@ -182,7 +181,8 @@ def test_compiled_caller_follows_a_changing_bound(fused, launches):
         q, k, v, do, cu = make_inputs(lengths, 2, 1, 16, torch.float32, seed=100 + i + torch.randint(1000, ()).item())
         launches.clear()
         got = grads(lambda q, k, v: attend(q, k, v, cu, max(lengths)), q, k, v, do)
-        assert [(n, bl) for n, _, bl in launches] == [("_attn_bwd_onepass_kernel", max(16, 1 << (max(lengths) - 1).bit_length()))]
+        tile = max(16, 1 << (max(lengths) - 1).bit_length())
+        assert [(n, bl) for n, _, bl in launches] == [("_attn_bwd_onepass_kernel", tile)]
         want = grads(lambda q, k, v: fused.fused_multi_source_attention(q, k, v, cu, window=2), q, k, v, do)
         for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
             assert torch.isfinite(a).all(), name

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_attention import SMALL, use_blocks
 
+from cmath_mer.kernels import multi_source_attention
+from cmath_mer.kernels.attention.naive import naive_multi_source_attention
 from cmath_mer.model import cma_transformer
 from cmath_mer.model.cma_transformer import MultiSourceAttention
-from cmath_mer.kernels import multi_source_attention
 
 from helpers import assert_rel_close, cu_seqlens_from, needs_triton
-from cmath_mer.kernels.attention.naive import naive_multi_source_attention
-from test_attention import SMALL, use_blocks
 
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3}
 LENGTHS = [1, 6, 17, 9]                 # 1, odd, a 16-row block + 1 (the SMALL blocks of the Triton kernels)

@@ -8,12 +8,11 @@ import torch
 
 from cmath_mer.bench.long import blocked_reference_before
 from cmath_mer.kernels.attention import reference
+from cmath_mer.kernels.attention.naive import naive_multi_source_attention
 from cmath_mer.kernels.attention.reference import banded_attention, reference_multi_source_attention
 from cmath_mer.kernels.cu_seqlens import key_range
 
-from helpers import assert_rel_close, cu_seqlens_from, rel_err
-from cmath_mer.kernels.attention.naive import naive_multi_source_attention
-from helpers import grads, make_inputs
+from helpers import assert_rel_close, cu_seqlens_from, grads, make_inputs, rel_err
 
 
 def check_all(got, want, tol, names=("o", "dq", "dk", "dv")):
@@ -138,6 +137,7 @@ def test_windowed_model_recomputes_to_the_same_gradients():
     """CMATH with a window on the long-batch path (every branch, reconstruction and fusion recomputed in
     the backward) gives the gradients of the plain path; the banded attention is part of what is redone."""
     from cmath_mer.model.cmath import CMATH
+
     from helpers import random_batch, small_config
     torch.manual_seed(8)
     plain = CMATH(small_config(dropout=0.1, recompute_from=None, window=3))

@@ -13,8 +13,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cmath_mer.kernels as K
 from cmath_mer.kernels import reference_ops
 from cmath_mer.model.cmath import CMATH
-from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from, needs_triton
-from helpers import random_batch, small_config
+
+from helpers import (
+    assert_compiled_step_equals_eager,
+    assert_rel_close,
+    cu_seqlens_from,
+    needs_triton,
+    random_batch,
+    small_config,
+)
 
 pytestmark = needs_triton
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
-import pytest
 import torch
 
 from helpers import needs_triton

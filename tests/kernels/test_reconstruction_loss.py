@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_rel_close, reconstruction_inputs, needs_triton
+from helpers import assert_rel_close, needs_triton, reconstruction_inputs
 
 pytestmark = needs_triton
 

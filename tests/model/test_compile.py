@@ -11,13 +11,13 @@ import pytest
 import torch
 
 import cmath_mer.kernels as K
-from cmath_mer.training.precision import Precision
-from cmath_mer.training.step import compile_model
 from cmath_mer.kernels import reference_ops
 from cmath_mer.kernels.variational.philox import philox_randn, philox_randn_op
 from cmath_mer.model.cmath import CMATH
-from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from
-from helpers import random_batch, small_config
+from cmath_mer.training.precision import Precision
+from cmath_mer.training.step import compile_model
+
+from helpers import assert_compiled_step_equals_eager, assert_rel_close, cu_seqlens_from, random_batch, small_config
 
 
 def _sources(lengths, S, H=2, D=16, dtype=torch.float32, seed=0):
@@ -115,8 +115,8 @@ def test_compile_model_matches_eager_and_does_not_recompile_across_batch_sizes()
     """compile_model (inductor): on fresh random batches of different sizes and conversation counts, and
     new seeds every step, the eager loss and gradients (fp32; bf16 autocast within bf16 tolerance), with one
     compiled graph for all of them (no recompile; a one-conversation batch, cu_seqlens of size 2, gets one more
-    graph: dynamo specializes sizes 0 and 1, so a 1-long cu_seqlens[:-1] is its own case). Dropout stays on: with inductor's fallback_random the
-    compiled step draws eager's dropout masks from torch's generator."""
+    graph: dynamo specializes sizes 0 and 1, so a 1-long cu_seqlens[:-1] is its own case). Dropout stays on:
+    with inductor's fallback_random the compiled step draws eager's dropout masks from torch's generator."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     torch.manual_seed(5)

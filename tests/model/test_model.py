@@ -4,13 +4,14 @@ import itertools
 import pytest
 import torch
 
-from cmath_mer.model.config import CMATHConfig
 from cmath_mer.data import Batch
-from cmath_mer.model.distillation import logit_distillation
-from cmath_mer.model.cmath import CMATH
 from cmath_mer.kernels.cu_seqlens import neighbour_masks, positions
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.distillation import logit_distillation
 from cmath_mer.model.reconstruction import PackedConv1d
-from helpers import DIMS, cu_seqlens_from, random_batch, small_config
+
+from helpers import cu_seqlens_from, random_batch, small_config
+
 
 def test_packed_conv_equals_per_conversation_conv1d():
     torch.manual_seed(0)
@@ -31,7 +32,8 @@ def test_positions_restart_at_each_conversation():
     assert positions(cu, 8).tolist() == [0, 1, 2, 0, 0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("modalities", [m for r in (1, 2, 3) for m in itertools.combinations(("text", "audio", "visual"), r)])
+@pytest.mark.parametrize("modalities", [m for r in (1, 2, 3)
+                                        for m in itertools.combinations(("text", "audio", "visual"), r)])
 def test_every_modality_subset_trains(modalities):
     torch.manual_seed(1)
     model = CMATH(small_config(modalities))

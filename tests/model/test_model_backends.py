@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from cmath_mer.model.cmath import CMATH
-from helpers import assert_rel_close, needs_triton
-from helpers import random_batch, small_config
+
+from helpers import assert_rel_close, needs_triton, random_batch, small_config
 
 pytestmark = needs_triton
 

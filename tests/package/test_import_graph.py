@@ -11,8 +11,9 @@ import cmath_mer
 
 PACKAGE = Path(cmath_mer.__file__).parent
 # a folder may import from its own rank and below
-RANK = {"errors": 0, "files": 0, "paths": 0, "options": 0, "kernels": 1, "model": 2, "data": 3, "training": 4, "featurize": 5, "bench": 6,
-        "table_layouts": 3, "gpucheck": 7, "prechecks": 8, "cli": 8, "__main__": 9, "__init__": 9}
+RANK = {"errors": 0, "files": 0, "paths": 0, "options": 0, "kernels": 1, "model": 2, "data": 3,
+        "table_layouts": 3, "training": 4, "featurize": 5, "bench": 6, "gpucheck": 7, "prechecks": 8, "cli": 8,
+        "__main__": 9, "__init__": 9}
 
 
 def module_name(path: Path) -> str:

@@ -49,8 +49,8 @@ def build(sample: bool):
 
 
 def step(out: str) -> None:
-    from cmath_mer.training import distributed
     from cmath_mer.data.batching import rows_before
+    from cmath_mer.training import distributed
     distributed.setup("cpu")
     ctx = distributed.context()
     results = {}

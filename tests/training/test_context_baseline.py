@@ -6,12 +6,12 @@ import json
 import numpy as np
 import torch
 
-from cmath_mer.training import context_baseline
-from cmath_mer.training.baseline import context_free_baseline
 from cmath_mer.cli import main
-from cmath_mer.training.context_baseline import context_gru_baseline
 from cmath_mer.data import ConversationDataset, make_synthetic, save_dataset
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.training import context_baseline
+from cmath_mer.training.baseline import context_free_baseline
+from cmath_mer.training.context_baseline import context_gru_baseline
 from cmath_mer.training.train import make_splits
 
 CLASSES = 3

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cmath_mer.training import distributed
 from cmath_mer.cli import main
 from cmath_mer.data import load_dataset, synth
 from cmath_mer.data.batching import eval_shards, rank_batches, rows_before, split_by_utterances
 from cmath_mer.errors import ConfigError
 from cmath_mer.kernels import naive_variational_fusion
+from cmath_mer.training import distributed
 
 HERE = Path(__file__).parent
 WORKER = HERE / "ddp_worker.py"
@@ -162,8 +162,9 @@ def test_micro_batches_draw_the_eps_of_the_whole_batch_and_normalise_by_its_tota
     """Accumulation uses the same rule as the ranks: 2 micro-batches make the update of the whole batch,
     with sampling and class weights."""
     sys.path.insert(0, str(HERE))
-    import ddp_worker
     from cmath_mer.data.batching import split_by_utterances
+
+    import ddp_worker
     updates = []
     for parts in (1, 2):
         data, model = ddp_worker.build(True)

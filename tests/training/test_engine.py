@@ -17,19 +17,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cmath_mer.training.precision as precision_module
+from cmath_mer.cli import main
+from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.data.batching import split_by_utterances
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.training import train as train_module
+from cmath_mer.training.checkpoint import read_metadata
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.feed import DeviceCorpus, Prefetcher
 from cmath_mer.training.meter import StepMeter, phase
 from cmath_mer.training.precision import DTYPES, Precision, default_precision
 from cmath_mer.training.step import Stepper, make_optimizer
-import cmath_mer.training.precision as precision_module
-from cmath_mer.training import train as train_module
-from cmath_mer.training.checkpoint import read_metadata
-from cmath_mer.cli import main
-from cmath_mer.training.config import TrainConfig
-from cmath_mer.data import make_synthetic, save_dataset
-from cmath_mer.model.cmath import CMATH
 from cmath_mer.training.train import build_config, resolve_train_config, train
+
 from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)

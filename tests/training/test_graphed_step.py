@@ -7,17 +7,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmath_mer.training.feed import Prefetcher
-from cmath_mer.training.meter import StepMeter
-from cmath_mer.training.precision import Precision
-from cmath_mer.training.step import Stepper
 from cmath_mer.bench import model_batch
+from cmath_mer.errors import ConfigError
+from cmath_mer.model.cmath import CMATH
 from cmath_mer.model.config import preset
 from cmath_mer.training.config import TrainConfig
-from cmath_mer.errors import ConfigError
 from cmath_mer.training.graphs import batch_shape
-from cmath_mer.training.step import GraphedStepper
-from cmath_mer.model.cmath import CMATH
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.precision import Precision
+from cmath_mer.training.step import GraphedStepper, Stepper
 from cmath_mer.training.train import resolve_cuda_graphs
 
 from helpers import StandInGraphs

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.training.run_folder import run_files, saved_run
 from cmath_mer.training.train import load_trained

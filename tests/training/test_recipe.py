@@ -13,14 +13,15 @@ from sklearn.metrics import f1_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cmath_mer.training import train as train_module
-from cmath_mer.training.baseline import C_GRID, context_free_baseline
 from cmath_mer.cli import main
-from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import IGNORE_INDEX, make_synthetic, save_dataset
 from cmath_mer.model.cmath import weighted_cross_entropy
+from cmath_mer.training import train as train_module
+from cmath_mer.training.baseline import C_GRID, context_free_baseline
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.seeds import train_seeds
 from cmath_mer.training.train import build_config, inverse_frequency_weights, learning_rate, make_splits, train
+
 from helpers import train_interrupted_after_epoch_1
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)

@@ -4,7 +4,6 @@ table of CLI misuse cases (exit code, one-line message naming the option or file
 written). The kill -9 test is in test_kill.py."""
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -21,12 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.cli import main
-from cmath_mer.model.config import CMATHConfig
-from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import DataError, load_dataset, make_synthetic, save_dataset, write_peer_pickle
-from cmath_mer.errors import CheckpointError, ConfigError, RunFolderError
+from cmath_mer.errors import ConfigError, RunFolderError
+from cmath_mer.model.config import CMATHConfig
+from cmath_mer.training.checkpoint import read_metadata
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.run_folder import LOCK_NAME, RunLock
 from cmath_mer.training.train import build_config, load_trained, train
 

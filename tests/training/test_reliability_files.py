@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cmath_mer.training.train as train_module
-from cmath_mer.files import atomic_write
-from cmath_mer.training.checkpoint import read_metadata, tensor_sha256
 from cmath_mer.cli import main
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.errors import CheckpointError
+from cmath_mer.files import atomic_write
+from cmath_mer.training.checkpoint import read_metadata, tensor_sha256
 from cmath_mer.training.run_folder import LOCK_NAME
 from cmath_mer.training.train import load_trained
 
@@ -161,8 +161,9 @@ def test_nan_optimizer_moments_are_refused_on_resume(tmp_path, capsys, corpus, t
 
 def test_a_damaged_cache_vector_is_computed_again(tmp_path):
     from tests.test_featurize import HEADER, ROWS, fake_encoder
-    from tests.helpers import write_csv
+
     from cmath_mer.featurize import cache_folder, featurize
+    from tests.helpers import write_csv
     table = write_csv(tmp_path / "talk.csv", HEADER, ROWS)
     out = tmp_path / "talk.safetensors"
     featurize([str(table)], out, text_encoder=fake_encoder(), progress=False)
@@ -210,8 +211,9 @@ def test_a_failed_write_leaves_nothing_beside_the_file(tmp_path):
 
 def test_featurize_removes_what_a_killed_write_of_its_output_and_cache_left(tmp_path):
     from tests.test_featurize import HEADER, ROWS, fake_encoder
-    from tests.helpers import write_csv
+
     from cmath_mer.featurize import cache_folder, featurize
+    from tests.helpers import write_csv
     table = write_csv(tmp_path / "talk.csv", HEADER, ROWS)
     out = tmp_path / "talk.safetensors"
     featurize([str(table)], out, text_encoder=fake_encoder(), progress=False)

@@ -18,7 +18,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import cmath_mer.data.memory as memory
-from cmath_mer.training.checkpoint import tensor_sha256
 from cmath_mer.cli import main
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.errors import UsageError

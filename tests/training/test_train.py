@@ -10,8 +10,8 @@ from sklearn.metrics import f1_score
 
 from cmath_mer import cli
 from cmath_mer.cli import main
-from cmath_mer.training.config import TrainConfig
 from cmath_mer.data import load_dataset, make_synthetic, save_dataset, write_peer_pickle
+from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.train import build_config, train
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)

@@ -14,11 +14,19 @@ from __future__ import annotations
 from cmath_mer.bench.gpucheck.common import digest, rel_err
 from cmath_mer.bench.gpucheck.driver import STAGE_NAMES, STAGES, main
 from cmath_mer.bench.gpucheck.graphs import stage_cuda_graph, stage_graph_train
-from cmath_mer.bench.gpucheck.parity import (MODES, parity_cases, run_parity_case, sized, stage_autotune_cold,
-    stage_determinism, stage_parity)
+from cmath_mer.bench.gpucheck.parity import (
+    MODES,
+    parity_cases,
+    run_parity_case,
+    sized,
+    stage_autotune_cold,
+    stage_determinism,
+    stage_parity,
+)
 from cmath_mer.bench.gpucheck.runs import bench_cases, stage_bench, stage_env, stage_profile, stage_train_demo
 from cmath_mer.bench.gpucheck.targets import idle_gaps, merge_intervals, speedup_verdicts, stage_targets
 
 __all__ = ["STAGES", "STAGE_NAMES", "MODES", "main", "parity_cases", "sized", "run_parity_case", "digest",
-           "rel_err", "bench_cases", "idle_gaps", "merge_intervals", "speedup_verdicts"] + \
-    [f"stage_{name}" for name in STAGE_NAMES]
+           "rel_err", "bench_cases", "idle_gaps", "merge_intervals", "speedup_verdicts", "stage_autotune_cold",
+           "stage_bench", "stage_cuda_graph", "stage_determinism", "stage_env", "stage_graph_train", "stage_parity",
+           "stage_profile", "stage_targets", "stage_train_demo"]

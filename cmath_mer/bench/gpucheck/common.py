@@ -10,7 +10,6 @@ import time
 import traceback
 from pathlib import Path
 
-
 # ------------------------------------------------------------------------------------------------ helpers
 
 def rel_err(out, ref) -> float:

@@ -14,7 +14,6 @@ from pathlib import Path
 from cmath_mer.bench.gpucheck import graphs, parity, runs, targets
 from cmath_mer.bench.gpucheck.common import as_text, write_json
 
-
 # (name, what it checks, time limit, least time worth starting it with under --budget), seconds on one H100.
 # The least time is about what the stage took there (benchmarks/results/2026-11-26-h100, runs 1-4): with less
 # left it would surely time out and save nothing; a stage that saves its rows as it goes (targets, bench) may
@@ -164,7 +163,8 @@ def main(argv=None) -> int:
 
 
 def stage_command(name: str, args, out: Path, deadline: float) -> list[str]:
-    return [sys.executable, "-m", "cmath_mer.bench.gpucheck", "--stage", name, "--device", args.device, "--out", str(out),
+    return [sys.executable, "-m", "cmath_mer.gpucheck", "--stage", name, "--device", args.device,
+            "--out", str(out),
             "--jobs", str(args.jobs), "--bench-budget", str(args.bench_budget), "--stage-deadline", str(deadline)]
 
 

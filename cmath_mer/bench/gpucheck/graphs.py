@@ -10,7 +10,6 @@ from pathlib import Path
 
 from cmath_mer.bench.gpucheck.common import guarded, rel_err, run_child, training_stepper
 
-
 # ------------------------------------------------------------------------------------------- CUDA graph
 
 def stage_cuda_graph(args) -> dict:
@@ -21,8 +20,8 @@ def stage_cuda_graph(args) -> dict:
     import torch
 
     from cmath_mer.bench import model_batch
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     if args.device != "cuda":
         return dict(ok=True, skipped="CUDA graphs need a CUDA device")
     dev = torch.device("cuda")
@@ -113,8 +112,8 @@ def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
     import torch
 
     from cmath_mer.bench import model_batch
-    from cmath_mer.training.graphs import make_capturable
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.training.graphs import make_capturable
     torch.manual_seed(0)
     a = CMATH(cfg).to(dev).train()
     b = copy.deepcopy(a)
@@ -171,9 +170,9 @@ def permuted_lengths_replay(dev, graphs=None) -> dict:
     the wrong blocks and leaves rows unwritten. graphs: graphed_step.CudaGraphs, or a stand-in (tests)."""
     import torch
 
-    from cmath_mer.training.graphs import CudaGraphs
     from cmath_mer.kernels import multi_source_attention
     from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+    from cmath_mer.training.graphs import CudaGraphs
     dev = torch.device(dev)
     graphs = graphs if graphs is not None else CudaGraphs(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32       # fp32: the interpreter (tests)
@@ -214,8 +213,8 @@ def _graph_timing(dev) -> dict:
     import torch
 
     from cmath_mer.bench import model_batch
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     out = {}
     for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
         cfg = preset("iemocap", backend="triton")
@@ -242,7 +241,8 @@ def _graph_timing(dev) -> dict:
 
 def stage_graph_train(args) -> dict:
     if args.device != "cuda":
-        return dict(ok=True, skipped="CUDA graphs need a CUDA device (tests/training/test_graphed_step.py covers the rest)")
+        return dict(ok=True, skipped="CUDA graphs need a CUDA device (tests/training/test_graphed_step.py covers "
+                                     "the rest)")
     import torch
     dev = torch.device("cuda")
     res: dict = {}

@@ -11,7 +11,6 @@ import traceback
 
 from cmath_mer.bench.gpucheck.common import digest, guarded, rel_err, run_child, seconds_left, training_stepper
 
-
 # ------------------------------------------------------------------------------------------------ parity
 
 # (precision mode) -> (dtype name, allow TF32, tolerance vs float64). fp32 without TF32 takes the exact
@@ -236,8 +235,8 @@ def _determinism_digest(device: str) -> dict:
     import torch
 
     from cmath_mer.bench import model_batch
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     out = {}
     for case in [dict(op="attention", mode="bf16", lengths=[300, 17, 1000, 64], S=2, H=8, D=32, window=None),
                  dict(op="attention", mode="fp16", lengths=[129, 1], S=3, H=2, D=64, window=4),

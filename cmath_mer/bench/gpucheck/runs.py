@@ -12,7 +12,6 @@ from pathlib import Path
 
 from cmath_mer.bench.gpucheck.common import guarded, run_child, training_stepper, write_json
 
-
 # ---------------------------------------------------------------------------------------------- profile
 
 def stage_profile(args) -> dict:
@@ -31,8 +30,8 @@ def _profile_shape(args, name: str, lengths: list[int]) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from cmath_mer.bench import model_batch
-    from cmath_mer.model.config import preset
     from cmath_mer.model.cmath import CMATH
+    from cmath_mer.model.config import preset
     cuda = args.device == "cuda"
     cfg = preset("iemocap", backend="triton")
     torch.manual_seed(0)
@@ -131,7 +130,8 @@ def bench_cases(device: str) -> list[dict]:
             c.append(make_case("train_step", b, 8192, mode="train", batch="one", D=32, device=device))
             # the 4,096-utterance engine steps belong to the targets stage: there the eager fp32 and compiled
             # references run in the same process as ours, so the targets' ratios come from one place
-            c.append(make_case("engine_step", b, 100, mode="train", batch="mix16x100", D=32, dtype="bf16", device=device))
+            c.append(make_case("engine_step", b, 100, mode="train", batch="mix16x100", D=32, dtype="bf16",
+                               device=device))
         # the compiled baselines last: flex compiles per shape (tens of seconds), and the budget may run out
         c = [x for x in c if x["backend"] not in ("flex", "varlen")] + \
             [x for x in c if x["backend"] in ("flex", "varlen")]

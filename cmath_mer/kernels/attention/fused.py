@@ -22,7 +22,6 @@ model / roofline on an H100: docs/KERNELS.md, section 1, "Inside the Triton kern
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import torch
@@ -30,14 +29,37 @@ import triton
 import triton.language as tl
 
 from cmath_mer.kernels.cu_seqlens import check_cu_seqlens
+
 from .. import pinned
 from ..fallbacks import note_fallback, reference_reason
-from ..utils import (check_same_device, divisible_by_16, dot_precision, input_guard, jit_function,
-                     once_differentiable, patch_old_interpreter, register_autocast_to_region_dtype)
-from .blocks import aot_specs as block_table_aot_specs, block_table_rows, prepare_block_indices  # noqa: F401
+from ..utils import (
+    check_same_device,
+    divisible_by_16,
+    dot_precision,
+    input_guard,
+    jit_function,
+    once_differentiable,
+    patch_old_interpreter,
+    register_autocast_to_region_dtype,
+)
+from .blocks import aot_specs as block_table_aot_specs  # noqa: F401
+from .blocks import prepare_block_indices
 from .reference import as_sources
-from .tuning import (AUTOTUNE_KEY, BWD_CONFIGS, FWD_CONFIGS, HEAD_DIMS, PRE_CONFIGS, block_dim, block_sizes,  # noqa: F401
-                     config_allowed, onepass_block, onepass_max_rows, onepass_warps, pruner, split_blocks)
+from .tuning import (  # noqa: F401
+    AUTOTUNE_KEY,
+    BWD_CONFIGS,
+    FWD_CONFIGS,
+    HEAD_DIMS,
+    PRE_CONFIGS,
+    block_dim,
+    block_sizes,
+    config_allowed,
+    onepass_block,
+    onepass_max_rows,
+    onepass_warps,
+    pruner,
+    split_blocks,
+)
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 

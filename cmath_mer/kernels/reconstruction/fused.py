@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -45,8 +44,7 @@ import triton.language as tl
 
 from .. import pinned
 from ..fallbacks import note_fallback, reference_reason
-from ..utils import (check_same_device, divisible_by_16, dot_precision, input_guard, jit_function,
-                     patch_old_interpreter)
+from ..utils import check_same_device, divisible_by_16, dot_precision, input_guard, jit_function, patch_old_interpreter
 from .grads_in_forward import register_grads_in_forward
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
@@ -327,7 +325,8 @@ def _precisions(dtype: torch.dtype) -> tuple[str, ...]:
 
 
 def aot_specs() -> list[dict]:
-    """Every (config x dtype x fp32 dot precision x constexpr flag x M divisibility) the two kernels launch with on a GPU.
+    """Every (config x dtype x fp32 dot precision x constexpr flag x M divisibility) the two kernels launch with
+    on a GPU.
 
     Each dict also carries "attrs": the divisibility the JIT sees at launch (tensor pointers from torch are
     16-byte aligned; K % 16 == 0 is required on the GPU path; M may or may not be a multiple of 16, so

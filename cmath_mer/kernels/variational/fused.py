@@ -44,8 +44,16 @@ import triton
 import triton.language as tl
 
 from .. import pinned
-from ..utils import (check_same_device, divisible_by_16, input_guard, jit_function, once_differentiable,
-                     patch_old_interpreter, register_autocast_to_region_dtype, seed_tensor)
+from ..utils import (
+    check_same_device,
+    divisible_by_16,
+    input_guard,
+    jit_function,
+    once_differentiable,
+    patch_old_interpreter,
+    register_autocast_to_region_dtype,
+    seed_tensor,
+)
 
 patch_old_interpreter()   # triton 3.6's interpreter with NumPy >= 2.4 (utils.py)
 
