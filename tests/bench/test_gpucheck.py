@@ -251,7 +251,8 @@ def test_targets_stage_runs_on_the_cpu(tmp_path):
     assert p.returncode == 0, (p.stdout, p.stderr[-3000:])
     res = json.loads((tmp_path / "targets.json").read_text())
     assert res["ok"], res
-    assert set(res["targets"]) == {"speedup_vs_eager_fp32", "speedup_vs_torch_compile_bf16", "gpu_busy_eager"}
+    assert set(res["targets"]) == {"speedup_vs_eager_fp32", "speedup_vs_torch_compile_bf16", "gpu_busy_eager",
+                                    "default_step_vs_no_cuda_graphs"}
     assert all(v["verdict"] == "cpu: not a target" for v in res["targets"].values())
     rows = {(r["backend"], r["dtype"]): r for r in res["rows"]}
     assert rows[("torch", "fp32")]["status"] == "ok" and rows[("torch", "fp32")]["median_s"] > 0
