@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from cmath_mer.cli import main
 from cmath_mer.data import Batch
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.model.config import CMATHConfig
@@ -141,3 +142,15 @@ class StandInGraphs:
     def capture(self, fn):
         self.captures += 1
         return type("Replay", (), {"replay": staticmethod(fn)})()
+
+
+# ------------------------------------------------------------------------------------- command-line errors
+
+def refused(capsys, argv, code, *words) -> str:
+    """`cmath-mer argv` exits with `code` and one line on stderr (no traceback) holding every one of `words`."""
+    assert main(argv) == code, capsys.readouterr()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err

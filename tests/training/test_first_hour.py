@@ -158,7 +158,7 @@ def _torch_free_run(tmp_path, argv: list[str]) -> tuple[int, str, bool]:
     code = ("import sys, io; from cmath_mer.cli import main; err = io.StringIO(); sys.stderr = err; "
             f"rc = main({argv!r}); sys.stderr = sys.__stderr__; "
             "print(rc); print('torch' in sys.modules); print(err.getvalue().strip())")
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                          check=True).stdout.splitlines()
     return int(out[0]), "\n".join(out[2:]), out[1] == "True"

@@ -17,7 +17,7 @@ import pytest
 from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.training.multi_run import MARKER, read_marker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CMATH_BACKEND": "torch"}
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16}
 ROUNDS = 3

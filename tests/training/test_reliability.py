@@ -29,6 +29,8 @@ from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.run_folder import LOCK_NAME, RunLock
 from cmath_mer.training.train import build_config, load_trained, train
 
+from helpers import refused
+
 REPO = Path(__file__).resolve().parents[2]
 DIMS = {"text": 12, "audio": 10, "visual": 6}
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16}
@@ -66,15 +68,6 @@ def snapshot(folder: Path) -> dict[str, str]:
     """name -> sha256 of every file under folder (what a refused command must leave as it was)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, argv, code, *words):
-    assert main(argv) == code, capsys.readouterr()
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 # ------------------------------------------------------------------------------ 1. run folders overwritten

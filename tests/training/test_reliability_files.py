@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 
 import cmath_mer.training.train as train_module
 from cmath_mer.cli import main
-from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.errors import CheckpointError
 from cmath_mer.files import atomic_write
 from cmath_mer.training.checkpoint import read_metadata, tensor_sha256
@@ -25,14 +24,6 @@ from cmath_mer.training.train import load_trained
 
 DIMS = {"text": 12, "audio": 10, "visual": 6}
 TINY = json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "d.safetensors"
-    save_dataset(make_synthetic(None, input_dims=DIMS, num_classes=4, conversations=10, min_length=3,
-                                max_length=8, seed=random.randrange(10_000)), path)
-    return path
 
 
 def train_argv(corpus, out, *extra):

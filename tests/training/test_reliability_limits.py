@@ -19,22 +19,13 @@ from safetensors.torch import load_file, save_file
 
 import cmath_mer.data.memory as memory
 from cmath_mer.cli import main
-from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.errors import UsageError
 from cmath_mer.training.run_folder import LOCK_NAME
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CMATH_BACKEND": "torch"}
 DIMS = {"text": 12, "audio": 10, "visual": 6}
 TINY = json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "d.safetensors"
-    save_dataset(make_synthetic(None, input_dims=DIMS, num_classes=4, conversations=10, min_length=3,
-                                max_length=8, seed=random.randrange(10_000)), path)
-    return path
 
 
 @pytest.fixture(scope="module")

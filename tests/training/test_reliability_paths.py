@@ -14,34 +14,18 @@ import pytest
 
 import cmath_mer.training.train as train_module
 from cmath_mer.cli import main
-from cmath_mer.data import make_synthetic, save_dataset
 from cmath_mer.errors import UsageError
 from cmath_mer.paths import path_component
+
+from helpers import refused
 
 DIMS = {"text": 12, "audio": 10, "visual": 6}
 TINY = {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "d.safetensors"
-    save_dataset(make_synthetic(None, input_dims=DIMS, num_classes=4, conversations=10, min_length=3,
-                                max_length=8, seed=random.randrange(10_000)), path)
-    return path
-
-
 def snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(folder.rglob("*"))}
-
-
-def refused(capsys, argv, code, *words) -> str:
-    assert main(argv) == code, capsys.readouterr()
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
 
 
 # ------------------------------------------------------------------------------------- path components
