@@ -24,7 +24,8 @@ import torch
 from cmath_mer.data import make_synthetic
 from cmath_mer.training import distributed
 from cmath_mer.training.config import TrainConfig
-from cmath_mer.training.train import build_config, train
+from cmath_mer.training.prepare import build_config
+from cmath_mer.training.train import train
 
 CONVERSATIONS, STEP, EPOCHS = 72, 1600, 6
 

@@ -244,8 +244,9 @@ def cmd_train(args) -> int:
 
 
 def _cmd_train(args, distributed) -> int:
+    from cmath_mer.training.prepare import build_config
     from cmath_mer.training.run_folder import check_new_run_folder
-    from cmath_mer.training.train import build_config, train
+    from cmath_mer.training.train import train
     main_rank = distributed.context().main
     out = Path(args.out)
     seeds = None if args.seeds is None else _seed_list(args.seeds)
@@ -375,7 +376,7 @@ def cmd_sweep(args) -> int:
 def cmd_baseline(args) -> int:
     from cmath_mer.training.baseline import context_free_baseline
     from cmath_mer.training.context_baseline import context_gru_baseline
-    from cmath_mer.training.train import make_splits
+    from cmath_mer.training.prepare import make_splits
     modalities = None if args.modalities is None else _names_option("--modalities", args.modalities, MODALITIES)
     if args.seed < 0:
         raise UsageError(f"--seed {args.seed}: must be >= 0")
@@ -421,8 +422,8 @@ def _eval_precision(args, device: str) -> str:
 
 
 def cmd_evaluate(args) -> int:
+    from cmath_mer.training.evaluate import evaluation_conversations, predict_conversations
     from cmath_mer.training.metrics import classification_metrics
-    from cmath_mer.training.train import evaluation_conversations, predict_conversations
 
     from .data import DataError
     model, data = _load_for_model(args)
@@ -443,7 +444,7 @@ def _table_options(args) -> dict:
 def cmd_predict(args) -> int:
     from cmath_mer.files import atomic_write
     from cmath_mer.training.ensemble import load_for_prediction, representative
-    from cmath_mer.training.train import predict_conversations
+    from cmath_mer.training.evaluate import predict_conversations
 
     from .data import check_compatible
     ckpt = _input_file("--checkpoint", args.checkpoint)

@@ -53,7 +53,7 @@ class Ensemble(torch.nn.Module):
 
 def load_for_prediction(folder: str | Path, device: str = "cpu", log=None):
     """The model of a run folder (train.load_trained), or the Ensemble of a seeds folder's runs."""
-    from cmath_mer.training.train import load_trained
+    from cmath_mer.training.evaluate import load_trained
     folder = Path(folder)
     seeds = seed_folders(folder)
     if not seeds:

@@ -71,7 +71,7 @@ def recipe_configs(data, preset_name: str, modalities, grid: dict[str, dict], wh
     """{name: (CMATHConfig, TrainConfig)} for every recipe, built before any trains: a bad value in any
     recipe is refused (UsageError naming it) before anything is written."""
     from cmath_mer.training.config import train_preset
-    from cmath_mer.training.train import build_config
+    from cmath_mer.training.prepare import build_config
     built = {}
     for name, spec in grid.items():
         try:

@@ -1,5 +1,6 @@
-"""Training and evaluation loops: AdamW, class weights, length-bucketed batches, validation selection,
-atomic checkpoints, resume. The CLI (cli.py) is a thin layer over `train`, `evaluate` and `predict`.
+"""The training loop: AdamW, class weights, length-bucketed batches, validation selection, atomic
+checkpoints, resume (prepare.py builds what a run starts from; evaluate.py scores and predicts; the CLI is
+a thin layer over `train` and those).
 
 Under torchrun (distributed.py) the same loop runs in every process: the model in DistributedDataParallel,
 each step's batch dealt to the ranks (data/batching.py), evaluation sharded and gathered; rank 0 alone
@@ -10,142 +11,42 @@ import contextlib
 import dataclasses
 import json
 import math
-import random
 import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
-from cmath_mer.data.batching import eval_shards, rank_batches, rows_before, split_by_utterances
+from cmath_mer.data.batching import rank_batches, rows_before, split_by_utterances
 from cmath_mer.data.memory import check_model_fits
-from cmath_mer.errors import CheckpointError, ConfigError
+from cmath_mer.errors import ConfigError
 from cmath_mer.files import atomic_write, atomic_write_text
 from cmath_mer.kernels import resolve_backend
 from cmath_mer.kernels.utils import gpu_dots_ok
 from cmath_mer.model.cmath import CMATH
-from cmath_mer.model.config import CMATHConfig, config_from_dict, config_to_dict, load_config, preset
+from cmath_mer.model.config import CMATHConfig, config_to_dict
 from cmath_mer.training import distributed, run_folder
 from cmath_mer.training.baseline import context_free_baseline
-from cmath_mer.training.checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from cmath_mer.training.checkpoint import load_checkpoint, save_checkpoint
 from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.context_baseline import context_gru_baseline
 from cmath_mer.training.determinism import deterministic_mode
 from cmath_mer.training.device import check_device, on_device
 from cmath_mer.training.ema import WeightAverage
+from cmath_mer.training.evaluate import evaluate_split
 from cmath_mer.training.feed import DeviceCorpus, Prefetcher
 from cmath_mer.training.meter import StepMeter
-from cmath_mer.training.metrics import classification_metrics, save_confusion_matrix, save_training_curves
+from cmath_mer.training.metrics import save_confusion_matrix, save_training_curves
 from cmath_mer.training.precision import Precision, check_precision, default_precision
+from cmath_mer.training.prepare import inverse_frequency_weights, make_splits, set_input_statistics
 from cmath_mer.training.preset_choice import preset_note
 from cmath_mer.training.step import compile_model, make_optimizer, make_stepper
 from cmath_mer.training.threads import data_line_note
 
-
-def build_config(data: ConversationDataset, preset_name: str, modalities: tuple[str, ...] | None = None,
-                 **overrides) -> CMATHConfig:
-    """Preset defaults, then what the data says (dimensions, classes, speakers), then explicit overrides."""
-    mods = tuple(modalities) if modalities else data.modalities
-    missing = [m for m in mods if m not in data.modalities]
-    if missing:
-        raise DataError(f"{data.source}: modality {missing[0]!r} was asked for but the data has only "
-                        f"{', '.join(data.modalities)} (field features)")
-    encoders = data.metadata.get("encoders")
-    if encoders is not None:
-        encoders = {m: encoders[m] for m in mods if m in encoders}
-    return preset(preset_name, modalities=mods, input_dims={m: data.input_dims[m] for m in mods},
-                  num_classes=data.num_classes, class_names=data.class_names,
-                  num_speakers=max(1, data.num_speakers), encoders=encoders, **overrides)
-
-
 NO_VALIDATION = "training loss (the data has no validation conversations)"
-
-
-def make_splits(data: ConversationDataset, valid_fraction: float, seed: int) -> dict[str, list[int]]:
-    """train/valid/test conversation indices. Without a validation split in the data (IEMOCAP), a seeded
-    `valid_fraction` of the training conversations is held out for model selection."""
-    splits = {s: data.indices(s) for s in ("train", "valid", "test")}
-    if not splits["valid"] and splits["train"]:
-        train = sorted(splits["train"])
-        random.Random(seed).shuffle(train)
-        n_valid = max(1, round(valid_fraction * len(train))) if len(train) > 1 else 0
-        splits["valid"], splits["train"] = sorted(train[:n_valid]), sorted(train[n_valid:])
-    if not splits["train"]:
-        raise DataError(f"{data.source}: no training conversations (field split)")
-    return splits
-
-
-def inverse_frequency_weights(data: ConversationDataset, conversations: list[int], power: float = 1.0) -> torch.Tensor:
-    """w_k = (N / (K * n_k)) ** power over the labelled training utterances (power 1: inverse frequency,
-    below 1: tempered, nearer the plain CE that weighted F1 rewards); a class absent from training gets 0."""
-    rows = torch.cat([data.labels[a:b] for a, b in ((int(data.cu_seqlens[i]), int(data.cu_seqlens[i + 1]))
-                                                     for i in conversations)])
-    rows = rows[rows != IGNORE_INDEX]
-    counts = torch.bincount(rows, minlength=data.num_classes).float()
-    weights = (rows.numel() / (data.num_classes * counts.clamp_min(1))) ** power
-    return torch.where(counts > 0, weights, torch.zeros_like(weights))
-
-
-EVAL_BATCH_UTTERANCES = 4096   # no gradients at evaluation: larger batches
-
-
-@torch.inference_mode()
-def predict_conversations(model: CMATH, data: ConversationDataset, conversations: list[int],
-                          batch_utterances: int = EVAL_BATCH_UTTERANCES, precision: str | None = None,
-                          sharded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, predictions, probabilities) of every utterance of the given conversations, in the order the
-    conversations are given; batches are length-bucketed internally. `precision` (bf16, fp16, fp32): the
-    autocast of the forward; None runs under whatever autocast the caller set (training sets its own).
-    sharded (every rank of a distributed run calls it): each rank runs some of the very batches one process
-    would run, and the outputs are gathered, so every rank returns the single-process arrays exactly."""
-    model.eval()
-    if precision is not None:
-        with Precision(precision, next(model.parameters()).device).autocast():
-            return predict_conversations(model, data, conversations, batch_utterances, sharded=sharded)
-    device = next(model.parameters()).device
-    rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}          # conversation -> (labels, probs)
-    groups = data.bucketed_batches(list(conversations), batch_utterances, shuffle=False)
-    ctx = distributed.context()
-    if sharded and ctx.active:
-        groups = eval_shards(groups, data.lengths(), ctx.world_size)[ctx.rank]
-    for group in groups:
-        batch = data.batch(group, model.config.modalities).to(device)
-        probs = model(batch, with_loss=False).logits.float().softmax(-1).cpu()
-        cu = batch.cu_seqlens.tolist()
-        for i, conv in enumerate(group):
-            rows[conv] = batch.labels[cu[i]:cu[i + 1]].cpu(), probs[cu[i]:cu[i + 1]]
-    if sharded and ctx.active:
-        rows = {conv: row for part in distributed.all_gather(rows) for conv, row in part.items()}
-    if not conversations:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, model.config.num_classes))
-    labels = torch.cat([rows[c][0] for c in conversations])
-    probs = torch.cat([rows[c][1] for c in conversations])
-    return labels.numpy(), probs.argmax(-1).numpy(), probs.numpy()
-
-
-def evaluate_split(model, data, conversations, sharded: bool = False) -> tuple[dict | None, np.ndarray, np.ndarray]:
-    """Metrics of the conversations (None when none of their utterances is labelled), labels, predictions.
-    sharded: every rank of a distributed run calls it and gets the single-process result."""
-    y, p, _ = predict_conversations(model, data, conversations, sharded=sharded)
-    if not (y >= 0).any():
-        return None, y, p
-    return classification_metrics(y, p, data.class_names), y, p
-
-
-@torch.no_grad()
-def set_input_statistics(model: CMATH, data: ConversationDataset, conversations: list[int]) -> None:
-    """Per-feature mean and standard deviation of the training utterances, into the model's buffers."""
-    cu = data.cu_seqlens.tolist()
-    rows = torch.cat([torch.arange(cu[i], cu[i + 1]) for i in conversations])
-    for m in model.config.modalities:
-        x = data.features[m][rows].double()
-        getattr(model, f"input_mean_{m}").copy_(x.mean(0))
-        std = x.std(0, unbiased=False)
-        getattr(model, f"input_std_{m}").copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))  # constant: 1
 
 
 def learning_rate(tcfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -581,42 +482,3 @@ def _metrics(state: dict) -> dict | None:
     }
 
 
-def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
-    """The model of a run folder's best.safetensors, built from the config the checkpoint carries; a
-    config.json beside it must say the same (an edited config would silently change predictions)."""
-    folder = Path(checkpoint_dir)
-    if not folder.is_dir():
-        raise CheckpointError(f"--checkpoint {folder}: not a run folder"
-                              + (" (no such folder)" if not folder.exists() else ""))
-    path = folder / "best.safetensors"
-    meta = read_metadata(path)
-    if meta["config"] is not None:
-        try:
-            config = config_from_dict(meta["config"], f"{path} (metadata 'config')")
-        except ConfigError as err:
-            raise CheckpointError(str(err)) from None
-        if (folder / "config.json").exists():
-            try:
-                beside = config_to_dict(load_config(folder / "config.json"))
-            except ConfigError as err:
-                raise CheckpointError(str(err)) from None
-            if beside != meta["config"]:
-                trained = meta["config"]
-                diff = ", ".join(f"{k}: {beside.get(k)!r} there, {trained[k]!r} trained"
-                                 for k in trained if beside.get(k) != trained[k])
-                raise CheckpointError(f"{folder / 'config.json'}: does not match the config {path.name} was "
-                                      f"trained with ({diff}); restore it or retrain")
-    else:                                                           # a checkpoint from before configs were embedded
-        try:
-            config = load_config(folder / "config.json")
-        except ConfigError as err:
-            raise CheckpointError(str(err)) from None
-    model = CMATH(config).to(device)
-    load_checkpoint(path, model, None, device, averaged=True)
-    model.eval()
-    return model
-
-
-def evaluation_conversations(data: ConversationDataset) -> list[int]:
-    """The test split when the data has one, else every conversation."""
-    return data.indices("test") or list(range(len(data)))

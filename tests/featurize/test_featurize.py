@@ -221,7 +221,7 @@ def test_predict_featurizes_a_table_like_the_training_data(tmp_path, wavs):
     pytest.importorskip("opensmile")
     pytest.importorskip("soundfile")
     from cmath_mer.featurize import featurize_for_model
-    from cmath_mer.training.train import build_config
+    from cmath_mer.training.prepare import build_config
     table = audio_table(tmp_path, ["tone", "noise", "silence", "stereo", "8k", "tone"])
     enc = fake_encoder()
     ds = featurize([str(table)], None, text_encoder=enc, progress=False)

@@ -93,7 +93,7 @@ def test_carved_valid_split_is_marked_and_recorded(tmp_path, tiny_model):
     splits = np.array(data.splits)
     assert (splits == "valid").sum() == round(0.1 * 18) and (splits == "test").sum() == 6
     # the conversations marked valid are the ones fine-tuning was validated on: train.make_splits's draw
-    from cmath_mer.training.train import make_splits
+    from cmath_mer.training.prepare import make_splits
     before = featurize([str(tmp_path / "t.csv")], None, text_encoder=_FakeEncoder(), progress=False)
     assert make_splits(before, 0.1, 0)["valid"] == [i for i, s in enumerate(data.splits) if s == "valid"]
 
@@ -181,7 +181,7 @@ def test_predict_on_a_csv_uses_the_finetuned_encoder(tmp_path, tiny_model, capsy
                  "--no-progress"]) == 0
     with open(preds, newline="") as f:
         assert [r["text"] for r in csv.DictReader(f)] == ["Yay, we won!", "Stop shouting at me!"]
-    from cmath_mer.training.train import load_trained
+    from cmath_mer.training.evaluate import load_trained
     config = load_trained(run_dir, "cpu").config
     asked, _ = featurize_for_model(str(ask), config, progress=False)
     texts = data.metadata["transcript"]["texts"]

@@ -39,7 +39,7 @@ def one_step(model, forward, batches, first_row):
 
 def build(sample: bool):
     from cmath_mer.model.cmath import CMATH
-    from cmath_mer.training.train import build_config, inverse_frequency_weights
+    from cmath_mer.training.prepare import build_config, inverse_frequency_weights
     data = corpus()
     config = build_config(data, "iemocap", **SMALL, variational_sample=sample)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.training import context_baseline
 from cmath_mer.training.baseline import context_free_baseline
 from cmath_mer.training.context_baseline import context_gru_baseline
-from cmath_mer.training.train import make_splits
+from cmath_mer.training.prepare import make_splits
 
 CLASSES = 3
 

@@ -189,7 +189,7 @@ NO_DROPOUT = SMALL[:-1] + ', "dropout": 0.0}'
 
 
 def test_torchrun_two_processes_end_to_end_then_resume_with_one(tmp_path):
-    from cmath_mer.training.train import evaluate_split, load_trained
+    from cmath_mer.training.evaluate import evaluate_split, load_trained
     data_path = tmp_path / "tiny.safetensors"
     synth(data_path, preset="iemocap", conversations=14, min_length=4, max_length=12, seed=0)
     torchrun("-m", "cmath_mer", *_train_args(data_path, tmp_path / "two", config=NO_DROPOUT))

@@ -28,8 +28,9 @@ from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.feed import DeviceCorpus, Prefetcher
 from cmath_mer.training.meter import StepMeter, phase
 from cmath_mer.training.precision import DTYPES, Precision, default_precision
+from cmath_mer.training.prepare import build_config
 from cmath_mer.training.step import Stepper, make_optimizer
-from cmath_mer.training.train import build_config, resolve_train_config, train
+from cmath_mer.training.train import resolve_train_config, train
 
 from helpers import train_interrupted_after_epoch_1
 

@@ -188,7 +188,7 @@ def _mean_of_seeds(out, data_path, seeds):
     import numpy as np
 
     from cmath_mer.data import load_dataset
-    from cmath_mer.training.train import evaluation_conversations, load_trained, predict_conversations
+    from cmath_mer.training.evaluate import evaluation_conversations, load_trained, predict_conversations
     data = load_dataset(data_path)
     probs = [predict_conversations(load_trained(out / f"seed-{s}"), data, list(range(len(data))),
                                    precision="fp32")[2] for s in seeds]
@@ -347,7 +347,7 @@ def test_without_preset_the_data_chooses_it_and_the_run_says_and_stores_which(tm
 def test_the_training_bar_counts_the_epochs_training_utterances(tmp_path, monkeypatch):
     import cmath_mer.training.train as train_module
     from cmath_mer.data import load_dataset
-    from cmath_mer.training.train import make_splits
+    from cmath_mer.training.prepare import make_splits
     bars = []
 
     class Bar:

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from cmath_mer.data import make_synthetic, save_dataset
+from cmath_mer.training.evaluate import load_trained
 from cmath_mer.training.run_folder import run_files, saved_run
-from cmath_mer.training.train import load_trained
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CMATH_BACKEND": "torch"}

@@ -19,8 +19,9 @@ from cmath_mer.model.cmath import weighted_cross_entropy
 from cmath_mer.training import train as train_module
 from cmath_mer.training.baseline import C_GRID, context_free_baseline
 from cmath_mer.training.config import TrainConfig
+from cmath_mer.training.prepare import build_config, inverse_frequency_weights, make_splits
 from cmath_mer.training.seeds import train_seeds
-from cmath_mer.training.train import build_config, inverse_frequency_weights, learning_rate, make_splits, train
+from cmath_mer.training.train import learning_rate, train
 
 from helpers import train_interrupted_after_epoch_1
 
@@ -249,7 +250,7 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
     from safetensors.torch import load_file
 
     from cmath_mer.training.checkpoint import read_metadata
-    from cmath_mer.training.train import load_trained
+    from cmath_mer.training.evaluate import load_trained
     seed = int(torch.randint(0, 10_000, ()))
     data = corpus(seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
@@ -272,7 +273,8 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
 
 def test_standardized_inputs_use_training_statistics_and_travel_with_the_checkpoint(tmp_path):
     from cmath_mer.model.cmath import CMATH
-    from cmath_mer.training.train import load_trained, set_input_statistics
+    from cmath_mer.training.evaluate import load_trained
+    from cmath_mer.training.prepare import set_input_statistics
     seed = int(torch.randint(0, 10_000, ()))
     data = corpus(seed, conversations=12)
     for m in data.modalities:                                   # features far from unit scale

@@ -26,8 +26,10 @@ from cmath_mer.errors import ConfigError, RunFolderError
 from cmath_mer.model.config import CMATHConfig
 from cmath_mer.training.checkpoint import read_metadata
 from cmath_mer.training.config import TrainConfig
+from cmath_mer.training.evaluate import load_trained
+from cmath_mer.training.prepare import build_config
 from cmath_mer.training.run_folder import LOCK_NAME, RunLock
-from cmath_mer.training.train import build_config, load_trained, train
+from cmath_mer.training.train import train
 
 from helpers import refused
 

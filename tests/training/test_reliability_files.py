@@ -19,8 +19,8 @@ from cmath_mer.cli import main
 from cmath_mer.errors import CheckpointError
 from cmath_mer.files import atomic_write
 from cmath_mer.training.checkpoint import read_metadata, tensor_sha256
+from cmath_mer.training.evaluate import load_trained
 from cmath_mer.training.run_folder import LOCK_NAME
-from cmath_mer.training.train import load_trained
 
 DIMS = {"text": 12, "audio": 10, "visual": 6}
 TINY = json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})

@@ -109,7 +109,7 @@ def test_what_cannot_fit_in_memory_is_refused_with_the_estimate_before_anything_
 def test_the_model_estimate_counts_the_parameters_built(corpus):
     from cmath_mer.data import load_dataset
     from cmath_mer.model.cmath import CMATH
-    from cmath_mer.training.train import build_config
+    from cmath_mer.training.prepare import build_config
     width = random.choice([8, 16, 32])
     config = build_config(load_dataset(corpus), "iemocap", d_model=width, n_heads=2, d_hidden=random.choice([8, 24]))
     assert memory.model_parameters(config) == sum(p.numel() for p in CMATH(config).parameters())
@@ -207,8 +207,8 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, corpus, trained, monk
         table.write_text("conversation_id,utterance_id,speaker,text\nc,0,A,hi\n")
         argv = ["featurize", str(table), "--out", str(tmp_path / "o.safetensors")]
     else:
-        import cmath_mer.training.train as train_module
-        monkeypatch.setattr(train_module, "predict_conversations", interrupted)
+        import cmath_mer.training.evaluate as evaluate_module
+        monkeypatch.setattr(evaluate_module, "predict_conversations", interrupted)
         argv = ["predict", "--checkpoint", str(trained), "--data", str(corpus), "--out", str(tmp_path / "p.csv")]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()

@@ -12,7 +12,8 @@ from cmath_mer import cli
 from cmath_mer.cli import main
 from cmath_mer.data import load_dataset, make_synthetic, save_dataset, write_peer_pickle
 from cmath_mer.training.config import TrainConfig
-from cmath_mer.training.train import build_config, train
+from cmath_mer.training.prepare import build_config
+from cmath_mer.training.train import train
 
 SMALL = dict(d_model=32, n_heads=4, n_layers=1, d_hidden=32, dropout=0.1)
 DIMS = {"text": 48, "audio": 40, "visual": 24}

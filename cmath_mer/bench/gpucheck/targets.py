@@ -186,7 +186,7 @@ def gpu_busy(device: str, variant: str, out: Path, warmup: int | None = None, pr
     from cmath_mer.data.synthetic import make_synthetic
     from cmath_mer.model.cmath import CMATH
     from cmath_mer.training.feed import Prefetcher
-    from cmath_mer.training.train import build_config
+    from cmath_mer.training.prepare import build_config
     cuda = device == "cuda"
     warmup, profiled = warmup or (5 if cuda else 2), profiled or (10 if cuda else 3)
     timed = profiled
