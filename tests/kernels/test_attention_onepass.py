@@ -101,7 +101,8 @@ def test_the_bound_picks_the_kernels_and_the_tile(fused, launches, bound, expect
 
 
 def test_tile_limit_per_head_dim_and_dtype(fused, monkeypatch):
-    monkeypatch.setattr(fused, "INTERPRET", False)              # the GPU's limits (from the AOT report)
+    from cmath_mer.kernels.attention import tuning
+    monkeypatch.setattr(tuning, "INTERPRET", False)             # the GPU's limits (from the AOT report)
     assert fused.onepass_block(64, 32, 2) == 64 and fused.onepass_block(65, 32, 2) == 0
     assert fused.onepass_block(33, 64, 2) == 0 and fused.onepass_block(32, 128, 2) == 32
     assert fused.onepass_block(32, 16, 4) == 32 and fused.onepass_block(33, 16, 4) == 0
