@@ -102,7 +102,7 @@ def test_every_compiling_or_capturing_backend_builds_outside_the_clock():
 def test_attention_baselines_are_planned_and_a_cpu_row_says_why_it_cannot_run():
     from cmath_mer.bench.run import _probe_unavailable
     cpu, cuda = B.sweep(True, "cpu"), B.sweep(True, "cuda")
-    shapes = {(batch, S) for batch in ("equal", "ragged") for S in (1, 2)}
+    shapes = {(batch, S) for batch in ("equal", "ragged", "meld", "iemocap") for S in (1, 2)}
     for backend in ("flex", "varlen"):
         assert {(c["batch"], c["S"]) for c in cuda if c["backend"] == backend and c["mode"] == "fwdbwd"} == shapes
     # a CPU has no flex backward: its forward rows run beside the reference's forward rows of the same shapes

@@ -511,10 +511,6 @@ def cmd_predict(args) -> int:
 
 def cmd_featurize(args) -> int:
     from .featurize import featurize
-    tables = [Path(t) for t in args.tables] + [Path(t.rsplit(":", 1)[0]) for t in args.tables if ":" in t]
-    _output_file("--out", args.out, tables)
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.device is not None:
         _check_device(args.device)
     data = featurize(args.tables, args.out, split=args.split, **_table_options(args),
@@ -773,10 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     try:
+        _option_values(args)             # usage errors first (exit 2), then missing files (exit 1)
         check_early(args)                                         # before torch is imported
-        if args.command == "train":
-            _train_options(args, devices=False)
-        _check_int_options(args)
         if "threads" in vars(args):
             args.thread_choice = apply_threads(args.threads)      # before any heavy work
         code = args.func(args)
@@ -805,6 +799,23 @@ def main(argv: list[str] | None = None) -> int:
             isinstance(err, ValueError) and not isinstance(err, DataError))
         print(f"cmath-mer: error: {_one_line(err)}", file=sys.stderr)
         return 2 if usage else 1
+
+
+def _option_values(args) -> None:
+    """The option values that need neither torch nor the files, checked before anything else: a bad option
+    is said (exit 2) even when an input is missing too."""
+    _check_int_options(args)
+    if args.command == "train":
+        _train_options(args, devices=False)
+    elif args.command == "featurize":
+        tables = [Path(t) for t in args.tables] + [Path(t.rsplit(":", 1)[0]) for t in args.tables if ":" in t]
+        _output_file("--out", args.out, tables)
+        if args.batch_size < 1:
+            raise UsageError(f"--batch-size {args.batch_size}: must be at least 1")
+        if args.class_names is not None:
+            _names_option("--class-names", args.class_names)
+    elif args.command == "sweep" and args.modalities is not None:
+        _names_option("--modalities", args.modalities, MODALITIES)
 
 
 MAX_SEED = 2**32 - 1              # the per-epoch and per-step seeds derived from it stay 64-bit integers

@@ -3,6 +3,7 @@ reads exist, a conversation table has the columns it needs, and the plain option
 typo then costs a moment instead of a torch import; the commands check everything again as they read."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import CheckpointError, DataError
@@ -11,6 +12,10 @@ from .training.preset_choice import is_synthetic
 
 
 def _data_file(data: str | None) -> None:
+    # under torchrun each rank reads its own copy: the ranks agree on a missing file and name the rank and host
+    # that lacks it (distributed.agree), which this check, run by every rank alone, could not
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
     if data and not is_synthetic(data) and not Path(data).exists():
         raise DataError(f"{data}: no such file")
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,8 +32,6 @@ def assert_rel_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
 
 
-
-
 def reconstruction_inputs(T, M, K, dtype, seed):
     """h (T, K), weight (M, K) scaled by 1/sqrt(K), bias (M,), target (T, M): seeded, drawn in float64."""
     g = torch.Generator().manual_seed(seed)
@@ -54,8 +54,6 @@ def write_csv(path: Path, header, rows) -> Path:
 def train_interrupted_after_epoch_1(data, config, tcfg, out):
     """Train into `out`, stop it by an exception right after epoch 1 is logged, then --resume it to the end;
     returns the resumed run's metrics (to compare with an uninterrupted run's)."""
-    import pytest
-
     from cmath_mer.training.train import train
 
     class Interrupt(Exception):
@@ -154,3 +152,34 @@ def refused(capsys, argv, code, *words) -> str:
     for w in words:
         assert w in err, (w, err)
     return err
+
+
+# --------------------------------------------------------------- featurize: a small table and a fake encoder
+
+HEADER = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
+ROWS = [  # conversation b first; a's rows out of order; d is unlabelled
+    ["b", 0, "Cy", "I am so angry.", "anger", "test"],
+    ["a", 1, "Ann", "Hello there!", "joy", "train"],
+    ["a", 0, "Bob", "Hi.", "neutral", "train"],
+    ["b", 2, "Cy", "No!", "anger", "test"],
+    ["b", 1, "Ann", "Calm down.", "neutral", "test"],
+    ["a", 2, "Ann", "Hi.", "", "train"],
+]
+
+
+class FakeModel:
+    """Stands in for a SentenceTransformer: a vector from the text's hash; counts what it encodes."""
+
+    def __init__(self):
+        self.encoded: list[str] = []
+
+    def encode(self, texts, batch_size, convert_to_tensor, show_progress_bar):
+        self.encoded += texts
+        rows = [np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], dtype=np.uint8) for t in texts]
+        return torch.tensor(np.stack(rows), dtype=torch.float32) / 255
+
+
+def fake_encoder():
+    """A TextEncoder around FakeModel (8-d vectors)."""
+    from cmath_mer.featurize.text import TextEncoder
+    return TextEncoder(FakeModel(), {"kind": "fake", "name": "fake", "fingerprint": "0" * 16, "dim": 8})

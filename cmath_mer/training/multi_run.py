@@ -129,6 +129,10 @@ def _begun(out: Path, marker: dict) -> bool:
 
 
 def child_begun(folder: Path) -> bool:
-    """A subfolder that holds something to continue: a run (checkpoints) or a multi-run (its marker)."""
-    return bool(run_files(folder)) or (Path(folder) / MARKER).is_file()
+    """A subfolder that holds something to continue: a run (checkpoints), or a multi-run in which a run began
+    (a marker alone, written by a multi-run killed before its first run, holds nothing to continue)."""
+    if run_files(folder):
+        return True
+    marker = read_marker(Path(folder)) if (Path(folder) / MARKER).is_file() else None
+    return marker is not None and _begun(Path(folder), marker)
 

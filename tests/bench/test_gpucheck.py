@@ -563,4 +563,4 @@ def test_graph_train_replay_with_permuted_lengths_catches_a_baked_in_block_layou
         return first.setdefault((block, T), real(cu, block, T))
     monkeypatch.setattr(fused, "prepare_block_indices", baked)
     res = permuted_lengths_replay("cpu", graphs=StandInGraphs())
-    assert not res["ok"] and max(res["rel_err"].values()) > 1e-2, res
+    assert not res["ok"] and any(not err <= 1e-2 for err in res["rel_err"].values()), res     # NaN too

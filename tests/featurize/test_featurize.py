@@ -19,35 +19,9 @@ import torch
 from cmath_mer.cli import main
 from cmath_mer.data import IGNORE_INDEX, DataError, load_dataset, make_synthetic, save_dataset
 from cmath_mer.featurize import INSTALL, MissingExtraError, cache_folder, featurize
-from cmath_mer.featurize.text import TextEncoder, load_text_encoder
+from cmath_mer.featurize.text import load_text_encoder
 
-from helpers import write_csv
-
-HEADER = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
-ROWS = [  # conversation b first; a's rows out of order; d is unlabelled
-    ["b", 0, "Cy", "I am so angry.", "anger", "test"],
-    ["a", 1, "Ann", "Hello there!", "joy", "train"],
-    ["a", 0, "Bob", "Hi.", "neutral", "train"],
-    ["b", 2, "Cy", "No!", "anger", "test"],
-    ["b", 1, "Ann", "Calm down.", "neutral", "test"],
-    ["a", 2, "Ann", "Hi.", "", "train"],
-]
-
-
-class FakeModel:
-    """Stands in for a SentenceTransformer: a vector from the text's hash; counts what it encodes."""
-
-    def __init__(self):
-        self.encoded: list[str] = []
-
-    def encode(self, texts, batch_size, convert_to_tensor, show_progress_bar):
-        self.encoded += texts
-        rows = [np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], dtype=np.uint8) for t in texts]
-        return torch.tensor(np.stack(rows), dtype=torch.float32) / 255
-
-
-def fake_encoder() -> TextEncoder:
-    return TextEncoder(FakeModel(), {"kind": "fake", "name": "fake", "fingerprint": "0" * 16, "dim": 8})
+from helpers import HEADER, ROWS, fake_encoder, write_csv
 
 
 def test_features_shapes_order_speakers_and_metadata(tmp_path):

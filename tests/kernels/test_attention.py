@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cmath_mer.kernels import multi_source_attention
-from cmath_mer.kernels.attention import reference
+from cmath_mer.kernels.attention import blocks, reference
 from cmath_mer.kernels.attention.naive import naive_multi_source_attention, naive_scores
 from cmath_mer.kernels.attention.reference import reference_multi_source_attention
 from cmath_mer.kernels.cu_seqlens import equal_length_runs
@@ -183,8 +183,8 @@ def test_nan_poison_fixture_is_live(fused):
 @needs_triton
 def test_block_table_lists_each_block_of_each_conversation(fused):
     """Conversation b's blocks start at row cu[b] // block + b; other rows are padding (-1, 0)."""
-    table = fused.prepare_block_indices(cu_seqlens_from([1, 16, 17, 0, 33]), 16, 67)
-    assert fused.block_table_rows(67, 5, 16) == 10           # sized on the host: cdiv(T, 16) + B
+    table = blocks.prepare_block_indices(cu_seqlens_from([1, 16, 17, 0, 33]), 16, 67)
+    assert blocks.block_table_rows(67, 5, 16) == 10           # sized on the host: cdiv(T, 16) + B
     pad = (-1, 0)
     assert [tuple(r) for r in table.tolist()] == [(0, 0), (1, 0), pad, (2, 0), (2, 1), pad, (4, 0), (4, 1),
                                                   (4, 2), pad]
@@ -197,8 +197,8 @@ def test_block_table_holds_every_block_once_for_random_lengths(fused, block):
     B = int(torch.randint(1, 300, ()))                        # several table programs at block 16
     lengths = [int(n) for n in torch.randint(0, 3 * block, (B,))]
     T = sum(lengths)
-    table = fused.prepare_block_indices(cu_seqlens_from(lengths), block, T)
-    assert table.shape == (fused.block_table_rows(T, B, block), 2)
+    table = blocks.prepare_block_indices(cu_seqlens_from(lengths), block, T)
+    assert table.shape == (blocks.block_table_rows(T, B, block), 2)
     real = [tuple(r) for r in table.tolist() if r[0] >= 0]
     assert real == [(b, m) for b, n in enumerate(lengths) for m in range(-(-n // block))]
     assert all(tuple(r) == (-1, 0) for r in table.tolist() if r[0] < 0)

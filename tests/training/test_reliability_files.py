@@ -151,10 +151,9 @@ def test_nan_optimizer_moments_are_refused_on_resume(tmp_path, capsys, corpus, t
 # ------------------------------------------------------------------------------------- feature cache
 
 def test_a_damaged_cache_vector_is_computed_again(tmp_path):
-    from tests.test_featurize import HEADER, ROWS, fake_encoder
-
     from cmath_mer.featurize import cache_folder, featurize
-    from tests.helpers import write_csv
+
+    from helpers import HEADER, ROWS, fake_encoder, write_csv
     table = write_csv(tmp_path / "talk.csv", HEADER, ROWS)
     out = tmp_path / "talk.safetensors"
     featurize([str(table)], out, text_encoder=fake_encoder(), progress=False)
@@ -201,10 +200,9 @@ def test_a_failed_write_leaves_nothing_beside_the_file(tmp_path):
 
 
 def test_featurize_removes_what_a_killed_write_of_its_output_and_cache_left(tmp_path):
-    from tests.test_featurize import HEADER, ROWS, fake_encoder
-
     from cmath_mer.featurize import cache_folder, featurize
-    from tests.helpers import write_csv
+
+    from helpers import HEADER, ROWS, fake_encoder, write_csv
     table = write_csv(tmp_path / "talk.csv", HEADER, ROWS)
     out = tmp_path / "talk.safetensors"
     featurize([str(table)], out, text_encoder=fake_encoder(), progress=False)

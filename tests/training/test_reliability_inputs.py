@@ -15,7 +15,8 @@ import torch
 from cmath_mer.cli import main
 from cmath_mer.data import DataError, make_synthetic, save_dataset, validate_dataset
 from cmath_mer.featurize.tables import read_tables
-from tests.helpers import write_csv
+
+from helpers import write_csv
 
 HEADER = ["conversation_id", "utterance_id", "speaker", "text", "label"]
 
