@@ -143,10 +143,6 @@ def _train_options(args, devices: bool = True) -> None:
         _names_option("--modalities", args.modalities, MODALITIES)
     if args.class_names is not None:
         _names_option("--class-names", args.class_names)
-    device = _check_device(args.device if args.device is not None else "auto", args.backend)
-    if args.precision is not None:
-        from cmath_mer.training.precision import check_precision
-        check_precision(args.precision, device)
     if args.accumulate is not None and args.accumulate < 1:
         raise UsageError(f"--accumulate {args.accumulate}: must be at least 1")
     if args.resume and args.overwrite:

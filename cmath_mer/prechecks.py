@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import CheckpointError, DataError
+from .errors import CheckpointError, DataError, UsageError
 from .table_layouts import TABLE_SUFFIXES, check_table_columns, parse_columns, parse_spec
 from .training.preset_choice import is_synthetic
 
@@ -43,7 +43,7 @@ def check_early(args) -> None:
     if command in ("evaluate", "predict"):
         _checkpoint(args.checkpoint)
     if command == "sweep" and not Path(args.grid).is_file():
-        raise DataError(f"{args.grid}: no such file (--grid)")
+        raise UsageError(f"--grid {args.grid}: no such file")
     data = getattr(args, "data", None)
     if command == "predict" and data and Path(data).suffix.lower() in TABLE_SUFFIXES:
         _table(data, args)

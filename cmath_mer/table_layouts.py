@@ -138,7 +138,7 @@ def read_header(path: Path) -> list[str] | None:
             return list(columns)
         with open(path, encoding="utf-8-sig", newline="") as f:
             return [h.strip() for h in next(csv.reader(f))]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, StopIteration):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, csv.Error, StopIteration, RecursionError):
         return None
 
 

@@ -377,11 +377,9 @@ def test_the_training_bar_counts_the_epochs_training_utterances(tmp_path, monkey
 
 
 def test_featurize_says_what_it_encodes_how_many_and_what_the_cache_holds(tmp_path, capsys):
-    from test_featurize import fake_encoder
-
     from cmath_mer.featurize import featurize
 
-    from helpers import write_csv
+    from helpers import fake_encoder, write_csv
     rng = random.Random()
     texts = [f"line {rng.randint(0, 5)}" for _ in range(rng.randint(6, 12))]
     rows = [[f"c{i // 3}", i % 3, "A", t, "joy"] for i, t in enumerate(texts)]
