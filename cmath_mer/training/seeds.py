@@ -36,6 +36,9 @@ def _dig(metrics: dict, path: tuple[str, ...]):
 def summarise(per_seed: dict[int, dict]) -> dict:
     """{name: {mean, std, values}} over seeds for every REPORTED number present in all of them."""
     summary = {"seeds": sorted(per_seed)}
+    # how each seed's epoch was chosen: on validation, or (data without validation conversations) training loss
+    summary["selected_on"] = " / ".join(sorted({_dig(per_seed[s], ("selected_by_validation", "selected_on"))
+                                                or "validation" for s in per_seed}))
     for name, path in REPORTED.items():
         values = [_dig(per_seed[s], path) for s in sorted(per_seed)]
         if any(v is None for v in values):
@@ -90,7 +93,8 @@ def summary_line(summary: dict) -> str:
         s = summary.get(name)
         return f"{s['mean']:.2f} ± {s['std']:.2f}" if s else "n/a"
     n = len(summary["seeds"])
-    line = f"{n} seeds: CMATH test weighted F1 {pm('test_weighted_f1')} (selected on validation)"
+    line = (f"{n} seeds: CMATH test weighted F1 {pm('test_weighted_f1')} "
+            f"(selected on {summary.get('selected_on', 'validation')})")
     if "baseline_test_weighted_f1" in summary:
         line += (f"; context-free baseline {pm('baseline_test_weighted_f1')}; gain {pm('gain_over_baseline')}, "
                  f"{summary['gain_over_baseline']['seeds_below_baseline']} seed(s) below the baseline")

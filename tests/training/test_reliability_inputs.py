@@ -120,3 +120,20 @@ def test_a_corpus_without_validation_says_what_was_selected_and_how(tmp_path, ca
     assert sel["valid_weighted_f1"] is None and sel["selected_on"].startswith("training loss")
     assert f"selected on {sel['selected_on']}" in said.out
     assert torch.isfinite(torch.tensor(sel["weighted_f1"]))
+
+
+def test_a_seeds_summary_says_how_the_epochs_were_chosen():
+    """The --seeds summary line says the epoch was chosen on validation only when it was: seeds of data without
+    validation conversations were chosen on training loss, and the line and summary.json say so."""
+    from cmath_mer.training.seeds import summarise, summary_line
+
+    def metrics(selected_on):
+        sel = {"weighted_f1": random.uniform(30, 70), "accuracy": random.uniform(30, 70), "epoch": 2}
+        if selected_on is not None:
+            sel["selected_on"] = selected_on
+        return {"selected_by_validation": sel}
+    loss = "training loss (the data has no validation conversations)"
+    summary = summarise({0: metrics(loss), 1: metrics(loss)})
+    assert summary["selected_on"] == loss and f"(selected on {loss})" in summary_line(summary)
+    summary = summarise({0: metrics("validation"), 1: metrics(None)})       # a run from before the field
+    assert "(selected on validation)" in summary_line(summary)
