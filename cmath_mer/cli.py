@@ -171,55 +171,13 @@ def _overrides(text: str | None) -> dict:
 
 
 def _resume_settings(args, folder: Path):
-    """The run's own config and TrainConfig for --resume; an option that contradicts the run is refused,
-    --epochs (extend) and --device are applied and said."""
-    from cmath_mer.model.config import config_to_dict
-    from cmath_mer.training.run_folder import saved_run
-    saved = saved_run(folder)
-    config = saved.config
-    tsaved = dict(saved.train_config or json.loads((folder / "train_config.json").read_text()))
-    run = saved.state.get("run") or {}
-    have = config_to_dict(config)
-    clashes = []
-    for key, value in _overrides(args.set).items():
-        if json.loads(json.dumps(value)) != have.get(key):
-            clashes.append(f"--set {key}={json.dumps(value)} (the run has {json.dumps(have.get(key))})")
-    if args.modalities is not None and _names_option("--modalities", args.modalities) != config.modalities:
-        clashes.append(f"--modalities {args.modalities} (the run has {','.join(config.modalities)})")
-    if args.backend is not None and args.backend != config.backend:
-        clashes.append(f"--backend {args.backend} (the run has {config.backend})")
-    if args.lr is not None and args.lr != tsaved.get("lr"):
-        clashes.append(f"--lr {args.lr} (the run has {tsaved.get('lr')})")
-    if args.patience is not None and args.patience != tsaved.get("patience"):
-        clashes.append(f"--patience {args.patience} (the run has {tsaved.get('patience')})")
-    if args.seed is not None and args.seed != tsaved.get("seed"):
-        clashes.append(f"--seed {args.seed} (the run has {tsaved.get('seed')})")
-    if args.preset is not None and run.get("preset") is not None and args.preset != run["preset"]:
-        clashes.append(f"--preset {args.preset} (the run has {run['preset']})")
-    tsaved.setdefault("precision", "fp32")          # runs from before --precision trained in fp32
-    if args.precision is not None and args.precision != tsaved["precision"]:
-        clashes.append(f"--precision {args.precision} (the run has {tsaved['precision']})")
-    if args.accumulate is not None and args.accumulate != tsaved.get("accumulate", 1):
-        clashes.append(f"--accumulate {args.accumulate} (the run has {tsaved.get('accumulate', 1)})")
-    if clashes:
-        raise UsageError(f"--resume continues the run in {args.out} with its own settings; these options "
-                         f"contradict it: {'; '.join(clashes)}. Drop them, or start a new run (--overwrite or "
-                         f"another --out)")
-    notes = []
-    if args.epochs is not None and args.epochs != tsaved["epochs"]:
-        notes.append(f"--resume: training to {args.epochs} epochs (the run was set to {tsaved['epochs']})")
-        tsaved["epochs"] = args.epochs
-    if args.device is not None and args.device != tsaved.get("device"):
-        notes.append(f"--resume: continuing on {args.device} (the run trained on {tsaved.get('device')})")
-        tsaved["device"] = args.device
-    for option, key in (("--compile", "compile"), ("--deterministic", "deterministic"),
-                        ("--data-on-device", "data_on_device"), ("--cuda-graphs", "cuda_graphs")):
-        given = getattr(args, key)
-        if given is not None and given != tsaved.get(key, False):
-            notes.append(f"--resume: {option} {'on' if given else 'off'} from here on (the run had it "
-                         f"{'on' if tsaved.get(key, False) else 'off'})")
-            tsaved[key] = given
-    return saved, config, TrainConfig(**tsaved), run.get("preset") or args.preset or "iemocap", notes
+    """resume_settings (training/run_folder.py) for the options given on the command line."""
+    from cmath_mer.training.run_folder import resume_settings
+    given = {key: getattr(args, key) for key in ("lr", "patience", "seed", "preset", "precision", "accumulate",
+                                                 "backend", "epochs", "device", "compile", "deterministic",
+                                                 "data_on_device", "cuda_graphs")}
+    given["modalities"] = None if args.modalities is None else _names_option("--modalities", args.modalities)
+    return resume_settings(folder, given, _overrides(args.set), args.out)
 
 
 def cmd_train(args) -> int:

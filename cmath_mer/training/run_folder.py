@@ -12,16 +12,18 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from cmath_mer.errors import CheckpointError, RunFolderError
+from cmath_mer.errors import CheckpointError, RunFolderError, UsageError
 from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, remove_temporary
 from cmath_mer.model.config import config_from_dict, config_to_dict
 from cmath_mer.training.checkpoint import read_metadata
+from cmath_mer.training.config import TrainConfig
 
 RUN_FILES = ("best.safetensors", "last.safetensors", "config.json", "train_config.json", "metrics.json",
              "confusion_matrix.png", "training_curves.png")
@@ -223,3 +225,50 @@ def check_resume(saved: SavedRun, config, tcfg, fingerprint: dict) -> None:
                              f"({had.get('conversations')} conversations, {had.get('utterances')} utterances), "
                              f"this is {fingerprint['source']} ({fingerprint['conversations']} conversations, "
                              f"{fingerprint['utterances']} utterances); resume with the same data")
+
+
+# options a resumed run may change (said in a note) and the TrainConfig fields they set
+RESUMABLE_OPTIONS = (("--compile", "compile"), ("--deterministic", "deterministic"),
+                     ("--data-on-device", "data_on_device"), ("--cuda-graphs", "cuda_graphs"))
+
+
+def resume_settings(folder: Path, given: dict, overrides: dict, out: str):
+    """The run's own config and training settings for --resume: `given` (option name -> value, None when not
+    given) may not contradict the run (UsageError listing every clash); --epochs (extend), --device and the
+    RESUMABLE_OPTIONS are applied and said. Returns (saved run, config, TrainConfig, preset, notes)."""
+    saved = saved_run(folder)
+    config = saved.config
+    tsaved = dict(saved.train_config or json.loads((Path(folder) / "train_config.json").read_text()))
+    run = saved.state.get("run") or {}
+    have = config_to_dict(config)
+    tsaved.setdefault("precision", "fp32")          # runs from before --precision trained in fp32
+    clashes = [f"--set {key}={json.dumps(value)} (the run has {json.dumps(have.get(key))})"
+               for key, value in overrides.items() if json.loads(json.dumps(value)) != have.get(key)]
+    theirs = {"modalities": config.modalities, "backend": config.backend, "lr": tsaved.get("lr"),
+              "patience": tsaved.get("patience"), "seed": tsaved.get("seed"), "precision": tsaved["precision"],
+              "accumulate": tsaved.get("accumulate", 1), "preset": run.get("preset")}
+    for key, has in theirs.items():
+        value = given.get(key)
+        if value is None or (key == "preset" and has is None) or value == has:
+            continue
+        shown = ",".join(value) if key == "modalities" else value
+        had = ",".join(has) if key == "modalities" else has
+        clashes.append(f"--{key} {shown} (the run has {had})")
+    if clashes:
+        raise UsageError(f"--resume continues the run in {out} with its own settings; these options "
+                         f"contradict it: {'; '.join(clashes)}. Drop them, or start a new run (--overwrite or "
+                         f"another --out)")
+    notes = []
+    if given.get("epochs") is not None and given["epochs"] != tsaved["epochs"]:
+        notes.append(f"--resume: training to {given['epochs']} epochs (the run was set to {tsaved['epochs']})")
+        tsaved["epochs"] = given["epochs"]
+    if given.get("device") is not None and given["device"] != tsaved.get("device"):
+        notes.append(f"--resume: continuing on {given['device']} (the run trained on {tsaved.get('device')})")
+        tsaved["device"] = given["device"]
+    for option, key in RESUMABLE_OPTIONS:
+        value = given.get(key)
+        if value is not None and value != tsaved.get(key, False):
+            notes.append(f"--resume: {option} {'on' if value else 'off'} from here on (the run had it "
+                         f"{'on' if tsaved.get(key, False) else 'off'})")
+            tsaved[key] = value
+    return saved, config, TrainConfig(**tsaved), run.get("preset") or given.get("preset") or "iemocap", notes
