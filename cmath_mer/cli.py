@@ -206,17 +206,20 @@ def _cmd_train(args, distributed) -> int:
     seeds = None if args.seeds is None else _seed_list(args.seeds)
     if seeds is not None and args.seed is not None:
         raise UsageError("--seed and --seeds contradict each other: give one")
-    if args.resume:
-        from cmath_mer.training.run_folder import check_resume, data_fingerprint, run_files
+    resume = args.resume
+    if resume and seeds is not None:
+        from cmath_mer.training.multi_run import check_folder
+        from cmath_mer.training.run_folder import run_files
+        from cmath_mer.training.seeds import seed_folder
+        distributed.on_main(check_folder, out, "seeds", resume=True, overwrite=False)
+        begun = [seed_folder(out, s) for s in seeds if run_files(seed_folder(out, s))]
+        resume = bool(begun)                  # killed before its first run began: it starts anew
+    if resume:
+        from cmath_mer.training.run_folder import check_resume, data_fingerprint
 
         from .data import check_compatible
-        folder = out
-        if seeds is not None:                  # the settings of the seeds' runs: those of the first one begun
-            from cmath_mer.training.multi_run import check_folder
-            from cmath_mer.training.seeds import seed_folder
-            distributed.on_main(check_folder, out, "seeds", resume=True, overwrite=False)
-            folder = next((seed_folder(out, s) for s in seeds if run_files(seed_folder(out, s))),
-                          seed_folder(out, seeds[0]))
+        # the settings of the seeds' runs: those of the first one begun
+        folder = out if seeds is None else begun[0]
         # the run folder is rank 0's: it reads the settings and hands them to the other ranks
         saved, config, tcfg, preset_name, notes = distributed.on_main(_resume_settings, args, folder)
         data_seed = _data_seed(saved.state)

@@ -66,7 +66,8 @@ def check_folder(out: str | Path, kind: str, *, resume: bool, overwrite: bool) -
                                  f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or "
                                  f"empty folder", usage=True)
     if marker is not None and not _begun(out, marker):
-        marker = None               # killed before any run began: nothing to continue, free to start anew
+        # killed before any run began: nothing to continue, so it starts anew, with or without --resume
+        return None
     if marker is None and resume:
         raise RunFolderError(f"--resume: {out} holds no `{command}` runs (nothing to resume)", usage=True)
     if marker is not None and not (resume or overwrite):

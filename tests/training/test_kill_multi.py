@@ -31,12 +31,15 @@ def argv(command: str, data: Path, out: Path, grid: Path) -> list[str]:
 
 
 def mtimes(out: Path) -> dict[str, int]:
+    """Modification times of everything under `out` (a temporary folder removed while it is walked is skipped)."""
     found = {}
-    for p in (out.rglob("*") if out.is_dir() else ()):
-        try:
-            found[str(p.relative_to(out))] = p.stat().st_mtime_ns
-        except FileNotFoundError:
-            pass
+    for folder, _, names in os.walk(out):            # os.walk skips a folder that vanishes under it
+        for name in names:
+            p = Path(folder) / name
+            try:
+                found[str(p.relative_to(out))] = p.stat().st_mtime_ns
+            except FileNotFoundError:
+                pass
     return found
 
 

@@ -229,8 +229,11 @@ def test_sweep_refuses_empty_modalities_and_a_missing_grid(tmp_path, capsys, cor
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
 @pytest.mark.parametrize("command", ["seeds", "sweep"])
-def test_a_multi_run_killed_before_any_run_began_starts_anew(tmp_path, capsys, corpus, grid, command):
+def test_a_multi_run_killed_before_any_run_began_starts_anew(tmp_path, capsys, corpus, grid, command, resume):
+    """Its marker and a lock, no run begun: the same command starts it, with or without --resume (an interrupted
+    command continues however early the kill came)."""
     from cmath_mer.training.multi_run import MARKER
     from cmath_mer.training.run_folder import LOCK_NAME
     out = tmp_path / "out"
@@ -239,6 +242,5 @@ def test_a_multi_run_killed_before_any_run_began_starts_anew(tmp_path, capsys, c
     (out / first / LOCK_NAME).write_text("1\n")
     (out / MARKER).write_text(json.dumps({"kind": command, "children": [first]}))
     argv = seeds_argv(corpus, out) if command == "seeds" else sweep_argv(corpus, grid, out)
-    refused(capsys, argv + ["--resume"], 2, "nothing to resume")
-    assert main(argv) == 0
+    assert main(argv + (["--resume"] if resume else [])) == 0, capsys.readouterr()
     assert (out / ("summary.json" if command == "seeds" else "sweep.json")).exists()
