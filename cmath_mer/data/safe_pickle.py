@@ -9,7 +9,10 @@ import io
 import pickle
 from pathlib import Path
 
+import numpy as np
+
 from .dataset import DataError
+from .memory import available_bytes
 
 _NUMPY_GLOBALS = {
     ("numpy", "ndarray"), ("numpy", "dtype"),
@@ -97,11 +100,14 @@ MAX_DEPTH = 32
 MAX_ELEMENTS_PER_BYTE = 4           # elements reached when walking, per byte of the file (plus a constant)
 
 
-def check_structure(obj, source: str, file_size: int) -> None:
-    """Refuse (DataError) self-referencing containers, nesting deeper than MAX_DEPTH, and a walk over more
-    elements than the file could hold without sharing (exponential memo tricks). Linear in the objects."""
+def check_structure(obj, source: str, file_size: int, available: int | None = None) -> None:
+    """Refuse (DataError) self-referencing containers, nesting deeper than MAX_DEPTH, a walk over more
+    elements than the file could hold without sharing (exponential memo tricks), and arrays that, read as
+    the loader copies them (once per reference: one array shared by many fields of a small file), need more
+    memory than is `available` (default: what the machine has available). Linear in the objects."""
     limit = MAX_ELEMENTS_PER_BYTE * file_size + 1_000_000
     sizes: dict[int, int] = {}           # id -> elements reached from it (its subtree, walked)
+    nbytes: dict[int, int] = {}          # id -> bytes of the arrays reached from it, once per reference
     depths: dict[int, int] = {}
     active: set[int] = set()
     keep = []                            # keep ids valid during the walk
@@ -121,13 +127,16 @@ def check_structure(obj, source: str, file_size: int) -> None:
             continue
         i = id(x)
         if done:
-            size, depth = 1, 1
+            size, depth, arrays = 1, 1, 0
             for c in children(x):
                 if isinstance(c, (dict, list, tuple, set, frozenset)):
                     size += sizes[id(c)]
                     depth = max(depth, depths[id(c)] + 1)
+                    arrays += nbytes[id(c)]
                 else:
                     size += 1
+                    arrays += c.nbytes if isinstance(c, np.ndarray) else 0
+            nbytes[i] = arrays
             active.discard(i)
             sizes[i], depths[i] = size, depth
             if depth > MAX_DEPTH:
@@ -154,6 +163,12 @@ def check_structure(obj, source: str, file_size: int) -> None:
                                     f"self-referencing structure is not feature data)")
                 if id(c) not in sizes:
                     stack.append((c, False))
+    need = nbytes.get(id(obj), obj.nbytes if isinstance(obj, np.ndarray) else 0)
+    have = available_bytes() if available is None else available
+    if need > have // 2:
+        raise DataError(f"{source}: refused: its arrays, read once per reference (the pickle shares them between "
+                        f"fields), need about {need / 2**30:,.1f} GiB of memory, more than half the "
+                        f"{have / 2**30:,.1f} GiB available")
 
 
 def safe_load_pickle(path: str | Path):

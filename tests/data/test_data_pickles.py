@@ -337,3 +337,27 @@ def test_ignore_index_labels_are_kept_as_unlabelled(tmp_path):
         obj[2][ds.conversation_ids[0]][0] = -1
     path, ds = _tampered(tmp_path, "9", edit2)
     _expect(path, repr(ds.conversation_ids[0]), "'labels'", "label -1")
+
+
+def test_arrays_shared_between_fields_are_refused_when_their_copies_would_not_fit(tmp_path, monkeypatch):
+    """One array referenced from many fields pickles small (the memo stores it once) but the loader copies it
+    per reference: refused before loading when those copies need more than half the available memory,
+    naming the file and the estimate; a structure that fits loads."""
+    import pickle
+
+    import numpy as np
+
+    import cmath_mer.data.safe_pickle as sp
+    from cmath_mer.data import DataError
+    n, refs = int(torch.randint(64_000, 128_000, ())), int(torch.randint(50, 100, ()))
+    shared = np.zeros(n, dtype=np.float32)
+    obj = {f"conversation {i}": [shared] for i in range(refs)}
+    path = tmp_path / "shared.pkl"
+    path.write_bytes(pickle.dumps(obj))
+    assert path.stat().st_size < 2 * shared.nbytes                    # stored once
+    need = refs * shared.nbytes
+    monkeypatch.setattr(sp, "available_bytes", lambda: need)           # the copies need more than half of it
+    with pytest.raises(DataError, match=r"shared\.pkl: refused: its arrays.*GiB"):
+        sp.safe_load_pickle(path)
+    monkeypatch.setattr(sp, "available_bytes", lambda: 4 * need)
+    assert len(sp.safe_load_pickle(path)) == refs
