@@ -107,9 +107,12 @@ def test_convert_refuses_a_pickle_name_for_its_safetensors_output(tmp_path, caps
 
 
 def test_a_corpus_without_validation_says_what_was_selected_and_how(tmp_path, capsys):
-    ds = make_synthetic(None, input_dims={"text": 6, "audio": 4}, num_classes=3, conversations=2, min_length=3,
-                        max_length=6, seed=random.randrange(1000))
-    ds.splits = ["train", "test"]
+    while True:       # the baselines need two classes among the training conversation's labels
+        ds = make_synthetic(None, input_dims={"text": 6, "audio": 4}, num_classes=3, conversations=2, min_length=3,
+                            max_length=6, seed=random.randrange(1000))
+        ds.splits = ["train", "test"]
+        if len({c for c in ds.labels[ds.cu_seqlens[0]:ds.cu_seqlens[1]].tolist() if c >= 0}) >= 2:
+            break
     path = save_dataset(ds, tmp_path / "one_train.safetensors")
     out = tmp_path / "run"
     assert main(["train", "--data", str(path), "--epochs", "2", "--out", str(out), "--no-progress", "--set",
