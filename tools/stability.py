@@ -1,4 +1,5 @@
-"""The recipe's stability criterion (validation F1 steady after warmup), read from run folders: how much the validation weighted F1 changes
+"""The recipe's stability criterion (validation F1 steady after warmup), read from run folders: how much the
+validation weighted F1 changes
 between consecutive epochs after the warmup epochs.
 
     python tools/stability.py [--valid-only] RUNS [RUNS ...]
