@@ -8,6 +8,8 @@ import time
 
 import torch
 
+from cmath_mer.data.memory import available_bytes as host_available_bytes
+
 
 def cpu_threads() -> int:
     """Intra-op threads on the CPU: env CMATH_BENCH_THREADS, default every core. On a machine shared with
@@ -66,14 +68,11 @@ def _cpu_model() -> str:
 
 
 def available_bytes(device: str) -> int:
+    """Free memory of the CUDA card, or what the host has available (data/memory.py reads it)."""
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
         return free
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable"):
-                return int(line.split()[1]) * 1024
-    return 8 * 2**30
+    return host_available_bytes()
 
 
 def measure_ceilings(device: str, quick: bool) -> dict:
