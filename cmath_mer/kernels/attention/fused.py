@@ -42,10 +42,10 @@ from ..utils import (
     patch_old_interpreter,
     register_autocast_to_region_dtype,
 )
-from .blocks import aot_specs as block_table_aot_specs  # noqa: F401
+from .blocks import aot_specs as block_table_aot_specs
 from .blocks import prepare_block_indices
 from .reference import as_sources
-from .tuning import (  # noqa: F401
+from .tuning import (
     AUTOTUNE_KEY,
     BWD_CONFIGS,
     FWD_CONFIGS,
