@@ -21,25 +21,26 @@ EMORYNLP_CLASSES = ("Joyful", "Mad", "Neutral", "Peaceful", "Powerful", "Sad", "
 
 
 @dataclass(frozen=True)
-class Layout:
+class TableLayout:
+    """A conversation table's layout: which column plays which role (not a peer pickle's: data/peer_pickles)."""
     name: str
     columns: dict[str, str]                  # role -> column ('A+B+C': several columns make the value)
     class_names: tuple[str, ...] | None      # None: --class-names, else the sorted labels seen
     detect: tuple[str, ...] = ()             # columns whose presence identifies the layout
 
 
-LAYOUTS = {
-    "emorynlp": Layout("emorynlp", {"conversation": "Season+Episode+Scene_ID", "utterance": "Utterance_ID",
-                                    "speaker": "Speaker", "text": "Utterance", "label": "Emotion",
-                                    "split": "split", "audio": "audio", "visual": "visual"},
-                       EMORYNLP_CLASSES, ("Scene_ID", "Season", "Episode", "Utterance_ID", "Utterance")),
-    "meld": Layout("meld", {"conversation": "Dialogue_ID", "utterance": "Utterance_ID", "speaker": "Speaker",
-                            "text": "Utterance", "label": "Emotion", "split": "split", "audio": "audio",
-                            "visual": "visual"},
-                   PRESETS["meld"]["class_names"], ("Dialogue_ID", "Utterance_ID", "Utterance")),
-    "generic": Layout("generic", {"conversation": "conversation_id", "utterance": "utterance_id",
-                                  "speaker": "speaker", "text": "text", "label": "label", "split": "split",
-                                  "audio": "audio", "visual": "visual"}, None),
+TABLE_LAYOUTS = {
+    "emorynlp": TableLayout("emorynlp", {"conversation": "Season+Episode+Scene_ID", "utterance": "Utterance_ID",
+                                         "speaker": "Speaker", "text": "Utterance", "label": "Emotion",
+                                         "split": "split", "audio": "audio", "visual": "visual"},
+                            EMORYNLP_CLASSES, ("Scene_ID", "Season", "Episode", "Utterance_ID", "Utterance")),
+    "meld": TableLayout("meld", {"conversation": "Dialogue_ID", "utterance": "Utterance_ID", "speaker": "Speaker",
+                                 "text": "Utterance", "label": "Emotion", "split": "split", "audio": "audio",
+                                 "visual": "visual"},
+                        PRESETS["meld"]["class_names"], ("Dialogue_ID", "Utterance_ID", "Utterance")),
+    "generic": TableLayout("generic", {"conversation": "conversation_id", "utterance": "utterance_id",
+                                       "speaker": "speaker", "text": "text", "label": "label", "split": "split",
+                                       "audio": "audio", "visual": "visual"}, None),
 }
 
 
@@ -53,7 +54,7 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
 
 
 def detect_layout(columns: list[str]) -> str:
-    for name, layout in LAYOUTS.items():
+    for name, layout in TABLE_LAYOUTS.items():
         if layout.detect and all(c in columns for c in layout.detect):
             return name
     return "generic"
@@ -98,7 +99,7 @@ def missing_columns(name: str, header: list[str], layout_name: str, given: dict[
     names (a mapped column that is not there is never silently ignored). Else one line naming every missing
     column at once, the columns the file has, and a --columns value to try."""
     given = dict(given or {})
-    cols = {**LAYOUTS[layout_name].columns, **given}
+    cols = {**TABLE_LAYOUTS[layout_name].columns, **given}
     roles = list(REQUIRED) + [r for r in given if r not in REQUIRED]
     missing = [(role, [c for c in cols[role].split("+") if c not in header]) for role in roles]
     missing = [(role, absent) for role, absent in missing if absent]
@@ -110,7 +111,7 @@ def missing_columns(name: str, header: list[str], layout_name: str, given: dict[
         guess = guess_column(role, header, taken)
         mapping[role] = guess or "NAME"
         taken |= {guess} if guess else set()
-    label = LAYOUTS[layout_name].columns["label"]
+    label = TABLE_LAYOUTS[layout_name].columns["label"]
     if "label" not in mapping and label not in header:
         guess = guess_column("label", header, taken)
         if guess:
@@ -149,7 +150,7 @@ def check_table_columns(spec: str, layout: str = "auto", columns: dict[str, str]
     if header is None:
         return None
     layout_name = detect_layout(header) if layout == "auto" else layout
-    if layout_name not in LAYOUTS or any(r not in ROLES for r in columns or {}):
+    if layout_name not in TABLE_LAYOUTS or any(r not in ROLES for r in columns or {}):
         return None                                   # the reader's own message names these
     return missing_columns(name, header, layout_name, columns)
 

@@ -47,7 +47,8 @@ from .validate import validate_dataset
 # ------------------------------------------------------------------------------------------------- layouts
 
 @dataclass(frozen=True)
-class Layout:
+class PeerPickleLayout:
+    """A peer feature pickle's layout: what each element of its tuple holds (not a table's: table_layouts)."""
     name: str
     fields: tuple[str, ...]              # one name per tuple element
     text_fields: tuple[str, ...]         # the text feature fields, the first is the default
@@ -68,18 +69,19 @@ class Layout:
 _SDT = ("ids", "speakers", "labels", "text", "roberta2", "roberta3", "roberta4", "audio", "visual", "sentences",
         "train ids", "test ids")
 _MMGCN = ("ids", "speakers", "labels", "text", "audio", "visual", "sentences", "train ids", "test ids")
-LAYOUTS: dict[str, Layout] = {
-    "12": Layout("12", _SDT, ("text", "roberta2", "roberta3", "roberta4"), "iemocap",
-                 "SDT / GraphSmile IEMOCAP"),
-    "13": Layout("13", _SDT + ("extra",), ("text", "roberta2", "roberta3", "roberta4"), "meld", "SDT MELD"),
-    "14": Layout("14", ("ids", "speakers", "labels", "sentiments", "text0", "text1", "text2", "text3", "audio",
-                        "visual", "sentences", "train ids", "test ids", "extra"),
-                 ("text0", "text1", "text2", "text3"), "meld", "GraphSmile MELD"),
-    "9": Layout("9", _MMGCN, ("text",), "iemocap", "MMGCN / M3Net / DialogueGCN IEMOCAP"),
-    "10": Layout("10", _MMGCN + ("extra",), ("text",), "meld", "MMGCN MELD_features_raw1"),
-    "9-novisual": Layout("9-novisual", ("ids", "speakers", "labels", "text", "audio", "sentences", "train ids",
-                                        "test ids", "extra"), ("text",), "meld",
-                         "DialogueRNN MELD_features_raw (no visual features)"),
+PEER_PICKLE_LAYOUTS: dict[str, PeerPickleLayout] = {
+    "12": PeerPickleLayout("12", _SDT, ("text", "roberta2", "roberta3", "roberta4"), "iemocap",
+                           "SDT / GraphSmile IEMOCAP"),
+    "13": PeerPickleLayout("13", _SDT + ("extra",), ("text", "roberta2", "roberta3", "roberta4"), "meld",
+                           "SDT MELD"),
+    "14": PeerPickleLayout("14", ("ids", "speakers", "labels", "sentiments", "text0", "text1", "text2", "text3",
+                                  "audio", "visual", "sentences", "train ids", "test ids", "extra"),
+                           ("text0", "text1", "text2", "text3"), "meld", "GraphSmile MELD"),
+    "9": PeerPickleLayout("9", _MMGCN, ("text",), "iemocap", "MMGCN / M3Net / DialogueGCN IEMOCAP"),
+    "10": PeerPickleLayout("10", _MMGCN + ("extra",), ("text",), "meld", "MMGCN MELD_features_raw1"),
+    "9-novisual": PeerPickleLayout("9-novisual", ("ids", "speakers", "labels", "text", "audio", "sentences",
+                                                  "train ids", "test ids", "extra"), ("text",), "meld",
+                                   "DialogueRNN MELD_features_raw (no visual features)"),
 }
 _PER_UTTERANCE = ("ids", "speakers", "labels", "sentiments", "sentences")
 _ID_LISTS = ("train ids", "test ids")
@@ -113,7 +115,7 @@ def _is_vector(x) -> bool:
     return False
 
 
-def _shape_problem(layout: Layout, obj: tuple) -> str | None:
+def _shape_problem(layout: PeerPickleLayout, obj: tuple) -> str | None:
     """Why `obj` does not fit `layout` (None when it fits)."""
     for i, field in enumerate(layout.fields):
         x = obj[i]
@@ -136,15 +138,16 @@ def _shape_problem(layout: Layout, obj: tuple) -> str | None:
     return None
 
 
-def detect_layout(obj, source: str = "<pickle>") -> Layout:
-    """The Layout of an unpickled object, from its length and element types; DataError if none fits."""
+def detect_layout(obj, source: str = "<pickle>") -> PeerPickleLayout:
+    """The PeerPickleLayout of an unpickled object, from its length and element types; DataError if none fits."""
     if not isinstance(obj, (tuple, list)):
         raise DataError(f"{source}: unknown layout: the pickle holds a {type(obj).__name__}, expected a tuple "
-                        f"of 9, 10, 12, 13 or 14 elements (see cmath_mer.data.peer_pickles.LAYOUTS)")
-    candidates = [lay for lay in LAYOUTS.values() if len(lay.fields) == len(obj)]
+                        f"of 9, 10, 12, 13 or 14 elements (see cmath_mer.data.peer_pickles.PEER_PICKLE_LAYOUTS)")
+    candidates = [lay for lay in PEER_PICKLE_LAYOUTS.values() if len(lay.fields) == len(obj)]
     if not candidates:
+        known = ", ".join(f"{k}: {v.description}" for k, v in PEER_PICKLE_LAYOUTS.items())
         raise DataError(f"{source}: unknown layout: a {len(obj)}-tuple; known peer layouts have 9, 10, 12, 13 "
-                        f"or 14 elements ({', '.join(f'{k}: {v.description}' for k, v in LAYOUTS.items())})")
+                        f"or 14 elements ({known})")
     problems = []
     for lay in candidates:
         problem = _shape_problem(lay, obj)
@@ -160,7 +163,7 @@ def detect_layout(obj, source: str = "<pickle>") -> Layout:
 def load_peer_pickle(path: str | Path, *, text_field: int | str = 0, class_names: tuple[str, ...] | None = None,
                      modalities: tuple[str, ...] | None = None, unassigned: str = "valid",
                      extra: str = "auto") -> ConversationDataset:
-    """Load a peer feature pickle (any layout of LAYOUTS) into a packed ConversationDataset.
+    """Load a peer feature pickle (any layout of PEER_PICKLE_LAYOUTS) into a packed ConversationDataset.
 
     text_field: which text feature of the 12/13/14 layouts is 'text': an index (0 = text / text0, the
         default; 1..3 = roberta2..4 / text1..3) or the field's name.
@@ -465,7 +468,7 @@ def _read_splits(src, layout, el, keys, unassigned, extra) -> list[str]:
     return out
 
 
-def _guess_class_names(layout: Layout, names: dict, labels: torch.Tensor) -> tuple[str, ...]:
+def _guess_class_names(layout: PeerPickleLayout, names: dict, labels: torch.Tensor) -> tuple[str, ...]:
     if names["kind"] == "name" and names["names"] == ["M", "F"]:
         return tuple(PRESETS["iemocap"]["class_names"])
     if layout.corpus == "meld" or (names["kind"] == "onehot" and names.get("width") == 9):
@@ -492,9 +495,9 @@ def write_peer_pickle(dataset: ConversationDataset, path: str | Path, layout: st
     (and load back as 'valid' with the loader's default unassigned='valid'). Sentences are 'utterance i',
     sentiments (14) are 0. Conversation ids are the dataset's ids (strings).
     """
-    lay = LAYOUTS.get(str(layout))
+    lay = PEER_PICKLE_LAYOUTS.get(str(layout))
     if lay is None:
-        raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+        raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(PEER_PICKLE_LAYOUTS)}")
     need = ["text", "audio"] + (["visual"] if "visual" in lay.fields else [])
     missing = [m for m in need if m not in dataset.features]
     if missing:

@@ -219,7 +219,7 @@ def file_format(path: str | Path) -> str:
 
 def load_dataset(path: str | Path, **options) -> ConversationDataset:
     """Load a dataset from a .safetensors file (save_dataset) or a peer pickle (any layout of
-    pickles.LAYOUTS), told apart by content, then suffix. `path` may also be 'synthetic' or
+    peer_pickles.PEER_PICKLE_LAYOUTS), told apart by content, then suffix. `path` may also be 'synthetic' or
     'synthetic:<preset>' (when no such file exists) for the embedded synthetic corpus.
 
     Options for safetensors: modalities, validate. Options for pickles: text_field, class_names, modalities,

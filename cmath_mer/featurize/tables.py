@@ -25,11 +25,10 @@ from pathlib import Path
 from ..data import IGNORE_INDEX, SPLITS, DataError
 from ..table_layouts import (  # noqa: F401
     EMORYNLP_CLASSES,
-    LAYOUTS,
     REQUIRED,
     ROLES,
     SPLIT_NAMES,
-    Layout,
+    TABLE_LAYOUTS,
     detect_layout,
     missing_columns,
     parse_spec,
@@ -191,9 +190,9 @@ def read_table(spec: str, *, layout: str = "auto", columns: dict[str, str] | Non
     path = Path(name)
     header, rows = _read_rows(path, name)
     layout_name = detect_layout(header) if layout == "auto" else layout
-    if layout_name not in LAYOUTS:
-        raise DataError(f"{name}: unknown layout {layout!r}; choose one of auto, {', '.join(LAYOUTS)}")
-    cols = {**LAYOUTS[layout_name].columns, **(columns or {})}
+    if layout_name not in TABLE_LAYOUTS:
+        raise DataError(f"{name}: unknown layout {layout!r}; choose one of auto, {', '.join(TABLE_LAYOUTS)}")
+    cols = {**TABLE_LAYOUTS[layout_name].columns, **(columns or {})}
     unknown = [r for r in (columns or {}) if r not in ROLES]
     if unknown:
         raise DataError(f"{name}: unknown column role {unknown[0]!r}; roles are {', '.join(ROLES)}")
@@ -289,7 +288,7 @@ def read_tables(specs: list[str], *, class_names: tuple[str, ...] | None = None,
     _check_split_overlap(conversations)
 
     if class_names is None:
-        known = {LAYOUTS[t.layout].class_names for t in tables if LAYOUTS[t.layout].class_names}
+        known = {TABLE_LAYOUTS[t.layout].class_names for t in tables if TABLE_LAYOUTS[t.layout].class_names}
         if len(known) > 1:
             raise DataError(f"{', '.join(t.name for t in tables)}: tables of different layouts "
                             f"({', '.join(t.layout for t in tables)}) have different classes; give --class-names")

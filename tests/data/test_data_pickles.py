@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cmath_mer.data import (
-    LAYOUTS,
+    PEER_PICKLE_LAYOUTS,
     DataError,
     UnsafePickleError,
     check_compatible,
@@ -27,8 +27,8 @@ IEMOCAP_DIMS = {"text": 12, "audio": 10, "visual": 6}
 
 def _data(layout: str, seed: int):
     """Fresh random synthetic data shaped like the corpus the layout comes from."""
-    corpus = LAYOUTS[layout].corpus
-    dims = dict(IEMOCAP_DIMS) if "visual" in LAYOUTS[layout].fields else {"text": 12, "audio": 10}
+    corpus = PEER_PICKLE_LAYOUTS[layout].corpus
+    dims = dict(IEMOCAP_DIMS) if "visual" in PEER_PICKLE_LAYOUTS[layout].fields else {"text": 12, "audio": 10}
     return make_synthetic(corpus, conversations=9, min_length=1, max_length=15, input_dims=dims,
                           seed=seed, world_seed=seed)
 
@@ -47,7 +47,7 @@ def _assert_same(a, b, text_scale: float = 1.0):
         assert torch.equal(a.features[m], want), m
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", list(PEER_PICKLE_LAYOUTS))
 def test_every_layout_round_trips_features_labels_speakers_splits(tmp_path, layout):
     ds = _data(layout, seed=len(layout) + 3)
     path = write_peer_pickle(ds, tmp_path / f"peer{layout}.pkl", layout)
@@ -193,7 +193,7 @@ def test_unknown_layout_element_types(tmp_path):
 @pytest.mark.parametrize("layout,field", [("12", "audio"), ("9", "visual"), ("14", "text0"), ("12", "speakers"),
                                            ("10", "labels"), ("13", "sentences")])
 def test_mismatched_lengths_name_conversation_and_field(tmp_path, layout, field):
-    i = LAYOUTS[layout].index(field)
+    i = PEER_PICKLE_LAYOUTS[layout].index(field)
 
     def edit(obj, ds):
         c = _first_train(ds)
@@ -215,7 +215,7 @@ def test_unused_text_field_is_only_checked_when_chosen(tmp_path):
 def test_non_finite_features(tmp_path, bad):
     def edit(obj, ds):
         c = ds.conversation_ids[-1]
-        obj[LAYOUTS["9"].index("audio")][c][0][3] = bad
+        obj[PEER_PICKLE_LAYOUTS["9"].index("audio")][c][0][3] = bad
     path, ds = _tampered(tmp_path, "9", edit)
     _expect(path, repr(ds.conversation_ids[-1]), "'audio'", "non-finite", "utterance 0", "dimension 3")
 
@@ -230,8 +230,8 @@ def test_label_out_of_range(tmp_path):
 def test_empty_conversation(tmp_path):
     def edit(obj, ds):
         c = ds.conversation_ids[2]
-        for f in LAYOUTS["9"].fields[:7]:
-            obj[LAYOUTS["9"].index(f)][c] = []
+        for f in PEER_PICKLE_LAYOUTS["9"].fields[:7]:
+            obj[PEER_PICKLE_LAYOUTS["9"].index(f)][c] = []
     path, ds = _tampered(tmp_path, "9", edit)
     _expect(path, repr(ds.conversation_ids[2]), "'labels'", "empty")
 
@@ -263,7 +263,7 @@ def test_unlisted_conversation_is_kept_as_valid_or_refused(tmp_path):
 
 def test_conversation_missing_from_one_field(tmp_path):
     def edit(obj, ds):
-        del obj[LAYOUTS["14"].index("visual")][ds.conversation_ids[0]]
+        del obj[PEER_PICKLE_LAYOUTS["14"].index("visual")][ds.conversation_ids[0]]
     path, ds = _tampered(tmp_path, "14", edit)
     _expect(path, repr(ds.conversation_ids[0]), "'visual'", "no entry")
 

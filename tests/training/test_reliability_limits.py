@@ -201,14 +201,14 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, corpus, trained, monk
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     if command == "featurize":
-        import cmath_mer.featurize as featurize
-        monkeypatch.setattr(featurize, "featurize", interrupted)
+        from cmath_mer.cli import commands
+        monkeypatch.setattr(commands, "featurize", interrupted)
         table = tmp_path / "t.csv"
         table.write_text("conversation_id,utterance_id,speaker,text\nc,0,A,hi\n")
         argv = ["featurize", str(table), "--out", str(tmp_path / "o.safetensors")]
     else:
-        import cmath_mer.training.evaluate as evaluate_module
-        monkeypatch.setattr(evaluate_module, "predict_conversations", interrupted)
+        from cmath_mer.cli import commands
+        monkeypatch.setattr(commands, "predict_conversations", interrupted)
         argv = ["predict", "--checkpoint", str(trained), "--data", str(corpus), "--out", str(tmp_path / "p.csv")]
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()

@@ -8,8 +8,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 
-from cmath_mer import cli
-from cmath_mer.cli import main
+from cmath_mer.cli import loading, main
 from cmath_mer.data import load_dataset, make_synthetic, save_dataset, write_peer_pickle
 from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.prepare import build_config
@@ -152,9 +151,8 @@ def test_evaluate_on_synthetic_data_rebuilds_the_corpus_the_run_trained_on(tmp_p
     """`--data synthetic` is a corpus built from the run's data seed: --seed S builds it with S, --seeds
     (one run per seed) with 0. evaluate --data synthetic reproduces the test metrics in metrics.json (the
     preset's corpus is made small here to keep the test quick; the seed and preset still come from the CLI)."""
-    import cmath_mer.data
-    real = cmath_mer.data.make_synthetic
-    monkeypatch.setattr(cmath_mer.data, "make_synthetic", lambda preset, seed: real(
+    real = loading.make_synthetic
+    monkeypatch.setattr(loading, "make_synthetic", lambda preset, seed: real(
         preset, seed=seed, input_dims=DIMS, conversations=12, min_length=6, max_length=20))
     seed = int(torch.randint(1, 10_000, ()))
     out = tmp_path / "run"
@@ -167,6 +165,6 @@ def test_evaluate_on_synthetic_data_rebuilds_the_corpus_the_run_trained_on(tmp_p
     evaluated = json.loads(capsys.readouterr().out)
     assert {k: evaluated[k] for k in ("weighted_f1", "accuracy", "per_class_f1")} == \
         {k: selected[k] for k in ("weighted_f1", "accuracy", "per_class_f1")}
-    monkeypatch.setattr(cli, "_data_seed", lambda state: seed + 1)       # another corpus: refused, not scored
+    monkeypatch.setattr(loading, "data_seed", lambda state: seed + 1)       # another corpus: refused, not scored
     assert main(["evaluate", "--checkpoint", str(run), "--data", "synthetic"]) == 1
     assert f"rebuilt with seed {seed + 1} is not the one the run" in capsys.readouterr().err
