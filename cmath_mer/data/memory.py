@@ -7,6 +7,7 @@ import os
 import torch
 
 from cmath_mer.errors import UsageError
+from cmath_mer.model.cmath import CMATH
 
 # per parameter while training: the fp32 weight, its gradient and AdamW's two moments
 TRAINING_BYTES_PER_PARAMETER = 16
@@ -49,7 +50,6 @@ def corpus_bytes(conversations: int, max_length: int, dims: dict[str, int]) -> i
 
 def model_parameters(config) -> int:
     """Parameters of CMATH(config), counted on the meta device (nothing is allocated)."""
-    from cmath_mer.model.cmath import CMATH
     with torch.device("meta"):
         return sum(p.numel() for p in CMATH(config).parameters())
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cmath_mer.files import atomic_write
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.model.config import MAX_SPEAKERS, MODALITIES, PRESETS
 
@@ -550,7 +551,6 @@ def write_peer_pickle(dataset: ConversationDataset, path: str | Path, layout: st
         fields[name] = vecs(feats["text"], float(j + 1))
     obj = tuple(fields[f] for f in lay.fields)
     path = Path(path)
-    from cmath_mer.files import atomic_write
 
     def write(tmp):
         with open(tmp, "wb") as f:

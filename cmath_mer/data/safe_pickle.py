@@ -5,6 +5,8 @@ hostile pickle is an UnsafePickleError naming the file and the global it asked f
 from __future__ import annotations
 
 import _compat_pickle
+import builtins
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -41,7 +43,6 @@ MAX_BUILT_SIZE = 1 << 28          # bytes(n), bytearray(n), range(...): a 10-byt
 
 def _bounded(source: str, name: str):
     """bytes / bytearray / range as a pickle calls them, refusing sizes no feature file needs."""
-    import builtins
     real = getattr(builtins, name)
 
     def call(*args):
@@ -83,7 +84,6 @@ class SafeUnpickler(pickle.Unpickler):
             return _bounded(self.source, attr)
         if mod in _NUMPY_RENAMES:
             try:
-                import importlib
                 return getattr(importlib.import_module(_NUMPY_RENAMES[mod]), attr)
             except (ImportError, AttributeError):
                 pass

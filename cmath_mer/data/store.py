@@ -32,11 +32,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from cmath_mer.data.memory import check_fits, corpus_bytes
 from cmath_mer.files import atomic_write, bytes_needed
-from cmath_mer.model.config import MAX_SPEAKERS
+from cmath_mer.model.config import MAX_SPEAKERS, PRESETS
 
 from ..errors import UsageError
 from .dataset import SPLITS, ConversationDataset, DataError
+from .peer_pickles import load_peer_pickle, write_peer_pickle
+from .synthetic import make_synthetic
 from .validate import validate_dataset
 
 FORMAT = "cmath-mer.dataset/1"
@@ -228,7 +231,6 @@ def load_dataset(path: str | Path, **options) -> ConversationDataset:
     p = Path(path)
     if not p.exists():
         if str(path) == "synthetic" or str(path).startswith("synthetic:"):
-            from .synthetic import make_synthetic
             name = str(path).partition(":")[2] or "iemocap"
             return make_synthetic(preset=name, **options)
         raise DataError(f"{path}: no such file")
@@ -241,7 +243,6 @@ def load_dataset(path: str | Path, **options) -> ConversationDataset:
     if kind == "safetensors":
         return load_safetensors(p, **options)
     if kind == "pickle":
-        from .peer_pickles import load_peer_pickle
         return load_peer_pickle(p, **options)
     raise DataError(f"{path}: unrecognised data file: neither safetensors nor a pickle (by content and suffix)")
 
@@ -270,8 +271,6 @@ def convert(in_path: str | Path, out_path: str | Path, **options) -> Conversatio
 
 def _check_synthetic_fits(options: dict) -> None:
     """Refuse (UsageError with the estimate) a synthetic corpus larger than the memory available."""
-    from cmath_mer.data.memory import check_fits, corpus_bytes
-    from cmath_mer.model.config import PRESETS
     name = options.get("preset", "iemocap")
     dims = options.get("input_dims") or (PRESETS[name]["input_dims"] if name in PRESETS else {})
     conversations, longest = options.get("conversations"), options.get("max_length")
@@ -294,7 +293,6 @@ def synth(out_path: str | Path, **options) -> ConversationDataset:
     ((0.7, 0.1, 0.2)), seed (0), world_seed (0), threads.
     Also feature_dtype for .safetensors output. Returns the dataset that was written.
     """
-    from .synthetic import make_synthetic
     layout = options.pop("layout", "12")
     speaker_style = options.pop("speaker_style", "auto")
     feature_dtype = options.pop("feature_dtype", "float32")
@@ -302,7 +300,6 @@ def synth(out_path: str | Path, **options) -> ConversationDataset:
     dataset = make_synthetic(**options)
     out = Path(out_path)
     if out.suffix.lower() in (".pkl", ".pickle"):
-        from .peer_pickles import write_peer_pickle
         write_peer_pickle(dataset, out, layout, speaker_style=speaker_style)
     else:
         save_dataset(dataset, out, feature_dtype=feature_dtype)

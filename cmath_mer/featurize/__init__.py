@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from cmath_mer.files import TMP_SUFFIX, remove_temporary
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.model.config import MODALITIES
 
@@ -232,7 +233,6 @@ def _finetuned(corpus: Corpus, base, out, options: FinetuneOptions, device, prog
 def remove_temporaries_of(out: Path) -> None:
     """What a killed earlier write of `out` left beside it (atomic_write's `.NAME.*.tmp`, named after `out`
     alone: nothing else of the folder is touched)."""
-    from cmath_mer.files import TMP_SUFFIX, remove_temporary
     if out.parent.is_dir():
         for p in out.parent.glob(f".{glob.escape(out.name)}.*{TMP_SUFFIX}"):
             remove_temporary(p)

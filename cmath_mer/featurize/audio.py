@@ -5,6 +5,7 @@ resampled to 16 kHz first, so files recorded at other rates give comparable feat
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,6 @@ class AudioEncoder:
 
     def encode_file(self, path: Path) -> np.ndarray:
         samples, rate = read_audio(path)
-        import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")              # "segment too short": the NaN check below says it
             values = self.smile.process_signal(samples, rate).to_numpy(dtype=np.float32).reshape(-1).copy()

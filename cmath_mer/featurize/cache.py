@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from cmath_mer.files import SAFETENSORS_TMP, TMP_SUFFIX, atomic_write, remove_temporary
+from cmath_mer.training.checkpoint import read_metadata
 
 from ..paths import path_component
 
@@ -71,7 +72,6 @@ class FeatureCache:
 def training_cache(run_folder: str | Path) -> Path | None:
     """The featurize cache beside the dataset a run trained on (`<data>.cache/`, as its run info records
     the data), None when the run was not trained on a file or the cache is not there."""
-    from cmath_mer.training.checkpoint import read_metadata
     run = read_metadata(Path(run_folder) / "best.safetensors")["state"].get("run") or {}
     for data in (run.get("data_path"), run.get("data")):
         if data:

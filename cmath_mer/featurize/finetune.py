@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from cmath_mer.training.metrics import classification_metrics
+from cmath_mer.training.precision import Precision
+
 from ..data import DataError
 from .tables import Corpus
 from .text import DEFAULT_MODEL, TextEncoder, base_model_folder, fingerprint, folder_encoder, load_sentence_transformer
@@ -163,7 +166,6 @@ def _batches(texts: list[str], batch_size: int, generator: random.Random) -> lis
 def valid_score(net, classifier: _Classifier, texts: list[str], labels: list[int],
                 class_names: tuple[str, ...], autocast) -> float:
     """Weighted F1 (percent) of the classifier on the validation rows."""
-    from cmath_mer.training.metrics import classification_metrics
     net.eval()
     preds = []
     for start in range(0, len(texts), EVAL_BATCH):
@@ -183,7 +185,6 @@ def _train(net, corpus: Corpus, train: list[int], valid: list[int], options: Fin
            progress: bool, log) -> dict:
     """Fine-tune `net` in place; it ends with the weights of the validation-chosen epoch. Returns the
     history and the choice."""
-    from cmath_mer.training.precision import Precision
     torch.manual_seed(options.seed)
     texts, labels = _rows(corpus, train)
     valid_texts, valid_labels = _rows(corpus, valid)

@@ -16,6 +16,8 @@ import torch
 
 from cmath_mer.options import BACKENDS
 
+from ..errors import UsageError
+
 # Found once at import, without importing triton: a plain constant, which torch.compile reads without
 # tracing a cache wrapper (an lru_cache here made dynamo warn on every compile).
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
@@ -45,7 +47,6 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
 def check_backend_usable(requested: str | None, device: torch.device) -> None:
     """Refuse at start (UsageError naming --backend or CMATH_BACKEND) a backend that cannot run on `device`,
     rather than at the first step."""
-    from ..errors import UsageError
     where = f"--backend {requested}" if requested is not None else \
         f"CMATH_BACKEND={os.environ.get('CMATH_BACKEND', 'auto')}"
     try:

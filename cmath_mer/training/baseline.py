@@ -11,6 +11,10 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError
 from cmath_mer.training.metrics import classification_metrics
@@ -29,11 +33,6 @@ def context_free_baseline(data: ConversationDataset, splits: dict[str, list[int]
                           modalities: tuple[str, ...] | None = None, c_grid=C_GRID) -> dict:
     """{'C', 'modalities', 'valid': metrics, 'test': metrics or None} of the validation-selected logistic
     regression. splits: train/valid/test conversation indices (train.make_splits)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     mods = tuple(modalities or data.modalities)
     x = torch.cat([data.features[m] for m in mods], dim=1).numpy()          # (T, sum d_m)
     y = data.labels.numpy()

@@ -17,6 +17,7 @@ import torch
 
 from cmath_mer.errors import CheckpointError
 from cmath_mer.model.config import config_to_dict
+from cmath_mer.training.evaluate import load_trained
 
 SEED_FOLDER = re.compile(r"seed-(\d+)")
 
@@ -53,7 +54,6 @@ class Ensemble(torch.nn.Module):
 
 def load_for_prediction(folder: str | Path, device: str = "cpu", log=None):
     """The model of a run folder (train.load_trained), or the Ensemble of a seeds folder's runs."""
-    from cmath_mer.training.evaluate import load_trained
     folder = Path(folder)
     seeds = seed_folders(folder)
     if not seeds:

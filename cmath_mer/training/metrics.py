@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import ConfusionMatrixDisplay, accuracy_score, confusion_matrix, f1_score
+
+from cmath_mer.files import atomic_write
 
 
 def classification_metrics(labels: np.ndarray, preds: np.ndarray, class_names: tuple[str, ...]) -> dict:
@@ -25,15 +27,12 @@ def save_confusion_matrix(labels: np.ndarray, preds: np.ndarray, class_names: tu
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
-
     keep = labels >= 0
     cm = confusion_matrix(labels[keep], preds[keep], labels=list(range(len(class_names))))
     fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.2 * len(class_names) + 1.5))
     ConfusionMatrixDisplay(cm, display_labels=list(class_names)).plot(ax=ax, colorbar=False, cmap="Blues")
     ax.set_title(title)
     fig.tight_layout()
-    from cmath_mer.files import atomic_write
     try:
         atomic_write(Path(path), lambda tmp: fig.savefig(tmp, dpi=120, format="png"))   # a kill leaves no torn file
     finally:
@@ -46,9 +45,6 @@ def save_training_curves(history: list[dict], path: Path, baseline: dict | None 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from cmath_mer.files import atomic_write
-
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from cmath_mer.files import atomic_write
 from cmath_mer.paths import path_component
+from cmath_mer.training import distributed, multi_run
+from cmath_mer.training.train import train
 
 # (name in summary.json, path into metrics.json)
 REPORTED = {
@@ -64,8 +66,6 @@ def train_seeds(data, config, tcfg, out_dir: str | Path, seeds: list[int], *, re
     """Train one run per seed into out_dir/seed-N, then write out_dir/summary.json. Returns the summary.
     out_dir is a multi-run folder (multi_run.py): new or empty, or these runs' to --resume (finished seeds
     kept, the interrupted one continued, the others started) or --overwrite."""
-    from cmath_mer.training import distributed, multi_run
-    from cmath_mer.training.train import train
     out = Path(out_dir)
     folders = {seed: seed_folder(out, seed) for seed in seeds}
     main = distributed.context().main                      # under torchrun rank 0 alone writes and logs

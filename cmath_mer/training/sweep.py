@@ -15,7 +15,10 @@ from cmath_mer.errors import ConfigError, UsageError
 from cmath_mer.files import atomic_write
 from cmath_mer.model.config import check_overrides
 from cmath_mer.paths import path_component
-from cmath_mer.training.config import TrainConfig
+from cmath_mer.training import multi_run
+from cmath_mer.training.config import TrainConfig, train_preset
+from cmath_mer.training.prepare import build_config
+from cmath_mer.training.seeds import seed_folder, train_seeds
 
 # TrainConfig fields a recipe may not set: the sweep sets them itself (--seeds) or the machine does (torchrun)
 SWEEP_SET = {"seed": "--seeds", "world_size": "the number of processes (torchrun)"}
@@ -70,8 +73,6 @@ def _check_recipe(where: str, name: str, spec) -> None:
 def recipe_configs(data, preset_name: str, modalities, grid: dict[str, dict], where: str = "--grid") -> dict:
     """{name: (CMATHConfig, TrainConfig)} for every recipe, built before any trains: a bad value in any
     recipe is refused (UsageError naming it) before anything is written."""
-    from cmath_mer.training.config import train_preset
-    from cmath_mer.training.prepare import build_config
     built = {}
     for name, spec in grid.items():
         try:
@@ -87,8 +88,6 @@ def run_sweep(data, preset_name: str, modalities, grid: dict[str, dict], seeds: 
               **train_options) -> dict[str, dict]:
     """Every recipe's seeds into OUT/<name>/ (a multi-run folder, multi_run.py: --resume keeps the finished
     recipes and seeds and continues the interrupted one), the table after each recipe."""
-    from cmath_mer.training import multi_run
-    from cmath_mer.training.seeds import seed_folder, train_seeds
     out = Path(out_dir)
     built = recipe_configs(data, preset_name, modalities, grid, where)
     for seed in seeds:

@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from cmath_mer.data import IGNORE_INDEX, ConversationDataset, DataError, check_compatible
@@ -375,7 +376,6 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
 
 
 def dist_backend() -> str:
-    import torch.distributed as dist
     return dist.get_backend() if dist.is_initialized() else "none"
 
 

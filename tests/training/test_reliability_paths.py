@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import cmath_mer.training.train as train_module
+import cmath_mer.training.seeds as seeds_module  # the runs of --seeds and sweep train through seeds.train
 from cmath_mer.cli import main
 from cmath_mer.errors import UsageError
 from cmath_mer.paths import path_component
@@ -146,7 +146,7 @@ class Interrupt(Exception):
 
 def interrupt_in(monkeypatch, where: str):
     """Stop the training of the run folder whose path ends in `where` after its first epoch (once)."""
-    real = train_module.train
+    real = seeds_module.train
     done = []
 
     def stopping(data, config, tcfg, out, **kw):
@@ -158,7 +158,7 @@ def interrupt_in(monkeypatch, where: str):
                     raise Interrupt
             kw["log"] = log
         return real(data, config, tcfg, out, **kw)
-    monkeypatch.setattr(train_module, "train", stopping)
+    monkeypatch.setattr(seeds_module, "train", stopping)
     return done
 
 
@@ -216,7 +216,7 @@ BAD_GRIDS = [
 def test_the_whole_grid_is_checked_before_anything_trains(tmp_path, capsys, corpus, monkeypatch, text, words):
     def never(*a, **k):
         raise AssertionError("trained before the grid was checked")
-    monkeypatch.setattr(train_module, "train", never)
+    monkeypatch.setattr(seeds_module, "train", never)
     path = tmp_path / "grid.json"
     path.write_text(text)
     refused(capsys, sweep_argv(corpus, path, tmp_path / "out"), 2, f"--grid {path}", words)
