@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cmath_mer.bench import baselines
 from cmath_mer.bench.calls import Unavailable, dtype_of, elem_size, fwdbwd, maybe_compile
 from cmath_mer.bench.cases import H_HEADS, case_lengths
+from cmath_mer.kernels import multi_source_attention
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 
 SDPA = ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn", "sdpa_math")
@@ -74,7 +76,6 @@ def _ours(case, dev, q, cu, g, dt, info, max_seqlen):
     (2 H D, D, 1); MultiSourceAttention in cma_transformer.py), which the Triton op reads in place, and the
     batch's max_seqlen (a host int, as Batch carries it). The gradient flows to the S projections, as in
     training. `triton_multipass`: the Triton op without max_seqlen (the multi-kernel backward)."""
-    from cmath_mer.kernels import multi_source_attention
     S, D, H, mode, backend = case["S"], case["D"], H_HEADS, case["mode"], case["backend"]
     T, grad = q.shape[0], mode != "fwd"
     kv = [torch.randn(T, 2 * H * D, generator=g).to(dt).to(dev).requires_grad_(grad) for _ in range(S)]
@@ -110,7 +111,6 @@ def _varlen(case, q, k, v, cu, do, lengths, info):
 def _padded_sdpa(case, dev, lengths, g, dt, info):
     """torch's scaled_dot_product_attention on conversations padded to the longest one, with a key
     padding mask when the batch is ragged; the padding happens here, before the clock starts."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
     S, D, H, mode, backend = case["S"], case["D"], H_HEADS, case["mode"], case["backend"]
     grad = mode != "fwd"
     kind = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from cmath_mer.kernels.cu_seqlens import positions
 
@@ -29,7 +30,6 @@ def _compiled(fn):
 
 def flex_attention_compiled():
     """torch.compile(flex_attention): without compile flex_attention materialises every score."""
-    from torch.nn.attention.flex_attention import flex_attention
     return _compiled(flex_attention)
 
 
@@ -37,7 +37,6 @@ def document_window_mask(cu_seqlens: torch.Tensor, S: int, *, window: int | None
     """The flex_attention BlockMask of the definition over T queries and S * T keys (source s's keys at
     s * T .. s * T + T - 1). compile: build it with torch.compile(create_block_mask), which never holds the
     T x S*T mask (the eager builder does: 1.6 GB at T = 8,192, S = 2)."""
-    from torch.nn.attention.flex_attention import create_block_mask
     T = int(cu_seqlens[-1])
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     doc = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths, output_size=T)

@@ -9,6 +9,11 @@ from cmath_mer.bench import long
 from cmath_mer.bench.attention import build_attention
 from cmath_mer.bench.calls import Unavailable, dtype_of, elem_size, fwdbwd, maybe_compile, model_batch, training_step
 from cmath_mer.bench.cases import LONG_OPS, REC_K, REC_M, VAR_C, VAR_Z, case_lengths
+from cmath_mer.kernels import reconstruction_loss, variational_fusion
+from cmath_mer.kernels.reconstruction.chunked import chunked_reconstruction_loss
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.config import preset
+from cmath_mer.training.step import compile_model
 
 
 def build_case(case: dict):
@@ -33,7 +38,6 @@ def build_case(case: dict):
 
 
 def _build_reconstruction(case, dev):
-    from cmath_mer.kernels import reconstruction_loss
     T, mode, backend, dt = case["N"], case["mode"], case["backend"], dtype_of(case["dtype"])
     grad = mode != "fwd"
     g = torch.Generator().manual_seed(0)
@@ -42,9 +46,9 @@ def _build_reconstruction(case, dev):
     b = torch.zeros(REC_M).to(dt).to(dev).requires_grad_(grad)
     x = torch.randn(T, REC_M, generator=g).to(dt).to(dev)
     if backend == "chunked":                         # row chunks on cuBLAS (kernels/reconstruction/chunked.py)
-        from cmath_mer.kernels.reconstruction.chunked import chunked_reconstruction_loss as fn
+        fn = chunked_reconstruction_loss
     elif backend == "triton":                        # the Triton kernels (auto runs the chunks on CUDA)
-        from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss as fn
+        from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss as fn  # needs Triton
     else:
         impl = "triton" if backend == "triton" else "torch"
         fn = maybe_compile(lambda h, w, b, x: reconstruction_loss(h, w, b, x, backend=impl), backend)
@@ -58,7 +62,6 @@ def _build_reconstruction(case, dev):
 
 
 def _build_variational(case, dev):
-    from cmath_mer.kernels import variational_fusion
     T, mode, backend, dt = case["N"], case["mode"], case["backend"], dtype_of(case["dtype"])
     grad = mode != "fwd"
     g = torch.Generator().manual_seed(0)
@@ -79,8 +82,6 @@ def _build_variational(case, dev):
 
 
 def _build_model(case, dev):
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
     backend = case["backend"]
     cfg = preset("iemocap", backend="triton" if backend == "triton" else "torch")
     torch.manual_seed(0)
@@ -105,9 +106,6 @@ def _build_engine_step(case, dev):
     """One optimizer step of train.py's engine on a fixed batch: `torch`/`triton` = the ops' backend,
     `*_compile` = compile_model, `triton_graphs` = `train --cuda-graphs` (the step replayed from a
     CUDA graph; its first call captures); dtype = the autocast precision (weights stay fp32)."""
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
-    from cmath_mer.training.step import compile_model
     backend = case["backend"]
     cfg = preset("iemocap", backend="triton" if backend.startswith("triton") else "torch")
     torch.manual_seed(0)

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 from cmath_mer.bench.calls import dtype_of, elem_size, fwdbwd, model_batch, training_step
 from cmath_mer.bench.cases import BEFORE_N, H_HEADS, LONG_OPS, TEXT_DIM, find_row
+from cmath_mer.kernels import multi_source_attention
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.config import preset
 
 
 def blocked_reference_before(q, k, v, cu_seqlens, *, window=None, scale=None, query_block=256):
@@ -73,7 +76,6 @@ def build(case: dict, dev: torch.device):
 
 
 def _build_attention(case, dev):
-    from cmath_mer.kernels import multi_source_attention
     S, D, H, N, w = case["S"], case["D"], H_HEADS, case["N"], case["window"]
     dt = dtype_of(case["dtype"])
     g = torch.Generator().manual_seed(0)
@@ -98,8 +100,6 @@ def _build_attention(case, dev):
 
 
 def _build_train(case, dev):
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
     impl = "triton" if case["backend"] == "triton" else "torch"
     if case["op"] == "train_window_text":
         # text alone is what a transcript gives: the 384-d all-MiniLM-L6-v2 features `cmath-mer featurize`

@@ -9,6 +9,7 @@ import time
 import torch
 
 from cmath_mer.data.memory import available_bytes as host_available_bytes
+from cmath_mer.kernels.utils import tf32_allowed
 
 
 def cpu_threads() -> int:
@@ -105,8 +106,6 @@ def measure_ceilings(device: str, quick: bool) -> dict:
 
 def _cuda_ceilings() -> dict:
     import triton.testing
-
-    from cmath_mer.kernels.utils import tf32_allowed
     out = {}
     n = 8192
     for name, dt, tf32 in (("bf16", torch.bfloat16, False), ("fp32_tf32", torch.float32, True),

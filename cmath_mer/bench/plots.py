@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cmath_mer.bench.cases import LONG_OPS, WINDOW
+
 
 def _figure(width: float, height: float):
     """A figure with a time axis and a memory axis side by side (matplotlib without a display)."""
@@ -71,7 +73,6 @@ def plot_results(results: dict, out: Path) -> list[Path]:
 def plot_long(results: dict, out: Path) -> list[Path]:
     """long_conversations.png: time and peak memory against N for every long series, with a line of
     slope 1 (linear) through each series' first point and the ratio per doubling written at each point."""
-    from cmath_mer.bench.cases import LONG_OPS, WINDOW
     series: dict = {}
     for r in results["rows"]:
         if r.get("op") in LONG_OPS and r.get("status") == "ok":

@@ -29,6 +29,7 @@ from . import reference_ops
 from .attention.naive import naive_multi_source_attention
 from .attention.reference import as_sources, reference_multi_source_attention
 from .backend import reconstruction_impl, resolve_backend
+from .reconstruction.chunked import chunked_reconstruction_loss
 from .reconstruction.naive import naive_reconstruction_loss
 from .utils import seed_tensor
 from .variational.naive import naive_variational_fusion
@@ -67,7 +68,6 @@ def reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     """h: (T, K); weight: (M, K); bias: (M,); target: (T, M) -> sum((h W^T + b - target)^2) / (T M)."""
     if resolve_backend(backend, h.device) == "triton":
         if reconstruction_impl(h.device) == "chunked":
-            from .reconstruction.chunked import chunked_reconstruction_loss
             return chunked_reconstruction_loss(h, weight, bias, target)
         from .reconstruction.fused import fused_reconstruction_loss
         return fused_reconstruction_loss(h, weight, bias, target)

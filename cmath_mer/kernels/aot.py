@@ -24,6 +24,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import io  # noqa: E402
+import multiprocessing as mp  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
@@ -182,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         if args.jobs > 1:
             # fork: the workers inherit the collected specs (JIT functions do not pickle); pass indices
-            import multiprocessing as mp
             pool = stack.enter_context(ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("fork")))
             rows = pool.map(compile_one, *zip(*jobs))
         else:
