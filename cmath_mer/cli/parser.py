@@ -35,6 +35,15 @@ def _add_table_options(p, text_help: str) -> None:
     p.add_argument("--text-encoder", help=text_help)
 
 
+def _add_folder_options(p, out: str, resume: str, overwrite: str) -> None:
+    """The options of a command that writes a folder of runs (train, sweep): where, continue or replace it."""
+    p.add_argument("--out", required=True, help=out)
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--overwrite", action="store_true", help=overwrite)
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--class-names", help=CLASS_NAMES_HELP)
+
+
 def _train_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train CMATH and write a checkpoint folder")
     p.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic' "
@@ -72,12 +81,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--dist-backend", default="auto", choices=["auto", "nccl", "gloo"],
                    help="under torchrun: the process group's backend (auto: NCCL on CUDA, Gloo on the CPU)")
     p.add_argument("--set", help='JSON of config overrides, e.g. \'{"window": 32, "g_kd": 0.2}\'')
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --out with its own config (--epochs may extend it)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are removed)")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    _add_folder_options(p, out="output folder",
+                        resume="continue the interrupted run in --out with its own config (--epochs may extend it)",
+                        overwrite="replace the run that --out holds (its files are removed)")
     return p
 
 
@@ -101,12 +107,9 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all)")
     p.add_argument("--grid", required=True, help='JSON file {name: {"model": {...}, "train": {...}}}')
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds of every recipe (default %(default)s)")
-    p.add_argument("--out", required=True, help="output folder: OUT/<recipe>/seed-N, sweep.md, sweep.json")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the interrupted sweep in --out (finished recipes and seeds kept)")
-    p.add_argument("--overwrite", action="store_true", help="replace the sweep that --out holds")
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--class-names", help=CLASS_NAMES_HELP)
+    _add_folder_options(p, out="output folder: OUT/<recipe>/seed-N, sweep.md, sweep.json",
+                        resume="continue the interrupted sweep in --out (finished recipes and seeds kept)",
+                        overwrite="replace the sweep that --out holds")
     return p
 
 
