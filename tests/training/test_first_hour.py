@@ -182,6 +182,41 @@ def test_wrong_paths_columns_and_option_values_are_refused_before_torch_is_impor
         assert (rc, imported) == (code, False) and needle in err and len(err.splitlines()) == 1, (argv, rc, err)
 
 
+def test_every_command_refuses_a_bad_option_value_before_its_files_and_torch(tmp_path):
+    """A bad value of a list or range option is a usage error (exit 2) said before torch is imported, even
+    where the file the command reads is missing too (the missing file would be exit 1)."""
+    missing = f"gone-{random.randint(0, 10**6)}"
+    seed = random.randint(0, 10**6)
+    cases = [(["baseline", "--data", f"{missing}.pkl", "--modalities", "text,smell"], "unknown name 'smell'"),
+             (["sweep", "--data", f"{missing}.pkl", "--grid", f"{missing}.json", "--out", "o", "--seeds",
+               f"{seed},{seed}"], "a seed is repeated"),
+             (["sweep", "--data", f"{missing}.pkl", "--grid", f"{missing}.json", "--out", "o", "--resume",
+               "--overwrite"], "contradict"),
+             (["evaluate", "--checkpoint", missing, "--data", f"{missing}.pkl", "--class-names", "a,,b"],
+              "--class-names 'a,,b'"),
+             (["predict", "--checkpoint", missing, "--data", "", "--out", "p.csv"], "--data: empty path"),
+             (["convert", f"{missing}.pkl", "o.safetensors", "--class-names", "a,a"], "'a' is named twice"),
+             (["train", "--data", f"{missing}.pkl", "--seeds", f"{seed},x", "--out", "r"], "comma-separated integers"),
+             (["train", "--data", f"{missing}.pkl", "--seeds", str(seed), "--seed", str(seed), "--out", "r"],
+              "--seed and --seeds contradict"),
+             (["synth", "o.safetensors", "--min-length", str(seed + 2), "--max-length", str(seed + 1)],
+              "1 <= min <= max")]
+    for argv, needle in cases:
+        rc, err, imported = _torch_free_run(tmp_path, argv)
+        assert (rc, imported) == (2, False) and needle in err and len(err.splitlines()) == 1, (argv, rc, err)
+    assert not any(tmp_path.iterdir())                                   # nothing was written
+
+
+def test_python_m_cmath_mer_cli_runs_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    done = subprocess.run([sys.executable, "-m", "cmath_mer.cli", "train", "--epochs", "0", "--out", "r"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip() == "cmath-mer: error: --epochs 0: must be at least 1"
+
+
 # ----------------------------------------------------------------------- predict/evaluate on a --seeds folder
 
 def _mean_of_seeds(out, data_path, seeds):
