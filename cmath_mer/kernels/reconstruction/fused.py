@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pinned
+from .. import pinned, reconstruction_loss
 from ..fallbacks import note_fallback, reference_reason
 from ..utils import check_same_device, divisible_by_16, dot_precision, input_guard, jit_function, patch_old_interpreter
 from .grads_in_forward import register_grads_in_forward
@@ -304,7 +304,6 @@ def fused_reconstruction_loss(h: torch.Tensor, weight: torch.Tensor, bias: torch
                               k_dim=h.shape[1])
     if reason is not None:
         note_fallback("reconstruction_loss", reason)
-        from .. import reconstruction_loss
         return reconstruction_loss(h, weight, bias, target, backend="torch")
     grad = torch.is_grad_enabled()
     want_dh = grad and h.requires_grad

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import pinned
+from .. import pinned, variational_fusion
 from ..utils import (
     check_same_device,
     divisible_by_16,
@@ -394,7 +394,6 @@ def fused_variational_fusion(mu: torch.Tensor, logvar: torch.Tensor, *, seed: in
         raise TypeError(f"mu and logvar must share one dtype (got {mu.dtype} and {logvar.dtype}); mixed dtypes "
                         "are accepted in an autocast region")
     if mu.is_cuda and mu.dtype == torch.float64:  # outside the compiled specs
-        from .. import variational_fusion
         return variational_fusion(mu, logvar, seed=seed, sample=sample, detach_teacher=detach_teacher,
                                   backend="torch", eps_offset=eps_offset)
     z, mu_f, lv_f, klp, klc = variational_fusion_op(mu, logvar, seed_tensor(seed, mu.device), bool(sample),
