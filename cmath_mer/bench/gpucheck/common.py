@@ -10,6 +10,12 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
+
+from cmath_mer.training.meter import StepMeter
+from cmath_mer.training.precision import Precision
+from cmath_mer.training.step import make_optimizer, make_stepper
+
 # ------------------------------------------------------------------------------------------------ helpers
 
 def rel_err(out, ref) -> float:
@@ -22,7 +28,6 @@ def rel_err(out, ref) -> float:
 
 def digest(tensors) -> str:
     """SHA-256 of the tensors' bytes (bitwise identity, whatever the dtype)."""
-    import torch
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
@@ -79,8 +84,5 @@ def training_stepper(model, device, precision: str, graphed: bool = False, graph
     """train's step for `model` on `device` (training/step.py's make_stepper): AdamW (lr 1e-3, weight decay
     0.01), autocast in `precision`, clip 1.0, a fresh meter; eager or replayed from CUDA graphs (graphs: the
     CUDA graph API or a stand-in)."""
-    from cmath_mer.training.meter import StepMeter
-    from cmath_mer.training.precision import Precision
-    from cmath_mer.training.step import make_optimizer, make_stepper
     return make_stepper(model, make_optimizer(model, 1e-3, 0.01), Precision(precision, device), 1.0,
                         StepMeter(device), cuda_graphs=graphed, graphs=graphs)

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from cmath_mer.bench.gpucheck import graphs, parity, runs, targets
 from cmath_mer.bench.gpucheck.common import as_text, write_json
 
@@ -150,7 +152,6 @@ def main(argv=None) -> int:
             print("RESULT " + json.dumps(res, default=str))
         return 0
     if args.out is None:
-        import torch
         card = (torch.cuda.get_device_name(0).split()[1].lower() if args.device == "cuda" else "cpu")
         args.out = f"benchmarks/results/{_dt.date.today().isoformat()}-{card}"
     out = Path(args.out)

@@ -2,26 +2,28 @@
 Stepper, with step times and the demo trained both ways."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import time
 import traceback
 from pathlib import Path
 
+import torch
+
+from cmath_mer.bench.calls import model_batch
 from cmath_mer.bench.gpucheck.common import guarded, rel_err, run_child, training_stepper
+from cmath_mer.kernels import multi_source_attention
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.config import preset
+from cmath_mer.training.graphs import CudaGraphs, make_capturable
 
 # ------------------------------------------------------------------------------------------- CUDA graph
 
 def stage_cuda_graph(args) -> dict:
     """The PyTorch whole-network capture recipe: warm up on a side stream, capture forward + backward +
     clip + AdamW(capturable) on static inputs, replay; compare with the same steps run eagerly."""
-    import copy
-
-    import torch
-
-    from cmath_mer.bench import model_batch
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
     if args.device != "cuda":
         return dict(ok=True, skipped="CUDA graphs need a CUDA device")
     dev = torch.device("cuda")
@@ -86,7 +88,6 @@ def stage_cuda_graph(args) -> dict:
 
 def _warm_up(*steps) -> None:
     """The capture recipe's warm-up, on a side stream: autotune, the allocator, AdamW's state."""
-    import torch
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -107,13 +108,6 @@ def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
     sides, so dropout draws the same masks in both (a replay after torch.manual_seed(s) draws what an eager step
     from s draws): their parameters after the last step, and how many steps were captured and replayed.
     graphs: graphed_step's CUDA graph API, or a stand-in (tests)."""
-    import copy
-
-    import torch
-
-    from cmath_mer.bench import model_batch
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.training.graphs import make_capturable
     torch.manual_seed(0)
     a = CMATH(cfg).to(dev).train()
     b = copy.deepcopy(a)
@@ -137,7 +131,6 @@ def steppers_agree(cfg, shapes: list[list[int]], dev, graphs=None) -> dict:
 
 def _graph_equality(dev) -> dict:
     """Dropout off, two batch shapes alternating: the replays read each step's batch, seed and learning rate."""
-    from cmath_mer.model.config import preset
     cfg = preset("iemocap", backend="triton", dropout=0.0, input_dropout=0.0)
     res = steppers_agree(cfg, [[37, 100, 5], [300]] * 4, dev)
     res["ok"] = bool(res["param_rel_err"] < 1e-5 and res["captured"] == 2 and res["replayed"] == 6)
@@ -152,7 +145,6 @@ def _graph_equality_recompute(dev) -> dict:
     Other masks move the parameters by ~1e-2 (relative, after two replays; ~1e-2 also on the CPU stand-in,
     tests/bench/test_gpucheck.py), while the two steppers' loss normalisations may differ in the last bits (the eager
     one divides by the step's totals): ~3e-5 at some sizes on the CPU. Hence 1e-3, and `bitwise` beside it."""
-    from cmath_mer.model.config import preset
     cfg = preset("iemocap", backend="triton")
     res = steppers_agree(cfg, [[cfg.recompute_from + 52]] * 3, dev)
     res["ok"] = bool(res["param_rel_err"] < MASKS_DIFFER and res["captured"] == 1 and res["replayed"] == 2)
@@ -168,11 +160,6 @@ def permuted_lengths_replay(dev, graphs=None) -> dict:
     (`.data`: no version bump, as a static input between replays) and new q, k, v, do, and replay. o, dq, dk,
     dv must match an eager call on fresh tensors: a graph that baked in the warm-up's block layout computes
     the wrong blocks and leaves rows unwritten. graphs: graphed_step.CudaGraphs, or a stand-in (tests)."""
-    import torch
-
-    from cmath_mer.kernels import multi_source_attention
-    from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
-    from cmath_mer.training.graphs import CudaGraphs
     dev = torch.device(dev)
     graphs = graphs if graphs is not None else CudaGraphs(dev)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32       # fp32: the interpreter (tests)
@@ -210,11 +197,6 @@ def permuted_lengths_replay(dev, graphs=None) -> dict:
 
 
 def _graph_timing(dev) -> dict:
-    import torch
-
-    from cmath_mer.bench import model_batch
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
     out = {}
     for name, lengths in (("mix16x100", [80 + (i * 37) % 60 for i in range(16)]), ("one4096", [4096])):
         cfg = preset("iemocap", backend="triton")
@@ -243,7 +225,6 @@ def stage_graph_train(args) -> dict:
     if args.device != "cuda":
         return dict(ok=True, skipped="CUDA graphs need a CUDA device (tests/training/test_graphed_step.py covers "
                                      "the rest)")
-    import torch
     dev = torch.device("cuda")
     res: dict = {}
     for name, check in (("equality", _graph_equality), ("equality_recompute", _graph_equality_recompute),

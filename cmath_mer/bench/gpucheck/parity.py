@@ -9,7 +9,16 @@ import sys
 import time
 import traceback
 
+import torch
+
+from cmath_mer import kernels
+from cmath_mer.bench.calls import model_batch
 from cmath_mer.bench.gpucheck.common import digest, guarded, rel_err, run_child, seconds_left, training_stepper
+from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
+from cmath_mer.kernels.reconstruction.chunked import chunked_reconstruction_loss
+from cmath_mer.kernels.variational.naive import naive_variational_fusion
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.model.config import preset
 
 # ------------------------------------------------------------------------------------------------ parity
 
@@ -71,10 +80,6 @@ def _leaf(x, device, dtype):
 def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False):
     """The op on `device` in the case's precision against float64 of the same (rounded) inputs on the CPU.
     fused_only: return the op's outputs and gradients instead (the determinism stage hashes them)."""
-    import torch
-
-    from cmath_mer.kernels import multi_source_attention, reconstruction_loss, variational_fusion
-    from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
     dtype_name, tf32, tol = MODES[case["mode"]]
     if case["op"] == "reconstruction_exact":
         tol = 2e-3      # gradients are ~1e-3 residuals of O(1) products: fp32 gives ~2e-4, TF32 would give ~0.5
@@ -91,7 +96,7 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
         cot = [r(T, H, D)]
 
         def fn(x, backend, dev):
-            return [multi_source_attention(*x, cu_seqlens_from(L, device=dev), window=case["window"],
+            return [kernels.multi_source_attention(*x, cu_seqlens_from(L, device=dev), window=case["window"],
                                            max_seqlen=max(L) if case.get("max_seqlen") else None, backend=backend)]
     elif op in ("reconstruction", "reconstruction_exact", "reconstruction_chunked"):
         T, M, K = case["T"], case["M"], case["K"]
@@ -103,19 +108,18 @@ def run_parity_case(case: dict, device: str, seed: int, fused_only: bool = False
 
         def fn(x, backend, dev):
             if op == "reconstruction_chunked" and backend == "triton":   # the cuBLAS row-chunk design
-                from cmath_mer.kernels.reconstruction.chunked import chunked_reconstruction_loss
                 return [chunked_reconstruction_loss(*x)]
             if backend == "triton":                 # the Triton kernels themselves (auto runs the chunks on CUDA)
                 from cmath_mer.kernels.reconstruction.fused import fused_reconstruction_loss
                 return [fused_reconstruction_loss(*x)]
-            return [reconstruction_loss(*x, backend=backend)]
+            return [kernels.reconstruction_loss(*x, backend=backend)]
     else:
         C, T, Z = case["C"], case["T"], case["Z"]
         host = [r(C, T, Z), r(C, T, Z)]
         cot = [r(T, Z), r(T, Z), r(T, Z), r(()), r(())]
 
         def fn(x, backend, dev):
-            return list(variational_fusion(*x, seed=1234 + seed, sample=case["sample"],
+            return list(kernels.variational_fusion(*x, seed=1234 + seed, sample=case["sample"],
                                            detach_teacher=case["detach"], backend=backend,
                                            eps_offset=case.get("eps_offset", 0)))
     rounded = [x.to(dtype).double() for x in host]           # the reference sees the inputs the op sees
@@ -201,10 +205,7 @@ def stage_autotune_cold(args) -> dict:
 
 
 def _configs_in_sequence(device: str) -> dict:
-    import torch
-
-    from cmath_mer.kernels.variational import fused as vf
-    from cmath_mer.kernels.variational.naive import naive_variational_fusion
+    from cmath_mer.kernels.variational import fused as vf  # a Triton module
     launch = vf._fwd_launch
     configs = list(getattr(launch, "configs", [None]))
     g = torch.Generator().manual_seed(11)
@@ -232,11 +233,6 @@ def _configs_in_sequence(device: str) -> dict:
 
 def _determinism_digest(device: str) -> dict:
     """Outputs and gradients of the three ops and of a model training step, as SHA-256 of their bytes."""
-    import torch
-
-    from cmath_mer.bench import model_batch
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
     out = {}
     for case in [dict(op="attention", mode="bf16", lengths=[300, 17, 1000, 64], S=2, H=8, D=32, window=None),
                  dict(op="attention", mode="fp16", lengths=[129, 1], S=3, H=2, D=64, window=4),

@@ -5,12 +5,20 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from cmath_mer import bench as B
+from cmath_mer.bench.cases import make_case
 from cmath_mer.bench.gpucheck.common import guarded, run_child, training_stepper, write_json
+from cmath_mer.model import config as model_config
+from cmath_mer.model.cmath import CMATH
 
 # ---------------------------------------------------------------------------------------------- profile
 
@@ -26,19 +34,13 @@ def stage_profile(args) -> dict:
 
 
 def _profile_shape(args, name: str, lengths: list[int]) -> dict:
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from cmath_mer.bench import model_batch
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.model.config import preset
     cuda = args.device == "cuda"
-    cfg = preset("iemocap", backend="triton")
+    cfg = model_config.preset("iemocap", backend="triton")
     torch.manual_seed(0)
     model = CMATH(cfg).to(args.device).train()
     prec = "bf16" if cuda else "fp32"
     step = training_stepper(model, args.device, prec)
-    batch = model_batch(cfg, lengths, args.device)
+    batch = B.model_batch(cfg, lengths, args.device)
     for s in range(3):
         step([batch], 0, s)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -104,7 +106,6 @@ def stage_train_demo(args) -> dict:
 # ------------------------------------------------------------------------------------------------- bench
 
 def bench_cases(device: str) -> list[dict]:
-    from cmath_mer.bench import make_case
     c = []
     if device == "cuda":
         for N in (2048, 8192, 65536):
@@ -143,7 +144,6 @@ def bench_cases(device: str) -> list[dict]:
 
 def stage_bench(args) -> dict:
     """The cases run in this process, one after another (no per-case process start: GPU time is short)."""
-    from cmath_mer import bench as B
     out = Path(args.out) / "bench"
     out.mkdir(parents=True, exist_ok=True)
     results = dict(timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -179,9 +179,6 @@ def stage_bench(args) -> dict:
 # --------------------------------------------------------------------------------------------------- env
 
 def stage_env(args) -> dict:
-    import platform
-
-    import torch
     info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                 cuda_available=torch.cuda.is_available(), interpret=os.environ.get("TRITON_INTERPRET"))
     try:

@@ -19,7 +19,15 @@ import json
 import time
 from pathlib import Path
 
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from cmath_mer import bench as B
 from cmath_mer.bench.gpucheck.common import guarded, seconds_left, training_stepper, write_json
+from cmath_mer.data.synthetic import make_synthetic
+from cmath_mer.model.cmath import CMATH
+from cmath_mer.training.feed import Prefetcher
+from cmath_mer.training.prepare import build_config
 
 CPU_VERDICT = "cpu: not a target"
 NOT_MEASURED = "not measured"
@@ -110,9 +118,6 @@ def time_step_row(backend: str, dtype: str, device: str, N: int) -> dict:
     """The benchmark's engine_step case (benchmark/build.py), built and measured here rather than through
     run_case, so that this stage holds its own time limit and reports the build (where a compiled row
     compiles, on the case's own batch) and the first call apart."""
-    import torch
-
-    from cmath_mer import bench as B
     case = B.make_case("engine_step", backend, N, mode="train", batch="one", D=32, dtype=dtype, device=device)
     row = dict(backend=backend, dtype=dtype, utterances=N)
     if backend.endswith("_compile"):
@@ -180,13 +185,6 @@ def gpu_busy(device: str, variant: str, out: Path, warmup: int | None = None, pr
     (`cuda_graphs`, --cuda-graphs), bf16 and Triton ops on CUDA. Warm-up steps, then steps timed without the
     profiler, then `profiled` steps under torch.profiler, each in a record_function range that includes
     fetching its batch. Every step is a new batch: the same lengths, other conversations, another order."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
-
-    from cmath_mer.data.synthetic import make_synthetic
-    from cmath_mer.model.cmath import CMATH
-    from cmath_mer.training.feed import Prefetcher
-    from cmath_mer.training.prepare import build_config
     cuda = device == "cuda"
     warmup, profiled = warmup or (5 if cuda else 2), profiled or (10 if cuda else 3)
     timed = profiled
