@@ -82,7 +82,7 @@ def _new(args, out: Path, seeds: list[int] | None):
         else:
             check_folder(out, "seeds", resume=False, overwrite=args.overwrite)
     distributed.on_main(check_folders)
-    seed = 0 if args.seed is None else args.seed
+    seed = 0 if args.seed is None else args.seed          # a synthetic corpus is built with it (under --seeds too)
     given_overrides = overrides(args.set)
     if args.backend is not None:
         given_overrides["backend"] = args.backend
@@ -97,7 +97,6 @@ def _new(args, out: Path, seeds: list[int] | None):
              "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
     tcfg = train_preset(preset_name, seed=seed, device=_device_option(args),
                         **{k: v for k, v in given.items() if v is not None})
-    # a synthetic corpus is built with --seed (under --seeds: for every run)
     return config, tcfg, preset_name, seed, data, preset_why
 
 
