@@ -175,7 +175,7 @@ def _resume_settings(args, folder: Path):
     from cmath_mer.training.run_folder import resume_settings
     given = {key: getattr(args, key) for key in ("lr", "patience", "seed", "preset", "precision", "accumulate",
                                                  "backend", "epochs", "device", "compile", "deterministic",
-                                                 "data_on_device", "cuda_graphs")}
+                                                 "data_on_device", "cuda_graphs", "keep_last")}
     given["modalities"] = None if args.modalities is None else _names_option("--modalities", args.modalities)
     return resume_settings(folder, given, _overrides(args.set), args.out)
 
@@ -251,7 +251,7 @@ def _cmd_train(args, distributed) -> int:
         config = build_config(data, preset_name, modalities, **overrides)
         given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
                  "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
-                 "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
+                 "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs, "keep_last": args.keep_last}
         tcfg = train_preset(preset_name, seed=seed, device=args.device if args.device is not None else "auto",
                             **{k: v for k, v in given.items() if v is not None})
     run_info = {"preset": preset_name, "data": args.data, "data_seed": data_seed,    # evaluate rebuilds synthetic
@@ -292,8 +292,8 @@ def _cmd_train(args, distributed) -> int:
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
-    written = ["config.json", "train_config.json", "best.safetensors", "last.safetensors", "metrics.json"]
-    written += [f for f in ("confusion_matrix.png", "training_curves.png") if (out / f).exists()]
+    written = [f for f in ("config.json", "train_config.json", "best.safetensors", "last.safetensors", "metrics.json",
+                           "confusion_matrix.png", "training_curves.png") if (out / f).exists()]
     print(f"wrote {out}/{', '.join(written)}")
     return 0
 
@@ -608,6 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out with its own config (--epochs may extend it)")
     t.add_argument("--overwrite", action="store_true", help="replace the run that --out holds (its files are removed)")
+    t.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep last.safetensors (weights and optimizer state) when the run finishes, so that "
+                        "--resume --epochs N can extend it; default: removed (best.safetensors holds the weights "
+                        "evaluate and predict use)")
     t.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     t.add_argument("--class-names", help=CLASS_NAMES_HELP)
     t.set_defaults(func=cmd_train)
