@@ -91,14 +91,16 @@ class SharedFeatures:
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def view(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    def view(self, modality: str, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """The first `rows` (default: x's) rows of the buffer for tensors like x."""
+        rows = x.shape[0] if rows is None else rows
         buf = self.buffers.get(modality)
         same_kind = (buf is not None and buf.shape[1:] == x.shape[1:] and buf.dtype == x.dtype
                      and buf.device == x.device)
-        if not same_kind or buf.shape[0] < x.shape[0]:
-            rows = max(x.shape[0], int(buf.shape[0] * self.GROWTH)) if same_kind else x.shape[0]
-            buf = self.buffers[modality] = x.new_empty((rows, *x.shape[1:]))
-        return buf[:x.shape[0]]
+        if not same_kind or buf.shape[0] < rows:
+            size = max(rows, int(buf.shape[0] * self.GROWTH)) if same_kind else rows
+            buf = self.buffers[modality] = x.new_empty((size, *x.shape[1:]))
+        return buf[:rows]
 
 
 def static_copy(batch, shared: SharedFeatures, pad: bool = False):
@@ -111,7 +113,7 @@ def static_copy(batch, shared: SharedFeatures, pad: bool = False):
         return Batch(features, batch.speakers.clone(), batch.labels.clone(), batch.cu_seqlens.clone(),
                      list(batch.conversation_ids), length_bound(batch.max_seqlen))
     rows, conversations = padded_size(batch)
-    features = {m: shared.view(m, x.new_empty((rows, *x.shape[1:]))) for m, x in batch.features.items()}
+    features = {m: shared.view(m, x, rows) for m, x in batch.features.items()}
     cu = batch.cu_seqlens
     # the offsets of a valid layout, for the host check of Batch; fill writes this batch's own
     cu_layout = torch.arange(conversations + 1, dtype=cu.dtype).clamp_max(1) * rows
