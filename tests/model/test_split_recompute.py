@@ -67,8 +67,8 @@ def _case(backend, d, layers, lengths, seed):
 
 def test_split_branches_give_the_selective_checkpoints_gradients_and_keep_as_little():
     """Fresh random inputs, lengths and dropout: bitwise the loss and gradients of the selective policy (and of
-    no recomputation) on the CPU in fp32, and about the bytes it keeps, under a third of what no recomputation
-    keeps."""
+    no recomputation) on the CPU in fp32, and about the bytes it keeps for the backward, under a third of what
+    no recomputation keeps."""
     seed = int(torch.randint(0, 2**31 - 1, ()))
     gen = torch.Generator().manual_seed(seed)
     lengths = [int(n) for n in torch.randint(20, 60, (8,), generator=gen)]
@@ -79,7 +79,9 @@ def test_split_branches_give_the_selective_checkpoints_gradients_and_keep_as_lit
         for g, want in zip(grads, got[False][1]):
             assert torch.equal(g, want), mode
     plain, selective, split = (got[m][2] for m in MODES)
-    assert split <= 1.15 * selective and split < plain / 3, (plain, selective, split)
+    # the split branches keep each attention output whole, (T, d); the selective policy keeps the reference's
+    # per-run SDPA outputs, up to ~1/4 less here (measured 1.09-1.24x). Keeping q, k and v: ~3x
+    assert split <= 1.35 * selective and split < plain / 3, (plain, selective, split)
 
 
 @needs_triton
@@ -94,5 +96,24 @@ def test_split_branches_on_the_triton_attention():
     for g, want in zip(got["split"][1], got["selective"][1]):
         torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-6)
     plain, selective, split = (got[m][2] for m in MODES)
-    # at 28 rows the per-call buffers (log-sum-exp, offsets) weigh more: half, not a third
-    assert split <= 1.15 * selective and split < plain / 2, (plain, selective, split)
+    # the same tensors as the selective policy (measured equal to 0.01%; keeping q, k and v: 1.3x); at 28 rows the
+    # per-call buffers (log-sum-exp, offsets) weigh more against no recomputation
+    assert split <= 1.1 * selective and split < plain / 1.5, (plain, selective, split)
+
+
+def test_a_long_eager_batch_recomputes_without_a_dispatch_mode(monkeypatch):
+    """CMATransformer on a batch of at least recompute_from utterances, eager: the split branches, with no
+    selective checkpoint context (its TorchDispatchMode, which sees every op of a branch twice, was the
+    largest host cost of a long step); a window keeps the policy inside its whole-transformer checkpoint."""
+    import cmath_mer.model.cma_transformer as cma
+    made = []
+    real = cma.create_selective_checkpoint_contexts
+    monkeypatch.setattr(cma, "create_selective_checkpoint_contexts", lambda policy: made.append(1) or real(policy))
+    lengths = [int(n) for n in torch.randint(5, 20, (4,))]
+    cu, T = cu_seqlens_from(lengths), sum(lengths)
+    for window, contexts in ((None, 0), (3, 6)):                 # 2 blocks x 3 branches
+        made.clear()
+        model = CMATransformer(32, 2, 2, 2, 2, 0.1, window, "torch", recompute_from=T).train()
+        h = torch.randn(T, 32, requires_grad=True)
+        model(h, [torch.randn(T, 32), torch.randn(T, 32)], cu).sum().backward()
+        assert h.grad is not None and len(made) >= contexts and (contexts or not made), (window, len(made))
