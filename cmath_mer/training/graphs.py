@@ -54,17 +54,24 @@ def round_up(n: int, bits: int) -> int:
 
 
 def padded_size(batch) -> tuple[int, int]:
-    """(rows, conversations) of the padded batch a graph replays `batch` in. At least one padding row: the
-    zero-length conversations start and end at a real row index (cu_seqlens.neighbour_masks indexes them)."""
+    """(rows, conversations) of the padded batch a graph replays `batch` in: as many as the batch's when both
+    are already class sizes. Padding conversations come with at least one padding row: the zero-length ones
+    start and end at a row index inside the batch (cu_seqlens.neighbour_masks indexes them)."""
     T, B = batch.num_utterances, batch.cu_seqlens.numel() - 1
-    rows = round_up(T + 1, ROW_BITS)
-    per_conversation = length_bound(batch.max_seqlen) or rows - T
-    return rows, 1 << (B + -(-(rows - T) // per_conversation) - 1).bit_length()
+    bound = length_bound(batch.max_seqlen)
+
+    def conversations(rows: int) -> int:
+        return 1 << (B + -(-(rows - T) // (bound or max(rows - T, 1))) - 1).bit_length()
+    rows = round_up(T, ROW_BITS)
+    if rows == T and conversations(rows) > B:
+        rows = round_up(T + 1, ROW_BITS)
+    return rows, conversations(rows)
 
 
 def padding_offsets(T: int, rows: int, pads: int, bound: int | None) -> list[int]:
     """The ends of `pads` padding conversations after T real rows, the last at `rows`: the leading ones empty,
-    the others at most `bound` rows each (bound None: one conversation takes all the padding rows)."""
+    the others at most `bound` rows each (bound None: one conversation takes all the padding rows). No padding
+    conversation without a padding row (padded_size)."""
     step = bound or rows - T
     return [max(T, rows - (pads - 1 - j) * step) for j in range(pads)]
 

@@ -56,6 +56,14 @@ def _trained_looking(model, gen):
     return model
 
 
+def _batch_to_pad(cfg, gen, seed, **kw):
+    """A random batch that its class pads (one already of a class size is replayed as it is)."""
+    while True:
+        batch = model_batch(cfg, _lengths(gen, **kw), "cpu", seed=seed)
+        if padded_size(batch)[0] > batch.num_utterances:
+            return batch
+
+
 def _unlabel_some(batch, gen):
     """Some utterances without a label: they still count in every term but the cross-entropies."""
     drop = torch.rand(batch.num_utterances, generator=gen) < 0.3
@@ -74,7 +82,7 @@ def test_a_padded_batch_has_the_loss_and_gradients_of_the_batch(recompute):
     torch.manual_seed(seed)
     model = _trained_looking(CMATH(cfg).train(), gen)
     model.class_weight.copy_(torch.rand(cfg.num_classes, generator=gen) + 0.5)
-    batch = _unlabel_some(model_batch(cfg, _lengths(gen), "cpu", seed=seed), gen)
+    batch = _unlabel_some(_batch_to_pad(cfg, gen, seed), gen)
     padded = static_copy(batch, SharedFeatures(), pad=True)
     assert padded.num_utterances > batch.num_utterances and int(padded.valid.sum()) == batch.num_utterances
     out, grads = _loss_and_grads(model, batch, seed)
@@ -97,7 +105,7 @@ def test_a_padded_batch_has_the_loss_and_gradients_of_the_batch_on_the_triton_ke
     cfg = _config("triton", recompute_from=None)
     torch.manual_seed(seed)
     model = _trained_looking(CMATH(cfg).train(), gen)
-    batch = _unlabel_some(model_batch(cfg, _lengths(gen, n_max=3, len_max=12), "cpu", seed=seed), gen)
+    batch = _unlabel_some(_batch_to_pad(cfg, gen, seed, n_max=3, len_max=12), gen)
     padded = static_copy(batch, SharedFeatures(), pad=True)
     out, grads = _loss_and_grads(model, batch, seed)
     out_p, grads_p = _loss_and_grads(model, padded, seed)
@@ -108,9 +116,10 @@ def test_a_padded_batch_has_the_loss_and_gradients_of_the_batch_on_the_triton_ke
 
 
 def test_padding_layout_keeps_the_length_bound_true_and_the_classes_close():
-    """Random batch sizes: at least one padding row and at most 1/8 more rows (beyond 16); every padding
-    conversation within the batch's rounded bound, the offsets ending at the padded rows; the padded batch's
-    fields are the batch's, then padding rows that count nowhere."""
+    """Random batch sizes: at most 1/8 more rows (beyond 16) and a power of two of conversations, a padding row
+    wherever there are padding conversations; every padding conversation within the batch's rounded bound, the
+    offsets ending at the padded rows; the padded batch's fields are the batch's, then padding rows that count
+    nowhere. A batch already of a class size is not padded."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
     cfg = _config()
     for _ in range(20):
@@ -118,17 +127,21 @@ def test_padding_layout_keeps_the_length_bound_true_and_the_classes_close():
         batch = model_batch(cfg, lengths, "cpu")
         T, B = sum(lengths), len(lengths)
         rows, conversations = padded_size(batch)
-        assert T < rows <= max(17, T + 1 + T // 8) and conversations >= B + 1
+        assert T <= rows <= max(17, T + 1 + T // 8) and conversations >= B
+        assert conversations & (conversations - 1) == 0 and (rows > T) == (conversations > B)
         padded = static_copy(batch, SharedFeatures(), pad=True)
         cu = padded.cu_seqlens.tolist()
         assert len(cu) == conversations + 1 and cu[-1] == rows and cu[:B + 1] == batch.cu_seqlens.tolist()
         sizes = [b - a for a, b in zip(cu, cu[1:])]
-        assert min(sizes[B:]) >= 0 and max(sizes) <= padded.max_seqlen == length_bound(max(lengths))
+        assert all(n >= 0 for n in sizes[B:]) and max(sizes) <= padded.max_seqlen == length_bound(max(lengths))
         assert torch.equal(padded.labels[T:], torch.full((rows - T,), IGNORE_INDEX))
         assert torch.equal(padded.labels[:T], batch.labels) and torch.equal(padded.speakers[:T], batch.speakers)
         for m, x in batch.features.items():
             assert torch.equal(padded.features[m][:T], x) and not padded.features[m][T:].any()
         assert padded.valid[:T].all() and not padded.valid[T:].any()
+    assert padded_size(model_batch(cfg, [4096], "cpu")) == (4096, 1)
+    assert padded_size(model_batch(cfg, [20, 12], "cpu")) == (32, 2)
+    assert padded_size(model_batch(cfg, [20, 10, 2], "cpu")) == (36, 4)   # a padding row for the 4th
     assert padding_offsets(10, 60, 4, 16) == [12, 28, 44, 60]
     assert padding_offsets(10, 20, 3, 16) == [10, 10, 20]
     assert [round_up(n, 4) for n in (1, 16, 17, 33, 100, 1000)] == [1, 16, 18, 36, 104, 1024]
