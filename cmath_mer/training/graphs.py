@@ -150,8 +150,10 @@ def fill(static, batch) -> None:
     static.valid[:T].fill_(True)
     static.valid[T:].fill_(False)
     rows, pads = static.num_utterances, static.cu_seqlens.numel() - 1 - B
-    ends = padding_offsets(T, rows, pads, static.max_seqlen)
-    static.cu_seqlens[B + 1:].copy_(torch.tensor(ends, dtype=static.cu_seqlens.dtype))
+    if pads:            # padding_offsets, computed on the device: no host tensor to copy (and wait for)
+        tail = static.cu_seqlens[B + 1:]
+        countdown = torch.arange(pads - 1, -1, -1, dtype=tail.dtype, device=tail.device)
+        torch.clamp(countdown * -(static.max_seqlen or rows - T) + rows, min=T, out=tail)
 
 
 class CudaGraphs:

@@ -132,6 +132,7 @@ def test_padding_layout_keeps_the_length_bound_true_and_the_classes_close():
         padded = static_copy(batch, SharedFeatures(), pad=True)
         cu = padded.cu_seqlens.tolist()
         assert len(cu) == conversations + 1 and cu[-1] == rows and cu[:B + 1] == batch.cu_seqlens.tolist()
+        assert cu[B + 1:] == padding_offsets(T, rows, conversations - B, padded.max_seqlen)
         sizes = [b - a for a, b in zip(cu, cu[1:])]
         assert all(n >= 0 for n in sizes[B:]) and max(sizes) <= padded.max_seqlen == length_bound(max(lengths))
         assert torch.equal(padded.labels[T:], torch.full((rows - T,), IGNORE_INDEX))
