@@ -313,9 +313,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         bar.close()
         train_seconds = time.perf_counter() - t0
         if tcfg.cuda_graphs:
-            log(f"CUDA graphs: {stepper.captured} batch shapes captured in {stepper.capture_seconds:.1f} s, "
-                f"{stepper.replayed} steps replayed, {stepper.uncaptured} run eagerly (shapes beyond "
-                f"{stepper.MAX_GRAPHS}) so far")
+            log(f"CUDA graphs: {stepper.captured} graphs (padded batch shapes) captured in "
+                f"{stepper.capture_seconds:.1f} s, {stepper.replayed} steps replayed, {stepper.uncaptured} run "
+                f"eagerly (shapes beyond {stepper.MAX_GRAPHS}) so far")
         if tcfg.precision == "fp16" and steps and skipped == steps:
             # the scaler skipped every step, halving the loss scale at each. A short epoch (a small corpus) may
             # skip all its steps while the scaler comes down from 2**16; below a scale of 1 the gradients are
