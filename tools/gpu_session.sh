@@ -3,15 +3,17 @@
 # budget, with the machine's own torch and triton (nothing installed), results packed into $OUT/gpucheck.tgz
 # ($OUT: a folder the caller collects; /tmp when unset). Usage, from the repository root on the GPU machine:
 #   tools/gpu_session.sh [BUDGET_SECONDS] [STAGES]
-# Order: parity first (kernels changed since the last GPU run have never run on a GPU), then the step's speed
-# targets, the --cuda-graphs training path, and the rest. A second call with the stages the summary lists as
-# not finished (TIMEOUT or SKIPPED; the last line printed is that call) finishes the check. Results:
+# Order: the fault checks first (kernels changed since the last GPU run have never run on a GPU): parity,
+# autotune_cold, determinism, and the CUDA-graph step and training path; then the speed targets and the rest.
+# The default budget, 8 minutes, fits a 9-minute lease with the start and the packing. A second call with
+# the stages the summary lists as not finished (TIMEOUT or SKIPPED; the last line printed is that call)
+# finishes the check. Results:
 # benchmarks/results/<date>-<card>-<time>/ (commit them as <date>-<card>/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}       # the caller's own path kept after the repository
 BUDGET=${1:-480}
-STAGES=${2:-env,parity,targets,graph_train,cuda_graph,determinism,autotune_cold,profile,train_demo,bench}
+STAGES=${2:-env,parity,autotune_cold,determinism,cuda_graph,graph_train,targets,profile,train_demo,bench}
 PY=${PYTHON:-python3}                 # the device image: python3 is the one that holds PyTorch
 DEVICE=${DEVICE:-cuda}                 # DEVICE=cpu: a smoke run of this script where there is no GPU
 if [ "$DEVICE" = cpu ]; then

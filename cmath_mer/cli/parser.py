@@ -40,8 +40,6 @@ def _add_folder_options(p, out: str, resume: str, overwrite: str) -> None:
     p.add_argument("--out", required=True, help=out)
     p.add_argument("--resume", action="store_true", help=resume)
     p.add_argument("--overwrite", action="store_true", help=overwrite)
-    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    p.add_argument("--class-names", help=CLASS_NAMES_HELP)
 
 
 def _train_parser(sub) -> argparse.ArgumentParser:
@@ -84,6 +82,12 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     _add_folder_options(p, out="output folder",
                         resume="continue the interrupted run in --out with its own config (--epochs may extend it)",
                         overwrite="replace the run that --out holds (its files are removed)")
+    p.add_argument("--keep-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep last.safetensors (weights and optimizer state) when the run finishes, so that "
+                        "--resume --epochs N can extend it; default: removed (best.safetensors holds the weights "
+                        "evaluate and predict use)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--class-names", help=CLASS_NAMES_HELP)
     return p
 
 
@@ -110,6 +114,8 @@ def _sweep_parser(sub) -> argparse.ArgumentParser:
     _add_folder_options(p, out="output folder: OUT/<recipe>/seed-N, sweep.md, sweep.json",
                         resume="continue the interrupted sweep in --out (finished recipes and seeds kept)",
                         overwrite="replace the sweep that --out holds")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    p.add_argument("--class-names", help=CLASS_NAMES_HELP)
     return p
 
 

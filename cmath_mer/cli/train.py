@@ -28,7 +28,7 @@ from .loading import data_seed, load, usable_device
 
 # the options a resumed run may be given: each must agree with the run, or be one it can change
 RESUME_OPTIONS = ("lr", "patience", "seed", "preset", "precision", "accumulate", "backend", "epochs", "device",
-                  "compile", "deterministic", "data_on_device", "cuda_graphs")
+                  "compile", "deterministic", "data_on_device", "cuda_graphs", "keep_last")
 
 
 def cmd_train(args) -> int:
@@ -94,7 +94,7 @@ def _new(args, out: Path, seeds: list[int] | None):
     config = build_config(data, preset_name, args.modalities, **given_overrides)
     given = {"epochs": args.epochs, "lr": args.lr, "patience": args.patience, "precision": args.precision,
              "accumulate": args.accumulate, "compile": args.compile, "deterministic": args.deterministic,
-             "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs}
+             "data_on_device": args.data_on_device, "cuda_graphs": args.cuda_graphs, "keep_last": args.keep_last}
     tcfg = train_preset(preset_name, seed=seed, device=_device_option(args),
                         **{k: v for k, v in given.items() if v is not None})
     return config, tcfg, preset_name, seed, data, preset_why
@@ -154,6 +154,6 @@ def _say_results(metrics: dict, out: Path) -> None:
     if best:
         print(f"best test epoch {best['epoch']}: weighted F1 {best['weighted_f1']:.2f}  accuracy "
               f"{best['accuracy']:.2f}  (peers' protocol, for comparison only)")
-    written = ["config.json", "train_config.json", "best.safetensors", "last.safetensors", "metrics.json"]
-    written += [f for f in ("confusion_matrix.png", "training_curves.png") if (out / f).exists()]
+    written = [f for f in ("config.json", "train_config.json", "best.safetensors", "last.safetensors", "metrics.json",
+                           "confusion_matrix.png", "training_curves.png") if (out / f).exists()]
     print(f"wrote {out}/{', '.join(written)}")

@@ -1,5 +1,7 @@
 """What the model reads: a batch of packed conversations. Every per-utterance tensor is (T, ...) with
-cu_seqlens marking where each conversation starts; no padding anywhere."""
+cu_seqlens marking where each conversation starts. No padding, except in the batches a CUDA-graphed step
+replays (training/graphs.py): there `valid` marks the real rows, and the padding rows, in conversations of
+their own, count in no loss term and no metric."""
 from __future__ import annotations
 
 import copy
@@ -23,6 +25,8 @@ class Batch:
     # a host int >= every conversation's length (None: unknown), set where the batch is packed, where the lengths
     # are host numbers: the attention op takes it for its one-pass backward without reading cu_seqlens
     max_seqlen: int | None = None
+    # (T,) bool, the real rows of a padded batch (None: every row is real); padding rows come last
+    valid: torch.Tensor | None = None
 
     def __post_init__(self):
         # built on the host: the offsets are checked here, where reading them costs no device synchronisation
@@ -41,6 +45,12 @@ class Batch:
     def num_utterances(self) -> int:
         return self.labels.shape[0]
 
+    @property
+    def real_utterances(self) -> int | torch.Tensor:
+        """The utterances that count (losses, meters): num_utterances, or for a padded batch the number of its
+        real rows, a device tensor (a replayed graph reads it from memory; the host never does)."""
+        return self.num_utterances if self.valid is None else self.valid.sum()
+
     def to(self, device) -> "Batch":
         """Copies are non_blocking: asynchronous from pinned memory (the training prefetcher pins). A shallow copy
         with the tensors moved: the offsets were checked when this batch was built (no second host read)."""
@@ -48,4 +58,6 @@ class Batch:
         moved.features = {m: x.to(device, non_blocking=True) for m, x in self.features.items()}
         moved.speakers, moved.labels, moved.cu_seqlens = (x.to(device, non_blocking=True) for x in
                                                           (self.speakers, self.labels, self.cu_seqlens))
+        if self.valid is not None:
+            moved.valid = self.valid.to(device, non_blocking=True)
         return moved

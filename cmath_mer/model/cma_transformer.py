@@ -14,7 +14,8 @@ import torch.nn as nn
 from einops import rearrange
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from cmath_mer.kernels import multi_source_attention
+from cmath_mer.kernels import multi_source_attention, reference_ops
+from cmath_mer.kernels.backend import resolve_backend
 
 
 class MultiSourceAttention(nn.Module):
@@ -32,14 +33,24 @@ class MultiSourceAttention(nn.Module):
     def forward(self, x: torch.Tensor, sources: list[torch.Tensor], cu_seqlens: torch.Tensor,
                 max_seqlen: int | None = None) -> torch.Tensor:
         # x: (T, d); sources: S tensors (T, d) -> (T, d). max_seqlen: the batch's host bound on the lengths
-        q = rearrange(self.q(x), "t (h e) -> t h e", h=self.n_heads)                      # (T, H, D)
-        # each source's k and v are views of its own (T, 2d) projection, handed over as lists: no stack, the
-        # Triton op reads them in place (strides (2d, D, 1))
-        kv = [rearrange(proj(s), "t (two h e) -> two t h e", two=2, h=self.n_heads)       # (2, T, H, D) views
-              for proj, s in zip(self.kv, sources)]
-        k, v = [x[0] for x in kv], [x[1] for x in kv]                                     # S x (T, H, D) each
+        q, k, v = self.heads(self.project(x, sources))
         o = multi_source_attention(q, k, v, cu_seqlens, window=self.window, max_seqlen=max_seqlen,
                                    backend=self.backend)
+        return self.output(o)
+
+    def project(self, x: torch.Tensor, sources: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(q (T, d), kv_s (T, 2d) per source): the projections, whole tensors."""
+        return (self.q(x), *[proj(s) for proj, s in zip(self.kv, sources)])
+
+    def heads(self, projected) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """q (T, H, D) and S-long lists k, v (T, H, D): views of the projections. Each source's k and v are views of
+        its own (T, 2d) projection, handed over as lists: no stack, the Triton op reads them in place (strides
+        (2d, D, 1))."""
+        q = rearrange(projected[0], "t (h e) -> t h e", h=self.n_heads)
+        kv = [rearrange(x, "t (two h e) -> two t h e", two=2, h=self.n_heads) for x in projected[1:]]
+        return q, [x[0] for x in kv], [x[1] for x in kv]
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
         return self.drop(self.o(rearrange(o, "t h e -> t (h e)")))
 
 
@@ -59,14 +70,27 @@ class CMABlock(nn.Module):
                                  nn.Linear(ffn_mult * d_model, d_model), nn.Dropout(dropout))
 
     def forward(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor,
-                recompute: bool = False, max_seqlen: int | None = None) -> torch.Tensor:
+                recompute: bool | str = False, max_seqlen: int | None = None) -> torch.Tensor:
         # h: (T, d) central stream; aux: n_aux tensors (T, d), not updated. recompute: each of the three
-        # residual branches keeps only its input and redoes the rest in the backward (see CMATransformer)
-        run = _recomputed if recompute else (lambda fn, *args: fn(*args))
-        h = h + run(self._self_branch, h, cu_seqlens, max_seqlen)
+        # residual branches keeps only its input (and its attention output) and redoes the rest in the
+        # backward (see CMATransformer): "split" (or True) in pieces around the attention call, "selective"
+        # through a selective checkpoint policy (traceable by torch.compile)
+        if recompute == "selective":
+            h = h + _recomputed(self._self_branch, h, cu_seqlens, max_seqlen)
+            if self.n_aux:
+                h = h + _recomputed(self._cross_branch, h, aux, cu_seqlens, max_seqlen)
+            return h + _recomputed(self._ffn_branch, h)
+        if recompute:
+            h = h + _split_attention_branch(self.self_attn, self._self_projections, [h], [self.ln_self],
+                                            cu_seqlens, max_seqlen)
+            if self.n_aux:
+                h = h + _split_attention_branch(self.cross_attn, self._cross_projections, [h, *aux],
+                                                [self.ln_query, *self.ln_aux], cu_seqlens, max_seqlen)
+            return h + checkpoint(self._ffn_branch, h, use_reentrant=False)
+        h = h + self._self_branch(h, cu_seqlens, max_seqlen)
         if self.n_aux:
-            h = h + run(self._cross_branch, h, aux, cu_seqlens, max_seqlen)
-        return h + run(self._ffn_branch, h)
+            h = h + self._cross_branch(h, aux, cu_seqlens, max_seqlen)
+        return h + self._ffn_branch(h)
 
     def _self_branch(self, h, cu_seqlens, max_seqlen=None):
         x = self.ln_self(h)
@@ -74,6 +98,13 @@ class CMABlock(nn.Module):
 
     def _cross_branch(self, h, aux, cu_seqlens, max_seqlen=None):
         return self.cross_attn(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)], cu_seqlens, max_seqlen)
+
+    def _self_projections(self, h):
+        x = self.ln_self(h)
+        return self.self_attn.project(x, [x])
+
+    def _cross_projections(self, h, *aux):
+        return self.cross_attn.project(self.ln_query(h), [ln(a) for ln, a in zip(self.ln_aux, aux)])
 
     def _ffn_branch(self, h):
         return self.ffn(self.ln_ffn(h))
@@ -106,6 +137,89 @@ def _recomputed(fn, *args):
     return checkpoint(fn, *args, use_reentrant=False, context_fn=_recompute_all_but_attention)
 
 
+class _Recomputation:
+    """The inputs of one attention call (the branch's norms and q/kv projections) kept as nothing for the
+    backward: what the attention op saves of them is packed as (projection, offset, shape, stride) and, when
+    its backward unpacks it, rebuilt from one recomputation of the projections from the branch's inputs.
+    _Projections' backward takes its gradients from that same recomputation, graph and all: the projections
+    run twice per step, as under a checkpoint, and no dispatch mode sees the ops (the selective checkpoint
+    policy's TorchDispatchMode was the largest host cost of a long step's GPU profile)."""
+
+    def __init__(self, fn, inputs: list[torch.Tensor]):
+        self.fn, self.inputs = fn, inputs
+        dev = inputs[0].device.type
+        self.autocast = dict(device_type=dev, enabled=torch.is_autocast_enabled(dev),
+                             dtype=torch.get_autocast_dtype(dev))
+        self.storages: list[int] = []            # the projections' storages in the forward
+        self.recomputed = None
+
+    def pack(self, t: torch.Tensor):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.storages:             # the attention's output, log-sum-exp, offsets: kept
+            return t
+        return self.storages.index(ptr), t.storage_offset(), tuple(t.shape), t.stride()
+
+    def unpack(self, packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        i, offset, shape, stride = packed
+        return self.recompute()[1][i].detach().as_strided(shape, stride, offset)
+
+    def recompute(self):
+        if self.recomputed is None:
+            inputs = [x.detach().requires_grad_(x.requires_grad) for x in self.inputs]
+            with torch.enable_grad(), torch.autocast(**self.autocast):
+                self.recomputed = inputs, self.fn(*inputs)
+        return self.recomputed
+
+
+class _Projections(torch.autograd.Function):
+    """The projections of a _Recomputation, computed without a graph; their gradients from its recomputation."""
+
+    @staticmethod
+    def forward(ctx, state: _Recomputation, n_inputs: int, *tensors):
+        ctx.state, ctx.n_inputs = state, n_inputs
+        ctx.save_for_backward(*tensors[n_inputs:])           # the parameters: the inputs are in state
+        with torch.no_grad():
+            outs = state.fn(*tensors[:n_inputs])
+        state.storages = [o.untyped_storage().data_ptr() for o in outs]
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        params = ctx.saved_tensors
+        inputs, outs = ctx.state.recompute()
+        ctx.state.recomputed = None
+        wanted = [x for x in (*inputs, *params) if x.requires_grad]
+        used = [(o, g) for o, g in zip(outs, grads) if g is not None]
+        got = iter(torch.autograd.grad([o for o, _ in used], wanted, [g for _, g in used], allow_unused=True))
+        return None, None, *[next(got) if x.requires_grad else None for x in (*inputs, *params)]
+
+
+def _attention_keeping_inputs(attn: MultiSourceAttention, q, k, v, cu_seqlens, max_seqlen):
+    """attn's attention call through an op whose autograd saves its q, k, v themselves (the torch backend's
+    eager reference saves copies of k and v, which the packing would not recognise and would keep)."""
+    if resolve_backend(attn.backend, q.device) == "torch":
+        scale = q.shape[-1] ** -0.5
+        if q.device.type == "cpu":           # SDPA's CPU flash kernels, the log-sum-exp kept
+            return reference_ops.attention_ref_cpu_op(q, k, v, cu_seqlens, scale)[0]
+        return reference_ops.attention_ref_op(q, k, v, cu_seqlens, -1, scale)
+    return multi_source_attention(q, k, v, cu_seqlens, max_seqlen=max_seqlen, backend=attn.backend)
+
+
+def _split_attention_branch(attn: MultiSourceAttention, projections, inputs: list[torch.Tensor],
+                            norms: list[nn.Module], cu_seqlens, max_seqlen):
+    """An attention branch (no window) keeping for the backward only its inputs and the attention's output: the
+    projections recomputed (_Recomputation), the output projection and dropout checkpointed."""
+    state = _Recomputation(projections, inputs)
+    params = [p for m in (*norms, attn.q, *attn.kv) for p in m.parameters()]
+    projected = _Projections.apply(state, len(inputs), *inputs, *params)
+    q, k, v = attn.heads(projected)
+    with torch.autograd.graph.saved_tensors_hooks(state.pack, state.unpack):
+        o = _attention_keeping_inputs(attn, q, k, v, cu_seqlens, max_seqlen)
+    return checkpoint(attn.output, o, use_reentrant=False)
+
+
 class CMATransformer(nn.Module):
     """L CMA blocks centred on one modality; returns F_c = LN(h_c), (T, d)."""
 
@@ -128,10 +242,12 @@ class CMATransformer(nn.Module):
         recompute = (self.recompute_from is not None and self.training and torch.is_grad_enabled()
                      and h_central.shape[0] >= self.recompute_from)
         if recompute and self.window is not None:
-            return checkpoint(self._layers, h_central, aux, cu_seqlens, True, max_seqlen, use_reentrant=False)
+            return checkpoint(self._layers, h_central, aux, cu_seqlens, "selective", max_seqlen, use_reentrant=False)
+        if recompute:            # the split branches' saved-tensor hooks and autograd.Function: eager mode only
+            recompute = "selective" if torch.compiler.is_compiling() else "split"
         return self._layers(h_central, aux, cu_seqlens, recompute, max_seqlen)
 
-    def _layers(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor, recompute: bool,
+    def _layers(self, h: torch.Tensor, aux: list[torch.Tensor], cu_seqlens: torch.Tensor, recompute: bool | str,
                 max_seqlen: int | None = None):
         for block in self.blocks:
             h = block(h, aux, cu_seqlens, recompute, max_seqlen)

@@ -116,7 +116,8 @@ class CMATH(nn.Module):
         """(2,) fp32 on the device: the CE normaliser (label_weight) and the utterance count of the batch.
         Summed over the parts of a step (micro-batches, ranks) they are what `forward(totals=...)` takes."""
         weight = self.class_weight if self.config.class_weights else None
-        T = batch.labels.new_full((), batch.num_utterances, dtype=torch.float32)
+        T = batch.real_utterances
+        T = batch.labels.new_full((), T, dtype=torch.float32) if isinstance(T, int) else T.float()
         return torch.stack([label_weight(batch.labels, weight).float(), T])
 
     def forward(self, batch: Batch, *, seed: int = 0, with_loss: bool = True, row_offset: int = 0,
@@ -125,10 +126,12 @@ class CMATH(nn.Module):
         the ranks of a distributed run); then row_offset is the number of the step's utterances before this
         part (the variational eps of a row is drawn by its index in the whole step) and totals is the sum of
         the parts' loss_totals: every loss term is this part's share of the whole step's mean, so the parts'
-        losses add up to the loss of the step's batch however it was split. totals None: the batch's own."""
+        losses add up to the loss of the step's batch however it was split. totals None: the batch's own.
+        A padded batch (batch.valid) has the loss and gradients of its real rows alone."""
         cfg = self.config
         T = batch.num_utterances
         cu = batch.cu_seqlens
+        valid = batch.valid
         has_prev, has_next = neighbour_masks(cu, T)                                   # (T, 1) each
         # Long batches (recompute_from) keep only the inputs of reconstruction, embedding and fusion for the
         # backward and redo them there (one modality at a time): memory linear in T with a small constant.
@@ -139,7 +142,7 @@ class CMATH(nn.Module):
         codes, rec = {}, {}
         for m in cfg.modalities:                                                       # step 1
             codes[m], rec[m] = run(self.reconstruction[m], self.standardized(m, batch.features[m]), has_prev,
-                                   has_next, with_loss, cfg.input_dropout)
+                                   has_next, with_loss, cfg.input_dropout, valid)
         h = run(self.embedding, codes, batch.speakers, positions(cu, T))               # step 2: m -> (T, d)
         fine = {c: self.cma[c](h[c], [h[a] for a in cfg.modalities if a != c], cu,    # step 3: c -> (T, d)
                                batch.max_seqlen) for c in cfg.centrals}
@@ -152,7 +155,7 @@ class CMATH(nn.Module):
         fusion = self.fusion.forward_recomputed if pieces else self.fusion                           # step 4
         z, mu_f, logvar_f, kl_prior, kd_latent = fusion(fine, seed=seed,
                                                         sample=self.training and cfg.variational_sample,
-                                                        eps_offset=row_offset * cfg.latent)
+                                                        eps_offset=row_offset * cfg.latent, valid=valid)
         coarse = self.coarse_head(z)                                                   # step 5: (T, classes)
         fine_logits = {c: self.fine_heads[c](f) for c, f in fine.items()}
         out = CMATHOutput(coarse, fine_logits)
@@ -162,12 +165,18 @@ class CMATH(nn.Module):
         # losses are reduced in fp32 whatever the autocast dtype of the forward (no-ops in fp32)
         coarse, fine_logits = coarse.float(), {c: f.float() for c, f in fine_logits.items()}
         kd_latent, kl_prior = kd_latent.float(), kl_prior.float()
+        if valid is not None:       # padding rows: equal (zero) logits, whose distillation terms are exactly 0
+            keep = valid[:, None]
+            coarse = torch.where(keep, coarse, 0.0)
+            fine_logits = {c: torch.where(keep, f, 0.0) for c, f in fine_logits.items()}
         kd_logit, kd_latent = hierarchical_distillation(coarse, list(fine_logits.values()), kd_latent,
                                                         cfg.tau, cfg.detach_teacher)   # step 6
         per_dim = 1.0 / cfg.latent if cfg.latent_kl_per_dim else 1.0
         # a part of a step: its means over its T utterances become its share of the step's mean (x T / T_step),
-        # and CE divides by the step's label weight
-        share = 1.0 if totals is None else T / totals[1]
+        # and CE divides by the step's label weight. The means of a padded batch are sums over its real rows
+        # divided by all T rows: x T / (real rows) makes them means over the real rows
+        count = totals[1] if totals is not None else None if valid is None else valid.sum()
+        share = 1.0 if count is None else T / count
         norm = None if totals is None else totals[0]
         out.losses = {
             "ce": weighted_cross_entropy(coarse, batch.labels, weight, cfg.label_smoothing, norm),

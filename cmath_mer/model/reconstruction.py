@@ -53,15 +53,23 @@ class ModalityReconstruction(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, has_prev: torch.Tensor, has_next: torch.Tensor,
-                with_loss: bool = True, input_dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                with_loss: bool = True, input_dropout: float = 0.0,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         # x: (T, d_m) -> z: (T, d), L_rec: scalar. The encoder reads x with input_dropout (training only);
-        # the loss reconstructs the clean x.
+        # the loss reconstructs the clean x. valid: the real rows of a padded batch (Batch.valid); the loss
+        # is then the sum over the real rows divided by T M, as if the padding rows had a zero residual.
         x_in = F.dropout(x, input_dropout, self.training) if input_dropout else x
         a1 = F.gelu(self.enc1(x_in, has_prev, has_next))                 # (T, d_h)
         z = self.enc2(a1, has_prev, has_next)                            # (T, d)
         if not with_loss:
             return z, None
         b1 = F.gelu(self.dec1(z, has_prev, has_next)) + a1               # (T, d_h)
+        if valid is not None:
+            # a padding row reads h = 0 and the target b: its residual 0 W^T + b - b is exactly 0 in every
+            # implementation (the ops cast b and the target alike), so it adds nothing to the loss or gradients
+            keep = valid[:, None]
+            b1 = torch.where(keep, b1, 0.0)
+            x = torch.where(keep, x, self.out.bias.detach().to(x.dtype))
         loss = reconstruction_loss(b1, self.out.weight, self.out.bias, x, backend=self.backend)
         return z, loss
 

@@ -1,6 +1,9 @@
-"""Checkpoints: model + optimizer state in one safetensors file, written atomically. The file's metadata
-carries the model config it was trained with (`config`) and the training state (`state`), so a checkpoint
-alone is enough to evaluate or to resume; config.json beside it is a readable copy that must agree."""
+"""Checkpoints in safetensors files, written atomically. A run's last.safetensors holds what training needs
+to continue (weights, optimizer state, the weight average of ema.py); its best.safetensors holds only the
+weights evaluation uses (save_weights: the average where there is one), a quarter of the bytes with AdamW
+and an average. The file's metadata carries the model config it was trained with (`config`) and the training
+state (`state`), so a checkpoint alone is enough to evaluate (and last.safetensors to resume); config.json
+beside it is a readable copy that must agree."""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cmath_mer.errors import CheckpointError
@@ -40,6 +44,37 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         # a learning rate may be a device tensor (the CUDA-graph step reads it there): stored as a number
         meta["param_groups"] = json.dumps([{k: float(v) if isinstance(v, torch.Tensor) else v for k, v in g.items()}
                                            for g in opt["param_groups"]])
+    _write(path, tensors, meta)
+
+
+def save_weights(path: Path, model: torch.nn.Module, state: dict, config: dict | None = None,
+                 average: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the weights evaluation uses, and nothing to train on: the model's, with the weight average (ema.py)
+    in place of the parameters it averages. Loads like any checkpoint (load_checkpoint, averaged or not: both
+    give these weights); `--resume` cannot continue from it (no optimizer state)."""
+    weights = {**model.state_dict(), **(average or {})}
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise CheckpointError(f"{path}: not written: the model has non-finite weights ({bad[0][6:]})")
+    meta = {"state": json.dumps(state)}
+    if config is not None:
+        meta["config"] = json.dumps(config)
+    _write(path, tensors, meta)
+
+
+def restate(path: Path, state: dict) -> None:
+    """Rewrite a checkpoint with another training state in its metadata, its tensors unchanged (a finished
+    run's best.safetensors takes the final state: the history after the selected epoch, the epoch count)."""
+    read_metadata(path)                                   # a readable checkpoint, or CheckpointError naming it
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path), device="cpu")
+    meta["state"] = json.dumps(state)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), needed=bytes_needed(tensors, meta))
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     meta["sha256"] = json.dumps({k: tensor_sha256(v) for k, v in sorted(tensors.items())})
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta), needed=bytes_needed(tensors, meta))
 
@@ -67,7 +102,6 @@ def check_digests(path: Path, tensors: dict[str, torch.Tensor], digests: dict | 
 def read_metadata(path: Path) -> dict:
     """The checkpoint's metadata, JSON fields decoded ({'state': ..., 'config': ... or None}); raises
     CheckpointError naming the file when it is missing, empty, truncated or not a checkpoint."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")

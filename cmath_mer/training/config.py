@@ -37,6 +37,8 @@ class TrainConfig:
     data_on_device: bool = False        # keep the whole corpus on the GPU (batches gathered there)
     cuda_graphs: bool | None = None     # replay each batch shape's step from a CUDA graph (training/graphs.py);
                                         # None = wherever the run can (train resolves and stores it)
+    keep_last: bool = False             # keep last.safetensors (the optimizer state) when the run finishes, so
+                                        # that --resume --epochs can extend it; best.safetensors is weights only
     world_size: int = 1                 # processes training together (torchrun), set from its environment by
                                         # train.py; batch_utterances is per step over all of them
 
@@ -55,6 +57,8 @@ class TrainConfig:
         _int("seed", self.seed, 0)
         if self.ema_decay is not None:
             _float("ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        if not isinstance(self.keep_last, bool):
+            raise ConfigError(f"train config: `keep_last` must be true or false, got {self.keep_last!r}")
         if not isinstance(self.baseline, bool):
             raise ConfigError(f"train config: `baseline` must be true or false, got {self.baseline!r}")
         if not isinstance(self.device, str) or not self.device:

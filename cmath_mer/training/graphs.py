@@ -12,6 +12,13 @@ How (PyTorch's whole-network capture, once per (utterances, conversations) shape
 - Whatever changes between replays is read from device memory: the batch buffers, the variational seed
   (the kernels load it), the learning rate (a tensor in fused, capturable AdamW). Dropout draws new numbers
   on every replay (PyTorch's generator is graph-safe), so a run is as random as an eager one, not equal to it.
+- Batches are padded to a few shape classes (padded_size), so a corpus whose batches all differ in size
+  captures tens of graphs, not one per batch: the utterances rounded up to 4 significant bits (classes 1/16
+  to 1/8 apart), the conversations to a power of two. The padding rows form conversations of their own, at
+  most the batch's rounded length bound each (the bound stays true), after zero-length ones that fill up the
+  conversation count; Batch.valid marks the real rows, and the model leaves the padding rows out of every
+  loss term, the loss's normalisers and the meter's utterance counts (model/cmath.py). Eager steps are not
+  padded.
 - All graphs share one memory pool: nothing allocated inside a capture outlives its replay (gradients,
   optimizer state and meters exist before the first capture), so one graph may reuse another's memory. The
   static batches' features are views of one buffer per modality (SharedFeatures): about one batch of
@@ -37,6 +44,46 @@ def batch_shape(batch) -> tuple:
             length_bound(batch.max_seqlen))
 
 
+ROW_BITS = 4            # significant bits kept of a padded batch's utterance count
+
+
+def round_up(n: int, bits: int) -> int:
+    """The least m * 2^e >= n with m < 2^bits: n itself up to 2^bits, then steps of at most 1/2^(bits-1)."""
+    shift = max(0, n.bit_length() - bits)
+    return -(-n >> shift) << shift
+
+
+def padded_size(batch) -> tuple[int, int]:
+    """(rows, conversations) of the padded batch a graph replays `batch` in: as many as the batch's when both
+    are already class sizes. Padding conversations come with at least one padding row: the zero-length ones
+    start and end at a row index inside the batch (cu_seqlens.neighbour_masks indexes them)."""
+    T, B = batch.num_utterances, batch.cu_seqlens.numel() - 1
+    bound = length_bound(batch.max_seqlen)
+
+    def conversations(rows: int) -> int:
+        return 1 << (B + -(-(rows - T) // (bound or max(rows - T, 1))) - 1).bit_length()
+    rows = round_up(T, ROW_BITS)
+    if rows == T and conversations(rows) > B:
+        rows = round_up(T + 1, ROW_BITS)
+    return rows, conversations(rows)
+
+
+def padding_offsets(T: int, rows: int, pads: int, bound: int | None) -> list[int]:
+    """The ends of `pads` padding conversations after T real rows, the last at `rows`: the leading ones empty,
+    the others at most `bound` rows each (bound None: one conversation takes all the padding rows). No padding
+    conversation without a padding row (padded_size)."""
+    step = bound or rows - T
+    return [max(T, rows - (pads - 1 - j) * step) for j in range(pads)]
+
+
+def padded_shape(batch) -> tuple:
+    """batch_shape of the padded batch a graph replays `batch` in."""
+    rows, conversations = padded_size(batch)
+    return (rows, conversations + 1,
+            tuple((m, (rows, *x.shape[1:]), x.dtype) for m, x in sorted(batch.features.items())),
+            length_bound(batch.max_seqlen))
+
+
 class SharedFeatures:
     """One buffer per modality that the static batches of all graphs view: a replay's features sit in its first
     T rows. Steps run one after another on one stream, so one buffer serves every batch shape, and the static
@@ -51,35 +98,62 @@ class SharedFeatures:
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def view(self, modality: str, x: torch.Tensor) -> torch.Tensor:
+    def view(self, modality: str, x: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """The first `rows` (default: x's) rows of the buffer for tensors like x."""
+        rows = x.shape[0] if rows is None else rows
         buf = self.buffers.get(modality)
         same_kind = (buf is not None and buf.shape[1:] == x.shape[1:] and buf.dtype == x.dtype
                      and buf.device == x.device)
-        if not same_kind or buf.shape[0] < x.shape[0]:
-            rows = max(x.shape[0], int(buf.shape[0] * self.GROWTH)) if same_kind else x.shape[0]
-            buf = self.buffers[modality] = x.new_empty((rows, *x.shape[1:]))
-        return buf[:x.shape[0]]
+        if not same_kind or buf.shape[0] < rows:
+            size = max(rows, int(buf.shape[0] * self.GROWTH)) if same_kind else rows
+            buf = self.buffers[modality] = x.new_empty((size, *x.shape[1:]))
+        return buf[:rows]
 
 
-def static_copy(batch, shared: SharedFeatures):
-    """Buffers a graph reads its batch from, filled with this batch: the features as views of the shared
-    buffers, the rest (a few ints per utterance) its own; its bound is the rounded one, true for every batch of
-    the shape."""
+def static_copy(batch, shared: SharedFeatures, pad: bool = False):
+    """Buffers a graph reads its batch from, filled with this batch (padded to padded_size when `pad`): the
+    features as views of the shared buffers, the rest (a few ints per utterance) its own; its bound is the
+    rounded one, true for every batch of the shape."""
     from cmath_mer.model.batch import Batch
-    features = {}
-    for m, x in batch.features.items():
-        features[m] = shared.view(m, x)
-        features[m].copy_(x)
-    return Batch(features, batch.speakers.clone(), batch.labels.clone(), batch.cu_seqlens.clone(),
-                 list(batch.conversation_ids), length_bound(batch.max_seqlen))
+    if not pad:
+        features = {m: shared.view(m, x).copy_(x) for m, x in batch.features.items()}
+        return Batch(features, batch.speakers.clone(), batch.labels.clone(), batch.cu_seqlens.clone(),
+                     list(batch.conversation_ids), length_bound(batch.max_seqlen))
+    rows, conversations = padded_size(batch)
+    features = {m: shared.view(m, x, rows) for m, x in batch.features.items()}
+    cu = batch.cu_seqlens
+    # the offsets of a valid layout, for the host check of Batch; fill writes this batch's own
+    cu_layout = torch.arange(conversations + 1, dtype=cu.dtype).clamp_max(1) * rows
+    static = Batch(features, batch.speakers.new_empty(rows), batch.labels.new_empty(rows),
+                   cu_layout.to(cu.device), list(batch.conversation_ids), length_bound(batch.max_seqlen),
+                   valid=torch.empty(rows, dtype=torch.bool, device=cu.device))
+    fill(static, batch)
+    return static
 
 
 def fill(static, batch) -> None:
+    """Copies `batch` into the static buffers; a padded static batch gets padding rows after it (zero
+    features, speaker 0, no label) in the conversations padding_offsets lays out."""
+    T, B = batch.num_utterances, batch.cu_seqlens.numel() - 1
     for m, x in batch.features.items():
-        static.features[m].copy_(x, non_blocking=True)
-    static.speakers.copy_(batch.speakers, non_blocking=True)
-    static.labels.copy_(batch.labels, non_blocking=True)
-    static.cu_seqlens.copy_(batch.cu_seqlens, non_blocking=True)
+        static.features[m][:T].copy_(x, non_blocking=True)
+    static.speakers[:T].copy_(batch.speakers, non_blocking=True)
+    static.labels[:T].copy_(batch.labels, non_blocking=True)
+    static.cu_seqlens[:B + 1].copy_(batch.cu_seqlens, non_blocking=True)
+    if static.valid is None:
+        return
+    from cmath_mer.model.batch import IGNORE_INDEX
+    for x in static.features.values():
+        x[T:].zero_()                      # finite: a masked row's gradients are 0 x its inputs
+    static.speakers[T:].zero_()
+    static.labels[T:].fill_(IGNORE_INDEX)
+    static.valid[:T].fill_(True)
+    static.valid[T:].fill_(False)
+    rows, pads = static.num_utterances, static.cu_seqlens.numel() - 1 - B
+    if pads:            # padding_offsets, computed on the device: no host tensor to copy (and wait for)
+        tail = static.cu_seqlens[B + 1:]
+        countdown = torch.arange(pads - 1, -1, -1, dtype=tail.dtype, device=tail.device)
+        torch.clamp(countdown * -(static.max_seqlen or rows - T) + rows, min=T, out=tail)
 
 
 class CudaGraphs:

@@ -28,9 +28,10 @@ class StepMeter:
         self.sums = torch.zeros(6, dtype=torch.float64, device=device)
         self.first_step = None                # global step (1-based) of the first step since the last read
 
-    def add_loss(self, loss: torch.Tensor, utterances: int, weight: torch.Tensor | None = None) -> None:
-        """loss of a batch of `utterances`; weight (default: utterances) multiplies it in the loss sum: a part
-        of a step whose loss is its share of the step's mean passes the step's utterance count."""
+    def add_loss(self, loss: torch.Tensor, utterances: int | torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """loss of a batch of `utterances` (a device count for a padded batch: its real rows); weight (default:
+        utterances) multiplies it in the loss sum: a part of a step whose loss is its share of the step's mean
+        passes the step's utterance count."""
         loss = loss.detach().to(torch.float64)
         finite = torch.isfinite(loss)
         self.sums[self.LOSS] += torch.where(finite, loss * (utterances if weight is None else weight), 0.0)

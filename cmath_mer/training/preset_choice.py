@@ -1,12 +1,13 @@
 """Which preset a `train` without --preset uses: the one the data matches, said in the data line and kept in
 the run's info. The synthetic corpus is made from a preset (`synthetic` is iemocap's, `synthetic:NAME`
 NAME's); a data file uses the preset whose class set is its own (MELD's seven emotions: meld). Data whose
-classes are no preset's train with the default preset's recipe, and the data line says so and names the
-choices, so a recipe is never picked without a word."""
+classes are no preset's are refused in one line that names the choices: a recipe is never picked for data
+it was not made for without the user saying so."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from cmath_mer.errors import UsageError
 from cmath_mer.model.config import PRESETS
 
 DEFAULT_PRESET = "iemocap"
@@ -36,8 +37,10 @@ def choose_preset(data, given: str | None, data_option: str) -> tuple[str, str]:
     matches = [n for n, p in PRESETS.items() if _classes(p["class_names"]) == _classes(data.class_names)]
     if len(matches) == 1:
         return matches[0], f"the data's classes are {matches[0]}'s"
-    others = ", ".join(describe(n) for n in PRESETS)
-    return DEFAULT_PRESET, (f"the default: no preset has the data's classes; --preset chooses among {others}")
+    names = ", ".join(data.class_names)
+    choices = ", ".join(describe(n) for n in PRESETS)
+    raise UsageError(f"--data {data_option}: its classes ({names}) are no preset's; choose the recipe with --preset: "
+                     f"{choices}")
 
 
 def preset_note(run_info: dict | None) -> str:

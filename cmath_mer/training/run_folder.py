@@ -1,11 +1,14 @@
 """A training run's folder: one writer at a time (a lock), no silent overwrite, no stale temporaries, and
 `--resume` only of the same run on the same data.
 
-What a run folder holds (train.py writes it): best.safetensors and last.safetensors (weights, optimizer,
-and in their metadata the model config, the training config, the data fingerprint and the history),
-config.json and train_config.json (readable copies, written after the first checkpoint), metrics.json and
-confusion_matrix.png. Every file is written atomically, and the checkpoint is written first, so a kill at
-any moment leaves either no run (nothing but the lock file) or one that `evaluate` and `--resume` can use.
+What a run folder holds (train.py writes it): last.safetensors (weights, optimizer state, weight average:
+what training continues from) and best.safetensors (the weights evaluation uses), each with the model
+config, the training config, the data fingerprint and the history in its metadata; config.json and
+train_config.json (readable copies, written after the first checkpoint), metrics.json and
+confusion_matrix.png. Every file is written atomically, and last.safetensors is written first, so a kill at
+any moment leaves either no run or one that `evaluate` and `--resume` can use. A finished run removes
+last.safetensors (unless --keep-last: then --resume --epochs can extend it), and the lock file goes with
+the process that held it.
 """
 from __future__ import annotations
 
@@ -31,9 +34,10 @@ CHECKPOINTS = ("last.safetensors", "best.safetensors")
 LOCK_NAME = ".cmath-mer.lock"
 # TrainConfig fields a resumed run may change: more epochs, another device, and how the device runs it
 # (compiled or not, deterministic algorithms or not, the corpus on the device or not, CUDA graphs or not, how
-# many processes: the step's batch is the same for any number); never the precision or the accumulation,
-# which are part of the run's numbers
-RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device", "cuda_graphs", "world_size")
+# many processes: the step's batch is the same for any number), whether last.safetensors is kept; never the
+# precision or the accumulation, which are part of the run's numbers
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "deterministic", "data_on_device", "cuda_graphs", "world_size",
+                     "keep_last")
 
 
 # --------------------------------------------------------------------------------------- data fingerprint
@@ -67,7 +71,9 @@ def data_fingerprint(data, modalities: tuple[str, ...]) -> dict:
 
 class RunLock:
     """An exclusive advisory lock (flock) on OUT/.cmath-mer.lock, held while a process writes into the run
-    folder. The kernel drops it when the process dies (kill -9 included), so it never goes stale."""
+    folder. The kernel drops it when the process dies (kill -9 included), so it never goes stale. The holder
+    removes the file when it is done (a killed one leaves it, harmless: the next run takes it); a process that
+    locked a file just removed finds the name gone, or bound to another file, and locks again."""
 
     def __init__(self, out: str | Path):
         self.out = Path(out)
@@ -77,18 +83,22 @@ class RunLock:
         out = self.out
         if out.exists() and not out.is_dir():
             raise RunFolderError(f"--out {out}: is a file, not a folder", usage=True)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as err:
-            raise RunFolderError(f"--out {out}: cannot write into the folder ({err.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise RunFolderError(f"--out {out}: another process (pid {holder}) is training into this folder; "
-                                 f"wait for it to finish or choose another --out") from None
+        while True:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as err:
+                raise RunFolderError(f"--out {out}: cannot write into the folder ({err.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunFolderError(f"--out {out}: another process (pid {holder}) is training into this folder; "
+                                     f"wait for it to finish or choose another --out") from None
+            if _same_file(fd, out / LOCK_NAME):
+                break
+            os.close(fd)                      # its holder removed it as we opened it: lock the current one
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
@@ -96,9 +106,20 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            if _same_file(self.fd, self.out / LOCK_NAME):        # removed while held, so no one waits on it
+                (self.out / LOCK_NAME).unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 # --------------------------------------------------------------------------------------- folder contents
@@ -168,11 +189,13 @@ class SavedRun:
     config: object              # CMATHConfig
     state: dict                 # training state in the checkpoint's metadata
     train_config: dict | None   # the TrainConfig the run was started with (None for old checkpoints)
+    trainable: bool = True      # the checkpoint holds the optimizer state (best.safetensors holds weights only)
 
 
 def saved_run(out: str | Path) -> SavedRun:
     """The run in `out` to resume: of last.safetensors and best.safetensors, the readable one that holds
-    the most epochs (a kill during the first epoch can leave best without last). Reads, writes nothing."""
+    the most epochs, last on a tie (runs from before best was weights-only may hold best without last).
+    Reads, writes nothing."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out}: is a file, not a folder", usage=True)
@@ -196,7 +219,14 @@ def saved_run(out: str | Path) -> SavedRun:
     else:                                                    # checkpoints from before configs were embedded
         from cmath_mer.model.config import load_config
         config = load_config(out / "config.json")
-    return SavedRun(path, config, meta["state"], meta["state"].get("train_config"))
+    return SavedRun(path, config, meta["state"], meta["state"].get("train_config"), meta["param_groups"] is not None)
+
+
+def patience_ran_out(state: dict, patience: int | None) -> bool:
+    """`patience` epochs since the validation-selected one: the run stops (a resumed one too)."""
+    best = state.get("best_valid")
+    return (patience is not None and best is not None and best.get("valid") is not None
+            and state["epoch"] - best["epoch"] >= patience)
 
 
 def check_resume(saved: SavedRun, config, tcfg, fingerprint: dict) -> None:
@@ -219,6 +249,11 @@ def check_resume(saved: SavedRun, config, tcfg, fingerprint: dict) -> None:
     if tcfg.epochs < done:
         raise RunFolderError(f"--resume: the run already has {done} epochs; --epochs {tcfg.epochs} cannot shorten "
                              f"it", usage=True)
+    if not saved.trainable and tcfg.epochs > done and not patience_ran_out(saved.state, tcfg.patience):
+        raise RunFolderError(f"--resume: the run in {saved.checkpoint.parent} finished after {done} epochs and "
+                             f"removed last.safetensors (the optimizer state): {saved.checkpoint.name} holds weights "
+                             f"only; a finished run can be extended when it was trained with --keep-last. Start a "
+                             f"new run (--overwrite or another --out)", usage=True)
     had = saved.state.get("data")
     if had is not None and had.get("sha256") != fingerprint["sha256"]:
         raise RunFolderError(f"--resume: the data differ from the run's: it was trained on {had.get('source')} "
@@ -229,7 +264,8 @@ def check_resume(saved: SavedRun, config, tcfg, fingerprint: dict) -> None:
 
 # options a resumed run may change (said in a note) and the TrainConfig fields they set
 RESUMABLE_OPTIONS = (("--compile", "compile"), ("--deterministic", "deterministic"),
-                     ("--data-on-device", "data_on_device"), ("--cuda-graphs", "cuda_graphs"))
+                     ("--data-on-device", "data_on_device"), ("--cuda-graphs", "cuda_graphs"),
+                     ("--keep-last", "keep_last"))
 
 
 def resume_settings(folder: Path, given: dict, overrides: dict, out: str):

@@ -14,7 +14,15 @@ import time
 import torch
 
 from cmath_mer.training import distributed
-from cmath_mer.training.graphs import CudaGraphs, SharedFeatures, batch_shape, fill, make_capturable, static_copy
+from cmath_mer.training.graphs import (
+    CudaGraphs,
+    SharedFeatures,
+    batch_shape,
+    fill,
+    make_capturable,
+    padded_shape,
+    static_copy,
+)
 from cmath_mer.training.meter import StepMeter, in_step
 from cmath_mer.training.precision import Precision
 
@@ -72,7 +80,7 @@ class Stepper:
                 with self.precision.autocast():
                     out = self.forward(batch, seed=seed, row_offset=row, totals=totals)
                 loss = out.loss.float()                     # this part's share of the step's loss
-                self.meter.add_loss(loss, batch.num_utterances, totals[1])
+                self.meter.add_loss(loss, batch.real_utterances, totals[1])
                 scaler.scale(loss * self.world_size if self.world_size > 1 else loss).backward()
             row += batch.num_utterances
         scaler.unscale_(self.optimizer)
@@ -100,14 +108,17 @@ class Stepper:
 class GraphedStepper(Stepper):
     """Stepper.body captured in a CUDA graph once per batch shape, then replayed (graphs.py says how and why).
     Same call signature as Stepper; one micro-batch, one process, no torch.compile, no fp16 (its scaler reads
-    its inf flag on the host): train.resolve_cuda_graphs refuses the rest. At most MAX_GRAPHS shapes are
-    captured (each holds its static batch and a graph's host and device state); a step of any further shape
-    runs the same body eagerly."""
+    its inf flag on the host): train.resolve_cuda_graphs refuses the rest. With `pad` (the default) a batch
+    replays in its padded shape class (graphs.padded_size), with the loss and gradients of the batch itself.
+    At most MAX_GRAPHS shapes are captured (each holds its static batch and a graph's host and device state);
+    a step of any further shape runs the same body eagerly, unpadded."""
 
     MAX_GRAPHS = 64
 
-    def __init__(self, model, optimizer, precision: Precision, grad_clip: float, meter: StepMeter, graphs=None):
+    def __init__(self, model, optimizer, precision: Precision, grad_clip: float, meter: StepMeter, graphs=None,
+                 pad: bool = True):
         super().__init__(model, model, optimizer, precision, grad_clip, meter)
+        self.pad = pad
         device = next(model.parameters()).device
         self.graphs_api = graphs if graphs is not None else CudaGraphs(device)
         make_capturable(optimizer, device)
@@ -132,15 +143,15 @@ class GraphedStepper(Stepper):
             raise ValueError("--cuda-graphs runs in one process (the step's batch starts at row 0)")
         (batch,) = micro
         self.seed.fill_(step_seed(seed, step))
-        shape = batch_shape(batch)
+        shape = padded_shape(batch) if self.pad else batch_shape(batch)
         entry = self.graphs.get(shape)
         if entry is None and len(self.graphs) >= self.MAX_GRAPHS:
             self._body(batch)
             self.uncaptured += 1
         elif entry is None:
             t0 = time.perf_counter()
-            self.graphs_api.eager(lambda: self._body(batch))
-            static = static_copy(batch, self.shared)
+            static = static_copy(batch, self.shared, self.pad)
+            self.graphs_api.eager(lambda: self._body(static))       # this step's update, on the static batch
             self.graphs[shape] = (self.graphs_api.capture(lambda: self._body(static)), static)
             self.captured += 1
             self.capture_seconds += time.perf_counter() - t0
@@ -152,11 +163,12 @@ class GraphedStepper(Stepper):
 
 
 def make_stepper(model, optimizer, precision: Precision, grad_clip: float, meter: StepMeter, *, forward=None,
-                 cuda_graphs: bool = False, graphs=None) -> Stepper:
+                 cuda_graphs: bool = False, graphs=None, pad: bool = True) -> Stepper:
     """The step train runs: replayed from CUDA graphs (`graphs`: the CUDA graph API, or a stand-in in tests)
-    or eager through `forward` (the model, its torch.compile, or its DDP wrapper)."""
+    or eager through `forward` (the model, its torch.compile, or its DDP wrapper). pad: graphed steps replay
+    batches padded to shape classes (GraphedStepper)."""
     if cuda_graphs:
-        return GraphedStepper(model, optimizer, precision, grad_clip, meter, graphs)
+        return GraphedStepper(model, optimizer, precision, grad_clip, meter, graphs, pad)
     return Stepper(model, model if forward is None else forward, optimizer, precision, grad_clip, meter)
 
 

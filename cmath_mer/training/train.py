@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,7 +30,7 @@ from cmath_mer.model.cmath import CMATH
 from cmath_mer.model.config import CMATHConfig, config_to_dict
 from cmath_mer.training import distributed, run_folder
 from cmath_mer.training.baseline import context_free_baseline
-from cmath_mer.training.checkpoint import load_checkpoint, save_checkpoint
+from cmath_mer.training.checkpoint import load_checkpoint, read_metadata, restate, save_checkpoint, save_weights
 from cmath_mer.training.config import TrainConfig
 from cmath_mer.training.context_baseline import context_gru_baseline
 from cmath_mer.training.determinism import deterministic_mode
@@ -109,7 +108,8 @@ def train(data: ConversationDataset, config: CMATHConfig, tcfg: TrainConfig, out
           *, resume: bool = False, overwrite: bool = False, progress: bool = True, log=print,
           run_info: dict | None = None) -> dict:
     """Train CMATH, select the epoch on validation, write best.safetensors, last.safetensors, config.json,
-    train_config.json, metrics.json and confusion_matrix.png into out_dir. Returns the metrics dict.
+    train_config.json, metrics.json and confusion_matrix.png into out_dir (a finished run removes
+    last.safetensors unless tcfg.keep_last). Returns the metrics dict.
 
     out_dir must be new or empty, or hold a run: then `resume` continues it (same config, training settings
     and data, or RunFolderError) and `overwrite` replaces it. One process at a time writes into a folder
@@ -223,12 +223,13 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         if ctx.main:
             # a kill between two writes of an epoch leaves the small files behind the checkpoint: redo them
             # as the checkpoint has them (the new settings are written with the next checkpoint)
+            if _best_behind(out, state):
+                # a kill after last and before best of the epoch validation selected: last holds its weights
+                save_weights(out / "best.safetensors", model, state, saved_config,
+                             ema.average if ema is not None else None)
             _write_run_files(out, saved_config, state.get("train_config") or dataclasses.asdict(tcfg))
             _write_metrics(out, state)
             _redo_confusion_matrix(out, data, config, splits, state, device, tcfg.precision)
-            if resume_from.name != "last.safetensors":
-                # a kill after best and before last of an epoch: best holds that epoch's whole state
-                atomic_write(out / "last.safetensors", lambda tmp: shutil.copyfile(resume_from, tmp))
         state["train_config"] = dataclasses.asdict(tcfg)             # --epochs may have extended the run
         state.setdefault("data", fingerprint)
     else:
@@ -313,9 +314,9 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         bar.close()
         train_seconds = time.perf_counter() - t0
         if tcfg.cuda_graphs:
-            log(f"CUDA graphs: {stepper.captured} batch shapes captured in {stepper.capture_seconds:.1f} s, "
-                f"{stepper.replayed} steps replayed, {stepper.uncaptured} run eagerly (shapes beyond "
-                f"{stepper.MAX_GRAPHS}) so far")
+            log(f"CUDA graphs: {stepper.captured} graphs (padded batch shapes) captured in "
+                f"{stepper.capture_seconds:.1f} s, {stepper.replayed} steps replayed, {stepper.uncaptured} run "
+                f"eagerly (shapes beyond {stepper.MAX_GRAPHS}) so far")
         if tcfg.precision == "fp16" and steps and skipped == steps:
             # the scaler skipped every step, halving the loss scale at each. A short epoch (a small corpus) may
             # skip all its steps while the scaler comes down from 2**16; below a scale of 1 the gradients are
@@ -349,18 +350,19 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
         if test is not None and (state["best_test"] is None
                                  or test["weighted_f1"] > state["best_test"]["weighted_f1"]):
             state["best_test"] = {"weighted_f1": test["weighted_f1"], "accuracy": test["accuracy"], "epoch": epoch}
-        # best first, then last: both hold the whole state of this epoch, so --resume can continue from
-        # either (a kill between the two leaves best one epoch ahead of last)
+        # last first (what --resume continues from), then best (the weights evaluation uses): a kill between
+        # the two leaves best behind, and --resume rewrites it from last (_best_behind)
         # every rank keeps the same state (the metrics were gathered); rank 0 alone writes it
-        if state["best_valid"] is None or score > state["best_valid"]["score"]:
+        improved = state["best_valid"] is None or score > state["best_valid"]["score"]
+        if improved:
             state["best_valid"] = {"score": score, "epoch": epoch, "valid": valid, "test": test}
-            if ctx.main:
-                save_checkpoint(out / "best.safetensors", model, optimizer, state, saved_config, average)
-            if test is not None and ctx.main:
-                save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
-                                      f"test, epoch {epoch} (selected on {_selected_on(state['best_valid'])})")
         if ctx.main:
             save_checkpoint(out / "last.safetensors", model, optimizer, state, saved_config, average)
+            if improved:
+                save_weights(out / "best.safetensors", model, state, saved_config, average)
+                if test is not None:
+                    save_confusion_matrix(y_test, p_test, data.class_names, out / "confusion_matrix.png",
+                                          f"test, epoch {epoch} (selected on {_selected_on(state['best_valid'])})")
             _write_run_files(out, saved_config, dataclasses.asdict(tcfg))  # with the first checkpoint, never before
             _write_metrics(out, state)
         log(f"epoch {epoch:3d}/{tcfg.epochs}  loss {row['train_loss']:.4f}  "
@@ -371,8 +373,22 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
                 f"(best epoch {state['best_valid']['epoch']})")
     if ctx.main:
+        if not tcfg.keep_last and (out / "last.safetensors").exists():
+            # finished: best holds what evaluation needs, and takes the run's final state (so --resume sees a
+            # finished run), then last goes; a kill between the two leaves both, as during training
+            restate(out / "best.safetensors", state)
+            (out / "last.safetensors").unlink()
         return json.loads((out / "metrics.json").read_text())
     return json.loads(json.dumps(_metrics(state)))             # what rank 0 wrote, without reading its folder
+
+
+def _best_behind(out: Path, state: dict) -> bool:
+    """best.safetensors does not hold the epoch validation selected (a kill between the epoch's two writes)."""
+    best = state.get("best_valid")
+    if best is None or best["epoch"] != state["epoch"]:
+        return False                              # selected before the last epoch: its best was written then
+    path = out / "best.safetensors"
+    return not path.exists() or (read_metadata(path)["state"].get("best_valid") or {}).get("epoch") != best["epoch"]
 
 
 def dist_backend() -> str:
@@ -433,10 +449,7 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device, preci
 
 
 def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
-    """Patience ran out: `patience` epochs since the validation-selected one (a resumed run stops too)."""
-    best = state["best_valid"]
-    return (tcfg.patience is not None and best is not None and best["valid"] is not None
-            and state["epoch"] - best["epoch"] >= tcfg.patience)
+    return run_folder.patience_ran_out(state, tcfg.patience)
 
 
 def _baseline_line(b: dict) -> str:

@@ -411,6 +411,26 @@ def test_the_demo_stage_reruns_into_a_folder_that_holds_its_earlier_run(tmp_path
     assert res["ok"], res.get("error")
 
 
+def test_gpu_session_runs_the_fault_checks_before_the_speed_targets(tmp_path):
+    """The default stages, in the order they run (a budget of 1 s skips them all, and the second call the script
+    prints lists them in its order): every correctness stage before the speed targets, and all of them."""
+    import os
+    from pathlib import Path
+
+    from cmath_mer.bench.gpucheck.driver import STAGE_NAMES
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DEVICE="cpu", OUT=str(tmp_path), RESULTS=str(tmp_path / "results"),
+               PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    p = subprocess.run([str(root / "tools" / "gpu_session.sh"), "1"], capture_output=True, text=True, env=env,
+                       timeout=300)
+    last = p.stdout.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("not finished; second call: tools/gpu_session.sh 1 "), p.stdout
+    order = last.split()[-1].split(",")
+    assert sorted(order) == sorted(STAGE_NAMES)
+    faults = ("parity", "autotune_cold", "determinism", "cuda_graph", "graph_train")
+    assert max(order.index(s) for s in faults) < order.index("targets"), order
+
+
 def test_gpu_session_smoke_on_the_cpu(tmp_path):
     """DEVICE=cpu: the caller's PYTHONPATH is kept, TRITON_INTERPRET is set, checkpoints and their temporaries
     stay out of the tarball, and the last line printed is the second call for the stages not finished."""

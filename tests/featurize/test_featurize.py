@@ -273,7 +273,8 @@ def test_featurize_train_predict_on_a_csv(tmp_path, minilm, capsys):
     assert main(["featurize", f"{table}", "--out", str(data), "--no-progress"]) == 0
     assert "text 384 dims" in capsys.readouterr().out
     small = json.dumps({"d_model": 32, "d_hidden": 32, "n_heads": 4})
-    assert main(["train", "--data", str(data), "--epochs", "2", "--out", str(run), "--no-progress",
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(data), "--epochs", "2", "--out", str(run), "--no-progress",
                  "--set", small]) == 0
     config = json.loads((run / "config.json").read_text())
     assert config["encoders"]["text"]["name"] == "all-MiniLM-L6-v2" and config["input_dims"] == {"text": 384}
@@ -323,7 +324,8 @@ def test_predict_on_a_csv_needs_recorded_encoders(tmp_path, capsys):
     ds = make_synthetic("iemocap", conversations=8, min_length=2, max_length=4, input_dims={"text": 8})
     save_dataset(ds, tmp_path / "syn.safetensors")
     small = json.dumps({"d_model": 16, "d_hidden": 16, "n_heads": 2})
-    assert main(["train", "--data", str(tmp_path / "syn.safetensors"), "--epochs", "1", "--out", str(run),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(tmp_path / "syn.safetensors"), "--epochs", "1", "--out", str(run),
                  "--no-progress", "--set", small]) == 0
     ask = write_csv(tmp_path / "ask.csv", HEADER[:4], [r[:4] for r in ROWS])
     capsys.readouterr()

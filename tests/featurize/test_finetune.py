@@ -172,7 +172,8 @@ def test_predict_on_a_csv_uses_the_finetuned_encoder(tmp_path, tiny_model, capsy
     data, out = run(tmp_path, "p", rows(6), tiny_model)
     run_dir = tmp_path / "run"
     small = json.dumps({"d_model": 16, "d_hidden": 16, "n_heads": 2})
-    assert main(["train", "--data", str(out), "--epochs", "1", "--out", str(run_dir), "--no-progress",
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(out), "--epochs", "1", "--out", str(run_dir), "--no-progress",
                  "--set", small]) == 0
     new = [["x", 0, "Eve", "Yay, we won!"], ["x", 1, "Dan", "Stop shouting at me!"]]
     ask = write_csv(tmp_path / "ask.csv", HEADER[:4], new)

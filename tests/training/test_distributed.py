@@ -179,7 +179,8 @@ def test_micro_batches_draw_the_eps_of_the_whole_batch_and_normalise_by_its_tota
 # ------------------------------------------------------------------------------------------- end to end
 
 def _train_args(data, out, *extra, config=SMALL):
-    return ["train", "--data", str(data), "--epochs", "2", "--device", "cpu", "--no-progress", "--set", config,
+    return ["train", "--preset", "iemocap",
+            "--data", str(data), "--epochs", "2", "--device", "cpu", "--no-progress", "--set", config,
             "--out", str(out), *extra]
 
 

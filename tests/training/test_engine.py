@@ -158,7 +158,7 @@ def test_the_training_loop_reads_tensors_on_the_host_only_at_the_logging_points(
 def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoch_kept(tmp_path, monkeypatch):
     data = corpus(conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=1, batch_utterances=48, baseline=False)
+    tc = TrainConfig(epochs=1, batch_utterances=48, baseline=False, keep_last=True)
     train(data, config, tc, tmp_path, **quiet)
     before = folder_bytes(tmp_path)
     real = CMATH.forward
@@ -173,8 +173,8 @@ def test_a_non_finite_loss_is_caught_at_the_logging_point_and_the_last_good_epoc
         return out
     monkeypatch.setattr(CMATH, "forward", diverging)
     with pytest.raises(FloatingPointError, match=r"non-finite.*epoch 2 \(steps \d+-\d+"):
-        train(data, config, TrainConfig(epochs=2, batch_utterances=48, baseline=False), tmp_path, resume=True,
-              **quiet)
+        train(data, config, TrainConfig(epochs=2, batch_utterances=48, baseline=False, keep_last=True), tmp_path,
+              resume=True, **quiet)
     assert folder_bytes(tmp_path) == before
 
 
@@ -186,7 +186,7 @@ def test_an_fp16_epoch_that_skipped_every_step_stops_training_and_keeps_the_last
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=1, batch_utterances=32, seed=seed, precision="fp16", baseline=False)
+    tc = TrainConfig(epochs=1, batch_utterances=32, seed=seed, precision="fp16", baseline=False, keep_last=True)
     train(data, config, tc, tmp_path, **quiet)
     before = folder_bytes(tmp_path)
     state = read_metadata(tmp_path / "last.safetensors")["state"]
@@ -206,7 +206,7 @@ def test_an_fp16_epoch_skipped_whole_above_scale_1_warns_and_training_goes_on(tm
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision="fp16", baseline=False)
+    tc = TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision="fp16", baseline=False, keep_last=True)
     seen = nan_gradients(monkeypatch, when=lambda call: call <= 2)     # epoch 1 has more than 2 steps
     lines = []
     metrics = train(data, config, tc, tmp_path, progress=False, log=lines.append)
@@ -294,7 +294,7 @@ def test_resume_under_reduced_precision_equals_an_uninterrupted_run(tmp_path, mo
     seed = random_seed()
     data = corpus(seed=seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
-    tc = TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision=precision, baseline=False)
+    tc = TrainConfig(epochs=2, batch_utterances=32, seed=seed, precision=precision, baseline=False, keep_last=True)
     full = train(data, config, tc, tmp_path / "full", **quiet)
     if precision == "fp16":
         skipped = [row["skipped_steps"] for row in full["history"]]
@@ -439,8 +439,9 @@ def test_cli_stores_the_engine_settings_and_resume_keeps_them(tmp_path, capsys):
     save_dataset(corpus(conversations=8), path)
     out = tmp_path / "run"
     small = json.dumps(SMALL)
-    assert main(["train", "--data", str(path), "--epochs", "1", "--set", small, "--precision", "bf16",
-                 "--accumulate", "2", "--deterministic", "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--epochs", "1", "--set", small, "--precision", "bf16",
+                 "--accumulate", "2", "--deterministic", "--out", str(out), "--no-progress", "--keep-last"]) == 0
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["precision"], saved["accumulate"], saved["deterministic"], saved["compile"],
             saved["device"]) == ("bf16", 2, True, False, "cpu")             # auto: cpu on this machine
@@ -454,7 +455,8 @@ def test_cli_stores_the_engine_settings_and_resume_keeps_them(tmp_path, capsys):
     assert "--deterministic off" in capsys.readouterr().err
     saved = json.loads((out / "train_config.json").read_text())
     assert (saved["precision"], saved["accumulate"], saved["deterministic"], saved["epochs"]) == ("bf16", 2, False, 2)
-    assert main(["train", "--data", str(path), "--out", str(tmp_path / "o"), "--accumulate", "0"]) == 2
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--out", str(tmp_path / "o"), "--accumulate", "0"]) == 2
     assert "--accumulate" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -466,7 +468,8 @@ def test_evaluate_and_predict_run_in_the_runs_precision_unless_told(tmp_path, mo
     path = tmp_path / "d.safetensors"
     save_dataset(corpus(seed=random_seed(), conversations=12), path)
     out = tmp_path / "run"
-    assert main(["train", "--data", str(path), "--epochs", "2", "--set", json.dumps(SMALL), "--precision", "bf16",
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--epochs", "2", "--set", json.dumps(SMALL), "--precision", "bf16",
                  "--out", str(out), "--no-progress"]) == 0
     selected = json.loads((out / "metrics.json").read_text())["selected_by_validation"]
     capsys.readouterr()

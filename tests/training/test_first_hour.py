@@ -87,7 +87,8 @@ def test_train_applies_the_thread_choice_prints_it_in_the_data_line_and_stores_i
     if given == "env":
         monkeypatch.setenv("OMP_NUM_THREADS", str(n))
     out = tmp_path / "run"
-    assert main(["train", "--data", str(path), "--epochs", "1", "--set", json.dumps(SMALL), "--out", str(out),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--epochs", "1", "--set", json.dumps(SMALL), "--out", str(out),
                  "--no-progress", *option]) == 0
     why = "--threads" if given == "option" else "OMP_NUM_THREADS"
     assert seen and seen[0] == n
@@ -100,7 +101,8 @@ def test_train_without_a_choice_applies_the_policy(tmp_path, monkeypatch, capsys
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "run"
-    assert main(["train", "--data", str(path), "--epochs", "1", "--set", json.dumps(SMALL), "--out", str(out),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--epochs", "1", "--set", json.dumps(SMALL), "--out", str(out),
                  "--no-progress"]) == 0
     stored = read_metadata(out / "best.safetensors")["state"]["run"]["threads"]
     assert stored["why"].endswith("usable CPUs") or "usable CPUs, load average" in stored["why"]
@@ -240,7 +242,8 @@ def test_a_seeds_folder_predicts_and_evaluates_as_the_mean_of_its_seeds_probabil
     path = small_file(tmp_path, random.randint(0, 10_000), conversations=10)
     seeds = random.sample(range(100), 2)
     out = tmp_path / "runs"
-    assert main(["train", "--data", str(path), "--seeds", ",".join(map(str, seeds)), "--epochs", "1", "--set",
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--seeds", ",".join(map(str, seeds)), "--epochs", "1", "--set",
                  json.dumps(SMALL), "--out", str(out), "--no-progress"]) == 0
     data, y, mean, test = _mean_of_seeds(out, path, seeds)
     assert not np.allclose(mean, _mean_of_seeds(out, path, seeds[:1])[2], atol=1e-3)   # the seeds differ
@@ -263,7 +266,8 @@ def test_a_seeds_folder_with_an_unfinished_seed_is_refused_naming_the_seed_folde
     path = small_file(tmp_path, random.randint(0, 10_000))
     seed = random.randint(0, 50)
     out = tmp_path / "runs"
-    assert main(["train", "--data", str(path), "--seeds", str(seed), "--epochs", "1", "--set", json.dumps(SMALL),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--seeds", str(seed), "--epochs", "1", "--set", json.dumps(SMALL),
                  "--out", str(out), "--no-progress"]) == 0
     (out / f"seed-{seed + 100}").mkdir()
     capsys.readouterr()
@@ -288,7 +292,8 @@ def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, mon
     table = write_csv(tmp_path / "corpus.csv", header, rows)
     data, out = tmp_path / "corpus.safetensors", tmp_path / "runs"
     assert main(["featurize", str(table), "--out", str(data), "--no-progress"]) == 0
-    assert main(["train", "--data", str(data), "--seeds", "0,1", "--epochs", "1", "--set", json.dumps(SMALL),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(data), "--seeds", "0,1", "--epochs", "1", "--set", json.dumps(SMALL),
                  "--out", str(out), "--no-progress"]) == 0
     new = f"an entirely new sentence {rng.random()}"
     ask = write_csv(tmp_path / "ask.csv", header[:4], [r[:4] for r in rows[:5]] + [["d9", 0, "Ann", new]])
@@ -364,17 +369,29 @@ def test_without_preset_the_data_chooses_it_and_the_run_says_and_stores_which(tm
     seed = random.randint(0, 10_000)
     meld = small_file(tmp_path, seed, name="meldish.safetensors", num_classes=7,
                       class_names=tuple(reversed(PRESETS["meld"]["class_names"])))
-    other = small_file(tmp_path, seed, name="other.safetensors")
-    for path, preset, why in ((meld, "meld", "the data's classes are meld's"),
-                              (other, "iemocap", "the default: no preset has the data's classes; --preset chooses "
-                                                 "among iemocap (6 classes, d=256), meld (7 classes, d=128)")):
-        out = tmp_path / preset
-        assert main(["train", "--data", str(path), "--epochs", "1", "--out", str(out), "--no-progress",
-                     "--set", json.dumps({"n_layers": 1})]) == 0
-        assert f", preset {preset} ({why})" in capsys.readouterr().out
-        state = read_metadata(out / "best.safetensors")
-        assert state["state"]["run"]["preset"] == preset and state["state"]["run"]["preset_why"] == why
-        assert state["config"]["d_model"] == PRESETS[preset].get("d_model", 256)
+    out = tmp_path / "meld"
+    assert main(["train", "--data", str(meld), "--epochs", "1", "--out", str(out), "--no-progress",
+                 "--set", json.dumps({"n_layers": 1})]) == 0
+    why = "the data's classes are meld's"
+    assert f", preset meld ({why})" in capsys.readouterr().out
+    state = read_metadata(out / "best.safetensors")
+    assert state["state"]["run"]["preset"] == "meld" and state["state"]["run"]["preset_why"] == why
+    assert state["config"]["d_model"] == PRESETS["meld"].get("d_model", 256)
+
+
+def test_without_preset_data_of_no_presets_classes_is_refused_naming_the_choices(tmp_path, capsys):
+    from cmath_mer.model.config import PRESETS
+    other = small_file(tmp_path, random.randint(0, 10_000), name="other.safetensors")
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "--data", str(other), "--epochs", "1", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("cmath-mer: error: --data "), err
+    assert str(other) in err and "--preset" in err and all(f"{n} (" in err for n in PRESETS), err
+    assert not out.exists() or not any(out.iterdir())
+    assert main(["train", "--data", str(other), "--epochs", "1", "--out", str(out), "--no-progress",
+                 "--preset", "iemocap", "--set", json.dumps({"n_layers": 1})]) == 0
+    assert ", preset iemocap (--preset)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- progress that tells the truth
@@ -401,7 +418,8 @@ def test_the_training_bar_counts_the_epochs_training_utterances(tmp_path, monkey
     monkeypatch.setattr(train_module, "tqdm", Bar)
     path = small_file(tmp_path, random.randint(0, 10_000), conversations=random.randint(8, 14))
     epochs = random.randint(1, 2)
-    assert main(["train", "--data", str(path), "--epochs", str(epochs), "--set", json.dumps(SMALL), "--out",
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--epochs", str(epochs), "--set", json.dumps(SMALL), "--out",
                  str(tmp_path / "run")]) == 0
     data = load_dataset(path)
     lengths = data.lengths()

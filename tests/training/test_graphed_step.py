@@ -21,7 +21,9 @@ from cmath_mer.training.train import resolve_cuda_graphs
 from helpers import StandInGraphs
 
 
-def _steppers(seed):
+def _steppers(seed, pad=False):
+    """An eager and a graphed stepper of one model; unpadded by default, so that the graphed steps equal the eager
+    ones bit for bit (padding changes the dropout draws; test_graphed_padding.py checks it)."""
     cfg = preset("iemocap", backend="torch", d_model=32, n_heads=2, n_layers=1, d_hidden=32, d_latent=16)
     torch.manual_seed(seed)
     a = CMATH(cfg).train()
@@ -32,7 +34,7 @@ def _steppers(seed):
     opt_b = torch.optim.AdamW(b.parameters(), lr=lr, fused=True)
     eager = Stepper(a, a, opt_a, Precision("fp32", "cpu"), 1.0, StepMeter("cpu"))
     graphs = StandInGraphs()
-    graphed = GraphedStepper(b, opt_b, Precision("fp32", "cpu"), 1.0, StepMeter("cpu"), graphs)
+    graphed = GraphedStepper(b, opt_b, Precision("fp32", "cpu"), 1.0, StepMeter("cpu"), graphs, pad=pad)
     return cfg, (a, eager), (b, graphed), graphs
 
 

@@ -26,7 +26,8 @@ ROUNDS = 4
 
 
 def launch(data: Path, out: Path, resume: bool) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "cmath_mer", "train", "--data", str(data), "--out", str(out), "--no-progress"]
+    argv = [sys.executable, "-m", "cmath_mer", "train", "--preset", "iemocap",
+            "--data", str(data), "--out", str(out), "--no-progress"]
     argv += ["--resume"] if resume else ["--epochs", str(EPOCHS), "--set", TINY]
     return subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -74,7 +75,8 @@ def test_kill_9_at_seeded_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
     data = tmp_path / "d.safetensors"
     save_dataset(make_synthetic(None, input_dims={"text": 12, "audio": 10, "visual": 6}, num_classes=4,
                                 conversations=24, min_length=4, max_length=14, seed=3), data)
-    ref = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--data", str(data), "--out",
+    ref = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--preset", "iemocap",
+                          "--data", str(data), "--out",
                           str(tmp_path / "ref"), "--epochs", str(EPOCHS), "--set", TINY, "--no-progress"],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
@@ -98,7 +100,8 @@ def test_kill_9_at_seeded_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         state = "run" if assert_empty_or_loadable(out, f"round {i}") else "empty"
         log.append((marker, round(delay, 3), resume, killed, state))
 
-    final = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--data", str(data), "--out", str(out),
+    final = subprocess.run([sys.executable, "-m", "cmath_mer", "train", "--preset", "iemocap",
+                            "--data", str(data), "--out", str(out),
                             "--no-progress"] + (["--resume"] if run_files(out) else ["--epochs", str(EPOCHS),
                                                                                       "--set", TINY]),
                            env=ENV, capture_output=True, text=True, timeout=300)

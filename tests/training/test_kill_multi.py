@@ -25,7 +25,8 @@ ROUNDS = 3
 
 def argv(command: str, data: Path, out: Path, grid: Path) -> list[str]:
     if command == "seeds":
-        return ["train", "--data", str(data), "--out", str(out), "--seeds", "0,1", "--epochs", "3", "--set",
+        return ["train", "--preset", "iemocap",
+                "--data", str(data), "--out", str(out), "--seeds", "0,1", "--epochs", "3", "--set",
                 json.dumps(TINY), "--no-progress"]
     return ["sweep", "--data", str(data), "--grid", str(grid), "--out", str(out), "--seeds", "0,1", "--no-progress"]
 

@@ -1,5 +1,6 @@
 """The training recipe: learning-rate schedule, early stopping, tempered class weights, label smoothing,
 the context-free baseline beside every run, and several seeds summarised as mean and std."""
+import dataclasses
 import json
 import math
 import random
@@ -255,13 +256,18 @@ def test_with_ema_the_checkpoint_evaluates_the_average_and_resume_equals_an_unin
     data = corpus(seed, conversations=16)
     config = build_config(data, "iemocap", **SMALL)
     # with the warmup, a resume that restarted the ramp at update 0 would average differently from epoch 2
-    tc = TrainConfig(epochs=3, batch_utterances=96, seed=seed, ema_decay=0.9, ema_warmup=warmup, baseline=False)
+    tc = TrainConfig(epochs=3, batch_utterances=96, seed=seed, ema_decay=0.9, ema_warmup=warmup, baseline=False,
+                     keep_last=True)
     full = train(data, config, tc, tmp_path / "full", **quiet)
-    tensors = load_file(str(tmp_path / "full" / "best.safetensors"))
-    model = load_trained(tmp_path / "full")
+    # best.safetensors holds the weights evaluation uses: the average of the selected epoch (epoch 1's best is
+    # epoch 1, whose last.safetensors holds both the weights and their average)
+    one = TrainConfig(**{**dataclasses.asdict(tc), "epochs": 1})
+    train(data, config, one, tmp_path / "one", **quiet)
+    best, last = (load_file(str(tmp_path / "one" / f"{n}.safetensors")) for n in ("best", "last"))
+    model = load_trained(tmp_path / "one")
     for name, p in model.named_parameters():
-        assert torch.equal(p.detach(), tensors[f"average.{name}"]), name
-    assert any(not torch.equal(tensors[f"average.{n}"], tensors[f"model.{n}"]) for n, _ in model.named_parameters())
+        assert torch.equal(p.detach(), last[f"average.{name}"]) and torch.equal(best[f"model.{name}"], p), name
+    assert any(not torch.equal(last[f"average.{n}"], last[f"model.{n}"]) for n, _ in model.named_parameters())
     resumed = train_interrupted_after_epoch_1(data, config, tc, tmp_path / "cut")
     strip = lambda h: [{k: v for k, v in r.items() if k != "utterances_per_second"} for r in h]
     assert strip(resumed["history"]) == strip(full["history"])

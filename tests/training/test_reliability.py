@@ -53,10 +53,12 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus) -> Path:
-    """A finished 1-epoch run folder (copy it before changing it)."""
+    """A finished 1-epoch run folder that kept last.safetensors, so --resume can extend it (copy it before
+    changing it)."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
+                 "--no-progress", "--keep-last"]) == 0
     return out
 
 
@@ -77,13 +79,16 @@ def snapshot(folder: Path) -> dict[str, str]:
 def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, capsys, trained, corpus):
     out = run_copy(trained, tmp_path)
     before = snapshot(out)
-    refused(capsys, ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out)], 2,
+    refused(capsys, ["train", "--preset", "iemocap",
+                     "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out)], 2,
             str(out), "--resume", "--overwrite")
-    refused(capsys, ["train", "--data", str(corpus), "--epochs", "-1", "--out", str(out)], 2, "--epochs")
+    refused(capsys, ["train", "--preset", "iemocap",
+                     "--data", str(corpus), "--epochs", "-1", "--out", str(out)], 2, "--epochs")
     assert snapshot(out) == before
     # --overwrite clears the old run first: the new config, and no file of the old run left
     other = json.dumps({**TINY, "d_model": 8})
-    assert main(["train", "--data", str(corpus), "--epochs", "1", "--set", other, "--out", str(out),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(corpus), "--epochs", "1", "--set", other, "--out", str(out),
                  "--overwrite", "--no-progress"]) == 0
     assert json.loads((out / "config.json").read_text())["d_model"] == 8
     assert read_metadata(out / "best.safetensors")["config"]["d_model"] == 8
@@ -91,7 +96,8 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
     # a folder holding something else is no run folder, even with --overwrite
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    refused(capsys, ["train", "--data", str(corpus), "--out", str(tmp_path / "mine"), "--overwrite"], 2,
+    refused(capsys, ["train", "--preset", "iemocap",
+                     "--data", str(corpus), "--out", str(tmp_path / "mine"), "--overwrite"], 2,
             "notes.txt")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
@@ -99,10 +105,12 @@ def test_a_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tmp_path, 
 def test_a_second_writer_is_stopped_by_the_lock(tmp_path, capsys, corpus):
     out = tmp_path / "run"
     with RunLock(out):                   # another process holds the folder (flock: per open file, so also here)
-        refused(capsys, ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out)], 1,
+        refused(capsys, ["train", "--preset", "iemocap",
+                         "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out)], 1,
                 str(out), "another process")
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
-    assert main(["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
                  "--no-progress"]) == 0
 
 
@@ -121,18 +129,18 @@ def test_nothing_but_the_checkpoint_makes_a_run_and_config_json_comes_with_it(tm
         return save(path, *a, **k)
     train_module.save_checkpoint = spy
     try:
-        train(data, config, TrainConfig(epochs=1), out, progress=False, log=lambda *_: None)
+        train(data, config, TrainConfig(epochs=1, keep_last=True), out, progress=False, log=lambda *_: None)
     finally:
         train_module.save_checkpoint = save
     assert seen[0] == [LOCK_NAME]                    # nothing before the first checkpoint
     from cmath_mer.training.run_folder import RUN_FILES
-    assert sorted(p.name for p in out.iterdir()) == sorted([LOCK_NAME, *RUN_FILES])
-    for name in ("config.json", "train_config.json", "last.safetensors", "metrics.json"):
-        (out / name).unlink()                       # as if killed right after best.safetensors was renamed
-    model = load_trained(out)
-    assert model.config == config
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES)          # and no lock left
+    for name in ("config.json", "train_config.json", "best.safetensors", "metrics.json", "confusion_matrix.png",
+                 "training_curves.png"):
+        (out / name).unlink()                       # as if killed right after last.safetensors was renamed
     metrics = train(data, config, TrainConfig(epochs=2), out, resume=True, progress=False, log=lambda *_: None)
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert load_trained(out).config == config
 
 
 # --------------------------------------------------------------------------- 2. non-finite weights saved
@@ -141,7 +149,7 @@ def test_non_finite_weights_are_never_saved_and_never_used(tmp_path, capsys, cor
     data = load_dataset(corpus)
     config = build_config(data, "iemocap", **TINY)
     out = tmp_path / "run"
-    train(data, config, TrainConfig(epochs=1), out, progress=False, log=lambda *_: None)
+    train(data, config, TrainConfig(epochs=1, keep_last=True), out, progress=False, log=lambda *_: None)
     good = snapshot(out)
     step = torch.optim.AdamW.step
 
@@ -167,7 +175,8 @@ def test_non_finite_weights_are_never_saved_and_never_used(tmp_path, capsys, cor
     refused(capsys, ["predict", "--checkpoint", str(out), "--data", str(corpus), "--out",
                      str(tmp_path / "p.csv")], 1, "non-finite")
     assert not (tmp_path / "p.csv").exists()
-    refused(capsys, ["train", "--data", str(corpus), "--lr", "inf", "--out", str(tmp_path / "x")], 2, "--lr")
+    refused(capsys, ["train", "--preset", "iemocap",
+                     "--data", str(corpus), "--lr", "inf", "--out", str(tmp_path / "x")], 2, "--lr")
 
 
 # ------------------------------------------------------------------------------ 3. predict destroys input
@@ -236,16 +245,16 @@ def test_resume_api_refuses_another_config(tmp_path, trained, corpus):
 
 # ------------------------------------------------------------------------------------ 5. kill leftovers
 
-def test_stale_temporaries_are_cleaned_and_resume_works_from_best_alone(tmp_path, trained, corpus, capsys):
+def test_stale_temporaries_are_cleaned_and_resume_works_from_last_alone(tmp_path, trained, corpus, capsys):
     out = run_copy(trained, tmp_path)
     for name in (".best.safetensors.abc123.tmp", ".confusion_matrix.png.x.tmp", ".metrics.json.y.tmp"):
         (out / name).write_bytes(b"\0" * 100)
-    (out / "last.safetensors").unlink()              # a kill during epoch 1 between best and last
+    (out / "best.safetensors").unlink()              # a kill during epoch 1 between last and best
     (out / "confusion_matrix.png").write_bytes(b"")  # and the old torn picture
     assert main(["train", "--data", str(corpus), "--out", str(out), "--resume", "--epochs", "2",
                  "--no-progress"]) == 0
     assert not list(out.glob(".*.tmp"))
-    assert (out / "last.safetensors").exists() and (out / "confusion_matrix.png").stat().st_size > 0
+    assert (out / "best.safetensors").exists() and (out / "confusion_matrix.png").stat().st_size > 0
     assert [r["epoch"] for r in json.loads((out / "metrics.json").read_text())["history"]] == [1, 2]
 
 
@@ -256,8 +265,8 @@ def test_files_get_the_usual_permissions(tmp_path, trained, corpus):
         assert main(["synth", str(path), "--conversations", "2", "--min-length", "2", "--max-length", "3"]) == 0
         out = tmp_path / "run"
         data = load_dataset(corpus)
-        train(data, build_config(data, "iemocap", **TINY), TrainConfig(epochs=1), out, progress=False,
-              log=lambda *_: None)
+        train(data, build_config(data, "iemocap", **TINY), TrainConfig(epochs=1, keep_last=True), out,
+              progress=False, log=lambda *_: None)
     finally:
         os.umask(old)
     for p in (path, out / "best.safetensors", out / "last.safetensors", out / "config.json"):
@@ -392,41 +401,61 @@ def test_config_values_are_checked(bad, words):
 
 MISUSE = [
     # (argv after the subcommand, with {data} {run} {tmp} {pkl}), exit code, words the message must hold
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--epochs", "0"], 2, ["--epochs"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--lr", "0"], 2, ["--lr"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--modalities", ""], 2, ["--modalities"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--modalities", "text,text"], 2, ["--modalities", "twice"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--modalities", "smell"], 2, ["--modalities", "smell"]),
-    (["train", "--data", "{pkl}", "--out", "{tmp}/o", "--class-names", ""], 2, ["--class-names"]),
-    (["train", "--data", "{data}", "--out", ""], 2, ["--out"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"bogus": 1}'], 2, ["--set", "bogus"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", "[1, 2]"], 2, ["--set", "object"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", "{nope"], 2, ["--set", "JSON"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"num_classes": 3}'], 2, ["--set", "num_classes"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"modalities": ["text"]}'], 2, ["--modalities"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"window": "abc"}'], 2, ["window"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"n_heads": 0}'], 2, ["n_heads"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"d_model": -8}'], 2, ["d_model"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"central_modalities": []}'], 2,
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--epochs", "0"], 2, ["--epochs"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--lr", "0"], 2, ["--lr"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--modalities", ""], 2, ["--modalities"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--modalities", "text,text"], 2, ["--modalities", "twice"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--modalities", "smell"], 2, ["--modalities", "smell"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{pkl}", "--out", "{tmp}/o", "--class-names", ""], 2, ["--class-names"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", ""], 2, ["--out"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"bogus": 1}'], 2, ["--set", "bogus"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", "[1, 2]"], 2, ["--set", "object"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--set", "{nope"], 2, ["--set", "JSON"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"num_classes": 3}'], 2, ["--set", "num_classes"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"modalities": ["text"]}'], 2, ["--modalities"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"window": "abc"}'], 2, ["window"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"n_heads": 0}'], 2, ["n_heads"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"d_model": -8}'], 2, ["d_model"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"central_modalities": []}'], 2,
      ["central_modalities"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"tau": 0}'], 2, ["tau"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--device", "cuda"], 2, ["--device"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--device", "foo"], 2, ["--device", "foo"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--backend", "triton"], 2, ["--backend triton"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"backend": "triton"}'], 2, ["triton"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"backend": "cuda"}'], 2, ["backend"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--class-names", "a,b,c,d"], 2,
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--set", '{"tau": 0}'], 2, ["tau"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--device", "cuda"], 2, ["--device"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--device", "foo"], 2, ["--device", "foo"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--backend", "triton"], 2, ["--backend triton"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"backend": "triton"}'], 2, ["triton"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--set", '{"backend": "cuda"}'], 2, ["backend"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--class-names", "a,b,c,d"], 2,
      ["--class-names", "safetensors"]),
-    (["train", "--data", "{data}", "--out", "{data}"], 2, ["--out", "file"]),
-    (["train", "--data", "{tmp}/missing.safetensors", "--out", "{tmp}/o"], 1, ["missing.safetensors"]),
-    (["train", "--data", "{unlabelled}", "--out", "{tmp}/o", "--epochs", "1"], 1, ["unlabelled", "labels"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{data}"], 2, ["--out", "file"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{tmp}/missing.safetensors", "--out", "{tmp}/o"], 1, ["missing.safetensors"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{unlabelled}", "--out", "{tmp}/o", "--epochs", "1"], 1, ["unlabelled", "labels"]),
     (["train", "--data", "{data}", "--out", "{tmp}/nothing", "--resume"], 2, ["nothing to resume"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "1,1"], 2, ["--seeds"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "0,1", "--seed", "3"], 2, ["--seeds"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--patience", "0"], 2, ["--patience"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--accumulate", "0"], 2, ["--accumulate"]),
-    (["train", "--data", "{data}", "--out", "{tmp}/o", "--device", "cuda:1", "--precision", "bf16"], 2, ["--device"]),
-    (["train", "--data", "{data}", "--out", "{data}/run", "--epochs", "1"], 1, ["--out", "Not a directory"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--seeds", "1,1"], 2, ["--seeds"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--seeds", "0,1", "--seed", "3"], 2, ["--seeds"]),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/o", "--patience", "0"], 2, ["--patience"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--accumulate", "0"], 2, ["--accumulate"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/o", "--device", "cuda:1", "--precision", "bf16"], 2, ["--device"]),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{data}/run", "--epochs", "1"], 1, ["--out", "Not a directory"]),
     (["evaluate", "--checkpoint", "{tmp}/norun", "--data", "{data}"], 1, ["norun"]),
     (["evaluate", "--checkpoint", "{empty_ckpt}", "--data", "{data}"], 1, ["best.safetensors"]),
     (["evaluate", "--checkpoint", "{torn_ckpt}", "--data", "{data}"], 1, ["best.safetensors"]),
@@ -475,7 +504,8 @@ def test_cli_misuse_is_a_one_line_error_and_writes_nothing(tmp_path, capsys, mis
 
 
 def test_debug_shows_the_traceback(capsys, tmp_path, corpus):
-    assert main(["train", "--data", str(corpus), "--out", str(tmp_path / "o"), "--epochs", "0", "--debug"]) == 2
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(corpus), "--out", str(tmp_path / "o"), "--epochs", "0", "--debug"]) == 2
     assert "Traceback" in capsys.readouterr().err
 
 
@@ -486,7 +516,8 @@ def test_read_only_output_folder_is_a_one_line_error(tmp_path, capsys, corpus):
     ro.mkdir()
     ro.chmod(0o555)
     try:
-        refused(capsys, ["train", "--data", str(corpus), "--out", str(ro / "run"), "--epochs", "1"], 1, str(ro))
+        refused(capsys, ["train", "--preset", "iemocap",
+                         "--data", str(corpus), "--out", str(ro / "run"), "--epochs", "1"], 1, str(ro))
     finally:
         ro.chmod(0o755)
 
@@ -501,15 +532,17 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_no_temporary(tmp_path, capsy
         raise OSError(errno.ENOSPC, "No space left on device", filename)
     monkeypatch.setattr(ckpt, "save_file", full)
     out = tmp_path / "run"
-    refused(capsys, ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
+    refused(capsys, ["train", "--preset", "iemocap",
+                     "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out),
                      "--no-progress"], 1, "no space left")
-    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    assert sorted(p.name for p in out.iterdir()) == []             # no torn file, no temporary, no lock
 
 
 def test_seed_runs_are_run_folders_too(tmp_path, capsys, corpus):
     out = tmp_path / "seeds"
-    argv = ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out), "--seeds", "0,1",
-            "--no-progress"]
+    argv = ["train", "--preset", "iemocap",
+            "--data", str(corpus), "--epochs", "1", "--set", TINY_SET, "--out", str(out), "--seeds", "0,1",
+            "--no-progress", "--keep-last"]
     assert main(argv) == 0
     before = snapshot(out)
     refused(capsys, argv, 2, "seed-0", "--resume")

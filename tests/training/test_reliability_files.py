@@ -27,14 +27,15 @@ TINY = json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})
 
 
 def train_argv(corpus, out, *extra):
-    return ["train", "--data", str(corpus), "--epochs", "1", "--set", TINY, "--out", str(out), "--no-progress",
+    return ["train", "--preset", "iemocap",
+            "--data", str(corpus), "--epochs", "1", "--set", TINY, "--out", str(out), "--no-progress",
             *extra]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(train_argv(corpus, out)) == 0
+    assert main(train_argv(corpus, out, "--keep-last")) == 0        # last.safetensors kept, to be resumed
     return out
 
 
@@ -58,23 +59,29 @@ class Interrupt(Exception):
     pass
 
 
-def test_a_kill_between_best_and_last_of_the_final_epoch_is_completed_by_resume(tmp_path, capsys, corpus,
+def test_a_kill_between_last_and_best_of_the_final_epoch_is_completed_by_resume(tmp_path, capsys, corpus,
                                                                                monkeypatch):
-    real = train_module.save_checkpoint
+    real = train_module.save_weights
 
-    def dies_before_last(path, *a, **k):
-        if Path(path).name == "last.safetensors":
-            raise Interrupt
-        return real(path, *a, **k)
-    monkeypatch.setattr(train_module, "save_checkpoint", dies_before_last)
+    def dies_before_best(path, *a, **k):
+        raise Interrupt
+    monkeypatch.setattr(train_module, "save_weights", dies_before_best)
     out = tmp_path / "run"
     with pytest.raises(Interrupt):
         main(train_argv(corpus, out))
     monkeypatch.undo()
-    assert (out / "best.safetensors").exists() and not (out / "last.safetensors").exists()
+    assert real is train_module.save_weights
+    assert (out / "last.safetensors").exists() and not (out / "best.safetensors").exists()
+    last = load_file(out / "last.safetensors")
     assert main(["train", "--data", str(corpus), "--out", str(out), "--resume", "--no-progress"]) == 0
-    assert read_metadata(out / "last.safetensors")["state"]["epoch"] == 1
-    assert load_file(out / "last.safetensors").keys() == load_file(out / "best.safetensors").keys()
+    assert read_metadata(out / "best.safetensors")["state"]["epoch"] == 1
+    best = load_file(out / "best.safetensors")
+    # best holds the evaluated weights of that epoch: the average in place of the parameters it averages
+    assert all(k.startswith("model.") for k in best)
+    for k, v in best.items():
+        want = last.get("average." + k[len("model."):], last[k])
+        assert torch.equal(v, want), k
+    assert not (out / "last.safetensors").exists()                  # the run finished: last removed
     assert json.loads((out / "metrics.json").read_text())["history"][0]["epoch"] == 1
 
 
@@ -109,8 +116,8 @@ def test_every_checkpoint_tensor_carries_its_sha256(trained):
 @pytest.mark.parametrize("prefix", ["model.", "average.", "optim."])
 def test_one_flipped_bit_in_a_checkpoint_is_refused_naming_the_tensor(tmp_path, capsys, corpus, trained, prefix):
     out = run_copy(trained, tmp_path)
-    if prefix != "optim.":                         # evaluate reads best (its weights, or their average)
-        name = flip_a_byte(out / "best.safetensors", prefix)
+    if prefix != "optim.":                         # evaluate reads best: the weights (the average) alone
+        name = flip_a_byte(out / "best.safetensors", "model.")
         with pytest.raises(CheckpointError, match=name.replace(".", r"\.")):
             load_trained(out)
         one_line_error(capsys, ["evaluate", "--checkpoint", str(out), "--data", str(corpus)], 1, name,
@@ -134,7 +141,7 @@ def test_checkpoints_from_before_the_hashes_still_load(tmp_path, trained):
 
 def test_nan_optimizer_moments_are_refused_on_resume(tmp_path, capsys, corpus, trained):
     out = run_copy(trained, tmp_path)
-    for ckpt in ("best.safetensors", "last.safetensors"):
+    for ckpt in ("last.safetensors",):                            # best holds no optimizer state
         with safe_open(str(out / ckpt), framework="pt") as f:
             meta = dict(f.metadata())
         tensors = load_file(out / ckpt)
@@ -181,7 +188,8 @@ def test_temporaries_a_kill_leaves_are_removed(tmp_path, corpus, trained, option
             (out / name / ".tmpQ1w2E3").write_bytes(b"\0" * 64)
         else:
             (out / name).write_bytes(b"\0" * 64)
-    argv = ["train", "--data", str(corpus), "--out", str(out), "--no-progress", "--epochs", "2", option]
+    argv = ["train", "--preset", "iemocap",
+            "--data", str(corpus), "--out", str(out), "--no-progress", "--epochs", "2", option]
     assert main(argv + (["--set", TINY] if option == "--overwrite" else [])) == 0
     assert not [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_NAME]
 

@@ -115,7 +115,8 @@ def test_a_corpus_without_validation_says_what_was_selected_and_how(tmp_path, ca
             break
     path = save_dataset(ds, tmp_path / "one_train.safetensors")
     out = tmp_path / "run"
-    assert main(["train", "--data", str(path), "--epochs", "2", "--out", str(out), "--no-progress", "--set",
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--epochs", "2", "--out", str(out), "--no-progress", "--set",
                  json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})]) == 0
     said = capsys.readouterr()
     assert "no validation conversations" in said.out and "selected on validation" not in said.out

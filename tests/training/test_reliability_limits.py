@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 import cmath_mer.data.memory as memory
 from cmath_mer.cli import main
 from cmath_mer.errors import UsageError
-from cmath_mer.training.run_folder import LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "CMATH_BACKEND": "torch"}
@@ -31,8 +30,9 @@ TINY = json.dumps({"d_model": 16, "n_heads": 2, "n_layers": 1, "d_hidden": 16})
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus) -> Path:
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["train", "--data", str(corpus), "--epochs", "1", "--set", TINY, "--out", str(out),
-                 "--no-progress"]) == 0
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(corpus), "--epochs", "1", "--set", TINY, "--out", str(out),
+                 "--no-progress", "--keep-last"]) == 0
     return out
 
 
@@ -62,14 +62,15 @@ def test_a_file_size_limit_is_one_line_naming_the_file_and_the_space_needed(tmp_
         target = tmp_path / "big.safetensors"
         argv = ["synth", str(target), "--conversations", "40"]
     else:
-        target = tmp_path / "run" / "best.safetensors"
-        argv = ["train", "--data", str(corpus), "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]
+        target = tmp_path / "run" / "last.safetensors"                # the first file a run writes
+        argv = ["train", "--preset", "iemocap",
+                "--data", str(corpus), "--epochs", "1", "--out", str(tmp_path / "run"), "--no-progress"]
     done = cli(argv, limit)
     err = done.stderr.strip()
     assert done.returncode == 1 and "Traceback" not in err and err.count("\n") == 0, err
     assert str(target) in err and "file-size limit" in err and "MiB needed" in err, err
     left = sorted(p.name for p in target.parent.iterdir())
-    assert left == ([] if command == "synth" else [LOCK_NAME]), left           # no torn file, no temporary
+    assert left == [], left                                     # no torn file, no temporary, no lock
 
 
 def test_a_full_device_is_one_line_naming_the_file(tmp_path, capsys, corpus, monkeypatch):
@@ -97,7 +98,8 @@ def test_memory_estimates_refuse_exactly_what_does_not_fit(monkeypatch):
 @pytest.mark.parametrize("argv,option", [
     (["synth", "{tmp}/s.safetensors", "--conversations", "10000000"], "--conversations"),
     (["synth", "{tmp}/s.safetensors", "--conversations", "10", "--max-length", "1000000000"], "--max-length"),
-    (["train", "--data", "{data}", "--out", "{tmp}/run", "--set", '{"d_model": 65536, "n_heads": 8}'], "--set"),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/run", "--set", '{"d_model": 65536, "n_heads": 8}'], "--set"),
 ])
 def test_what_cannot_fit_in_memory_is_refused_with_the_estimate_before_anything_is_written(
         tmp_path, capsys, corpus, argv, option):
@@ -120,14 +122,16 @@ def test_the_model_estimate_counts_the_parameters_built(corpus):
 def test_nesting_too_deep_is_one_line(tmp_path, capsys, corpus):
     depth = random.randrange(100_000, 200_000)
     deep = "[" * depth + "]" * depth
-    one_line_error(capsys, ["train", "--data", str(corpus), "--out", str(tmp_path / "r"), "--set",
+    one_line_error(capsys, ["train", "--preset", "iemocap",
+                            "--data", str(corpus), "--out", str(tmp_path / "r"), "--set",
                             '{"window": ' + deep + "}"], 2, "--set", "nested")
     ds = tmp_path / "deep.safetensors"
     with safe_open(str(corpus), framework="pt") as f:
         meta = dict(f.metadata())
     meta["cmath_mer"] = json.dumps({**json.loads(meta["cmath_mer"]), "x": 0})[:-1] + ', "deep": ' + deep + "}"
     save_file(load_file(corpus), ds, metadata=meta)
-    one_line_error(capsys, ["train", "--data", str(ds), "--out", str(tmp_path / "r")], 1, str(ds), "nested")
+    one_line_error(capsys, ["train", "--preset", "iemocap",
+                            "--data", str(ds), "--out", str(tmp_path / "r")], 1, str(ds), "nested")
     assert not (tmp_path / "r").exists()
 
 
@@ -190,7 +194,8 @@ def test_a_triton_backend_without_a_gpu_is_refused_at_start(tmp_path, corpus):
         pytest.skip("this machine has a GPU: the Triton backend can run")
     env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
     env["CMATH_BACKEND"] = "triton"
-    done = cli(["train", "--data", str(corpus), "--epochs", "1", "--out", str(tmp_path / "r")], env=env)
+    done = cli(["train", "--preset", "iemocap",
+                "--data", str(corpus), "--epochs", "1", "--out", str(tmp_path / "r")], env=env)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "CMATH_BACKEND=triton" in done.stderr, \
         done.stderr
     assert not (tmp_path / "r").exists()
@@ -234,10 +239,12 @@ def test_a_closed_stdout_pipe_ends_quietly(capsys, corpus, trained, monkeypatch)
 # -------------------------------------------------------------------------------------------- integers
 
 @pytest.mark.parametrize("argv,option", [
-    (["train", "--data", "{data}", "--out", "{tmp}/r", "--seed", "18446744073709551616"], "--seed"),
-    (["train", "--data", "{data}", "--out", "{tmp}/r", "--seed", "4294967296"], "--seed"),
-    (["train", "--data", "{data}", "--out", "{tmp}/r", "--seeds", "0,18446744073709551616"], "--seeds"),
-    (["train", "--data", "{data}", "--out", "{tmp}/r", "--epochs", str(2**64)], "--epochs"),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/r", "--seed", "18446744073709551616"], "--seed"),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/r", "--seed", "4294967296"], "--seed"),
+    (["train", "--preset", "iemocap",
+      "--data", "{data}", "--out", "{tmp}/r", "--seeds", "0,18446744073709551616"], "--seeds"),
+    (["train", "--preset", "iemocap", "--data", "{data}", "--out", "{tmp}/r", "--epochs", str(2**64)], "--epochs"),
     (["synth", "{tmp}/s.safetensors", "--seed", str(2**70)], "--seed"),
     (["featurize", "{tmp}/t.csv", "--out", "{tmp}/o.safetensors", "--batch-size", str(2**63)], "--batch-size"),
 ])

@@ -70,7 +70,8 @@ def test_a_feature_cache_file_stays_inside_the_cache_folder(tmp_path):
 # ----------------------------------------------------------------------------------- multi-run folders
 
 def seeds_argv(corpus, out, seeds="0", epochs=1):
-    return ["train", "--data", str(corpus), "--epochs", str(epochs), "--set", json.dumps(TINY), "--out", str(out),
+    return ["train", "--preset", "iemocap",
+            "--data", str(corpus), "--epochs", str(epochs), "--set", json.dumps(TINY), "--out", str(out),
             "--seeds", seeds, "--no-progress"]
 
 
@@ -107,7 +108,8 @@ def test_a_folder_of_the_users_is_refused_and_left_as_it_was(tmp_path, capsys, c
 @pytest.mark.parametrize("command", ["seeds", "sweep"])
 def test_a_multi_run_is_never_put_inside_a_single_run(tmp_path, capsys, corpus, grid, command):
     out = tmp_path / "run"
-    assert main(["train", "--data", str(corpus), "--epochs", "1", "--set", json.dumps(TINY), "--out", str(out),
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(corpus), "--epochs", "1", "--set", json.dumps(TINY), "--out", str(out),
                  "--no-progress"]) == 0
     before = snapshot(out)
     argv = seeds_argv(corpus, out, "0,1") if command == "seeds" else sweep_argv(corpus, grid, out)
@@ -121,7 +123,8 @@ def test_seeds_and_sweep_folders_are_not_mistaken_for_each_other(tmp_path, capsy
     assert main(seeds_argv(corpus, seeds_out)) == 0
     before = snapshot(seeds_out)
     refused(capsys, sweep_argv(corpus, grid, seeds_out) + ["--overwrite"], 2, "train --seeds")
-    refused(capsys, ["train", "--data", str(corpus), "--out", str(seeds_out), "--overwrite"], 2, "not a run folder")
+    refused(capsys, ["train", "--preset", "iemocap",
+                     "--data", str(corpus), "--out", str(seeds_out), "--overwrite"], 2, "not a run folder")
     assert snapshot(seeds_out) == before
 
 

@@ -50,8 +50,9 @@ def test_cmath_learns_synthetic_conversations_beyond_context_free_baseline(tmp_p
     assert set(sel["per_class_f1"]) == set(data.class_names)
     assert set(metrics["best_test_epoch"]) == {"weighted_f1", "accuracy", "epoch"}
     assert metrics["best_test_epoch"]["weighted_f1"] >= sel["weighted_f1"]
-    for name in ("config.json", "best.safetensors", "last.safetensors", "metrics.json", "confusion_matrix.png"):
+    for name in ("config.json", "best.safetensors", "metrics.json", "confusion_matrix.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    assert not (tmp_path / "last.safetensors").exists()                # finished: the optimizer state went
     assert not list(tmp_path.glob(".*.tmp")), "a temporary checkpoint file was left behind"
 
 
@@ -63,7 +64,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path):
     seed = int(torch.randint(0, 10_000, ()))
     data = small_corpus(seed, conversations=20)
     config = build_config(data, "iemocap", **SMALL)
-    tcfg = TrainConfig(epochs=3, lr=1e-3, batch_utterances=128, seed=seed)
+    tcfg = TrainConfig(epochs=3, lr=1e-3, batch_utterances=128, seed=seed, keep_last=True)
     full = train(data, config, tcfg, tmp_path / "full", progress=False, log=lambda *_: None)
 
     def crash_after_first_epoch(line):
@@ -131,8 +132,9 @@ def test_cli_resume_uses_the_runs_own_config_and_epochs(tmp_path, capsys):
     save_dataset(data, path)
     out = tmp_path / "run"
     small = json.dumps(SMALL)
-    assert main(["train", "--data", str(path), "--modalities", "text,visual", "--epochs", "1", "--set", small,
-                 "--out", str(out), "--no-progress"]) == 0
+    assert main(["train", "--preset", "iemocap",
+                 "--data", str(path), "--modalities", "text,visual", "--epochs", "1", "--set", small,
+                 "--out", str(out), "--no-progress", "--keep-last"]) == 0
     # resume with no modalities, no --set, no --epochs: the run's own settings; then extend by --epochs
     assert main(["train", "--data", str(path), "--out", str(out), "--resume", "--no-progress"]) == 0
     assert len(json.loads((out / "metrics.json").read_text())["history"]) == 1

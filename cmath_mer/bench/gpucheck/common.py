@@ -80,9 +80,9 @@ def run_child(cmd: list[str], args) -> subprocess.CompletedProcess:
                                            as_text(err.stderr) + "\n(stopped: the stage's time limit)")
 
 
-def training_stepper(model, device, precision: str, graphed: bool = False, graphs=None):
+def training_stepper(model, device, precision: str, graphed: bool = False, graphs=None, pad: bool = True):
     """train's step for `model` on `device` (training/step.py's make_stepper): AdamW (lr 1e-3, weight decay
     0.01), autocast in `precision`, clip 1.0, a fresh meter; eager or replayed from CUDA graphs (graphs: the
-    CUDA graph API or a stand-in)."""
+    CUDA graph API or a stand-in; pad: batches padded to shape classes, as train's)."""
     return make_stepper(model, make_optimizer(model, 1e-3, 0.01), Precision(precision, device), 1.0,
-                        StepMeter(device), cuda_graphs=graphed, graphs=graphs)
+                        StepMeter(device), cuda_graphs=graphed, graphs=graphs, pad=pad)
