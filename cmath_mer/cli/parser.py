@@ -47,8 +47,9 @@ def _train_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help="a .safetensors or peer .pkl file, or 'synthetic' "
                                                       "(default: %(default)s, the embedded demo corpus)")
     p.add_argument("--preset", choices=sorted(PRESETS),
-                   help=f"the model and training recipe (default: the preset whose classes the data has, else "
-                        f"{DEFAULT_PRESET}; synthetic:NAME is NAME's); with --resume, the run's own")
+                   help=f"the model and training recipe (default: the preset whose classes the data has, and "
+                        f"data of no preset's classes is refused; 'synthetic' is {DEFAULT_PRESET}'s, synthetic:NAME "
+                        f"NAME's); with --resume, the run's own")
     p.add_argument("--modalities", help="comma-separated subset of text,audio,visual (default: all in the data)")
     p.add_argument("--epochs", type=int, help=f"default: the preset's ({_per_preset('epochs')}); with --resume, "
                                                "the run's own")

@@ -286,8 +286,9 @@ def test_predict_on_a_csv_reads_the_training_datas_featurize_cache(tmp_path, mon
     from helpers import write_csv
     rng = random.Random()
     words = ["wonderful", "awful", "noon", "bus", "shouting", "thanks", "table", "won"]
+    flip = rng.randrange(2)             # both classes in every conversation: any training split holds two
     rows = [[f"d{i // 3}", i % 3, rng.choice(["Ann", "Bob"]), " ".join(rng.sample(words, 3)),
-             rng.choice(["joy", "anger"]), "test" if i // 3 % 3 == 2 else "train"] for i in range(18)]
+             ("joy", "anger")[(i + flip) % 2], "test" if i // 3 % 3 == 2 else "train"] for i in range(18)]
     header = ["conversation_id", "utterance_id", "speaker", "text", "label", "split"]
     table = write_csv(tmp_path / "corpus.csv", header, rows)
     data, out = tmp_path / "corpus.safetensors", tmp_path / "runs"
