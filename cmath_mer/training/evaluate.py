@@ -64,13 +64,17 @@ def evaluate_split(model, data, conversations, sharded: bool = False) -> tuple[d
 
 
 def load_trained(checkpoint_dir: str | Path, device: str = "cpu") -> CMATH:
-    """The model of a run folder's best.safetensors, built from the config the checkpoint carries; a
-    config.json beside it must say the same (an edited config would silently change predictions)."""
+    """The model of a run folder's best.safetensors (last.safetensors before best was first written),
+    built from the config the checkpoint carries; a config.json beside it must say the same (an edited
+    config would silently change predictions)."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         raise CheckpointError(f"--checkpoint {folder}: not a run folder"
                               + (" (no such folder)" if not folder.exists() else ""))
     path = folder / "best.safetensors"
+    if not path.exists() and (folder / "last.safetensors").exists():
+        # killed in epoch 1 between its two writes: last holds the only epoch, the one validation selects
+        path = folder / "last.safetensors"
     meta = read_metadata(path)
     if meta["config"] is not None:
         try:

@@ -193,8 +193,8 @@ def test_torchrun_two_processes_end_to_end_then_resume_with_one(tmp_path):
     from cmath_mer.training.evaluate import evaluate_split, load_trained
     data_path = tmp_path / "tiny.safetensors"
     synth(data_path, preset="iemocap", conversations=14, min_length=4, max_length=12, seed=0)
-    torchrun("-m", "cmath_mer", *_train_args(data_path, tmp_path / "two", config=NO_DROPOUT))
-    assert main(_train_args(data_path, tmp_path / "one", config=NO_DROPOUT)) == 0
+    torchrun("-m", "cmath_mer", *_train_args(data_path, tmp_path / "two", "--keep-last", config=NO_DROPOUT))
+    assert main(_train_args(data_path, tmp_path / "one", "--keep-last", config=NO_DROPOUT)) == 0
     files = sorted(p.name for p in (tmp_path / "one").iterdir())
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == files
     assert not any(name.endswith(".tmp") for name in files)
