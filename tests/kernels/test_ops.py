@@ -354,6 +354,7 @@ def test_model_trains_under_cpu_autocast(backend):
 # ----------------------------------------------------------------------------------------------------------
 # torch.compile(fullgraph=True): the whole CMATH forward and backward, both backends, no graph break
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow          # minutes of compiling; test_compile.py's fullgraph trace stays in the default run
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_whole_model_compiles_fullgraph_forward_and_backward(backend):
     torch._dynamo.reset()

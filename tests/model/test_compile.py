@@ -141,6 +141,7 @@ def test_compile_model_matches_eager_and_does_not_recompile_across_batch_sizes()
     assert_rel_close("loss bf16", loss_c, loss_e, 3e-2)
 
 
+@pytest.mark.slow          # minutes of compiling; the fullgraph trace of the model stays in the default run
 def test_long_batches_with_recompute_compile_fullgraph_and_match_eager():
     """A batch of at least recompute_from utterances (checkpointed blocks; the fusion in pieces is skipped under
     compile, its backward calls autograd.grad, which dynamo cannot trace) compiles with no graph break and
