@@ -9,39 +9,21 @@ dispatch), which is what a GPU step waits on; at the preset's size the CPU's ari
 torch backend the two also differ in the attention call (the split branches take the reference as the custom
 op that saves its inputs, the policy the eager reference). Prints one line per mode: the process's CPU
 milliseconds per step (the modes alternate, one step each per round, after a warm-up step) and the bytes the
-step keeps for its backward (storages alive after the forward, as tests/model/test_split_recompute.py counts).
+step keeps for its backward (storages alive after the forward: bench/kept.py).
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import time
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from cmath_mer.bench import model_batch
+from cmath_mer.bench.kept import KeptStorages
 from cmath_mer.model import cma_transformer
 from cmath_mer.model.cmath import CMATH
 from cmath_mer.model.config import preset
-
-
-class _Produced(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                self.storages.setdefault(s.data_ptr(), (StorageWeakRef(s), s.nbytes()))
-        return out
-
 
 _PLAIN = cma_transformer.CMABlock.forward
 
@@ -54,11 +36,10 @@ def _forced(mode: str):
 
 
 def _kept_bytes(model, batch) -> int:
-    produced = _Produced()
+    produced = KeptStorages()
     with produced:
         loss = model(batch, seed=0).loss
-    gc.collect()
-    kept = sum(n for ref, n in produced.storages.values() if not ref.expired())
+    kept = produced.kept_bytes()
     loss.backward()
     return kept
 

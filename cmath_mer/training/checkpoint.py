@@ -28,14 +28,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     """Write model (+ optimizer, + the weight average of ema.py) tensors and metadata atomically. Refuses
     (CheckpointError) to write a model with non-finite weights, so a good checkpoint is never replaced by a
     NaN one."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tensors.update({f"average.{k}": v.detach().cpu().contiguous() for k, v in (average or {}).items()})
-    bad = non_finite_tensors(tensors)
-    if bad:
-        raise CheckpointError(f"{path}: not written: the model has non-finite weights ({bad[0][6:]})")
-    meta = {"state": json.dumps(state)}
-    if config is not None:
-        meta["config"] = json.dumps(config)
+    tensors, meta = _weights(path, {"model": model.state_dict(), "average": average or {}}, state, config)
     if optimizer is not None:
         opt = optimizer.state_dict()
         for idx, per_param in opt["state"].items():
@@ -52,15 +45,23 @@ def save_weights(path: Path, model: torch.nn.Module, state: dict, config: dict |
     """Write the weights evaluation uses, and nothing to train on: the model's, with the weight average (ema.py)
     in place of the parameters it averages. Loads like any checkpoint (load_checkpoint, averaged or not: both
     give these weights); `--resume` cannot continue from it (no optimizer state)."""
-    weights = {**model.state_dict(), **(average or {})}
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in weights.items()}
+    tensors, meta = _weights(path, {"model": {**model.state_dict(), **(average or {})}}, state, config)
+    _write(path, tensors, meta)
+
+
+def _weights(path: Path, groups: dict[str, dict[str, torch.Tensor]], state: dict,
+             config: dict | None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors ("<group>.<name>", on the CPU) and metadata of a checkpoint's weights; CheckpointError for
+    non-finite weights, so a good checkpoint is never replaced by a NaN one."""
+    tensors = {f"{group}.{k}": v.detach().cpu().contiguous() for group, named in groups.items()
+               for k, v in named.items()}
     bad = non_finite_tensors(tensors)
     if bad:
-        raise CheckpointError(f"{path}: not written: the model has non-finite weights ({bad[0][6:]})")
+        raise CheckpointError(f"{path}: not written: the model has non-finite weights ({bad[0].split('.', 1)[1]})")
     meta = {"state": json.dumps(state)}
     if config is not None:
         meta["config"] = json.dumps(config)
-    _write(path, tensors, meta)
+    return tensors, meta
 
 
 def restate(path: Path, state: dict) -> None:

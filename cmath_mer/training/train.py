@@ -274,7 +274,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
                            cuda_graphs=tcfg.cuda_graphs)
     compile_said = False
     for epoch in range(state["epoch"] + 1, tcfg.epochs + 1):
-        if _stop_early(state, tcfg):
+        if run_folder.patience_ran_out(state, tcfg.patience):
             break
         torch.manual_seed(tcfg.seed * 10_007 + epoch)        # dropout stream: same run whether resumed or not
         model.train()
@@ -369,7 +369,7 @@ def _train(data, config, tcfg, out: Path, resume_from: Path | None, splits, fing
             + (f"valid wF1 {valid['weighted_f1']:5.2f} acc {valid['accuracy']:5.2f}  " if valid else "")
             + (f"test wF1 {test['weighted_f1']:5.2f} acc {test['accuracy']:5.2f}  " if test else "")
             + f"{row['utterances_per_second']:.0f} utt/s")
-        if _stop_early(state, tcfg):
+        if run_folder.patience_ran_out(state, tcfg.patience):
             log(f"early stop: no better validation weighted F1 for {tcfg.patience} epochs "
                 f"(best epoch {state['best_valid']['epoch']})")
     if ctx.main:
@@ -446,10 +446,6 @@ def _redo_confusion_matrix(out: Path, data, config, splits, state, device, preci
         _, y, p = evaluate_split(model, data, splits["test"])
     save_confusion_matrix(y, p, data.class_names, out / "confusion_matrix.png",
                           f"test, epoch {best['epoch']} (selected on {_selected_on(best)})")
-
-
-def _stop_early(state: dict, tcfg: TrainConfig) -> bool:
-    return run_folder.patience_ran_out(state, tcfg.patience)
 
 
 def _baseline_line(b: dict) -> str:

@@ -3,14 +3,10 @@
 for the backward what it keeps (the branch inputs and attention outputs), far less than no recomputation."""
 from __future__ import annotations
 
-import gc
-
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from cmath_mer.bench.kept import KeptStorages
 from cmath_mer.kernels.cu_seqlens import cu_seqlens_from
 from cmath_mer.model.cma_transformer import CMATransformer
 
@@ -19,34 +15,13 @@ from helpers import needs_triton
 MODES = (False, "selective", "split")
 
 
-class _Produced(TorchDispatchMode):
-    """Every storage an op produces, by weak reference: those still alive after the forward are what the
-    autograd graph keeps for the backward (whatever holds them: saved variables, checkpoints, hooks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                self.storages.setdefault(s.data_ptr(), (StorageWeakRef(s), s.nbytes()))
-        return out
-
-    def kept_bytes(self) -> int:
-        gc.collect()
-        return sum(n for ref, n in self.storages.values() if not ref.expired())
-
-
 def _run(model, mode, h, aux, cu, grad_out, seed):
     """(loss, parameter and input gradients, bytes kept for the backward) of one forward and backward."""
     model.zero_grad(set_to_none=True)
     x = h.detach().requires_grad_()
     a = [t.detach().requires_grad_() for t in aux]
     torch.manual_seed(seed)                                  # the same dropout masks in every mode
-    produced = _Produced()
+    produced = KeptStorages()
     with produced:
         loss = (model._layers(x, a, cu, mode, max(cu.diff().tolist())) * grad_out).sum()
     kept = produced.kept_bytes() - loss.untyped_storage().nbytes()
